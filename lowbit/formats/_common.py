@@ -1,0 +1,58 @@
+"""Helpers shared by the format modules: input checks, float32 upcast, exact powers of two."""
+
+from __future__ import annotations
+
+import torch
+
+# ModelOpt treats amax <= 2**-24 (the smallest fp16 subnormal) as zero: the scale becomes 1.
+TINY_AMAX = 2.0**-24
+
+
+def check_floating(value: torch.Tensor, name: str) -> None:
+    """Raise TypeError unless ``value`` is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+
+def check_integer(value: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:
+    """Raise TypeError unless ``value`` is an integer tensor (of ``dtype`` when given)."""
+    is_integer = isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex()
+    if not is_integer or (dtype is not None and value.dtype != dtype):
+        wanted = dtype or "an integer dtype"
+        got = getattr(value, "dtype", type(value).__name__)
+        raise TypeError(f"{name} must be a tensor of {wanted}, got {got}")
+
+
+def as_float32(value: torch.Tensor, name: str) -> torch.Tensor:
+    """Check that ``value`` is a floating tensor and return it as float32 (no copy when already float32)."""
+    check_floating(value, name)
+    return value.float()
+
+
+def as_float32_like(value: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A float32 tensor on ``like``'s device from a floating tensor or a Python number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    return as_float32(value, name).to(like.device)
+
+
+def check_block_size(block_size: int) -> None:
+    """Raise ValueError unless ``block_size`` is a positive int."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2**exponent in float32 for integer-valued ``exponent`` in [-149, 127] (exact, subnormals included)."""
+    return torch.exp2(exponent.float())
+
+
+def floor_log2(magnitude: torch.Tensor) -> torch.Tensor:
+    """floor(log2(m)) for finite m > 0, exact (from frexp, not log2), as float32.
+
+    For m == 0 this gives -1 (frexp's exponent 0, minus one); callers clamp it to their minimum.
+    """
+    _, exponent = torch.frexp(magnitude)
+    return (exponent - 1).float()

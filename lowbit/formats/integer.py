@@ -1,0 +1,130 @@
+"""Integer formats: symmetric (ModelOpt's multiplicative scale) and asymmetric (scale + zero point).
+
+Symmetric, per ModelOpt ``fake_tensor_quant``::
+
+    scale = qmax / amax                 (amax <= 2**-24: codes 0, scale 1)
+    codes = clamp(round_half_even(x * scale), qmin, qmax)
+    x_hat = codes / scale
+
+Asymmetric (affine, the range widened to contain 0 so 0 is exact)::
+
+    xmin' = min(xmin, 0), xmax' = max(xmax, 0)
+    scale = (xmax' - xmin') / (2**b - 1)          (range <= 2**-24: scale 1)
+    zero_point = clamp(round_half_even(-xmin' / scale), 0, 2**b - 1)
+    codes = clamp(round_half_even(x / scale) + zero_point, 0, 2**b - 1)
+    x_hat = (codes - zero_point) * scale
+
+All math in float32; ``amax``/``xmin``/``xmax`` broadcast against ``x`` (scalar, per-channel keepdim
+shape, or per-block on ``to_blocks(x)``). Codes are float32 tensors holding integers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import TINY_AMAX, as_float32, as_float32_like
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def int_range(num_bits: int, unsigned: bool = False, narrow_range: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of a ``num_bits`` integer.
+
+    Signed: qmax = 2**(b-1) - 1, qmin = -qmax - 1 (or -qmax with ``narrow_range``).
+    Unsigned: qmin = 0, qmax = 2**b - 1 (``narrow_range`` does not apply).
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(f"num_bits must be an int in {MIN_BITS}..{MAX_BITS}, got {num_bits!r}")
+    if unsigned:
+        return 0, 2**num_bits - 1
+    qmax = 2 ** (num_bits - 1) - 1
+    return (-qmax if narrow_range else -qmax - 1), qmax
+
+
+def quantize_int(
+    x: torch.Tensor,
+    amax: torch.Tensor | float,
+    num_bits: int,
+    unsigned: bool = False,
+    narrow_range: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer quantization: returns (codes, scale), both float32.
+
+    ``codes = clamp(round_half_even(x * scale), qmin, qmax)`` with ``scale = qmax / amax``; unsigned
+    formats clamp negative inputs to 0. Where ``amax <= 2**-24`` the codes are 0 and the scale is 1
+    (ModelOpt's behaviour), so nothing is NaN. ``scale`` has the broadcast shape of ``amax``.
+    """
+    qmin, qmax = int_range(num_bits, unsigned, narrow_range)
+    x32 = as_float32(x, "x")
+    amax32 = as_float32_like(amax, x32, "amax")
+    is_tiny = amax32 <= TINY_AMAX
+    scale = qmax / torch.where(is_tiny, 1.0, amax32)
+    codes = torch.clamp(torch.round(x32 * scale), qmin, qmax)
+    codes = torch.where(is_tiny, 0.0, codes)
+    return codes, torch.where(is_tiny, 1.0, scale)
+
+
+def dequantize_int(
+    codes: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``codes / scale`` (symmetric, multiplicative scale), computed in float32, returned as ``dtype``."""
+    return (as_float32(codes, "codes") / as_float32_like(scale, codes, "scale")).to(dtype)
+
+
+def fake_quant_int(
+    x: torch.Tensor,
+    amax: torch.Tensor | float,
+    num_bits: int,
+    unsigned: bool = False,
+    narrow_range: bool = False,
+) -> torch.Tensor:
+    """``dequantize_int(*quantize_int(x, amax, ...))`` in ``x``'s dtype."""
+    codes, scale = quantize_int(x, amax, num_bits, unsigned, narrow_range)
+    return dequantize_int(codes, scale, x.dtype)
+
+
+def quantize_int_asym(
+    x: torch.Tensor,
+    xmin: torch.Tensor | float,
+    xmax: torch.Tensor | float,
+    num_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric (affine) unsigned quantization: returns (codes, scale, zero_point), all float32.
+
+    The range is widened to contain 0; ``scale = (xmax - xmin) / (2**b - 1)`` (a step size),
+    ``zero_point = clamp(round(-xmin / scale), 0, 2**b - 1)``,
+    ``codes = clamp(round(x / scale) + zero_point, 0, 2**b - 1)``; rounding is half-to-even.
+    Where the widened range is <= 2**-24 the scale is 1 (then zero_point is 0).
+    """
+    _, qmax = int_range(num_bits, unsigned=True)
+    x32 = as_float32(x, "x")
+    low = torch.clamp(as_float32_like(xmin, x32, "xmin"), max=0.0)
+    high = torch.clamp(as_float32_like(xmax, x32, "xmax"), min=0.0)
+    span = high - low
+    scale = torch.where(span <= TINY_AMAX, 1.0, span / qmax)
+    zero_point = torch.clamp(torch.round(-low / scale), 0, qmax)
+    codes = torch.clamp(torch.round(x32 / scale) + zero_point, 0, qmax)
+    return codes, scale, zero_point
+
+
+def dequantize_int_asym(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in float32, returned as ``dtype``."""
+    codes32 = as_float32(codes, "codes")
+    zero32 = as_float32_like(zero_point, codes32, "zero_point")
+    return ((codes32 - zero32) * as_float32_like(scale, codes32, "scale")).to(dtype)
+
+
+def fake_quant_int_asym(
+    x: torch.Tensor,
+    xmin: torch.Tensor | float,
+    xmax: torch.Tensor | float,
+    num_bits: int,
+) -> torch.Tensor:
+    """``dequantize_int_asym(*quantize_int_asym(x, xmin, xmax, num_bits))`` in ``x``'s dtype."""
+    codes, scale, zero_point = quantize_int_asym(x, xmin, xmax, num_bits)
+    return dequantize_int_asym(codes, scale, zero_point, x.dtype)

@@ -1,0 +1,133 @@
+"""Small floating-point formats (FP8 E4M3 / E5M2, FP4 E2M1): rounding, fake quant, E2M1 codes.
+
+A value of format ``E{e}M{m}`` with bias ``2**(e-1) - 1`` is ``(-1)**s * 2**(E - bias) * (1 + M / 2**m)``
+for exponent field E >= 1 and ``(-1)**s * 2**(1 - bias) * (M / 2**m)`` (subnormal) for E == 0.
+Rounding is to nearest, ties to even mantissa, and always saturating: finite values beyond the
+format's largest magnitude and +-inf map to +-max (even for E5M2, which has an inf encoding); NaN
+stays NaN. All math is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import TINY_AMAX, as_float32, as_float32_like, check_integer, floor_log2, pow2
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A sign + ``exponent_bits`` + ``mantissa_bits`` floating-point format.
+
+    ``max_value`` is the largest finite magnitude (it is not always the all-ones pattern: E4M3 "fn"
+    spends S.1111.111 on NaN, so its max is S.1111.110 = 448).
+    """
+
+    name: str
+    exponent_bits: int
+    mantissa_bits: int
+    max_value: float
+    has_inf: bool
+    has_nan: bool
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias, 2**(exponent_bits - 1) - 1."""
+        return 2 ** (self.exponent_bits - 1) - 1
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal value, 1 - bias (also the subnormals' exponent)."""
+        return 1 - self.bias
+
+    @property
+    def max_exponent(self) -> int:
+        """Exponent of the largest finite value, floor(log2(max_value)) (E2M1 2, E4M3 8, E5M2 15)."""
+        return int(self.max_value).bit_length() - 1
+
+
+E4M3 = FloatFormat("E4M3", 4, 3, 448.0, has_inf=False, has_nan=True)
+E5M2 = FloatFormat("E5M2", 5, 2, 57344.0, has_inf=True, has_nan=True)
+E2M1 = FloatFormat("E2M1", 2, 1, 6.0, has_inf=False, has_nan=False)
+
+_FORMATS_BY_BITS = {(4, 3): E4M3, (5, 2): E5M2, (2, 1): E2M1}
+# torch's float8 casts are round-to-nearest-even; tests check them against the generic rounding.
+_TORCH_DTYPES = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
+
+
+def float_format(num_bits: tuple[int, int]) -> FloatFormat:
+    """The format for ModelOpt-style ``num_bits=(exponent_bits, mantissa_bits)``: (4,3), (5,2) or (2,1)."""
+    fmt = _FORMATS_BY_BITS.get(tuple(num_bits)) if isinstance(num_bits, (tuple, list)) else None
+    if fmt is None:
+        raise ValueError(f"num_bits must be one of {sorted(_FORMATS_BY_BITS)}, got {num_bits!r}")
+    return fmt
+
+
+def _round_generic(x32: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Nearest ``fmt`` value of float32 ``x32``, ties to even mantissa, saturating; NaN stays NaN."""
+    magnitude = torch.clamp(x32.abs(), max=fmt.max_value)  # +inf -> max; clamp keeps NaN
+    exponent = torch.clamp(floor_log2(magnitude), min=fmt.min_exponent)  # subnormals share min_exponent
+    step = pow2(exponent - fmt.mantissa_bits)  # spacing of representable values in that binade
+    rounded = torch.round(magnitude / step) * step  # torch.round: half to even -> even mantissa
+    return torch.copysign(rounded, x32)
+
+
+def _round_float32(x32: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    torch_dtype = _TORCH_DTYPES.get(fmt)
+    if torch_dtype is None:
+        return _round_generic(x32, fmt)
+    # torch's cast is not saturating (E4M3 overflow -> NaN), so clamp first; NaN passes through.
+    return torch.clamp(x32, -fmt.max_value, fmt.max_value).to(torch_dtype).float()
+
+
+def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Round ``x`` to the nearest value of ``fmt`` (ties to even mantissa, subnormals included).
+
+    Saturating: |x| > max_value and +-inf give +-max_value; NaN stays NaN; the sign of zero is kept.
+    Computed in float32, returned in ``x``'s dtype (every E4M3/E5M2/E2M1 value is exact in
+    bf16/fp16/fp32). E4M3 and E5M2 use torch's float8 casts after clamping, E2M1 the generic rule.
+    """
+    return _round_float32(as_float32(x, "x"), fmt).to(x.dtype)
+
+
+def fake_quant_fp(x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
+    """Scaled fake quantization: ``scale = fmt.max_value / amax``, ``round_to_format(x * scale) / scale``.
+
+    ``amax`` broadcasts against ``x`` (scalar, per-channel keepdim, per-block on ``to_blocks(x)``);
+    where ``amax <= 2**-24`` the scale is 1. Float32 math, returned in ``x``'s dtype.
+    """
+    x32 = as_float32(x, "x")
+    amax32 = as_float32_like(amax, x32, "amax")
+    scale = torch.where(amax32 <= TINY_AMAX, 1.0, fmt.max_value / amax32)
+    return (_round_float32(x32 * scale, fmt) / scale).to(x.dtype)
+
+
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """OCP E2M1 codes (uint8 0..15: bit 3 sign, bits 2-1 exponent, bit 0 mantissa) of ``x``.
+
+    ``x`` is first rounded with ``round_to_format(x, E2M1)`` (nearest, ties to even, saturating), so
+    off-grid inputs are rounded, not rejected. The sign bit is ``x``'s sign bit (-0.0 -> code 8).
+    E2M1 has no NaN: NaN encodes as +-6 (code 7 or 15), as ModelOpt's searchsorted does.
+    """
+    rounded = _round_generic(as_float32(x, "x"), E2M1)
+    grid = torch.tensor(_E2M1_MAGNITUDES, device=rounded.device)
+    index = torch.searchsorted(grid, rounded.abs().contiguous()).clamp(max=len(_E2M1_MAGNITUDES) - 1)
+    return (index + 8 * torch.signbit(rounded)).to(torch.uint8)
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Float32 values of E2M1 ``codes`` (integer tensor, values 0..15), from the bit layout.
+
+    Exponent field 0 is subnormal (0 or 0.5); otherwise ``2**(E - 1) * (1 + M / 2)``.
+    """
+    check_integer(codes, "codes")
+    codes32 = codes.to(torch.int32)
+    exponent_field = (codes32 >> 1) & 0b11
+    mantissa = (codes32 & 1).float()
+    normal = pow2(exponent_field - 1) * (1.0 + 0.5 * mantissa)
+    magnitude = torch.where(exponent_field == 0, 0.5 * mantissa, normal)
+    return torch.where((codes32 & 0b1000) != 0, -magnitude, magnitude)
