@@ -1,3 +1,51 @@
-"""lowbit: post-training quantization and weight compression for PyTorch models."""
+"""lowbit: post-training quantization and weight compression for PyTorch models.
+
+    import lowbit
+    model = lowbit.quantize(model, lowbit.INT4_AWQ_CFG, forward_loop)   # fake-quantized, calibrated
+    lowbit.print_quant_summary(model)
+"""
+
+from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
+from lowbit.convert import (
+    calibrate,
+    disable_quantizer,
+    enable_quantizer,
+    fold_weight,
+    iter_quantizers,
+    print_quant_summary,
+    quant_summary,
+    quantize,
+)
+from lowbit.modules import register, unregister
+from lowbit.presets import (
+    FP8_DEFAULT_CFG,
+    FP8_KV_CFG,
+    FP8_PER_CHANNEL_PER_TOKEN_CFG,
+    INT4_AWQ_CFG,
+    INT4_BLOCKWISE_WEIGHT_ONLY_CFG,
+    INT8_DEFAULT_CFG,
+    INT8_SMOOTHQUANT_CFG,
+    INT8_WEIGHT_ONLY_CFG,
+    MXFP4_DEFAULT_CFG,
+    MXFP8_DEFAULT_CFG,
+    NVFP4_AWQ_LITE_CFG,
+    NVFP4_DEFAULT_CFG,
+    PRESETS,
+    W4A8_AWQ_BETA_CFG,
+    W4A16_NVFP4_CFG,
+    get_preset,
+)
+from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "INT4_AWQ_CFG",
+    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
+    "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG", "PRESETS",
+    "W4A8_AWQ_BETA_CFG", "W4A16_NVFP4_CFG", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig",
+    "SequentialQuantizer", "TensorQuantizer", "calibrate", "disable_quantizer", "enable_quantizer",
+    "fold_weight", "get_preset", "iter_quantizers", "parse_config", "print_quant_summary", "quant_summary",
+    "quantize", "register", "unregister",
+]

@@ -1,0 +1,200 @@
+"""QuantizerAttributeConfig: what one TensorQuantizer does, validated once at the door.
+
+The attribute names are ModelOpt's, so a ModelOpt ``quant_cfg`` entry works unchanged:
+
+- ``num_bits``: an int 2..8 (integer grid) or ``(exponent_bits, mantissa_bits)`` in
+  ``{(4, 3), (5, 2), (2, 1)}`` (FP8 E4M3, FP8 E5M2, FP4 E2M1).
+- ``axis``: the axis (or axes) kept when reducing |x| to ``amax``: ``None`` is per-tensor,
+  ``0`` on a Linear weight ``(out, in)`` is per output channel.
+- ``block_sizes``: ``{axis: size, ...}`` splits those axes into blocks, one ``amax`` per block.
+  ``size=None`` means the whole axis (``{-1: None}`` is per-token for activations).
+  Extra keys: ``"type": "static" | "dynamic"`` (dynamic computes the scales from each input) and
+  ``"scale_bits": (4, 3) | (8, 0)``: the block scale's own format (E4M3 gives NVFP4 with
+  ``num_bits=(2, 1)`` and block 16; E8M0 gives the OCP MX formats with block 32).
+- ``unsigned``, ``narrow_range``: the integer code range (see ``lowbit.formats.int_range``).
+- ``asymmetric``: integer codes with a zero point, from running min/max (lowbit's addition).
+- ``calibrator``: ``"max" | "percentile" | "mse" | "entropy"`` or a dict with its options.
+- ``learn_amax``: ``amax`` becomes a trainable parameter (clip-aware straight-through gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FLOAT_BITS = {(4, 3): "e4m3", (5, 2): "e5m2", (2, 1): "e2m1"}
+BLOCK_SCALE_BITS = {(4, 3): "e4m3", (8, 0): "e8m0"}
+BLOCK_SPECIAL_KEYS = ("type", "scale_bits", "scale_block_sizes")
+CALIBRATORS = ("max", "percentile", "mse", "entropy")
+HIGH_PRECISION_DTYPES = ("Half", "BFloat16", "Float")
+
+
+def _as_bits(value: Any, name: str) -> int | tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: expected an int 2..8 or a tuple in {sorted(FLOAT_BITS)}")
+    if isinstance(value, int):
+        if not 2 <= value <= 8:
+            raise ValueError(f"{name}={value}: integer bit width must be in 2..8")
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        bits = (int(value[0]), int(value[1]))
+        if bits not in FLOAT_BITS:
+            raise ValueError(f"{name}={value!r}: float formats allowed are {sorted(FLOAT_BITS)}")
+        return bits
+    raise ValueError(f"{name}={value!r}: expected an int 2..8 or a tuple in {sorted(FLOAT_BITS)}")
+
+
+def _check_block_sizes(block_sizes: dict | None) -> dict | None:
+    if block_sizes is None:
+        return None
+    if not isinstance(block_sizes, dict):
+        raise TypeError(f"block_sizes={block_sizes!r}: expected a dict such as {{-1: 128}}")
+    out: dict = {}
+    for key, value in block_sizes.items():
+        if key == "type":
+            if value not in ("static", "dynamic"):
+                raise ValueError(f"block_sizes['type']={value!r}: allowed are 'static', 'dynamic'")
+        elif key == "scale_bits":
+            value = tuple(value) if value is not None else None
+            if value is not None and value not in BLOCK_SCALE_BITS:
+                raise ValueError(
+                    f"block_sizes['scale_bits']={value!r}: allowed are {sorted(BLOCK_SCALE_BITS)} or None"
+                )
+        elif key == "scale_block_sizes":
+            pass  # accepted for ModelOpt compatibility; lowbit keeps block scales unquantized twice
+        elif isinstance(key, int) and not isinstance(key, bool):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"block_sizes[{key}]={value!r}: a block size must be a positive int or None")
+        else:
+            raise ValueError(
+                f"block_sizes key {key!r}: allowed are integer axes and {list(BLOCK_SPECIAL_KEYS)}"
+            )
+        out[key] = value
+    if not any(isinstance(k, int) for k in out):
+        raise ValueError(f"block_sizes={block_sizes!r}: name at least one axis, e.g. {{-1: 128}}")
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizerAttributeConfig:
+    """Attributes of one TensorQuantizer (see the module docstring for each field's meaning)."""
+
+    num_bits: int | tuple[int, int] = 8
+    axis: int | tuple[int, ...] | None = None
+    block_sizes: dict | None = None
+    unsigned: bool = False
+    narrow_range: bool = False
+    asymmetric: bool = False
+    enable: bool = True
+    fake_quant: bool = True
+    calibrator: str | dict = "max"
+    learn_amax: bool = False
+    trt_high_precision_dtype: str = "Half"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_bits", _as_bits(self.num_bits, "num_bits"))
+        object.__setattr__(self, "block_sizes", _check_block_sizes(self.block_sizes))
+        axis = self.axis
+        if isinstance(axis, list):
+            axis = tuple(axis)
+        if axis is not None and not isinstance(axis, (int, tuple)):
+            raise TypeError(f"axis={axis!r}: expected None, an int or a tuple of ints")
+        object.__setattr__(self, "axis", axis)
+        if axis is not None and self.block_sizes is not None:
+            raise ValueError(f"axis={axis!r} and block_sizes={self.block_sizes!r}: give one granularity, not both")
+        method = self.calibrator["method"] if isinstance(self.calibrator, dict) else self.calibrator
+        if method not in CALIBRATORS:
+            raise ValueError(f"calibrator={self.calibrator!r}: allowed are {list(CALIBRATORS)}")
+        if self.trt_high_precision_dtype not in HIGH_PRECISION_DTYPES:
+            raise ValueError(
+                f"trt_high_precision_dtype={self.trt_high_precision_dtype!r}: allowed are "
+                f"{list(HIGH_PRECISION_DTYPES)}"
+            )
+        if not self.fake_quant:
+            raise ValueError("fake_quant=False: real low-bit storage is lowbit.compress(model), not an attribute")
+        if self.is_float and (self.unsigned or self.narrow_range or self.asymmetric):
+            raise ValueError(
+                f"num_bits={self.num_bits}: unsigned / narrow_range / asymmetric apply to integer formats only"
+            )
+        if self.asymmetric and (self.unsigned or self.narrow_range):
+            raise ValueError("asymmetric=True already chooses the code range; drop unsigned / narrow_range")
+        scale_bits = self.block_scale_bits
+        if scale_bits is not None:
+            size = self.block_sizes.get(-1)
+            if (-1 not in self.block_sizes) or len(self.block_axes) != 1:
+                raise ValueError(
+                    f"block_sizes={self.block_sizes!r}: scale_bits needs exactly one block axis, -1"
+                )
+            if scale_bits == (4, 3) and (self.num_bits != (2, 1) or size != 16):
+                raise ValueError(
+                    f"scale_bits=(4, 3) is NVFP4: needs num_bits=(2, 1) and block_sizes={{-1: 16}}, got "
+                    f"num_bits={self.num_bits}, block size {size}"
+                )
+            if scale_bits == (8, 0) and (not self.is_float or size != 32):
+                raise ValueError(
+                    f"scale_bits=(8, 0) is OCP MX: needs a float num_bits and block_sizes={{-1: 32}}, got "
+                    f"num_bits={self.num_bits}, block size {size}"
+                )
+
+    @classmethod
+    def from_dict(cls, attributes: dict) -> QuantizerAttributeConfig:
+        """Build from a ModelOpt-style dict, naming any unknown key."""
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = set(attributes) - allowed - {"type"}
+        if unknown:
+            raise ValueError(f"unknown quantizer attribute(s) {sorted(unknown)}; allowed are {sorted(allowed)}")
+        attributes = {k: v for k, v in attributes.items() if k != "type"}
+        return cls(**attributes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready attributes (tuples become lists, integer dict keys stay ints)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return out
+
+    @property
+    def is_float(self) -> bool:
+        return isinstance(self.num_bits, tuple)
+
+    @property
+    def block_axes(self) -> dict[int, int | None]:
+        return {k: v for k, v in (self.block_sizes or {}).items() if isinstance(k, int)}
+
+    @property
+    def block_scale_bits(self) -> tuple[int, int] | None:
+        return (self.block_sizes or {}).get("scale_bits")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when every scale comes from each input, so calibration has nothing to collect.
+
+        MX formats and ``type: dynamic`` blocks are dynamic; NVFP4's block scales are dynamic too,
+        but its FP32 global scale comes from a calibrated per-tensor ``amax``.
+        """
+        if self.block_scale_bits == (8, 0):
+            return True
+        return (self.block_sizes or {}).get("type") == "dynamic" and self.block_scale_bits is None
+
+    @property
+    def format_name(self) -> str:
+        """Short human name: int8, int4-asym, e4m3, nvfp4, mxfp4, mxfp8 ..."""
+        scale_bits = self.block_scale_bits
+        if scale_bits == (4, 3):
+            return "nvfp4"
+        if scale_bits == (8, 0):
+            return "mxfp4" if self.num_bits == (2, 1) else f"mx{FLOAT_BITS[self.num_bits]}"
+        if self.is_float:
+            return FLOAT_BITS[self.num_bits]
+        suffix = "-asym" if self.asymmetric else ("-unsigned" if self.unsigned else "")
+        return f"int{self.num_bits}{suffix}"
+
+    @property
+    def granularity(self) -> str:
+        if self.block_sizes is not None:
+            sizes = ",".join(f"{k}:{v}" for k, v in self.block_axes.items())
+            kind = (self.block_sizes or {}).get("type", "static")
+            return f"block[{sizes}] {kind}"
+        if self.axis is None:
+            return "per-tensor"
+        return f"per-channel axis={self.axis}"

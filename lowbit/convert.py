@@ -1,0 +1,267 @@
+"""quantize(): insert quantizers from a config, then calibrate. Validation happens before any mutation.
+
+``quantize(model, config, forward_loop)``:
+1. parse the config; plan every supported module's quantizer attributes; check weight shapes against
+   block sizes and that activation statistics have a ``forward_loop`` — all before touching the model;
+2. swap each supported module's class for its quantized class (``lowbit.modules``);
+3. calibrate with the config's algorithm. If anything raises in 2-3, the conversion is undone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.config import QuantizeConfig, parse_config
+from lowbit.modules import convert_module, is_quantized, revert_module
+from lowbit.modules.registry import quantized_class_for
+from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer
+
+ForwardLoop = Callable[[nn.Module], None]
+Quantizer = TensorQuantizer | SequentialQuantizer
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """(full name, quantizer) for every quantizer slot; a SequentialQuantizer counts as one."""
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            for slot in module.quantizer_names:
+                yield f"{name}.{slot}" if name else slot, getattr(module, slot)
+
+
+def _parent_classes(module: nn.Module) -> tuple[str, ...]:
+    original = type(module).original_class if is_quantized(module) else type(module)
+    return tuple(cls.__name__ for cls in original.__mro__)
+
+
+def _plan(model: nn.Module, config: QuantizeConfig):
+    """[(module, slot, attributes)] for every supported module, validated against its weight."""
+    plan = []
+    for name, module in model.named_modules():
+        quantized_cls = type(module) if is_quantized(module) else quantized_class_for(module)
+        if quantized_cls is None:
+            continue
+        parents = _parent_classes(module)
+        for slot in quantized_cls.quantizer_names:
+            full_name = f"{name}.{slot}" if name else slot
+            attributes = config.attributes_for(full_name, parents)
+            if slot == "weight_quantizer" and attributes is not None:
+                _check_weight_shape(module, full_name, attributes)
+            plan.append((name, module, slot, full_name, parents, attributes))
+    return plan
+
+
+def _weight_for_quantizer(module: nn.Module) -> torch.Tensor:
+    # GPT-2 Conv1D stores (in, out); its quantizer sees the transpose (lowbit.modules.linear).
+    return module.weight.t() if type(module).__name__ in {"Conv1D", "QuantConv1D"} else module.weight
+
+
+def _check_weight_shape(module: nn.Module, full_name: str, attributes) -> None:
+    weight = _weight_for_quantizer(module)
+    for config in attributes if isinstance(attributes, list) else [attributes]:
+        try:
+            BlockView(config, weight.shape)
+        except ValueError as error:
+            raise ValueError(f"{full_name}: {error}") from None
+
+
+def _needs_activation_data(plan) -> bool:
+    for *_, slot, _, _, attributes in plan:
+        if slot == "weight_quantizer" or attributes is None:
+            continue
+        configs = attributes if isinstance(attributes, list) else [attributes]
+        if any(not c.is_dynamic for c in configs):
+            return True
+    return False
+
+
+def _make_quantizer(attributes) -> Quantizer:
+    if attributes is None:
+        quantizer = TensorQuantizer(QuantizerAttributeConfig())
+        quantizer.disable()
+        return quantizer
+    if isinstance(attributes, list):
+        return SequentialQuantizer(*(TensorQuantizer(a) for a in attributes))
+    return TensorQuantizer(attributes)
+
+
+def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: ForwardLoop | None = None) -> nn.Module:
+    """Insert quantizers into every supported module of ``model`` (in place) and calibrate them.
+
+    ``config``: ModelOpt-style dict or QuantizeConfig (see ``lowbit.config``). ``forward_loop(model)``
+    runs calibration data through the model; configs with static activation scales need it, weight-only
+    configs do not. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    config = parse_config(config)
+    plan = _plan(model, config)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no module lowbit can quantize (supported: nn.Linear, nn.Conv*, "
+            "nn.ConvTranspose*, transformers Conv1D and registered classes; see lowbit.register)"
+        )
+    unmatched = config.unmatched_patterns([(full, parents) for _, _, _, full, parents, _ in plan])
+    for pattern in unmatched:
+        warnings.warn(f"quant_cfg pattern {pattern!r} matches no quantizer in the model", stacklevel=2)
+    if config.algorithm not in (None, "max") and forward_loop is None:
+        raise ValueError(f"forward_loop is None, but algorithm {config.algorithm!r} needs calibration data")
+    if config.algorithm is not None and forward_loop is None and _needs_activation_data(plan):
+        raise ValueError(
+            "forward_loop is None, but the config quantizes activations with calibrated scales: pass "
+            "forward_loop=lambda model: [model(**batch) for batch in batches] (see lowbit.data), or "
+            "use a weight-only or dynamic config"
+        )
+
+    converted = []
+    try:
+        for _, module, *_ in plan:
+            if not is_quantized(module):
+                convert_module(module)
+                converted.append(module)
+        for _, module, slot, _, _, attributes in plan:
+            setattr(module, slot, _make_quantizer(attributes).to(_module_device(module)))
+        calibrate(model, config.algorithm, forward_loop, **config.algorithm_options)
+    except BaseException:
+        for module in converted:
+            revert_module(module)
+        raise
+    return model
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters(recurse=False):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _calibrate_weights(model: nn.Module) -> None:
+    """Static weight scales straight from the weights (no data needed); sequential quantizers chain."""
+    for module in model.modules():
+        if not is_quantized(module) or not hasattr(module, "weight_quantizer"):
+            continue
+        quantizer = module.weight_quantizer
+        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+        weight = _weight_for_quantizer(module).detach()
+        with torch.no_grad():
+            for stage in stages:
+                if stage.is_enabled and not stage.config.is_dynamic:
+                    stage.enable_calib()
+                    stage.disable_quant()
+                    stage(weight)
+                    stage.load_calib_amax()
+                    stage.disable_calib()
+                    stage.enable_quant()
+                weight = stage(weight)
+
+
+def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    found = []
+    for name, quantizer in iter_quantizers(model):
+        if name.endswith("weight_quantizer"):
+            continue
+        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+        found += [s for s in stages if s.is_enabled and not s.config.is_dynamic]
+    return found
+
+
+def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
+    """Weights from themselves; activations from their calibrators while ``forward_loop`` runs."""
+    _calibrate_weights(model)
+    activations = _activation_quantizers(model)
+    if not activations:
+        return
+    if forward_loop is None:
+        raise ValueError("forward_loop is None, but activation quantizers need calibration data")
+    for quantizer in activations:
+        quantizer.enable_calib()
+        quantizer.disable_quant()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+        for quantizer in activations:
+            quantizer.load_calib_amax()
+    finally:
+        for quantizer in activations:
+            quantizer.disable_calib()
+            quantizer.enable_quant()
+        model.train(was_training)
+    missing = [q for q in activations if q.amax is None]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} activation quantizer(s) saw no data during calibration (e.g. MoE experts no "
+            "token reached); they quantize dynamically from each input",
+            stacklevel=2,
+        )
+
+
+def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_loop: ForwardLoop | None = None,
+              **options) -> nn.Module:
+    """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...)."""
+    if isinstance(algorithm, dict):
+        options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
+        algorithm = algorithm.get("method")
+    if algorithm is None:
+        return model
+    if algorithm == "max":
+        max_calibrate(model, forward_loop)
+        return model
+    try:
+        from lowbit.calib.algorithms import run_algorithm
+    except ImportError:
+        raise NotImplementedError(f"algorithm {algorithm!r} is not available yet") from None
+    run_algorithm(algorithm, model, forward_loop, options)
+    return model
+
+
+def _select(model: nn.Module, pattern: str | Callable[[str], bool]) -> list[Quantizer]:
+    match = pattern if callable(pattern) else (lambda name: fnmatch.fnmatchcase(name, pattern))
+    return [q for name, q in iter_quantizers(model) if match(name)]
+
+
+def disable_quantizer(model: nn.Module, pattern: str | Callable[[str], bool]) -> int:
+    """Disable every quantizer whose full name matches; returns how many."""
+    selected = _select(model, pattern)
+    for quantizer in selected:
+        quantizer.disable()
+    return len(selected)
+
+
+def enable_quantizer(model: nn.Module, pattern: str | Callable[[str], bool]) -> int:
+    """Enable every quantizer whose full name matches; returns how many."""
+    selected = _select(model, pattern)
+    for quantizer in selected:
+        quantizer.enable()
+    return len(selected)
+
+
+def fold_weight(model: nn.Module) -> nn.Module:
+    """Write each fake-quantized weight into the module and disable its weight quantizer."""
+    with torch.no_grad():
+        for module in model.modules():
+            if is_quantized(module) and hasattr(module, "quantized_weight") and module.weight_quantizer.is_enabled:
+                module.weight.copy_(module.quantized_weight())
+                module.weight_quantizer.disable()
+    return model
+
+
+def quant_summary(model: nn.Module) -> str:
+    """One line per quantizer: name, then format, granularity and amax (or 'disabled')."""
+    lines = []
+    for name, quantizer in iter_quantizers(model):
+        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+        lines.append(f"{name:<60} " + " -> ".join(stage.extra_repr() for stage in stages))
+    enabled = sum(q.is_enabled for _, q in iter_quantizers(model))
+    lines.append(f"{enabled} of {len(lines)} quantizers enabled")
+    return "\n".join(lines)
+
+
+def print_quant_summary(model: nn.Module) -> None:
+    print(quant_summary(model))

@@ -1,0 +1,361 @@
+"""TensorQuantizer: an nn.Module that applies one number format to a tensor.
+
+A quantizer has three switches, ModelOpt's: enabled (else it returns its input), quant (fake-quantize)
+and calib (feed a calibrator). With no calibrated ``amax`` it quantizes dynamically, from each input.
+
+The format's math lives in ``lowbit.formats``; this module only chooses the granularity. It reshapes
+the input into a *view* in which ``amax`` is one reduction:
+
+- per-tensor: reduce every dim, ``amax`` is a scalar;
+- per-channel (``axis=a``): keep dims ``a``, reduce the rest (keepdim), e.g. ``(out, 1)`` for a weight;
+- block (``block_sizes={-1: 128}``): ``(..., K)`` becomes ``(..., K/128, 128)`` and the block dim is
+  reduced, ``amax`` has shape ``(..., K/128, 1)``.
+
+Fake quantization has a clip-aware straight-through gradient: d out / d x = 1 where x lies inside the
+representable range ``[lo, hi]`` (``[-amax, amax]`` for symmetric formats) and 0 outside; with
+``learn_amax=True`` the clipped elements send their gradient to ``amax`` (PACT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lowbit import formats
+from lowbit.attributes import QuantizerAttributeConfig
+
+STATE_BUFFERS = ("amax", "amin", "pre_quant_scale")
+PER_TENSOR = QuantizerAttributeConfig()
+
+
+def _as_config(config: QuantizerAttributeConfig | dict | None) -> QuantizerAttributeConfig:
+    if config is None:
+        return QuantizerAttributeConfig()
+    if isinstance(config, QuantizerAttributeConfig):
+        return config
+    if isinstance(config, dict):
+        return QuantizerAttributeConfig.from_dict(config)
+    raise TypeError(f"config={config!r}: expected a QuantizerAttributeConfig, a dict or None")
+
+
+class BlockView:
+    """The reshape that turns ``amax`` computation into one reduction (see the module docstring)."""
+
+    def __init__(self, config: QuantizerAttributeConfig, shape: torch.Size):
+        self.shape = shape
+        ndim = len(shape)
+        self.splits: list[tuple[int, int, int]] = []  # (axis, n_blocks, block_size), descending axis
+        if config.block_sizes is not None:
+            for axis, size in sorted(config.block_axes.items(), key=lambda kv: -(kv[0] % max(ndim, 1))):
+                if not -ndim <= axis < ndim:
+                    raise ValueError(
+                        f"block_sizes axis {axis} is out of range for a tensor of shape {tuple(shape)}"
+                    )
+                axis %= ndim
+                length = shape[axis]
+                size = length if size is None else size
+                if length % size:
+                    raise ValueError(
+                        f"block_sizes[{axis}]={size} does not divide dim {axis} of length {length} "
+                        f"(shape {tuple(shape)}); choose a block size that divides it"
+                    )
+                self.splits.append((axis, length // size, size))
+            reduce_dims = []
+            for axis, _, _ in self.splits:  # descending axes: later splits never shift earlier ones
+                reduce_dims = [d + 1 for d in reduce_dims] + [axis + 1]
+            self.reduce_dims = tuple(sorted(reduce_dims))
+        elif config.axis is None:
+            self.reduce_dims = tuple(range(ndim))
+        else:
+            kept = (config.axis,) if isinstance(config.axis, int) else config.axis
+            for axis in kept:
+                if not -ndim <= axis < ndim:
+                    raise ValueError(f"axis={config.axis} is out of range for a tensor of shape {tuple(shape)}")
+            kept = {a % ndim for a in kept}
+            self.reduce_dims = tuple(d for d in range(ndim) if d not in kept)
+
+    def to_view(self, x: torch.Tensor) -> torch.Tensor:
+        for axis, n_blocks, size in self.splits:
+            x = x.unflatten(axis, (n_blocks, size))
+        return x
+
+    def from_view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.shape)
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes tensors in one format; calibrates and holds ``amax``.
+
+    ``q = TensorQuantizer(QuantizerAttributeConfig(num_bits=4, block_sizes={-1: 128})); y = q(x)``.
+
+    Buffers: ``amax`` (float32, shape of the reduced view, absent until calibrated), ``amin``
+    (asymmetric only) and ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
+    set by SmoothQuant / AWQ).
+    """
+
+    def __init__(self, config: QuantizerAttributeConfig | dict | None = None):
+        super().__init__()
+        self.config = _as_config(config)
+        self._enabled = self.config.enable
+        self._quant = True
+        self._calib = False
+        self._calibrator = None
+        for name in STATE_BUFFERS:
+            self.register_buffer(name, None)
+
+    # ---- switches (ModelOpt's names) ---------------------------------------------------------------
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable_quant(self) -> None:
+        self._quant = True
+
+    def disable_quant(self) -> None:
+        self._quant = False
+
+    def enable_calib(self) -> None:
+        """Start collecting statistics; existing statistics are dropped."""
+        self._calib = True
+        self._calibrator = None
+
+    def disable_calib(self) -> None:
+        self._calib = False
+
+    @property
+    def num_bits(self):
+        return self.config.num_bits
+
+    @property
+    def axis(self):
+        return self.config.axis
+
+    @property
+    def block_sizes(self):
+        return self.config.block_sizes
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Enabled, with a static scale that has not been calibrated yet."""
+        return self._enabled and not self.config.is_dynamic and self.amax is None
+
+    def set_config(self, config: QuantizerAttributeConfig | dict) -> None:
+        """Replace the attributes; calibrated state no longer applies and is dropped."""
+        self.config = _as_config(config)
+        self._enabled = self.config.enable
+        self.reset_amax()
+
+    # ---- amax -------------------------------------------------------------------------------------
+    def reset_amax(self) -> None:
+        self.amax = None
+        self.amin = None
+        self._calibrator = None
+
+    def _amax_view(self, shape: torch.Size) -> BlockView:
+        """The view in which ``amax`` is one reduction; NVFP4 keeps a per-tensor (global) amax."""
+        if self.config.block_scale_bits == (4, 3):
+            return BlockView(PER_TENSOR, shape)
+        return BlockView(self.config, shape)
+
+    def compute_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """max |x| at this quantizer's granularity: what max calibration gives for ``x`` alone."""
+        view = self._amax_view(x.shape)
+        return view.to_view(self._scaled(x)).detach().abs().float().amax(dim=view.reduce_dims, keepdim=True)
+
+    def _set_amax(self, amax: torch.Tensor, amin: torch.Tensor | None = None) -> None:
+        amax = amax.detach().float()
+        if self.config.learn_amax:
+            self.amax = None
+            self._buffers.pop("amax", None)
+            self.amax = nn.Parameter(amax)
+        else:
+            self.amax = amax
+        self.amin = None if amin is None else amin.detach().float()
+
+    def load_calib_amax(self, **options) -> None:
+        """Turn the collected statistics into ``amax`` (and ``amin`` when asymmetric)."""
+        calibrator = self._calibrator
+        if calibrator is None:
+            return
+        if self.config.asymmetric:
+            amin, amax = calibrator
+            self._set_amax(amax, amin)
+            return
+        amax = calibrator.compute_amax(**options)
+        if amax is not None:
+            if not torch.isfinite(amax).all():
+                raise ValueError(f"calibration produced a non-finite amax for {self.config.format_name}")
+            self._set_amax(amax)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pre_quant_scale is None else x * self.pre_quant_scale.to(x.dtype)
+
+    def _collect(self, x: torch.Tensor) -> None:
+        if self.config.is_dynamic:
+            return
+        view = self._amax_view(x.shape)
+        data = view.to_view(x.detach()).float()
+        if self.config.asymmetric:
+            amin = data.amin(dim=view.reduce_dims, keepdim=True)
+            amax = data.amax(dim=view.reduce_dims, keepdim=True)
+            if self._calibrator is not None:
+                amin = torch.minimum(amin, self._calibrator[0])
+                amax = torch.maximum(amax, self._calibrator[1])
+            self._calibrator = (amin, amax)
+            return
+        if self._calibrator is None:
+            from lowbit.calib import make_calibrator
+
+            self._calibrator = make_calibrator(
+                self.config.calibrator,
+                reduce_dims=view.reduce_dims,
+                quant_fn=self._fake_quant_view,
+                num_bits=self.config.num_bits,
+                unsigned=self.config.unsigned,
+            )
+        self._calibrator.collect(data)
+
+    def _fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
+        """Quantize-dequantize a tensor already in its block view with the given scale statistics."""
+        cfg = self.config
+        if cfg.is_float:
+            return formats.fake_quant_fp(view, amax, formats.float_format(cfg.num_bits))
+        if cfg.asymmetric:
+            return formats.fake_quant_int_asym(view, amin, amax, cfg.num_bits)
+        return formats.fake_quant_int(view, amax, cfg.num_bits, cfg.unsigned, cfg.narrow_range)
+
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize-dequantize ``x`` (no gradient trick) with ``amax`` or the quantizer's own / dynamic one."""
+        cfg = self.config
+        x = self._scaled(x)
+        amax = self.amax if amax is None else amax
+        if cfg.block_scale_bits == (4, 3):
+            return formats.fake_quant_nvfp4(x, global_amax=amax)
+        if cfg.block_scale_bits == (8, 0):
+            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1])
+        view = BlockView(cfg, x.shape)
+        data = view.to_view(x)
+        amin = self.amin
+        if amax is None or cfg.is_dynamic:
+            detached = data.detach()
+            amax = detached.abs().amax(dim=view.reduce_dims, keepdim=True)
+            if cfg.asymmetric:
+                amin = detached.amin(dim=view.reduce_dims, keepdim=True)
+                amax = detached.amax(dim=view.reduce_dims, keepdim=True)
+        quantized = self._fake_quant_view(data, amax, amin)
+        if torch.is_grad_enabled() and (x.requires_grad or isinstance(amax, nn.Parameter)):
+            quantized = _clip_aware_ste(data, quantized, *self._range(amax, amin))
+        return view.from_view(quantized)
+
+    def _range(self, amax: torch.Tensor, amin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.asymmetric:
+            return amin, amax
+        if self.config.unsigned:
+            return torch.zeros_like(amax), amax
+        return -amax, amax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._enabled:
+            return x
+        if not torch.is_floating_point(x):
+            raise TypeError(f"TensorQuantizer input has dtype {x.dtype}; a floating-point tensor is required")
+        if self._calib:
+            self._collect(self._scaled(x))
+            if not self._quant:
+                return x
+        if not self._quant:
+            return x
+        cfg = self.config
+        if cfg.block_scale_bits is not None:  # NVFP4 / MX: plain straight-through gradient
+            out = self.fake_quant(x)
+            scaled = self._scaled(x)
+            if torch.is_grad_enabled() and x.requires_grad:
+                out = scaled + (out - scaled).detach()
+            return out.to(x.dtype)
+        return self.fake_quant(x).to(x.dtype)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in STATE_BUFFERS:
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                value = state_dict[key]
+                if name == "amax" and self.config.learn_amax:
+                    self._set_amax(value)
+                else:
+                    setattr(self, name, torch.empty_like(value, device=self._device_hint()))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _device_hint(self) -> torch.device:
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def extra_repr(self) -> str:
+        if not self._enabled:
+            return "disabled"
+        text = f"{self.config.format_name} {self.config.granularity}"
+        if self.amax is not None:
+            amax = self.amax.detach()
+            text += f" amax={amax.item():.4g}" if amax.numel() == 1 else f" amax[{tuple(amax.shape)}]"
+            text += f" max={amax.max().item():.4g}" if amax.numel() > 1 else ""
+        elif not self.config.is_dynamic:
+            text += " (uncalibrated: dynamic)"
+        if self.pre_quant_scale is not None:
+            text += " pre_quant_scale"
+        if self._calib:
+            text += " calibrating"
+        return text
+
+
+def _clip_aware_ste(x: torch.Tensor, quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+    """Value of ``quantized``; gradient 1 inside [low, high] and 0 outside (to the bounds if learnable)."""
+    clipped = torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
+    return clipped + (quantized - clipped).detach()
+
+
+class SequentialQuantizer(nn.Sequential):
+    """Several TensorQuantizers applied in order (ModelOpt's W4A8: INT4 blocks, then FP8 per tensor)."""
+
+    def __init__(self, *quantizers: TensorQuantizer):
+        super().__init__(*quantizers)
+
+    def _each(self, method: str) -> Callable[[], None]:
+        def call(*args, **kwargs) -> None:
+            for quantizer in self:
+                getattr(quantizer, method)(*args, **kwargs)
+
+        return call
+
+    def __getattr__(self, name: str):
+        if name in {"enable", "disable", "enable_quant", "disable_quant", "enable_calib", "disable_calib",
+                    "load_calib_amax", "reset_amax"}:
+            return self._each(name)
+        return super().__getattr__(name)
+
+    @property
+    def is_enabled(self) -> bool:
+        return any(q.is_enabled for q in self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(q.needs_calibration for q in self)
+
+    def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        for index, quantizer in enumerate(self):
+            x = quantizer.fake_quant(x, amax if index == 0 else None)
+        return x
+
+    def compute_amax(self, x: torch.Tensor) -> torch.Tensor:
+        return self[0].compute_amax(x)
