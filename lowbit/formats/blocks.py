@@ -36,3 +36,17 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...], axis:
 def block_amax(x: torch.Tensor, block_size: int, axis: int = -1) -> torch.Tensor:
     """Max of |x| per block, float32, shape ``(*other_dims, L // block_size, 1)`` (broadcasts on blocks)."""
     return to_blocks(as_float32(x, "x"), block_size, axis).abs().amax(dim=-1, keepdim=True)
+
+
+def blocks_for_scales(values: torch.Tensor, scales: torch.Tensor, values_name: str, scales_name: str) -> torch.Tensor:
+    """Split ``values`` (..., K) into the blocks of per-block ``scales`` (..., n_blocks) along the last axis.
+
+    The block size is K // n_blocks; ValueError unless the leading dims agree and n_blocks divides K.
+    """
+    leading_dims_agree = scales.dim() >= 1 and values.shape[:-1] == scales.shape[:-1]
+    if not leading_dims_agree or scales.shape[-1] == 0 or values.shape[-1] % scales.shape[-1] != 0:
+        raise ValueError(
+            f"{scales_name} of shape {tuple(scales.shape)} must be (..., n_blocks) with n_blocks dividing "
+            f"the last dim of {values_name} of shape {tuple(values.shape)}"
+        )
+    return to_blocks(values, values.shape[-1] // scales.shape[-1])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._common import as_float32, check_integer, floor_log2, pow2
-from .blocks import to_blocks
+from .blocks import blocks_for_scales, to_blocks
 from .minifloat import FloatFormat, round_to_format
 
 MX_BLOCK_SIZE = 32
@@ -75,16 +75,9 @@ def dequantize_mx(
 
     The block size is ``elements.shape[-1] // scale_e8m0.shape[-1]``.
     """
-    values = as_float32(elements, "elements")
     scale = e8m0_to_float(scale_e8m0)
-    n_blocks = scale.shape[-1] if scale.dim() else 0
-    if n_blocks == 0 or values.shape[-1] % n_blocks != 0:
-        raise ValueError(
-            f"scale_e8m0's last dim ({tuple(scale_e8m0.shape)}) must divide elements' last dim "
-            f"({tuple(elements.shape)})"
-        )
-    blocks = to_blocks(values, values.shape[-1] // n_blocks)
-    return (blocks * scale.unsqueeze(-1)).reshape(values.shape).to(dtype)
+    blocks = blocks_for_scales(as_float32(elements, "elements"), scale, "elements", "scale_e8m0")
+    return (blocks * scale.unsqueeze(-1)).reshape(elements.shape).to(dtype)
 
 
 def fake_quant_mx(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._common import TINY_AMAX, as_float32, as_float32_like
-from .blocks import to_blocks
+from .blocks import blocks_for_scales, to_blocks
 from .minifloat import E2M1, E4M3, decode_e2m1, encode_e2m1, round_to_format
 
 NVFP4_BLOCK_SIZE = 16
@@ -60,17 +60,10 @@ def dequantize_nvfp4(
 
     The block size is ``codes.shape[-1] // block_scale.shape[-1]``.
     """
-    values = decode_e2m1(codes)
     scale32 = as_float32(block_scale, "block_scale")
-    n_blocks = scale32.shape[-1] if scale32.dim() else 0
-    if n_blocks == 0 or values.shape[-1] % n_blocks != 0:
-        raise ValueError(
-            f"block_scale's last dim ({tuple(block_scale.shape)}) must divide codes' last dim "
-            f"({tuple(codes.shape)})"
-        )
-    blocks = to_blocks(values, values.shape[-1] // n_blocks)
-    global32 = as_float32_like(global_scale, values, "global_scale")
-    return (blocks * (scale32 * global32).unsqueeze(-1)).reshape(values.shape).to(dtype)
+    blocks = blocks_for_scales(decode_e2m1(codes), scale32, "codes", "block_scale")
+    global32 = as_float32_like(global_scale, blocks, "global_scale")
+    return (blocks * (scale32 * global32).unsqueeze(-1)).reshape(codes.shape).to(dtype)
 
 
 def fake_quant_nvfp4(

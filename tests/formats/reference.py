@@ -95,3 +95,13 @@ def random_with_outliers(
     x = torch.where(outliers, x * 30, x)
     zeros = torch.rand(shape, generator=generator) < 0.01
     return torch.where(zeros, 0.0, x)
+
+
+def assert_same_values(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal values in float64, NaN where NaN, and the same sign of zero."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    keep = ~torch.isnan(expected)
+    assert torch.equal(actual[keep], expected[keep])
+    assert torch.equal(torch.signbit(actual[keep]), torch.signbit(expected[keep]))

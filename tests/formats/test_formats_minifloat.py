@@ -28,6 +28,7 @@ from .reference import (
     E2M1_TABLE,
     E4M3_TABLE,
     E5M2_TABLE,
+    assert_same_values,
     midpoints,
     near_a_midpoint,
     nearest_in_table,
@@ -43,15 +44,6 @@ TORCH_FP8 = {"E4M3": torch.float8_e4m3fn, "E5M2": torch.float8_e5m2}
 def both_roundings(x, fmt):
     """The public rounding and the generic one (for FP8 the public one uses torch's cast)."""
     return [round_to_format(x, fmt), _round_generic(x.float(), fmt).to(x.dtype)]
-
-
-def assert_same_values(actual: torch.Tensor, expected: torch.Tensor):
-    """Equal values, NaN where NaN, and the same sign of zero."""
-    actual = actual.double()
-    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
-    keep = ~torch.isnan(expected)
-    assert torch.equal(actual[keep], expected[keep])
-    assert torch.equal(torch.signbit(actual[keep]), torch.signbit(expected[keep]))
 
 
 def log_uniform_values(fmt, table, count, generator):
