@@ -6,6 +6,7 @@
 """
 
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.checkpoint import restore, save
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
 from lowbit.convert import (
     calibrate,
@@ -47,5 +48,5 @@ __all__ = [
     "W4A8_AWQ_BETA_CFG", "W4A16_NVFP4_CFG", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig",
     "SequentialQuantizer", "TensorQuantizer", "calibrate", "disable_quantizer", "enable_quantizer",
     "fold_weight", "get_preset", "iter_quantizers", "parse_config", "print_quant_summary", "quant_summary",
-    "quantize", "register", "unregister",
+    "quantize", "register", "restore", "save", "unregister",
 ]

@@ -57,7 +57,14 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def quantized_class_for(module: nn.Module) -> type[nn.Module] | None:
-    """The registered quantized class for this exact module type (subclasses are not guessed)."""
+    """The registered quantized class for this exact module type (subclasses are not guessed).
+
+    Hugging Face attention classes register themselves on first sight (lowbit.modules.attention).
+    """
+    from lowbit.modules.attention import register_hf_attention
+
+    if type(module) not in QUANT_MODULE_REGISTRY:
+        register_hf_attention(module)
     return QUANT_MODULE_REGISTRY.get(type(module))
 
 
