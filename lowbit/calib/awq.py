@@ -1,0 +1,187 @@
+"""AWQ (Lin et al. 2024, llm-awq): activation-aware weight quantization.
+
+*Scale search* (``awq_lite``): for the linears sharing an input ``X``, try
+``s = mean|X|^alpha`` (per input channel, ``>= 1e-4``, normalised by ``sqrt(max s * min s)``) for
+``alpha`` on a grid in ``[0, 1]``, and keep the ``alpha`` whose quantized output
+``X @ (Q(W * s) / s)^T`` is closest (MSE) to ``X @ W^T``; ``alpha = 0`` is plain rounding, so the
+search never does worse on its sample. The weights keep ``W * s``; the input gets ``1/s``
+(``lowbit.calib.scaling``).
+
+*Clip search* (``awq_clip``): per output row and group of ``g`` input columns, try
+``amax = r * max|W_group|`` for ``r`` from 1 down to ``min_clip_ratio`` and keep the ``r`` with the
+smallest error of that group's contribution to the output, ``mean_t (X_t,group . (Q(W) - W)_group)^2``.
+
+``awq_full`` does both. The searches quantize weights only (activation quantizers are off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
+from lowbit.calib.scaling import apply_input_scale, find_input_groups
+from lowbit.calib.weights import (
+    effective_input,
+    quantize_with_amax,
+    sample_rows,
+    set_weight_amax,
+    weight_group_size,
+)
+
+FakeQuantWeight = Callable[[Tensor], Tensor]  # weight -> fake-quantized weight (its own amax)
+ERROR_CHUNK_ELEMENTS = 2**26  # bound on the (tokens, rows, groups) error tensor of the clip search
+
+
+def awq_scale(activation_mean: Tensor, alpha: float) -> Tensor:
+    """``s = max(mean|X|^alpha, 1e-4)``, divided by ``sqrt(max(s) * min(s))``; shape ``(in,)``, float32."""
+    scale = activation_mean.float().pow(alpha).clamp_min(1e-4)
+    return scale / (scale.max() * scale.min()).sqrt()
+
+
+def search_awq_scale(
+    x: Tensor,
+    weights: list[Tensor],
+    fake_quant: list[FakeQuantWeight],
+    activation_mean: Tensor,
+    alphas: list[float],
+) -> tuple[float, Tensor, list[float]]:
+    """The ``alpha`` (and its scale) minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count``.
+
+    ``x``: ``(tokens, in)``; ``weights[i]``: ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of
+    that shape. Returns (best alpha, its scale, the loss of every alpha); ties keep the smaller alpha.
+    """
+    x = x.float()
+    references = [x @ w.float().T for w in weights]
+    count = sum(r.numel() for r in references)
+    losses = []
+    for alpha in alphas:
+        scale = awq_scale(activation_mean, alpha).to(x.device)
+        error = 0.0
+        for weight, quantize, reference in zip(weights, fake_quant, references, strict=True):
+            quantized = quantize(weight.float() * scale) / scale
+            error += float((x @ quantized.T - reference).square().sum())
+        losses.append(error / count)
+    best = min(range(len(alphas)), key=losses.__getitem__)
+    return alphas[best], awq_scale(activation_mean, alphas[best]), losses
+
+
+def search_clip_amax(
+    weight: Tensor,
+    x: Tensor,
+    group_size: int,
+    quantize: Callable[[Tensor, Tensor], Tensor],
+    ratios: list[float],
+) -> Tensor:
+    """Per (row, group) amax ``r * max|W_group|`` minimising the group's output error (module docstring).
+
+    ``weight``: ``(out, in)``; ``x``: ``(tokens, in)``; ``quantize(weight, amax)`` with amax
+    ``(out, in / group_size)``. Returns that amax, float32; ties keep the larger ratio (listed first).
+    """
+    out_features, in_features = weight.shape
+    groups = in_features // group_size
+    weight = weight.float()
+    base = weight.abs().reshape(out_features, groups, group_size).amax(dim=-1)
+    x_groups = x.float().reshape(-1, groups, group_size)
+    best_amax, best_error = base.clone(), torch.full_like(base, float("inf"))
+    for ratio in ratios:
+        amax = base * ratio
+        delta = (quantize(weight, amax) - weight).reshape(out_features, groups, group_size)
+        error = group_output_error(x_groups, delta)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_amax = torch.where(better, amax, best_amax)
+    return best_amax
+
+
+def group_output_error(x_groups: Tensor, delta: Tensor) -> Tensor:
+    """``mean_t (sum_k x[t, n, k] * delta[o, n, k])^2`` as ``(out, groups)``, in chunks of output rows."""
+    tokens, groups, _ = x_groups.shape
+    rows_per_chunk = max(1, ERROR_CHUNK_ELEMENTS // max(1, tokens * groups))
+    chunks = []
+    for start in range(0, delta.shape[0], rows_per_chunk):
+        contribution = torch.einsum("tnk,onk->ton", x_groups, delta[start : start + rows_per_chunk])
+        chunks.append(contribution.square().mean(dim=0))
+    return torch.cat(chunks)
+
+
+def clip_ratios(min_clip_ratio: float, shrink_step: float) -> list[float]:
+    """``1, 1 - step, ...`` down to ``min_clip_ratio`` (llm-awq: 1.0 to 0.5 by 0.05)."""
+    if not 0 < min_clip_ratio <= 1:
+        raise ValueError(f"min_clip_ratio={min_clip_ratio!r} must be in (0, 1]")
+    if not 0 < shrink_step < 1:
+        raise ValueError(f"shrink_step={shrink_step!r} must be in (0, 1)")
+    steps = int(round((1 - min_clip_ratio) / shrink_step + 1e-9))
+    return [1 - i * shrink_step for i in range(steps + 1)]
+
+
+def alpha_grid(alpha_step: float) -> list[float]:
+    if not 0 < alpha_step <= 1:
+        raise ValueError(f"alpha_step={alpha_step!r} must be in (0, 1]")
+    steps = int(round(1 / alpha_step + 1e-9))
+    return [min(1.0, i * alpha_step) for i in range(steps + 1)]
+
+
+# ---- layer passes ---------------------------------------------------------------------------------------
+
+
+def _weight_fake_quant(linear: nn.Linear) -> FakeQuantWeight:
+    quantizer = linear.weight_quantizer
+    return lambda weight: quantizer.fake_quant(weight, quantizer.compute_amax(weight))
+
+
+def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096) -> None:
+    """Scale search for every group of linears with enabled weight quantizers in ``layer``."""
+    groups = [g for g in find_input_groups(layer, inputs)
+              if all(w.weight_quantizer.is_enabled for w in g.linears.values())]
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    samples: dict[str, list[Tensor]] = {}
+    per_batch = -(-max_tokens // len(inputs))
+
+    def record(name: str, x: Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + rows.abs().sum(dim=0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+        samples.setdefault(name, []).append(sample_rows(rows, per_batch))
+
+    firsts = {next(iter(g.linears)): g.first for g in groups}
+    with quantizers_disabled(layer):
+        inputs.feed(layer, firsts, record)
+    for group in groups:
+        name = next(iter(group.linears))
+        linears = list(group.linears.values())
+        _, scale, _ = search_awq_scale(
+            torch.cat(samples.pop(name)),
+            [w.weight.detach() for w in linears],
+            [_weight_fake_quant(w) for w in linears],
+            sums[name] / counts[name],
+            alpha_grid(alpha_step),
+        )
+        apply_input_scale(layer, inputs, group, scale)
+        for linear in linears:
+            recalibrate_weights(linear)
+
+
+def awq_clip_layer(layer: nn.Module, inputs: LayerInputs, min_clip_ratio: float = 0.5,
+                   shrink_step: float = 0.05, max_clip_tokens: int = 512) -> None:
+    """Clip search for every linear with an enabled weight quantizer in ``layer``; sets its amax."""
+    linears = {n: w for n, w in quantized_linears(layer).items() if w.weight_quantizer.is_enabled}
+    per_batch = -(-max_clip_tokens // len(inputs))
+    samples: dict[str, list[Tensor]] = {}
+
+    def record(name: str, x: Tensor) -> None:
+        samples.setdefault(name, []).append(sample_rows(effective_input(linears[name], x), per_batch))
+
+    with quantizers_disabled(layer):
+        inputs.feed(layer, linears, record)
+    ratios = clip_ratios(min_clip_ratio, shrink_step)
+    for name, linear in linears.items():
+        quantizer, weight = linear.weight_quantizer, linear.weight.detach()
+        amax = search_clip_amax(
+            weight, torch.cat(samples.pop(name)), weight_group_size(linear, name, per_row=True),
+            lambda w, a, q=quantizer: quantize_with_amax(q, w, a), ratios,
+        )
+        set_weight_amax(quantizer, weight, amax)

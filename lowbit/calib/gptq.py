@@ -1,0 +1,200 @@
+"""GPTQ (Frantar et al. 2022; IST-DASLab ``gptq.py``): quantize a weight column by column, pushing each
+column's rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the
+layer's reconstruction loss ``||X W^T - X Q^T||^2``.
+
+The math (``W``: ``(out, in)``; ``X``: ``(n, in)`` inputs of the layer):
+
+1. ``H = 2 X^T X / n`` (accumulated over batches, :class:`HessianAccumulator`);
+2. dead inputs (``H_jj = 0``): ``H_jj = 1`` and ``W[:, j] = 0``;
+3. damping ``H += percdamp * mean(diag H) * I``, multiplied by 10 and retried while Cholesky fails;
+4. ``U = cholesky(H^-1, upper=True)``;
+5. for each column ``j``: ``q_j = quantize(w_j)``, ``e_j = (w_j - q_j) / U_jj``,
+   ``W[:, k] -= e_j * U_jk`` for ``k > j`` (done lazily in blocks of ``block_size`` columns).
+
+Scales are per group of ``group_size`` columns, computed from the *current* (error-updated) weights
+when the loop reaches the group's first column, or from the original weights up front with
+``static_groups``. ``act_order`` visits columns by decreasing ``H_jj``; with groups it needs
+``static_groups`` so that a group stays a contiguous slab of the original columns.
+
+The format is not known here: ``group_amax(slab)`` and ``quantize_column(column, amax)`` come from the
+caller (for a model: the weight quantizer's ``compute_amax`` and ``fake_quant``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.calib.layerwise import LayerInputs
+from lowbit.calib.scaling import find_input_groups
+from lowbit.calib.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
+
+GroupAmax = Callable[[Tensor], Tensor]  # (out, group_size) slab -> amax for that group
+ColumnQuantizer = Callable[[Tensor, Tensor], Tensor]  # (column (out,), group amax) -> quantized column
+DAMPING_RETRIES = 6
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X^T X / n`` over the rows of every batch added (rows = all leading dims), float32."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape[1] != self.hessian.shape[0]:
+            raise ValueError(f"input has {x.shape[1]} columns, the Hessian {self.hessian.shape[0]}")
+        total = self.rows + x.shape[0]
+        self.hessian *= self.rows / total
+        x = x * (2.0 / total) ** 0.5
+        self.hessian += x.T @ x
+        self.rows = total
+
+
+@dataclass
+class GptqResult:
+    weight: Tensor  # (out, in), quantize-dequantized, original column order
+    group_amax: list[Tensor]  # the amax of each group, in column order of the groups
+    loss: float  # sum over columns of (w - q)^2 / U_jj^2 / 2, GPTQ's estimate of the added loss
+
+
+def damped_inverse_cholesky(hessian: Tensor, percdamp: float) -> Tensor:
+    """``cholesky((H + d I)^-1, upper=True)`` with ``d = percdamp * mean(diag H)``, d *= 10 on failure."""
+    damp = percdamp * hessian.diagonal().mean()
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for _ in range(DAMPING_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * identity)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        damp = damp * 10
+    raise RuntimeError(
+        f"GPTQ: the Hessian is not positive definite even with damping {float(damp) / 10:.3g} "
+        f"(percdamp={percdamp}, {DAMPING_RETRIES} tries); the calibration inputs may be degenerate"
+    )
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    group_amax: GroupAmax,
+    quantize_column: ColumnQuantizer,
+    group_size: int | None = None,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GptqResult:
+    """GPTQ of ``weight`` ``(out, in)`` with Hessian ``hessian`` ``(in, in)`` (see the module docstring).
+
+    ``group_size`` (None = all ``in`` columns) must divide ``in``; ``block_size`` is rounded down to a
+    multiple of it (at least one group) so a group never straddles a lazy-update block. Computes in
+    float32, or float64 when ``weight`` is float64. Neither input is modified.
+    """
+    out_features, columns = weight.shape
+    group_size = columns if group_size is None else group_size
+    _check_options(hessian, columns, group_size, block_size, percdamp, act_order, static_groups)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype).clone()
+
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    groups = [group_amax(w[:, g : g + group_size]) for g in range(0, columns, group_size)] if static_groups else []
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(columns, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    upper = damped_inverse_cholesky(h, percdamp)
+
+    quantized = torch.zeros_like(w)
+    loss = torch.zeros((), dtype=dtype, device=w.device)
+    group_of = [column // group_size for column in order.tolist()]  # original column -> its group
+    if group_size < columns:
+        block_size = max(group_size, block_size // group_size * group_size)
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        block = w[:, start:stop].clone()
+        errors = torch.zeros_like(block)
+        for i in range(stop - start):
+            column = start + i
+            if not static_groups and column % group_size == 0:
+                # the group's current weights: all of them are in this block (or, for one group, in w)
+                groups.append(group_amax(block[:, i : i + group_size] if group_size < columns else w))
+            q = quantize_column(block[:, i], groups[group_of[column]])
+            error = (block[:, i] - q) / upper[column, column]
+            block[:, i:] -= error[:, None] * upper[column, column:stop][None, :]
+            quantized[:, column] = q
+            errors[:, i] = error
+            loss += error.square().sum() / 2
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+
+    return GptqResult(quantized[:, torch.argsort(order)], groups, float(loss))
+
+
+def _check_options(hessian, columns, group_size, block_size, percdamp, act_order, static_groups) -> None:
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({columns}, {columns})")
+    if not isinstance(group_size, int) or group_size < 1 or columns % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive int dividing in_features={columns}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive int")
+    if not percdamp > 0:
+        raise ValueError(f"percdamp={percdamp!r} must be > 0 (the damping is multiplied by 10 on failure)")
+    if act_order and group_size < columns and not static_groups:
+        raise ValueError(
+            "act_order=True with group-wise scales needs static_groups=True, so that each group stays a "
+            "contiguous slab of the original columns (the formats have no per-column group index)"
+        )
+
+
+# ---- layer pass ---------------------------------------------------------------------------------------
+
+
+def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
+               act_order: bool = False, static_groups: bool = False) -> list[tuple[str, float]]:
+    """GPTQ every linear with an enabled weight quantizer in ``layer``, one input group at a time.
+
+    For each group (linears reading the same input, in execution order) the Hessian of that input is
+    accumulated over all batches (the rest of the layer's forward is skipped), the group's linears are
+    quantized and their weights replaced, then the Hessian is freed: later groups see the outputs of
+    the already quantized ones. Each weight quantizer gets the amax GPTQ used. Returns (name, loss).
+    """
+    losses = []
+    for group in find_input_groups(layer, inputs):
+        linears = {n: w for n, w in group.linears.items() if w.weight_quantizer.is_enabled}
+        if not linears:
+            continue
+        hessian = input_hessian(layer, inputs, *next(iter(group.linears.items())))
+        for linear_name, linear in linears.items():
+            quantizer, group_size = linear.weight_quantizer, weight_group_size(linear, linear_name)
+            result = gptq_quantize(
+                linear.weight.detach(),
+                hessian,
+                group_amax=quantizer.compute_amax,
+                quantize_column=lambda column, amax, q=quantizer, g=group_size: quantize_column(q, g, column, amax),
+                group_size=group_size,
+                block_size=block_size,
+                percdamp=percdamp,
+                act_order=act_order,
+                static_groups=static_groups,
+            )
+            with torch.no_grad():
+                linear.weight.copy_(result.weight)
+            amax = result.group_amax[0] if len(result.group_amax) == 1 else torch.cat(result.group_amax, dim=-2)
+            set_weight_amax(quantizer, linear.weight, amax)
+            losses.append((linear_name, result.loss))
+        del hessian
+    return losses
+
+
+def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: nn.Linear) -> Tensor:
+    """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped)."""
+    accumulator = HessianAccumulator(linear.in_features, linear.weight.device)
+    inputs.feed(layer, {name: linear}, lambda _n, x: accumulator.add(effective_input(linear, x)), stop_after=linear)
+    return accumulator.hessian

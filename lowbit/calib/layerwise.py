@@ -1,0 +1,246 @@
+"""Layer-by-layer execution of calibration algorithms over a model's decoder layers.
+
+1. One pass of the calibration data (``lowbit.convert.max_calibrate``: every quantizer gets its max
+   amax) records, with a forward pre-hook, the inputs of the first decoder layer for each batch.
+2. Then for each decoder layer, in order: the float output (the layer's quantizers disabled) is the
+   reference; the output with max calibration gives ``mse_max``; the algorithm transforms the layer;
+   its activation quantizers are recalibrated on these inputs; the output now gives ``mse_after`` and
+   becomes the next layer's input. Errors therefore propagate as they will at inference (sequential).
+
+Only one decoder layer's statistics live at a time; the inputs of all batches for the current layer
+are kept (as GPTQ and AWQ do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # replayed calls use no cache
+ForwardLoop = Callable[[nn.Module], None]
+
+
+@dataclass
+class LayerReport:
+    """Mean squared error of one decoder layer's output against its float output, on the same inputs."""
+
+    index: int
+    name: str
+    mse_max: float  # with max calibration, before the algorithm
+    mse_after: float  # after the algorithm
+
+
+class _StopForward(Exception):
+    """Raised by a hook to skip the rest of a layer's forward once the wanted input was seen."""
+
+
+class LayerInputs:
+    """The calls of one decoder layer, one per calibration batch: hidden states plus the other arguments."""
+
+    def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
+        self.calls = calls
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def hidden_states(self, index: int) -> Tensor:
+        args, kwargs = self.calls[index]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def forward(self, layer: nn.Module) -> Iterator[Tensor]:
+        """The layer's output (hidden states) for each batch, computed lazily, under no_grad."""
+        for args, kwargs in self.calls:
+            with torch.no_grad():
+                output = layer(*args, **kwargs)
+            yield output[0] if isinstance(output, (tuple, list)) else output
+
+    def replaced(self, hidden: list[Tensor]) -> LayerInputs:
+        """The same calls with new hidden states (the previous layer's outputs)."""
+        calls = []
+        for (args, kwargs), states in zip(self.calls, hidden, strict=True):
+            if args:
+                calls.append(((states, *args[1:]), kwargs))
+            else:
+                calls.append((args, {**kwargs, "hidden_states": states}))
+        return LayerInputs(calls)
+
+    def feed(self, layer: nn.Module, modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None],
+             stop_after: nn.Module | None = None) -> None:
+        """Run every batch through ``layer``; ``on_input(name, x)`` gets the input of every call of ``modules``.
+
+        With ``stop_after``, the rest of the layer is skipped once that module's input was seen.
+        """
+        def hook_for(name: str, module: nn.Module):
+            def hook(_module, args):
+                on_input(name, args[0].detach())
+                if module is stop_after:
+                    raise _StopForward
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(hook_for(name, module)) for name, module in modules.items()]
+        try:
+            for args, kwargs in self.calls:
+                try:
+                    with torch.no_grad():
+                        layer(*args, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def quantized_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    """The quantized nn.Linear modules inside ``module``, by name relative to it, in definition order."""
+    return {
+        name: child
+        for name, child in module.named_modules()
+        if isinstance(child, nn.Linear) and isinstance(getattr(child, "weight_quantizer", None), nn.Module)
+    }
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the longest nn.ModuleList whose entries hold quantized linears."""
+    candidates = [
+        (name, modules)
+        for name, modules in model.named_modules()
+        if isinstance(modules, nn.ModuleList) and len(modules) and all(quantized_linears(m) for m in modules)
+    ]
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__}: layer-wise algorithms need the decoder layers in an nn.ModuleList whose "
+            "every entry holds quantized nn.Linear modules; none was found (was the model quantized?)"
+        )
+    return max(candidates, key=lambda item: len(item[1]))
+
+
+def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop: ForwardLoop) -> LayerInputs:
+    """Max-calibrate every quantizer while recording ``first_layer``'s call arguments for each batch."""
+    from lowbit.convert import max_calibrate  # convert imports this package lazily; no import cycle
+
+    calls: list[tuple[tuple, dict]] = []
+
+    def record(_module, args, kwargs):
+        kwargs = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        calls.append((tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}))
+
+    handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        max_calibrate(model, forward_loop)
+        if not calls:  # nothing to calibrate from data (weight-only): max_calibrate ran no forward
+            with torch.no_grad():
+                forward_loop(model)
+    finally:
+        handle.remove()
+    if not calls:
+        raise ValueError("forward_loop ran no batch through the model's first decoder layer")
+    return LayerInputs(calls)
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def tensor_quantizers(module: nn.Module) -> list[TensorQuantizer]:
+    return [m for m in module.modules() if isinstance(m, TensorQuantizer)]
+
+
+@contextmanager
+def quantizers_disabled(module: nn.Module):
+    """Every quantizer inside ``module`` disabled for the duration (its float behaviour)."""
+    enabled = [q for q in tensor_quantizers(module) if q.is_enabled]
+    for quantizer in enabled:
+        quantizer.disable()
+    try:
+        yield
+    finally:
+        for quantizer in enabled:
+            quantizer.enable()
+
+
+def calibrate_activations(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Recalibrate the layer's static activation quantizers (inputs/outputs) with their own calibrators."""
+    quantizers = [
+        q
+        for linear in quantized_linears(layer).values()
+        for slot in linear.quantizer_names
+        if slot != "weight_quantizer"
+        for q in tensor_quantizers(getattr(linear, slot))
+        if q.is_enabled and not q.config.is_dynamic
+    ]
+    for quantizer in quantizers:
+        quantizer.enable_calib()
+        quantizer.disable_quant()
+    try:
+        for _ in inputs.forward(layer):
+            pass
+        for quantizer in quantizers:
+            quantizer.load_calib_amax()
+    finally:
+        for quantizer in quantizers:
+            quantizer.disable_calib()
+            quantizer.enable_quant()
+
+
+def mean_squared_error(outputs: Iterator[Tensor], references: list[Tensor]) -> tuple[float, list[Tensor]]:
+    """MSE (float64) over all batches of ``outputs`` vs ``references``; also returns the outputs."""
+    total, count, kept = 0.0, 0, []
+    for output, reference in zip(outputs, references, strict=True):
+        total += float((output.double() - reference.double()).square().sum())
+        count += output.numel()
+        kept.append(output)
+    return total / max(count, 1), kept
+
+
+LayerTransform = Callable[[nn.Module, LayerInputs], None]
+
+
+def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform,
+                  description: str) -> list[LayerReport]:
+    """Apply ``transform(layer, inputs)`` to each decoder layer in turn (see the module docstring)."""
+    if forward_loop is None:
+        raise ValueError(f"{description} needs calibration data: forward_loop is None")
+    layers_name, layers = find_decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    report = []
+    try:
+        inputs = capture_layer_inputs(model, layers[0], forward_loop)
+        progress = tqdm(layers, desc=description, unit="layer")
+        for index, layer in enumerate(progress):
+            with quantizers_disabled(layer):
+                reference = list(inputs.forward(layer))
+            mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
+            transform(layer, inputs)
+            calibrate_activations(layer, inputs)
+            mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
+            entry = LayerReport(index, f"{layers_name}.{index}", mse_max, mse_after)
+            report.append(entry)
+            progress.set_postfix(mse_max=f"{mse_max:.3g}", mse_after=f"{mse_after:.3g}")
+            logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", description,
+                        entry.name, mse_max, mse_after)
+            inputs = inputs.replaced(outputs)
+            del reference, outputs
+    finally:
+        model.train(was_training)
+    return report
+
+
+def recalibrate_weights(module: nn.Module) -> None:
+    """Recompute the static weight scales of the quantized modules in ``module`` from their weights."""
+    from lowbit.convert import _calibrate_weights
+
+    _calibrate_weights(module)
