@@ -126,3 +126,14 @@ def test_half_precision_input_keeps_dtype(dtype):
     assert torch.allclose(out.double(), reference.values, rtol=ulp, atol=0) or (
         (out.double() - reference.values).abs() <= reference.step + ulp * reference.values.abs()
     ).all()
+
+
+@pytest.mark.parametrize("mode, low_code", [("signed", -128), ("narrow", -127), ("unsigned", 0)])
+def test_code_range_at_the_clamp(mode, low_code):
+    """Below -amax the code range decides: signed int8 reaches -128/127 amax, narrow -amax, unsigned 0."""
+    amax = torch.tensor(2.0)
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, **MODES[mode]))
+    quantizer.amax = amax
+    out = quantizer(torch.tensor([-5.0, 5.0]))
+    qmax = 255 if mode == "unsigned" else 127
+    assert out.tolist() == [low_code * 2.0 / qmax, 2.0]
