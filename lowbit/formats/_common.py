@@ -44,9 +44,34 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def divide(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
+    """IEEE float32 ``numerator / denominator`` with identical results on CPU and CUDA.
+
+    A Python number is first made a 0-d tensor on the other operand's device: PyTorch's CUDA kernel
+    multiplies by the reciprocal of a Python-number divisor, and ``number / tensor`` is computed as
+    ``tensor.reciprocal() * number`` everywhere; both can differ from true division by an ulp.
+    """
+    if not isinstance(numerator, torch.Tensor):
+        numerator = denominator.new_full((), numerator)
+    if not isinstance(denominator, torch.Tensor):
+        denominator = numerator.new_full((), denominator)
+    return torch.div(numerator, denominator)
+
+
+def _pow2_normal(exponent: torch.Tensor) -> torch.Tensor:
+    """2**e as float32 from its bit pattern, for int32 ``e`` in [-126, 127]."""
+    return ((exponent + 127) << 23).view(torch.float32)
+
+
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """2**exponent in float32 for integer-valued ``exponent`` in [-149, 127] (exact, subnormals included)."""
-    return torch.exp2(exponent.float())
+    """2**exponent in float32 for integer-valued ``exponent`` in [-149, 127], exact on every device.
+
+    Built from bit patterns, not exp2 (whose CUDA version is not guaranteed exact); exponents below
+    -126 (float32 subnormals) are the exact product of two normal powers of two.
+    """
+    exponent = exponent.to(torch.int32)
+    normal_part = torch.clamp(exponent, min=-126)
+    return _pow2_normal(normal_part) * _pow2_normal(exponent - normal_part)
 
 
 def floor_log2(magnitude: torch.Tensor) -> torch.Tensor:

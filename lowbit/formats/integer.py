@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TINY_AMAX, as_float32, as_float32_like
+from ._common import TINY_AMAX, as_float32, as_float32_like, divide
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -58,7 +58,7 @@ def quantize_int(
     x32 = as_float32(x, "x")
     amax32 = as_float32_like(amax, x32, "amax")
     is_tiny = amax32 <= TINY_AMAX
-    scale = qmax / torch.where(is_tiny, 1.0, amax32)
+    scale = divide(qmax, torch.where(is_tiny, 1.0, amax32))
     codes = torch.clamp(torch.round(x32 * scale), qmin, qmax)
     codes = torch.where(is_tiny, 0.0, codes)
     return codes, torch.where(is_tiny, 1.0, scale)
@@ -101,7 +101,7 @@ def quantize_int_asym(
     low = torch.clamp(as_float32_like(xmin, x32, "xmin"), max=0.0)
     high = torch.clamp(as_float32_like(xmax, x32, "xmax"), min=0.0)
     span = high - low
-    scale = torch.where(span <= TINY_AMAX, 1.0, span / qmax)
+    scale = torch.where(span <= TINY_AMAX, 1.0, divide(span, qmax))
     zero_point = torch.clamp(torch.round(-low / scale), 0, qmax)
     codes = torch.clamp(torch.round(x32 / scale) + zero_point, 0, qmax)
     return codes, scale, zero_point

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import TINY_AMAX, as_float32, as_float32_like, check_integer, floor_log2, pow2
+from ._common import TINY_AMAX, as_float32, as_float32_like, check_integer, divide, pow2
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,21 @@ def float_format(num_bits: tuple[int, int]) -> FloatFormat:
     return fmt
 
 
+_FLOAT32_EXPONENT_MASK = 0x7F800000
+_FLOAT32_MANTISSA_BITS = 23
+
+
 def _round_generic(x32: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Nearest ``fmt`` value of float32 ``x32``, ties to even mantissa, saturating; NaN stays NaN."""
     magnitude = torch.clamp(x32.abs(), max=fmt.max_value)  # +inf -> max; clamp keeps NaN
-    exponent = torch.clamp(floor_log2(magnitude), min=fmt.min_exponent)  # subnormals share min_exponent
-    step = pow2(exponent - fmt.mantissa_bits)  # spacing of representable values in that binade
+    # The binade 2**floor(log2|x|) is |x| with its float32 mantissa bits cleared (exact, no log2);
+    # subnormals of fmt share its smallest normal binade.
+    binade_bits = torch.clamp(
+        magnitude.view(torch.int32) & _FLOAT32_EXPONENT_MASK,
+        min=(fmt.min_exponent + 127) << _FLOAT32_MANTISSA_BITS,
+    )
+    # Spacing of fmt's values in that binade: 2**(exponent - mantissa_bits).
+    step = (binade_bits - (fmt.mantissa_bits << _FLOAT32_MANTISSA_BITS)).view(torch.float32)
     rounded = torch.round(magnitude / step) * step  # torch.round: half to even -> even mantissa
     return torch.copysign(rounded, x32)
 
@@ -99,7 +109,7 @@ def fake_quant_fp(x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat)
     """
     x32 = as_float32(x, "x")
     amax32 = as_float32_like(amax, x32, "amax")
-    scale = torch.where(amax32 <= TINY_AMAX, 1.0, fmt.max_value / amax32)
+    scale = torch.where(amax32 <= TINY_AMAX, 1.0, divide(fmt.max_value, amax32))
     return (_round_float32(x32 * scale, fmt) / scale).to(x.dtype)
 
 

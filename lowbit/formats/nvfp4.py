@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TINY_AMAX, as_float32, as_float32_like
+from ._common import TINY_AMAX, as_float32, as_float32_like, divide
 from .blocks import blocks_for_scales, to_blocks
 from .minifloat import E2M1, E4M3, decode_e2m1, encode_e2m1, round_to_format
 
@@ -23,7 +23,22 @@ NVFP4_BLOCK_SIZE = 16
 
 def _global_scale(x32: torch.Tensor, global_amax: torch.Tensor | float | None) -> torch.Tensor:
     amax = x32.abs().amax() if global_amax is None else as_float32_like(global_amax, x32, "global_amax")
-    return torch.where(amax <= TINY_AMAX, 1.0, amax / (E2M1.max_value * E4M3.max_value))
+    return torch.where(amax <= TINY_AMAX, 1.0, divide(amax, E2M1.max_value * E4M3.max_value))
+
+
+def _scale_and_round(
+    x: torch.Tensor, global_amax: torch.Tensor | float | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E2M1 values as float32 blocks (..., K // block_size, block_size), block scales, global scale)."""
+    x32 = as_float32(x, "x")
+    blocks = to_blocks(x32, block_size)
+    global_scale = _global_scale(x32, global_amax)
+    amax = blocks.abs().amax(dim=-1)
+    block_scale = round_to_format(torch.where(amax == 0, 1.0, amax / (E2M1.max_value * global_scale)), E4M3)
+    divisor = (block_scale * global_scale).unsqueeze(-1)
+    is_zero = divisor == 0
+    scaled = torch.where(is_zero, 0.0, blocks / torch.where(is_zero, 1.0, divisor))
+    return round_to_format(scaled, E2M1), block_scale, global_scale
 
 
 def quantize_nvfp4(
@@ -38,15 +53,8 @@ def quantize_nvfp4(
     ``global_scale``: float32 scalar tensor (``global_amax`` defaults to ``x.abs().amax()``).
     Raises ValueError when K is not divisible by ``block_size``.
     """
-    x32 = as_float32(x, "x")
-    blocks = to_blocks(x32, block_size)
-    global_scale = _global_scale(x32, global_amax)
-    amax = blocks.abs().amax(dim=-1)
-    block_scale = round_to_format(torch.where(amax == 0, 1.0, amax / (E2M1.max_value * global_scale)), E4M3)
-    divisor = (block_scale * global_scale).unsqueeze(-1)
-    is_zero = divisor == 0
-    scaled = torch.where(is_zero, 0.0, blocks / torch.where(is_zero, 1.0, divisor))
-    codes = encode_e2m1(scaled).reshape(x.shape)
+    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size)
+    codes = encode_e2m1(elements).reshape(x.shape)
     return codes, block_scale.to(torch.float8_e4m3fn), global_scale
 
 
@@ -71,5 +79,10 @@ def fake_quant_nvfp4(
     global_amax: torch.Tensor | float | None = None,
     block_size: int = NVFP4_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """``dequantize_nvfp4(*quantize_nvfp4(x, global_amax, block_size))`` in ``x``'s dtype."""
-    return dequantize_nvfp4(*quantize_nvfp4(x, global_amax, block_size), dtype=x.dtype)
+    """``dequantize_nvfp4(*quantize_nvfp4(x, global_amax, block_size))`` in ``x``'s dtype.
+
+    Computed without the round trip through codes (same values; a NaN in a block makes the whole
+    block NaN either way).
+    """
+    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size)
+    return (elements * (block_scale * global_scale).unsqueeze(-1)).reshape(x.shape).to(x.dtype)

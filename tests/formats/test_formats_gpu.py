@@ -10,10 +10,14 @@ from lowbit.formats import (
     E4M3,
     E5M2,
     block_amax,
+    dequantize_mx,
+    dequantize_nvfp4,
     encode_e2m1,
     fake_quant_fp,
     fake_quant_int,
     fake_quant_int_asym,
+    fake_quant_mx,
+    fake_quant_nvfp4,
     quantize_int,
     quantize_int_asym,
     quantize_mx,
@@ -32,14 +36,22 @@ pytestmark = [
 
 
 def same_on_cuda(function, *tensors, **options):
-    """Run ``function`` on CPU and on CUDA copies of ``tensors``; compare every output bit for bit."""
+    """Run ``function`` on CPU and on CUDA copies of ``tensors``; outputs must be identical.
+
+    Identical: same dtype, same NaN positions, and elsewhere the same bits (NaN payloads may differ:
+    CUDA's canonical NaN is not the CPU's).
+    """
     on_cpu = function(*tensors, **options)
     on_cuda = function(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors), **options)
     outputs = zip(on_cpu, on_cuda, strict=True) if isinstance(on_cpu, tuple) else [(on_cpu, on_cuda)]
     for cpu, cuda in outputs:
-        assert cuda.device.type == "cuda" and cpu.dtype == cuda.dtype
-        cpu_bits, cuda_bits = cpu.contiguous().view(torch.uint8), cuda.cpu().contiguous().view(torch.uint8)
-        assert torch.equal(cpu_bits, cuda_bits)
+        assert cuda.device.type == "cuda" and cpu.dtype == cuda.dtype and cpu.shape == cuda.shape
+        cuda = cuda.cpu()
+        if cpu.is_floating_point():
+            cpu_nan, cuda_nan = torch.isnan(cpu.float()), torch.isnan(cuda.float())
+            assert torch.equal(cpu_nan, cuda_nan)
+            cpu, cuda = cpu[~cpu_nan], cuda[~cuda_nan]
+        assert torch.equal(cpu.view(torch.uint8), cuda.view(torch.uint8))
 
 
 @pytest.fixture
@@ -79,6 +91,8 @@ def test_nvfp4(data):
     x[2, 16:32] *= 1e-6
     same_on_cuda(quantize_nvfp4, x)
     same_on_cuda(quantize_nvfp4, x.reshape(4, 16, 256), torch.tensor(10.0))
+    same_on_cuda(fake_quant_nvfp4, x.bfloat16())
+    same_on_cuda(dequantize_nvfp4, *quantize_nvfp4(x))
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2, E2M1], ids=["E4M3", "E5M2", "E2M1"])
@@ -87,3 +101,5 @@ def test_mx(data, fmt):
     x[1, :32] = 0
     x[2, :32] *= 1e-40
     same_on_cuda(quantize_mx, x, fmt)
+    same_on_cuda(fake_quant_mx, x.bfloat16(), fmt)
+    same_on_cuda(dequantize_mx, *quantize_mx(x, fmt))
