@@ -1,17 +1,19 @@
-"""Number formats of lowbit: pure float32 functions on tensors (CPU and CUDA alike).
+"""Number formats of lowbit: pure float32 functions on tensors, identical on CPU and CUDA.
 
-- INT symmetric (ModelOpt): scale = qmax / amax; codes = clamp(round_half_even(x * scale), qmin, qmax);
-  x_hat = codes / scale; amax <= 2**-24 -> codes 0, scale 1.            (integer.py)
-- INT asymmetric: scale = (max(xmax,0) - min(xmin,0)) / (2**b - 1); zp = clamp(round(-xmin/scale));
-  codes = clamp(round(x / scale) + zp, 0, 2**b - 1); x_hat = (codes - zp) * scale.   (integer.py)
-- FP8 E4M3 (max 448, no inf) / E5M2 (max 57344) / FP4 E2M1 (max 6): nearest value, ties to even,
-  saturating (+-inf -> +-max), NaN kept; fake quant: scale = max / amax, round(x * scale) / scale.
-                                                                                     (minifloat.py)
-- NVFP4 (ModelOpt): blocks of 16; g = global_amax / 2688; s = e4m3(block_amax / (6 g));
-  codes = e2m1(x / (s g)); x_hat = e2m1 value * s * g.                                 (nvfp4.py)
-- MX (OCP v1.0): blocks of 32; e = clamp(floor(log2(block_amax)) - emax_elem, -127, 127);
-  elements = round_to_format(x / 2**e); scale stored as uint8 e + 127 (0xFF NaN).       (mx.py)
-- Blocking: to_blocks(x, b, axis) -> (..., L // b, b), axis moved last; from_blocks inverts. (blocks.py)
+One line of math per format (amax <= 2**-24 always means scale 1, so nothing is NaN):
+
+- INT symmetric (integer.py, ModelOpt): scale = qmax / amax; codes = clamp(round_half_even(x * scale),
+  qmin, qmax); x_hat = codes / scale (codes 0 where amax <= 2**-24).
+- INT asymmetric (integer.py): scale = (max(xmax, 0) - min(xmin, 0)) / (2**b - 1);
+  zp = clamp(round(-min(xmin, 0) / scale)); codes = clamp(round(x / scale) + zp, 0, 2**b - 1);
+  x_hat = (codes - zp) * scale.
+- FP8 E4M3 (max 448) / E5M2 (max 57344) / FP4 E2M1 (max 6) (minifloat.py): round_to_format = nearest,
+  ties to even, saturating (+-inf -> +-max), NaN kept; scale = max / amax; x_hat = round(x * scale) / scale.
+- NVFP4 (nvfp4.py, ModelOpt): blocks of 16; g = global_amax / 2688; s = e4m3(block_amax / (6 g));
+  codes = e2m1(x / (s g)); x_hat = e2m1 value * s * g.
+- MX (mx.py, OCP v1.0): blocks of 32; e = clamp(floor(log2(block_amax)) - emax_elem, -127, 127);
+  elements = round_to_format(x / 2**e); scale = uint8 e + 127 (0xFF NaN); x_hat = elements * 2**e.
+- Blocks (blocks.py): to_blocks(x, b, axis) -> (..., L // b, b) with axis moved last; from_blocks inverts.
 """
 
 from .blocks import block_amax, from_blocks, to_blocks
@@ -30,9 +32,11 @@ from .minifloat import (
     E5M2,
     FloatFormat,
     decode_e2m1,
+    dequantize_fp,
     encode_e2m1,
     fake_quant_fp,
     float_format,
+    quantize_fp,
     round_to_format,
 )
 from .mx import dequantize_mx, e8m0_to_float, fake_quant_mx, float_to_e8m0, quantize_mx
@@ -45,6 +49,7 @@ __all__ = [
     "FloatFormat",
     "block_amax",
     "decode_e2m1",
+    "dequantize_fp",
     "dequantize_int",
     "dequantize_int_asym",
     "dequantize_mx",
@@ -60,6 +65,7 @@ __all__ = [
     "float_to_e8m0",
     "from_blocks",
     "int_range",
+    "quantize_fp",
     "quantize_int",
     "quantize_int_asym",
     "quantize_mx",

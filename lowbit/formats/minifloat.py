@@ -101,16 +101,33 @@ def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     return _round_float32(as_float32(x, "x"), fmt).to(x.dtype)
 
 
-def fake_quant_fp(x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
-    """Scaled fake quantization: ``scale = fmt.max_value / amax``, ``round_to_format(x * scale) / scale``.
+def quantize_fp(
+    x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled rounding to ``fmt``: returns (values, scale), both float32.
 
+    ``scale = fmt.max_value / amax`` (1 where ``amax <= 2**-24``, so nothing is NaN) and
+    ``values = round_to_format(x * scale, fmt)``: values on ``fmt``'s grid, same shape as ``x``.
     ``amax`` broadcasts against ``x`` (scalar, per-channel keepdim, per-block on ``to_blocks(x)``);
-    where ``amax <= 2**-24`` the scale is 1. Float32 math, returned in ``x``'s dtype.
+    ``scale`` has ``amax``'s shape.
     """
     x32 = as_float32(x, "x")
     amax32 = as_float32_like(amax, x32, "amax")
     scale = torch.where(amax32 <= TINY_AMAX, 1.0, divide(fmt.max_value, amax32))
-    return (_round_float32(x32 * scale, fmt) / scale).to(x.dtype)
+    return _round_float32(x32 * scale, fmt), scale
+
+
+def dequantize_fp(
+    values: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``values / scale`` in float32, returned as ``dtype``."""
+    values32 = as_float32(values, "values")
+    return (values32 / as_float32_like(scale, values32, "scale")).to(dtype)
+
+
+def fake_quant_fp(x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
+    """``dequantize_fp(*quantize_fp(x, amax, fmt))``: ``round_to_format(x * scale) / scale``, in ``x``'s dtype."""
+    return dequantize_fp(*quantize_fp(x, amax, fmt), dtype=x.dtype)
 
 
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

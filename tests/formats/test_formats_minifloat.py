@@ -17,9 +17,11 @@ from lowbit.formats import (
     E4M3,
     E5M2,
     decode_e2m1,
+    dequantize_fp,
     encode_e2m1,
     fake_quant_fp,
     float_format,
+    quantize_fp,
     round_to_format,
 )
 from lowbit.formats.minifloat import _round_generic
@@ -205,3 +207,19 @@ def test_minifloat_errors_name_the_parameter():
         decode_e2m1(torch.ones(3))
     with pytest.raises(TypeError, match="x must be"):
         encode_e2m1(torch.ones(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2, E2M1], ids=FORMAT_IDS)
+def test_quantize_fp_values_and_scale_compose_to_fake_quant(fmt):
+    generator = torch.Generator().manual_seed(19)
+    x = random_with_outliers((8, 64), generator).bfloat16()
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    amax[2] = 0.0
+    values, scale = quantize_fp(x, amax, fmt)
+    assert values.dtype == torch.float32 and scale.shape == amax.shape
+    assert torch.equal(round_to_format(values, fmt), values)  # on the grid
+    assert scale[2].item() == 1.0
+    torch.testing.assert_close(scale.double()[amax > 0], fmt.max_value / amax.double()[amax > 0], rtol=1e-7, atol=0)
+    assert torch.equal(dequantize_fp(values, scale, x.dtype), fake_quant_fp(x, amax, fmt))
+    with pytest.raises(TypeError, match="values"):
+        dequantize_fp(values.int(), scale)
