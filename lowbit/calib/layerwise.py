@@ -111,7 +111,7 @@ def quantized_linears(module: nn.Module) -> dict[str, nn.Linear]:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the longest nn.ModuleList whose entries hold quantized linears."""
+    """The model's repeated blocks: the outermost nn.ModuleList whose every entry holds quantized linears."""
     candidates = [
         (name, modules)
         for name, modules in model.named_modules()
@@ -122,7 +122,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"{type(model).__name__}: layer-wise algorithms need the decoder layers in an nn.ModuleList whose "
             "every entry holds quantized nn.Linear modules; none was found (was the model quantized?)"
         )
-    return max(candidates, key=lambda item: len(item[1]))
+    # the outermost list (MoE experts are a deeper ModuleList inside each layer), then the longest
+    return min(candidates, key=lambda item: (item[0].count("."), -len(item[1])))
 
 
 def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop: ForwardLoop) -> LayerInputs:
@@ -218,6 +219,7 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
     model.eval()
     report = []
     try:
+        _warn_outside(model, layers, description)
         inputs = capture_layer_inputs(model, layers[0], forward_loop)
         progress = tqdm(layers, desc=description, unit="layer")
         for index, layer in enumerate(progress):
@@ -244,3 +246,11 @@ def recalibrate_weights(module: nn.Module) -> None:
     from lowbit.convert import _calibrate_weights
 
     _calibrate_weights(module)
+
+
+def _warn_outside(model: nn.Module, layers: nn.ModuleList, description: str) -> None:
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [n for n, w in quantized_linears(model).items() if id(w) not in inside and w.weight_quantizer.is_enabled]
+    if outside:
+        logger.warning("%s works on the decoder layers only; %d quantized linear(s) outside them keep max "
+                       "calibration: %s", description, len(outside), ", ".join(outside[:5]))

@@ -14,6 +14,7 @@ every weight's columns, and ``1/s`` is applied to the input either
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, tensor_quantizers
 
 FOLD_TOLERANCE = 0.05
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,11 +44,29 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def find_input_groups(layer: nn.Module, inputs: LayerInputs) -> list[InputGroup]:
-    """The layer's quantized linears grouped by shared input, in execution order, from the first batch."""
+    """The layer's quantized linears grouped by shared input, in execution order.
+
+    Batches are traced one at a time until every linear was called (MoE experts may skip a batch);
+    a linear no batch reaches is in no group.
+    """
     linears = quantized_linears(layer)
-    inside_linear = {id(m) for linear in linears.values() for m in linear.modules()}
+    groups: list[InputGroup] = []
+    for call in inputs.calls:
+        grouped = {name for group in groups for name in group.linears}
+        if len(grouped) == len(linears):
+            break
+        groups += _groups_in_call(layer, call, {n: w for n, w in linears.items() if n not in grouped})
+    unseen = set(linears) - {name for group in groups for name in group.linears}
+    if unseen:
+        logger.warning("no calibration batch reached %s; they are left as max calibration set them", sorted(unseen))
+    return groups
+
+
+def _groups_in_call(layer: nn.Module, call: tuple, linears: dict[str, nn.Linear]) -> list[InputGroup]:
+    """Trace one call of ``layer``: group ``linears`` by input tensor, and find each group's norm."""
+    inside_linear = {id(m) for linear in quantized_linears(layer).values() for m in linear.modules()}
     seen_inputs: list[tuple[str, Tensor]] = []  # (name, input) for every leaf module and linear call
-    norm_outputs: list[tuple[nn.Module, Tensor]] = []  # tensors kept alive so storages are not reused
+    norm_outputs: list[tuple[nn.Module, Tensor]] = []  # kept alive so that storages are not reused
     handles = []
     for name, module in layer.named_modules():
         is_leaf = not any(True for _ in module.children())
@@ -57,7 +77,7 @@ def find_input_groups(layer: nn.Module, inputs: LayerInputs) -> list[InputGroup]
             handles.append(module.register_forward_hook(
                 lambda m, _args, output: norm_outputs.append((m, output))))
     try:
-        LayerInputs(inputs.calls[:1]).feed(layer, {}, lambda *_: None)
+        LayerInputs([call]).feed(layer, {}, lambda *_: None)
     finally:
         for handle in handles:
             handle.remove()
