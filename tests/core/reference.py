@@ -104,7 +104,8 @@ def int_asym_reference(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, 
     scaled = x.double() / step
     codes = torch.clamp(torch.round(scaled) + zero_point, 0, qmax)
     ambiguous = _near_half(scaled) | _near_half(zero_point_raw)
-    return Reference((codes - zero_point) * step, torch.broadcast_to(ambiguous, x.shape), torch.broadcast_to(step, x.shape))
+    values = (codes - zero_point) * step
+    return Reference(values, torch.broadcast_to(ambiguous, x.shape), torch.broadcast_to(step, x.shape))
 
 
 # ---- small floats from their bit layout -------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import QuantizeConfig, QuantizeRule, QuantizerAttributeConfig, parse_config
+from lowbit import QuantizeConfig, QuantizerAttributeConfig, QuantizeRule, parse_config
 
 from .helpers import mlp, small_cnn
 
