@@ -177,7 +177,7 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
                 linear.weight.detach(),
                 hessian,
                 group_amax=quantizer.compute_amax,
-                quantize_column=lambda column, amax, q=quantizer, g=group_size: quantize_column(q, g, column, amax),
+                quantize_column=lambda column, amax, q=quantizer: quantize_column(q, column, amax),
                 group_size=group_size,
                 block_size=block_size,
                 percdamp=percdamp,

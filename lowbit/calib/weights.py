@@ -12,7 +12,6 @@ Shapes, for a weight ``(out, in)`` with ``n = in / g`` groups: the quantizer's a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.quantizer import TensorQuantizer
@@ -52,12 +51,14 @@ def quantize_with_amax(quantizer: TensorQuantizer, weight: Tensor, amax: Tensor)
     return quantizer.fake_quant(weight, amax.reshape(expected))
 
 
-def quantize_column(quantizer: TensorQuantizer, group_size: int, column: Tensor, amax: Tensor) -> Tensor:
+def quantize_column(quantizer: TensorQuantizer, column: Tensor, amax: Tensor) -> Tensor:
     """One weight column ``(out,)`` fake-quantized with its group's ``amax`` (as ``compute_amax`` of the
-    group's ``(out, g)`` slab returns it). Block formats see the column zero-padded to a full block."""
-    if quantizer.config.block_sizes is None:
-        return quantizer.fake_quant(column[:, None], amax)[:, 0]
-    return quantizer.fake_quant(F.pad(column[:, None], (0, group_size - 1)), amax)[:, 0]
+    group's ``(out, g)`` slab returns it: one value per row, or one for all).
+
+    Uses the quantizer's elementwise rule on a ``(out, 1)`` view (the ``quant_fn`` it hands its
+    calibrators), so a block format costs one column, not a zero-padded block.
+    """
+    return quantizer._fake_quant_view(column[:, None], amax.reshape(-1, 1))[:, 0]
 
 
 def set_weight_amax(quantizer: TensorQuantizer, weight: Tensor, amax: Tensor) -> None:
