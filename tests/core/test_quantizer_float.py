@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit import QuantizerAttributeConfig, TensorQuantizer
+import lowbit
+from lowbit import QuantizerAttributeConfig, SequentialQuantizer, TensorQuantizer
 
 from .helpers import calibrate_quantizer
 from .reference import (
@@ -19,6 +20,7 @@ from .reference import (
     assert_matches,
     fp_reference,
     group_reduce,
+    int_reference,
     mx_reference,
     nvfp4_reference,
     random_with_outliers,
@@ -101,3 +103,22 @@ def test_mx_scale_range_extremes():
     x = x * torch.tensor([2.0**-60, 2.0**-10, 1.0, 2.0**40])[:, None]
     quantizer = TensorQuantizer(QuantizerAttributeConfig(**mx((2, 1))))
     assert_matches(quantizer(x), mx_reference(x, FORMATS[(2, 1)]))
+
+
+def test_sequential_int4_then_fp8_like_w4a8():
+    """W4A8's weight quantizer: INT4 blocks of 128, then FP8 per tensor of that result (each calibrated
+    on what reaches it). Reference: the two float64 references composed."""
+    generator = torch.Generator().manual_seed(19)
+    weight = random_with_outliers((32, 256), generator)
+    model = torch.nn.Linear(256, 32, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    config = {"quant_cfg": {"*weight_quantizer": [{"num_bits": 4, "block_sizes": {-1: 128}}, {"num_bits": (4, 3)}],
+                            "default": {"enable": False}}}
+    lowbit.quantize(model, config)
+    assert isinstance(model.weight_quantizer, SequentialQuantizer)
+    int4 = int_reference(weight, group_reduce(weight, "absmax", block_sizes={-1: 128}), 4)
+    assert_matches(model.weight_quantizer[0](weight), int4)
+    first = int4.values.float()
+    expected = fp_reference(first, first.abs().max().double(), FORMATS[(4, 3)])
+    assert_matches(model.quantized_weight(), expected)

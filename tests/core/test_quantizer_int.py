@@ -115,17 +115,15 @@ def test_pre_quant_scale_multiplies_before_quantizing(mode):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_input_keeps_dtype(dtype):
+    """Math in float32, result rounded once to the input dtype: within half an ulp of that dtype."""
     generator = torch.Generator().manual_seed(3)
     x = random_with_outliers((8, 64), generator).to(dtype)
     quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
     out = quantizer(x)
     assert out.dtype == dtype
     reference = int_reference(x.float(), group_reduce(x.float(), "absmax", 0), 8)
-    # the fake-quantized value is rounded once more to the input dtype: half an ulp of it
-    ulp = torch.finfo(dtype).eps
-    assert torch.allclose(out.double(), reference.values, rtol=ulp, atol=0) or (
-        (out.double() - reference.values).abs() <= reference.step + ulp * reference.values.abs()
-    ).all()
+    allowed = torch.where(reference.ambiguous, reference.step, 0.0) + torch.finfo(dtype).eps * reference.values.abs()
+    assert ((out.double() - reference.values).abs() <= allowed).all()
 
 
 @pytest.mark.parametrize("mode, low_code", [("signed", -128), ("narrow", -127), ("unsigned", 0)])

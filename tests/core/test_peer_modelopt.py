@@ -1,0 +1,92 @@
+"""Parity with NVIDIA ModelOpt's TensorQuantizer (skipped when ``modelopt`` is not importable).
+
+Both quantizers are calibrated (max) on the same batch; the calibrated amax must be equal, and on a
+second batch with values beyond that amax (so clamping is exercised) lowbit's output must equal
+ModelOpt's within 1 float32 ulp of ModelOpt's value, elementwise. Integer formats come out bit-exact;
+FP8 E4M3 differs by at most 1 ulp on some elements because ModelOpt's CPU path multiplies by
+``1 / scale`` where lowbit divides by ``scale``. ModelOpt's NVFP4 and MX fake quant need CUDA: those
+cases run only on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit import QuantizerAttributeConfig, TensorQuantizer
+
+from .helpers import calibrate_quantizer
+from .reference import random_with_outliers
+
+pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore::UserWarning")]
+modelopt_nn = pytest.importorskip("modelopt.torch.quantization.nn", reason="nvidia-modelopt is not installed")
+modelopt_config = pytest.importorskip("modelopt.torch.quantization.config")
+
+CPU_CASES = {
+    "int8 per-tensor": {"num_bits": 8, "axis": None},
+    "int8 per-channel axis 0": {"num_bits": 8, "axis": 0},
+    "int4 block 128": {"num_bits": 4, "block_sizes": {-1: 128}},
+    "fp8 e4m3 per-tensor": {"num_bits": (4, 3), "axis": None},
+    "int4 per-channel axis 1": {"num_bits": 4, "axis": 1},
+    "int8 narrow_range": {"num_bits": 8, "narrow_range": True},
+    "int8 unsigned": {"num_bits": 8, "unsigned": True},
+}
+CUDA_CASES = {
+    "nvfp4": {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}},
+    "mxfp4": {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}},
+    "mxfp8": {"num_bits": (4, 3), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}},
+}
+
+
+def _ulps_apart(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|actual - expected| in units of the float32 spacing at |expected|."""
+    magnitude = expected.abs().float()
+    spacing = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+    return (actual.float() - expected.float()).abs() / spacing
+
+
+def compare(attributes: dict, device: str = "cpu", seed: int = 0) -> dict:
+    """Calibrate both on one batch, quantize another; returns the figures (amax equal, max abs diff, ulps)."""
+    generator = torch.Generator().manual_seed(seed)
+    calibration = random_with_outliers((64, 256), generator).to(device)
+    x = (random_with_outliers((64, 256), generator) * 1.5).to(device)
+    if attributes.get("unsigned"):  # ModelOpt raises on negative input to an unsigned quantizer
+        calibration, x = calibration.abs(), x.abs()
+    theirs = modelopt_nn.TensorQuantizer(modelopt_config.QuantizerAttributeConfig(**attributes)).to(device)
+    ours = TensorQuantizer(QuantizerAttributeConfig(**attributes)).to(device)
+    for quantizer in (theirs, ours):
+        calibrate_quantizer(quantizer, calibration)
+    if theirs.amax is None:
+        amax_equal = ours.amax is None
+    else:
+        amax_equal = torch.equal(theirs.amax.reshape(-1), ours.amax.reshape(-1))
+    with torch.no_grad():
+        expected, actual = theirs(x), ours(x)
+    difference = (actual - expected).abs()
+    ulps = _ulps_apart(actual, expected)
+    return {
+        "amax_equal": amax_equal,
+        "max_abs_diff": difference.max().item(),
+        "max_ulps": ulps.max().item(),
+        "elements_differing": int((difference > 0).sum()),
+        "elements": difference.numel(),
+    }
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_matches_modelopt_on_cpu(case):
+    figures = compare(CPU_CASES[case])
+    print(f"{case}: {figures}")
+    assert figures["amax_equal"], figures
+    assert figures["max_ulps"] <= 1.0, figures
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_matches_modelopt_on_cuda(case):
+    if not torch.cuda.is_available():
+        pytest.skip("ModelOpt's NVFP4 / MX fake quant needs CUDA (its CPU path asserts a CUDA amax)")
+    figures = compare(CUDA_CASES[case], device="cuda")
+    print(f"{case}: {figures}")
+    assert figures["amax_equal"], figures
+    assert figures["max_ulps"] <= 1.0, figures
