@@ -57,6 +57,17 @@ def test_scaled_minifloat(num_bits, granularity_name, calibrated):
     assert_matches(quantizer(x), fp_reference(x, amax, FORMATS[num_bits]))
 
 
+def test_fp8_per_token_dynamic_ignores_calibration():
+    """FP8_PER_CHANNEL_PER_TOKEN's activations: block_sizes {-1: None, type: dynamic}, amax per row of x."""
+    generator = torch.Generator().manual_seed(7)
+    x = random_with_outliers((4, 8, 64), generator)
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), block_sizes={-1: None, "type": "dynamic"}))
+    calibrate_quantizer(quantizer, random_with_outliers((4, 8, 64), generator) * 0.1)
+    assert quantizer.amax is None
+    amax = group_reduce(x, "absmax", block_sizes={-1: None})
+    assert_matches(quantizer(x), fp_reference(x, amax, FORMATS[(4, 3)]))
+
+
 def test_fp8_pre_quant_scale():
     generator = torch.Generator().manual_seed(5)
     x = random_with_outliers((16, 64), generator)
