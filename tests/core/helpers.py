@@ -47,7 +47,8 @@ def tiny_gpt2(seed: int = SEED) -> nn.Module:
     """GPT2LMHeadModel (Conv1D layers), 64 wide, 2 layers, 4 heads, vocab 256, seeded weights, eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
     with torch.random.fork_rng():
         model = GPT2LMHeadModel(config)
     return fill_seeded(model, seed).eval()

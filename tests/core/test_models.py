@@ -124,6 +124,18 @@ def test_fp8_kv_cache_calibrates_k_and_v_and_generates(llama_presets):
         assert torch.equal(model(llama_presets.test_tokens).logits, llama_presets.reference)
 
 
+@pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_bfloat16_model(llama_presets, name):
+    model = copy.deepcopy(llama_presets.base).to(torch.bfloat16)
+    lowbit.quantize(model, lowbit.get_preset(name), lambda m: m(llama_presets.calibration[0]))
+    with torch.no_grad():
+        logits = model(llama_presets.test_tokens).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    float_error = relative_error(llama_presets.get(name)[1], llama_presets.reference)
+    assert relative_error(logits, llama_presets.reference) < float_error + 0.05
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 # ---- hand-made references for GPT-2 Conv1D and the CNN --------------------------------------------
 def _hand_quantize_weight(weight: torch.Tensor, config: dict, transposed: bool) -> torch.Tensor:
     """The float64 reference applied to a weight as its quantizer sees it ((out, in) for Conv1D)."""
