@@ -1,0 +1,72 @@
+"""W8A8 matmuls on 8-bit codes: FP8 through ``torch._scaled_mm``, INT8 through ``torch._int_mm``.
+
+Scales follow lowbit.formats' multiplicative convention, ``x_hat = codes / scale``, so
+
+    out = (x_codes @ w_codes.T) / (x_scale * w_scale.T) + bias
+
+with ``x_scale`` a scalar / (1, 1) (per tensor) or (M, 1) (per row) and ``w_scale`` (1, 1) or (N, 1)
+(per output channel), all float32. The products of codes are exact (FP8 x FP8 in the tensor cores'
+accumulator, INT8 x INT8 in int32); only the final scaling rounds differently from fake quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# cuBLASLt's FP8 and INT8 kernels want row counts padded to these multiples (and _int_mm M > 16).
+FP8_ROW_MULTIPLE = 16
+INT8_MIN_ROWS = 17
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] >= rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
+
+
+def fp8_matmul(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(M, K) float8 x (N, K) float8 -> (M, N) ``out_dtype`` with one ``torch._scaled_mm`` call.
+
+    Per-tensor scales on both sides use cuBLAS's tensor-wise scaling; otherwise both sides are
+    expanded to row-wise scales (x: (M, 1), w: (1, N)), which needs a bfloat16 output.
+    """
+    m = x_codes.shape[0]
+    padded = -m % FP8_ROW_MULTIPLE
+    if padded:
+        x_codes = _pad_rows(x_codes, m + padded)
+    scale_a = x_scale.float().reciprocal()
+    scale_b = w_scale.float().reciprocal()
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()),
+                               bias=bias, out_dtype=out_dtype)
+        return out[:m]
+    rows = x_codes.shape[0]
+    scale_a = scale_a.reshape(-1, 1)
+    scale_a = scale_a.expand(rows, 1) if scale_a.numel() == 1 else _pad_rows(scale_a, rows)
+    scale_b = scale_b.reshape(1, -1).expand(1, w_codes.shape[0]).contiguous()
+    out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=scale_a.contiguous(), scale_b=scale_b,
+                           out_dtype=torch.bfloat16)[:m]
+    out = out if bias is None else out + bias
+    return out.to(out_dtype)
+
+
+def int8_matmul(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(M, K) int8 x (N, K) int8 -> int32 by ``torch._int_mm``, then ``/ x_scale / w_scale.T`` in float32."""
+    m = x_codes.shape[0]
+    rows = INT8_MIN_ROWS if x_codes.is_cuda else 1
+    accumulated = torch._int_mm(_pad_rows(x_codes, rows), w_codes.t())[:m]
+    out = accumulated.float() / x_scale.float().reshape(-1, 1) / w_scale.float().reshape(1, -1)
+    out = out if bias is None else out + bias.float()
+    return out.to(out_dtype)
