@@ -1,0 +1,44 @@
+"""Files shipped with lowbit: the default language model and the text fixtures.
+
+``default_model/`` holds a small trained Llama (8.4 M parameters, bf16 safetensors) and its byte-level
+BPE tokenizer; ``text/`` holds a held-out evaluation text and a calibration text. Provenance,
+licences and measured figures: README.md in this folder. Everything loads offline.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+
+def default_model_path() -> Path:
+    """Folder of the bundled default model (config, safetensors shards, tokenizer files)."""
+    return Path(str(files(__name__) / "default_model"))
+
+
+def bundled_text(name: str) -> str:
+    """Contents of a bundled text fixture (UTF-8): ``"heldout"`` (never trained or calibrated on)
+    or ``"calibration"`` (from the training split)."""
+    if name not in ("heldout", "calibration"):
+        raise ValueError(f"name must be 'heldout' or 'calibration', got {name!r}")
+    return files(__name__).joinpath("text", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load the bundled model and tokenizer from disk only (no hub access).
+
+    Returns ``(model, tokenizer)``: a ``LlamaForCausalLM`` in ``dtype`` on ``device``, in eval mode,
+    and the tokenizer (``AutoTokenizer``; adds no special tokens around encoded text).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = default_model_path()
+    # Load in the stored dtype (bf16), then cast: exact for wider dtypes, and the same on every
+    # transformers version (their default load dtype differs).
+    model = LlamaForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
