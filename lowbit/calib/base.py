@@ -4,7 +4,8 @@ A calibrator watches tensors during calibration (``collect``) and proposes the `
 should use (``compute_amax``). The quantizer hands ``collect`` its input already reshaped into its
 block view; ``reduce_dims`` says which dims share one amax:
 
-- ``reduce_dims=None``: one amax for the whole tensor, a 0-dim float32 tensor;
+- ``reduce_dims=None``: one amax for the whole tensor, a 0-dim float32 tensor (``reduce_dims`` naming
+  every dim is the same, with the amax shaped ``(1, ..., 1)``);
 - ``reduce_dims=(d, ...)``: amax = ``|x|.amax(dim=reduce_dims, keepdim=True)``, so it broadcasts
   against the block view (per-channel: ``(out, 1)``; per-block: ``(..., n_blocks, 1)``).
 """
@@ -56,6 +57,13 @@ class Calibrator:
                         f"reduce_dims {self.reduce_dims} do not fit an input of shape {tuple(x.shape)}"
                     )
         return x.detach()
+
+    def per_tensor_shape(self, x: Tensor) -> tuple[int, ...] | None:
+        """The amax shape if one amax covers all of ``x``: ``()`` for ``reduce_dims=None``, ``(1,) * x.dim()``
+        when ``reduce_dims`` lists every dim (the quantizer's per-tensor view); None for a partial reduction."""
+        if self.reduce_dims is None:
+            return ()
+        return (1,) * x.dim() if {d % x.dim() for d in self.reduce_dims} == set(range(x.dim())) else None
 
     def _abs_amax(self, x: Tensor) -> Tensor:
         """``|x|`` max at this calibrator's granularity, float32."""

@@ -5,7 +5,7 @@ The histogram has a fixed number of bins over ``[0, range]``; bin ``k`` counts `
 ``range`` is the first batch's max; when a larger value arrives the range is doubled as often as
 needed and adjacent bin pairs are merged, which is exact, so memory stays ``num_bins`` counts
 however much data is collected. The price: the bin width can be up to twice ``max|x| / num_bins``.
-Per-tensor only.
+Per-tensor only: ``reduce_dims`` None or naming every dim of the input.
 """
 
 from __future__ import annotations
@@ -25,27 +25,31 @@ class HistogramCalibrator(Calibrator):
     """Collects an int64 histogram of ``|x|`` (``num_bins`` bins, a power of two); subclasses read it."""
 
     def __init__(self, reduce_dims: tuple[int, ...] | None = None, num_bins: int = 2048) -> None:
-        if reduce_dims is not None:
-            raise ValueError(
-                f"{type(self).__name__} is per-tensor only, got reduce_dims={reduce_dims}; "
-                "use 'max' or 'mse' for per-channel or per-block amax"
-            )
         if not isinstance(num_bins, int) or num_bins < ENTROPY_FIRST_BIN or num_bins & (num_bins - 1):
             raise ValueError(f"num_bins must be a power of two >= {ENTROPY_FIRST_BIN}, got {num_bins!r}")
-        super().__init__(None)
+        super().__init__(reduce_dims)
         self.num_bins = num_bins
         self.reset()
 
     def reset(self) -> None:
         self.hist: Tensor | None = None  # int64 counts, shape (num_bins,)
         self.range = 0.0
+        self.amax_shape: tuple[int, ...] = ()
 
     @property
     def bin_width(self) -> float:
         return self.range / self.num_bins
 
     def collect(self, x: Tensor) -> None:
-        magnitude = self._checked(x).abs().float().flatten()
+        x = self._checked(x)
+        amax_shape = self.per_tensor_shape(x)
+        if amax_shape is None:
+            raise ValueError(
+                f"{type(self).__name__} is per-tensor only, got reduce_dims={self.reduce_dims} for an input of "
+                f"shape {tuple(x.shape)}; use 'max' or 'mse' for per-channel or per-block amax"
+            )
+        self.amax_shape = amax_shape
+        magnitude = x.abs().float().flatten()
         if magnitude.numel() == 0:
             return
         batch_max = float(magnitude.max())
@@ -66,7 +70,7 @@ class HistogramCalibrator(Calibrator):
         self.range *= 2.0**doublings
 
     def _amax_tensor(self, value: float) -> Tensor:
-        return torch.tensor(value, dtype=torch.float32, device=self.hist.device)
+        return torch.tensor(value, dtype=torch.float32, device=self.hist.device).reshape(self.amax_shape)
 
 
 class PercentileCalibrator(HistogramCalibrator):

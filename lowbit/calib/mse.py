@@ -8,7 +8,7 @@ max calibration on the data the calibrator kept.
 
 What is kept, so memory stays bounded:
 
-- per-tensor (``reduce_dims=None``): the running max, plus a systematic sample of rows (the last dim
+- per-tensor (``reduce_dims`` None or naming every dim): the running max, plus a systematic sample of rows (the last dim
   is kept whole, so block structure survives) of at most ``sample_size`` elements. Every
   ``stride``-th row is kept; when the sample is full, every other kept row is dropped and the stride
   doubles, so the sample stays spread evenly over all batches, with no random numbers.
@@ -59,16 +59,20 @@ class MseCalibrator(Calibrator):
 
     def reset(self) -> None:
         self._amax: Tensor | None = None
+        self._per_tensor_shape: tuple[int, ...] | None = None  # set by the first collect when per-tensor
         self._kept: list[Tensor] = []
         self._kept_elements = 0
         self._rows = _SystematicRows(self.sample_size)
 
     def collect(self, x: Tensor) -> None:
         x = self._checked(x)
-        self._amax = running_max(self._amax, self._abs_amax(x), type(self).__name__)
-        if self.reduce_dims is None:
+        if self._amax is None:
+            self._per_tensor_shape = self.per_tensor_shape(x)
+        if self._per_tensor_shape is not None:
+            self._amax = running_max(self._amax, x.abs().float().amax(), type(self).__name__)
             self._rows.add(x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1))
             return
+        self._amax = running_max(self._amax, self._abs_amax(x), type(self).__name__)
         if self._kept_elements + x.numel() > self.sample_size:
             raise ValueError(
                 f"MseCalibrator with reduce_dims={self.reduce_dims} keeps its inputs and would exceed "
@@ -81,18 +85,20 @@ class MseCalibrator(Calibrator):
     def compute_amax(self) -> Tensor | None:
         if self._amax is None:
             return None
-        batches = self._rows.rows() if self.reduce_dims is None else self._kept
+        per_tensor = self._per_tensor_shape is not None
+        batches = self._rows.rows() if per_tensor else self._kept
         candidates = [self._amax * m for m in self.multipliers.tolist()]
         errors = torch.stack([self._squared_error(batches, amax) for amax in candidates])
         best = errors.argmin(dim=0)  # first minimum: the smallest multiplier among ties
-        return self._amax * self.multipliers.to(self._amax.device)[best].float()
+        amax = self._amax * self.multipliers.to(self._amax.device)[best].float()
+        return amax.reshape(self._per_tensor_shape) if per_tensor else amax
 
     def _squared_error(self, batches: list[Tensor], amax: Tensor) -> Tensor:
         """Sum of squared fake-quant errors, float64, shaped like amax; NaN (e.g. amax 0) counts as inf."""
         total = torch.zeros(amax.shape, dtype=torch.float64, device=amax.device)
         for x in batches:
             error = (self.quant_fn(x, amax).double() - x.double()).square()
-            per_amax = error.sum() if self.reduce_dims is None else error.sum(self.reduce_dims, keepdim=True)
+            per_amax = error.sum() if self._per_tensor_shape is not None else error.sum(self.reduce_dims, keepdim=True)
             total += per_amax
         return total.nan_to_num(nan=float("inf"))
 

@@ -126,7 +126,7 @@ def test_percentile_validation():
         with pytest.raises(ValueError, match="percentile"):
             PercentileCalibrator(percentile=bad)
     with pytest.raises(ValueError, match="per-tensor only"):
-        PercentileCalibrator(reduce_dims=(0,))
+        PercentileCalibrator(reduce_dims=(0,)).collect(torch.ones(3, 4))
     with pytest.raises(ValueError, match="num_bins"):
         PercentileCalibrator(num_bins=1000)
     assert PercentileCalibrator().compute_amax() is None
@@ -183,7 +183,7 @@ def test_entropy_validation():
     with pytest.raises(ValueError, match="num_bits"):
         EntropyCalibrator(num_bits=(4, 3))
     with pytest.raises(ValueError, match="per-tensor only"):
-        EntropyCalibrator(reduce_dims=(1,))
+        EntropyCalibrator(reduce_dims=(1,)).collect(torch.ones(3, 4))
 
 
 # --- mse -------------------------------------------------------------------------------------------------
@@ -280,3 +280,17 @@ def test_make_calibrator_errors():
         make_calibrator("mse", None, None, 8)
     with pytest.raises(TypeError, match="calibrator"):
         make_calibrator(3, None, None, 8)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
+def test_reduce_dims_naming_every_dim_is_per_tensor(generator, method):
+    """The quantizer's per-tensor view reduces every dim: same amax as reduce_dims=None, shaped (1, 1, 1)."""
+    batches = [gaussian_with_outliers(generator, (6, 10, 16)) for _ in range(2)]
+    results = []
+    for reduce_dims in (None, (0, 1, 2)):
+        calibrator = make_calibrator(method, reduce_dims, int_fake_quant, 8)
+        for x in batches:
+            calibrator.collect(x)
+        results.append(calibrator.compute_amax())
+    assert results[0].shape == () and results[1].shape == (1, 1, 1)
+    assert torch.equal(results[0].reshape(1, 1, 1), results[1])
