@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -66,14 +65,6 @@ def test_ste_unsigned_and_asymmetric_ranges():
     assert torch.equal(_grad_of_sum(asymmetric, x), ((x >= -1.0) & (x <= 3.0)).float())
 
 
-BOUNDARY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="lowbit/quantizer.py _clip_aware_ste clips with torch.maximum(torch.minimum(x, high), low), which "
-    "splits the gradient 0.5/0.5 where x == amax; torch.clamp(x, low, high) gives 1 on the closed range",
-)
-
-
-@BOUNDARY_XFAIL
 def test_ste_is_one_at_the_range_boundary():
     quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=8))
     quantizer.amax = torch.tensor(2.0)
@@ -81,7 +72,6 @@ def test_ste_is_one_at_the_range_boundary():
     assert _grad_of_sum(quantizer, x).tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
-@BOUNDARY_XFAIL
 def test_ste_dynamic_amax_passes_everything():
     """Dynamic amax = max|x| per group, so every group's largest element sits on the boundary."""
     x = _data(5)

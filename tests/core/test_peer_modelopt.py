@@ -81,6 +81,23 @@ def test_matches_modelopt_on_cpu(case):
     assert figures["max_ulps"] <= 1.0, figures
 
 
+def test_pre_quant_scale_matches_modelopt():
+    generator = torch.Generator().manual_seed(1)
+    x = random_with_outliers((16, 64), generator)
+    scale = torch.rand(64, generator=generator) + 0.5
+    theirs = modelopt_nn.TensorQuantizer(modelopt_config.QuantizerAttributeConfig(num_bits=8, axis=0))
+    ours = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+    for quantizer in (theirs, ours):
+        quantizer.pre_quant_scale = scale
+        calibrate_quantizer(quantizer, x)
+    assert torch.equal(theirs.amax.reshape(-1), ours.amax.reshape(-1))
+    with torch.no_grad():
+        assert _ulps_apart(ours(x), theirs(x)).max() <= 1.0
+        theirs.disable()
+        ours.disable()
+        assert torch.equal(ours(x), theirs(x))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CUDA_CASES))
 def test_matches_modelopt_on_cuda(case):

@@ -99,14 +99,6 @@ def test_load_calib_amax_without_data_keeps_dynamic():
     assert quantizer.amax is None
 
 
-PERCENTILE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="lowbit/quantizer.py _collect passes reduce_dims=(0, 1) for per-tensor; histogram calibrators "
-    "accept only reduce_dims=None (ValueError 'per-tensor only')",
-)
-
-
-@PERCENTILE_XFAIL
 def test_percentile_calibrator_reaches_the_quantizer():
     batches = [_data(seed, (64, 128)) for seed in (11, 12)]
     quantizer = TensorQuantizer(QuantizerAttributeConfig(calibrator={"method": "percentile", "percentile": 99.0}))
@@ -118,7 +110,6 @@ def test_percentile_calibrator_reaches_the_quantizer():
     assert quantizer.amax.item() < values.max()
 
 
-@PERCENTILE_XFAIL
 def test_entropy_calibrator_reaches_the_quantizer():
     batches = [_data(seed, (64, 128)) for seed in (13, 14)]
     quantizer = TensorQuantizer(QuantizerAttributeConfig(calibrator="entropy"))
@@ -159,3 +150,18 @@ def test_sequential_quantizer_switches_reach_every_stage():
     assert all(s.amax is not None for s in stages)
     sequential.reset_amax()
     assert all(s.amax is None for s in stages)
+
+
+def test_pre_quant_scale_applies_even_when_not_quantizing():
+    """As in ModelOpt: a folded smoothing scale must keep the float output whatever the switches say."""
+    x = _data(17)
+    scale = torch.linspace(0.5, 2.0, 64)
+    quantizer = TensorQuantizer(INT8)
+    quantizer.pre_quant_scale = scale
+    quantizer.disable()
+    assert torch.equal(quantizer(x), x * scale)
+    quantizer.enable()
+    quantizer.disable_quant()
+    assert torch.equal(quantizer(x), x * scale)
+    quantizer.enable_quant()
+    assert_matches(quantizer(x), _dynamic_int8(x * scale))
