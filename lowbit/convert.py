@@ -118,16 +118,20 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
             "use a weight-only or dynamic config"
         )
 
-    converted = []
+    converted, replaced = [], []
     try:
-        for _, module, *_ in plan:
-            if not is_quantized(module):
+        for module in {id(module): module for _, module, *_ in plan}.values():
+            if is_quantized(module):  # re-quantization: keep the old quantizers to put back on failure
+                replaced += [(module, slot, getattr(module, slot)) for slot in module.quantizer_names]
+            else:
                 convert_module(module)
                 converted.append(module)
         for _, module, slot, _, _, attributes in plan:
             setattr(module, slot, _make_quantizer(attributes).to(_module_device(module)))
         calibrate(model, config.algorithm, forward_loop, **config.algorithm_options)
     except BaseException:
+        for module, slot, previous in replaced:
+            setattr(module, slot, previous)
         for module in converted:
             revert_module(module)
         raise

@@ -75,6 +75,11 @@ class BlockView:
                     raise ValueError(f"axis={config.axis} is out of range for a tensor of shape {tuple(shape)}")
             kept = {a % ndim for a in kept}
             self.reduce_dims = tuple(d for d in range(ndim) if d not in kept)
+            if not self.reduce_dims:
+                raise ValueError(
+                    f"axis={config.axis} keeps every dim of shape {tuple(shape)}, leaving nothing to reduce "
+                    "into an amax; keep fewer axes"
+                )
 
     def to_view(self, x: torch.Tensor) -> torch.Tensor:
         for axis, n_blocks, size in self.splits:
@@ -215,9 +220,10 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             from lowbit.calib import make_calibrator
 
+            per_tensor = len(view.reduce_dims) == data.dim()
             self._calibrator = make_calibrator(
                 self.config.calibrator,
-                reduce_dims=view.reduce_dims,
+                reduce_dims=None if per_tensor else view.reduce_dims,
                 quant_fn=self._fake_quant_view,
                 num_bits=self.config.num_bits,
                 unsigned=self.config.unsigned,
@@ -234,9 +240,11 @@ class TensorQuantizer(nn.Module):
         return formats.fake_quant_int(view, amax, cfg.num_bits, cfg.unsigned, cfg.narrow_range)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
-        """Quantize-dequantize ``x`` (no gradient trick) with ``amax`` or the quantizer's own / dynamic one."""
+        """``x * pre_quant_scale`` quantize-dequantized with ``amax`` (or the quantizer's own / a dynamic one)."""
+        return self._quantize(self._scaled(x), amax)
+
+    def _quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
-        x = self._scaled(x)
         amax = self.amax if amax is None else amax
         if cfg.block_scale_bits == (4, 3):
             return formats.fake_quant_nvfp4(x, global_amax=amax)
@@ -264,24 +272,21 @@ class TensorQuantizer(nn.Module):
         return -amax, amax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._enabled:
-            return x
+        """``x * pre_quant_scale`` (always, as in ModelOpt: folded scales must keep the float output), then
+        statistics in calib mode and fake quantization in quant mode."""
         if not torch.is_floating_point(x):
             raise TypeError(f"TensorQuantizer input has dtype {x.dtype}; a floating-point tensor is required")
+        x = self._scaled(x)
+        if not self._enabled:
+            return x
         if self._calib:
-            self._collect(self._scaled(x))
-            if not self._quant:
-                return x
+            self._collect(x)
         if not self._quant:
             return x
-        cfg = self.config
-        if cfg.block_scale_bits is not None:  # NVFP4 / MX: plain straight-through gradient
-            out = self.fake_quant(x)
-            scaled = self._scaled(x)
-            if torch.is_grad_enabled() and x.requires_grad:
-                out = scaled + (out - scaled).detach()
-            return out.to(x.dtype)
-        return self.fake_quant(x).to(x.dtype)
+        out = self._quantize(x)
+        if self.config.block_scale_bits is not None and torch.is_grad_enabled() and x.requires_grad:
+            out = x + (out - x).detach()  # NVFP4 / MX: plain straight-through gradient
+        return out.to(x.dtype)
 
     # ---- state ------------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -321,7 +326,7 @@ class TensorQuantizer(nn.Module):
 
 def _clip_aware_ste(x: torch.Tensor, quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
     """Value of ``quantized``; gradient 1 inside [low, high] and 0 outside (to the bounds if learnable)."""
-    clipped = torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
+    clipped = torch.clamp(x, min=low.to(x.dtype), max=high.to(x.dtype))
     return clipped + (quantized - clipped).detach()
 
 
