@@ -185,8 +185,11 @@ class TensorQuantizer(nn.Module):
             self.amax = amax
         self.amin = None if amin is None else amin.detach().float()
 
-    def load_calib_amax(self, **options) -> None:
-        """Turn the collected statistics into ``amax`` (and ``amin`` when asymmetric)."""
+    def load_calib_amax(self) -> None:
+        """Turn the collected statistics into ``amax`` (and ``amin`` when asymmetric).
+
+        The calibration method and its options come from the ``calibrator`` attribute, not from here.
+        """
         calibrator = self._calibrator
         if calibrator is None:
             return
@@ -194,7 +197,7 @@ class TensorQuantizer(nn.Module):
             amin, amax = calibrator
             self._set_amax(amax, amin)
             return
-        amax = calibrator.compute_amax(**options)
+        amax = calibrator.compute_amax()
         if amax is not None:
             if not torch.isfinite(amax).all():
                 raise ValueError(f"calibration produced a non-finite amax for {self.config.format_name}")
