@@ -16,6 +16,7 @@ smallest error of that group's contribution to the output, ``mean_t (X_t,group .
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,7 @@ from lowbit.calib.weights import (
 
 FakeQuantWeight = Callable[[Tensor], Tensor]  # weight -> fake-quantized weight (its own amax)
 ERROR_CHUNK_ELEMENTS = 2**26  # bound on the (tokens, rows, groups) error tensor of the clip search
+logger = logging.getLogger(__name__)
 
 
 def awq_scale(activation_mean: Tensor, alpha: float) -> Tensor:
@@ -153,14 +155,16 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
     for group in groups:
         name = next(iter(group.linears))
         linears = list(group.linears.values())
-        _, scale, _ = search_awq_scale(
+        alpha, scale, losses = search_awq_scale(
             torch.cat(samples.pop(name)),
             [w.weight.detach() for w in linears],
             [_weight_fake_quant(w) for w in linears],
             sums[name] / counts[name],
             alpha_grid(alpha_step),
         )
-        apply_input_scale(layer, inputs, group, scale)
+        placement = apply_input_scale(layer, inputs, group, scale)
+        logger.debug("awq_lite %s: alpha %.2f (%s), output MSE %.4g at alpha 0, %.4g chosen",
+                     list(group.linears), alpha, placement, losses[0], min(losses))
         for linear in linears:
             recalibrate_weights(linear)
 
