@@ -1,0 +1,118 @@
+"""Carry out a CompressionPlan with lowbit's own machinery, so that fake quantization, packing and
+export share one formula per format:
+
+1. ``lowbit.quantize`` with one rule per layer (a filter function on the weight quantizer's exact
+   name -> that layer's ``WeightFormat.attributes``; every other quantizer disabled), no calibration;
+2. NF4 layers get an ``NF4Quantizer`` (the table rounding) in place of their int4 weight quantizer;
+3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
+   symmetric integer: the ``mse`` scale search; float formats: max |w|);
+4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
+   primary layers only (the others' weight quantizers are switched off meanwhile):
+   ``awq`` -> ``awq_lite`` (per-channel scales), ``scale_estimation`` -> ``awq_clip`` (per-group clip
+   search against the layer output), both -> ``awq_full``; then ``gptq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from lowbit.convert import calibrate, quantize
+from lowbit.modules import is_quantized, revert_module
+from lowbit.weight_compression.data import forward_loop
+from lowbit.weight_compression.layers import embeddings_registered
+from lowbit.weight_compression.nf4 import NF4Quantizer
+from lowbit.weight_compression.plan import CompressionPlan, LayerPlan
+
+
+class QuantizerNamed:
+    """A quant_cfg key matching one quantizer by its exact full name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, quantizer_name: str) -> bool:
+        return quantizer_name == self.name
+
+    def __repr__(self) -> str:
+        return f"QuantizerNamed({self.name!r})"
+
+
+def _weight_quantizer_name(layer_name: str) -> str:
+    return f"{layer_name}.weight_quantizer" if layer_name else "weight_quantizer"
+
+
+def quantize_config(plan: CompressionPlan) -> dict:
+    """The ``lowbit.quantize`` config of ``plan``: one exact-name rule per compressed layer, no algorithm."""
+    quant_cfg: dict[Any, dict] = {"default": {"enable": False}}
+    for entry in plan.layers:
+        if entry.format is not None:
+            attributes = entry.format.attributes(entry.layer.num_weights)
+            quant_cfg[QuantizerNamed(_weight_quantizer_name(entry.layer.name))] = attributes.to_dict()
+    return {"quant_cfg": quant_cfg, "algorithm": None}
+
+
+def refinement_methods(plan: CompressionPlan) -> list[str]:
+    """The ``lowbit.calibrate`` algorithms the plan's data-aware options ask for, in order."""
+    options = plan.options
+    methods = []
+    if options.awq or options.scale_estimation:
+        methods.append({(True, False): "awq_lite", (False, True): "awq_clip", (True, True): "awq_full"}[
+            (options.awq, options.scale_estimation)])
+    if options.gptq:
+        methods.append("gptq")
+    return methods
+
+
+@contextmanager
+def only_primary_weights(plan: CompressionPlan) -> Iterator[None]:
+    """Switch off the weight quantizers of the non-primary layers for the duration."""
+    others = [entry.layer.module.weight_quantizer for entry in plan.layers
+              if entry.format is not None and not entry.primary]
+    for quantizer in others:
+        quantizer.disable()
+    try:
+        yield
+    finally:
+        for quantizer in others:
+            quantizer.enable()
+
+
+def _install_nf4(entry: LayerPlan) -> None:
+    module = entry.layer.module
+    quantizer = NF4Quantizer(module.weight_quantizer.config)
+    module.weight_quantizer = quantizer.to(module.weight.device)
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = None) -> nn.Module:
+    """Quantize ``model``'s weights in place as ``plan`` says (see the module docstring); returns ``model``.
+
+    ``dataset`` (a list of model inputs) is needed when the plan's options ask for a refinement. If a
+    step fails, the modules converted here get their original classes back and the error propagates
+    (weights a refinement already changed stay changed).
+    """
+    methods = refinement_methods(plan)
+    if methods and not dataset:
+        raise ValueError(f"refinements {methods} need dataset=<a list of model inputs>")
+    already_quantized = {id(module) for module in model.modules() if is_quantized(module)}
+    with embeddings_registered():
+        quantize(model, quantize_config(plan))
+    try:
+        for entry in plan.layers:
+            if entry.format is not None and entry.format.is_nf4:
+                _install_nf4(entry)
+        calibrate(model, "max")
+        if methods:
+            loop = forward_loop(dataset)
+            with only_primary_weights(plan):
+                for method in methods:
+                    calibrate(model, method, loop)
+    except BaseException:
+        converted = [m for m in model.modules() if is_quantized(m) and id(m) not in already_quantized]
+        for module in converted:
+            revert_module(module)
+        raise
+    return model
