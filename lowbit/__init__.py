@@ -5,6 +5,7 @@
     lowbit.print_quant_summary(model)
 """
 
+from lowbit import assets, data, eval
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.checkpoint import restore, save
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
@@ -44,9 +45,9 @@ __version__ = "0.1.0"
 __all__ = [
     "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "INT4_AWQ_CFG",
     "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
-    "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG", "PRESETS",
-    "W4A8_AWQ_BETA_CFG", "W4A16_NVFP4_CFG", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig",
-    "SequentialQuantizer", "TensorQuantizer", "calibrate", "disable_quantizer", "enable_quantizer",
+    "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG", "PRESETS", "QuantizeConfig",
+    "QuantizeRule", "QuantizerAttributeConfig", "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG",
+    "W4A8_AWQ_BETA_CFG", "assets", "calibrate", "data", "disable_quantizer", "enable_quantizer", "eval",
     "fold_weight", "get_preset", "iter_quantizers", "parse_config", "print_quant_summary", "quant_summary",
     "quantize", "register", "restore", "save", "unregister",
 ]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -22,6 +23,7 @@ from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.registry import quantized_class_for
 from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer
 
+logger = logging.getLogger("lowbit")
 ForwardLoop = Callable[[nn.Module], None]
 Quantizer = TensorQuantizer | SequentialQuantizer
 
@@ -208,7 +210,10 @@ def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
 
 def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_loop: ForwardLoop | None = None,
               **options) -> nn.Module:
-    """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...)."""
+    """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...).
+
+    Layer-wise algorithms log each decoder layer's output MSE before and after on the ``lowbit`` logger.
+    """
     if isinstance(algorithm, dict):
         options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
         algorithm = algorithm.get("method")
@@ -221,7 +226,10 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
         from lowbit.calib.algorithms import run_algorithm
     except ImportError:
         raise NotImplementedError(f"algorithm {algorithm!r} is not available yet") from None
-    run_algorithm(algorithm, model, forward_loop, options)
+    report = run_algorithm(algorithm, model, forward_loop, options) or []
+    for layer in report:
+        logger.info("%s layer %d (%s): output MSE %.4g with max calibration -> %.4g", algorithm, layer.index,
+                    layer.name, layer.mse_max, layer.mse_after)
     return model
 
 
