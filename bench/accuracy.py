@@ -1,0 +1,237 @@
+"""Accuracy and wall time of lowbit next to NVIDIA ModelOpt and NNCF, on lowbit's bundled model (CPU).
+
+    python bench/accuracy.py [--eval-tokens 16384] [--calib-samples 32] [--libraries lowbit,modelopt,nncf]
+                             [--formats "INT4 weight-only g128"] [--out bench/results]
+
+Every case quantizes a fresh copy of the same model with the same calibration windows (bundled
+calibration text, seed 0) and is scored on the same held-out tokens (``lowbit.report.Workload``).
+The table gives, per case: perplexity, its change vs the unquantized model (absolute and %), the
+wall time of calibration + quantization and that time as a ratio to lowbit's for the same format.
+A case that fails (a format a peer does not run on CPU, a library not installed) records why.
+The table is printed and written to ``<out>/accuracy_<date>.md`` with versions, command, machine and date.
+
+To add a comparison, append a ``Case`` to ``CASES`` (rows with the same ``format`` line up); AWQ,
+GPTQ, SmoothQuant and more NNCF modes belong here as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import lowbit
+from lowbit.eval import format_table
+from lowbit.report import Measurement, Workload, available_cpus, measure, measure_baseline, run_context
+
+Apply = Callable[[nn.Module, Workload], nn.Module]
+LIBRARY_PACKAGES = {"lowbit": "lowbit", "modelopt": "nvidia-modelopt", "nncf": "nncf"}
+NOTE_WIDTH = 100
+HIGH_PRECISION_LAYERS = (".*lm_head.*", ".*embed_tokens.*")  # what lowbit's presets leave unquantized
+
+
+@dataclass(frozen=True)
+class Case:
+    """One library's configuration for one format; ``apply(model, workload)`` quantizes ``model``
+    (timed); ``prepare_eval(model)`` readies it for evaluation without changing its outputs (untimed:
+    folding fake-quantized weights so that they are not re-quantized on every forward)."""
+
+    format: str
+    library: str
+    config: str
+    apply: Apply
+    prepare_eval: Callable[[nn.Module], nn.Module] = lambda model: model
+
+
+def lowbit_case(format: str, preset: str) -> Case:
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        return lowbit.quantize(model, lowbit.get_preset(preset), workload.forward_loop())
+
+    return Case(format, "lowbit", preset, apply, lowbit.fold_weight)
+
+
+def modelopt_case(format: str, preset: str) -> Case:
+    """``modelopt.torch.quantization.quantize`` with the preset of the same name (fake quantization)."""
+
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        import modelopt.torch.quantization as mtq
+
+        return mtq.quantize(model, copy.deepcopy(getattr(mtq, preset)), workload.forward_loop())
+
+    def fold(model: nn.Module) -> nn.Module:
+        import modelopt.torch.quantization as mtq
+
+        mtq.fold_weight(model)
+        return model
+
+    return Case(format, "modelopt", preset, apply, fold)
+
+
+def nncf_case(format: str, mode: str, group_size: int) -> Case:
+    """``nncf.compress_weights`` on the torch model: real compressed weights, data-free, every Linear
+    compressed to ``mode`` (ratio 1.0) except the layers lowbit's presets keep in high precision."""
+
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        import nncf
+
+        example = nncf.Dataset([workload.calibration[0]["input_ids"]])  # for tracing only
+        return nncf.compress_weights(
+            model, mode=getattr(nncf.CompressWeightsMode, mode), group_size=group_size, ratio=1.0,
+            dataset=example, ignored_scope=nncf.IgnoredScope(patterns=list(HIGH_PRECISION_LAYERS), validate=False),
+        )
+
+    return Case(format, "nncf", f"{mode} group_size={group_size}", apply)
+
+
+CASES: list[Case] = [
+    lowbit_case("FP8 W8A8 per-tensor", "FP8_DEFAULT_CFG"),
+    modelopt_case("FP8 W8A8 per-tensor", "FP8_DEFAULT_CFG"),
+    lowbit_case("INT8 W8A8", "INT8_DEFAULT_CFG"),
+    modelopt_case("INT8 W8A8", "INT8_DEFAULT_CFG"),
+    lowbit_case("INT8 weight-only per-channel", "INT8_WEIGHT_ONLY_CFG"),
+    modelopt_case("INT8 weight-only per-channel", "INT8_WEIGHT_ONLY_CFG"),
+    nncf_case("INT8 weight-only per-channel", "INT8_SYM", -1),
+    lowbit_case("INT4 weight-only g128", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
+    modelopt_case("INT4 weight-only g128", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
+    nncf_case("INT4 weight-only g128", "INT4_SYM", 128),
+    lowbit_case("NVFP4 W4A4", "NVFP4_DEFAULT_CFG"),
+    modelopt_case("NVFP4 W4A4", "NVFP4_DEFAULT_CFG"),
+    lowbit_case("NVFP4 weight-only", "W4A16_NVFP4_CFG"),
+    modelopt_case("NVFP4 weight-only", "W4A16_NVFP4_CFG"),
+    nncf_case("NVFP4 weight-only", "NVFP4", 16),
+    lowbit_case("MXFP8 W8A8", "MXFP8_DEFAULT_CFG"),
+    modelopt_case("MXFP8 W8A8", "MXFP8_DEFAULT_CFG"),
+    lowbit_case("MXFP4 W4A4", "MXFP4_DEFAULT_CFG"),
+    modelopt_case("MXFP4 W4A4", "MXFP4_DEFAULT_CFG"),
+]
+
+
+def library_version(library: str) -> str | None:
+    """Installed version of ``library``'s package, None when it is not installed."""
+    try:
+        return importlib.metadata.version(LIBRARY_PACKAGES[library])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_case(case: Case, workload: Workload) -> Measurement:
+    if library_version(case.library) is None:
+        package = LIBRARY_PACKAGES[case.library]
+        return Measurement(case.library, case.config, error=f"not installed (pip install {package})")
+    return measure(case.library, case.config, workload.model, lambda model: case.apply(model, workload),
+                   lambda model: workload.perplexity(case.prepare_eval(model)), lambda model: None)
+
+
+def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Measurement) -> list[dict]:
+    """One row per case: perplexity delta vs ``baseline`` and wall time as a ratio to lowbit's, same format."""
+    lowbit_seconds = {case.format: result.seconds for case, result in zip(cases, results, strict=True)
+                      if case.library == "lowbit"}
+    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
+    for case, result in zip(cases, results, strict=True):
+        row = result.as_row(baseline)
+        reference = lowbit_seconds.get(case.format)
+        ratio = result.seconds / reference if result.seconds is not None and reference else None
+        rows.append({
+            "format": case.format,
+            "library": case.library,
+            "config": case.config,
+            "ppl": _round(row["perplexity"], 3),
+            "d ppl": _round(row["delta"], 3),
+            "d %": _round(row["delta_pct"], 2),
+            "quant s": _round(row["seconds"], 2),
+            "cpu s": _round(row["cpu_seconds"], 2),
+            "time vs lowbit": _round(ratio, 2),
+            "note": _shorten(row["error"] or "", NOTE_WIDTH),
+        })
+    return rows
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def select(cases: list[Case], libraries: list[str] | None, formats: list[str] | None) -> list[Case]:
+    """Cases of the named libraries and formats (None: all); raises ValueError naming unknown ones."""
+    for name, wanted, known in (("--libraries", libraries, {c.library for c in cases}),
+                                ("--formats", formats, {c.format for c in cases})):
+        unknown = set(wanted or ()) - known
+        if unknown:
+            raise ValueError(f"{name}: unknown {sorted(unknown)}; allowed are {sorted(known)}")
+    return [c for c in cases if (libraries is None or c.library in libraries)
+            and (formats is None or c.format in formats)]
+
+
+def report(rows: list[dict], context: dict, workload: Workload) -> str:
+    versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
+    return "\n".join([
+        f"# Accuracy vs peers, {context['date'][:10]}",
+        "",
+        f"- command: `{context['command']}`",
+        f"- machine: {context['machine']}",
+        f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
+        f"- date: {context['date']}",
+        f"- workload: lowbit's bundled model, {len(workload.calibration)} calibration batches "
+        f"({sum(len(b['input_ids']) for b in workload.calibration)} windows), perplexity on the first "
+        f"{workload.eval_tokens} held-out tokens",
+        "- `d %`: perplexity change vs unquantized; `quant s`: calibration + quantization wall time, "
+        "one run; `cpu s`: the process's CPU time over that span (all threads); `time vs lowbit`: wall "
+        "time over lowbit's for the same format",
+        "",
+        "```",
+        format_table(rows),
+        "```",
+        "",
+    ])
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
+    parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
+    parser.add_argument("--threads", type=int, default=available_cpus())
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    try:
+        cases = select(CASES, args.libraries, args.formats)
+    except ValueError as error:
+        parser.error(str(error))
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="modelopt")
+    workload = Workload.default(args.calib_samples, args.eval_tokens)
+    baseline = measure_baseline(workload)
+    results = [run_case(case, workload) for case in tqdm(cases, desc="cases")]
+    rows = comparison_rows(cases, results, baseline)
+    context = run_context(["python", "bench/accuracy.py", *argv])
+    text = report(rows, context, workload)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"accuracy_{date.today().isoformat()}.md"
+    path.write_text(text, encoding="utf-8")
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

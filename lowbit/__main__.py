@@ -1,0 +1,5 @@
+"""``python -m lowbit ...`` runs the ``lowbit`` command line (see lowbit/cli.py)."""
+
+from lowbit.cli import main
+
+raise SystemExit(main())
