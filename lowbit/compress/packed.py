@@ -190,7 +190,7 @@ def quantize_weight(
     shape = tuple(weight.shape)
     if fmt.kind == "nvfp4":
         codes, block_scale, global_scale = formats.quantize_nvfp4(weight, amax, fmt.block_size)
-        return PackedWeight(fmt, shape, pack_uint4(codes), block_scale, global_scale=global_scale)
+        return PackedWeight(fmt, shape, pack_uint4(codes), block_scale, global_scale=global_scale.reshape(()))
     if fmt.kind == "mx":
         elements, scale = formats.quantize_mx(weight, fmt.element_format, fmt.block_size)
         return PackedWeight(fmt, shape, _store_float_codes(elements, fmt), scale)
@@ -211,6 +211,34 @@ def quantize_weight(
         codes, scale = formats.quantize_int(view, amax, fmt.num_bits, fmt.unsigned, fmt.narrow_range)
         stored = _store_int_codes(codes, fmt, shape)
     return PackedWeight(fmt, shape, stored, _flat_scale(scale, fmt).to(scale_dtype))
+
+
+def storage_spec(
+    fmt: WeightFormat, shape: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{tensor name: (shape, dtype)} of the storage ``quantize_weight`` produces for ``fmt`` and ``shape``."""
+    n, k = shape
+    if fmt.packs_nibbles:
+        codes = ((n, k // 2), torch.uint8)
+    elif fmt.kind in ("float", "mx"):
+        codes = ((n, k), FLOAT8_DTYPES[fmt.element_format])
+    else:
+        codes = ((n, k), torch.int8 if fmt.kind == "int" and not fmt.unsigned else torch.uint8)
+    if fmt.block_size is not None:
+        scale_shape = (n, k // fmt.block_size)
+    else:
+        scale_shape = (n, 1) if fmt.per_channel else (1, 1)
+    spec = {"codes": codes}
+    if fmt.kind == "nvfp4":
+        spec["scale"] = (scale_shape, torch.float8_e4m3fn)
+        spec["global_scale"] = ((), torch.float32)
+    elif fmt.kind == "mx":
+        spec["scale"] = (scale_shape, torch.uint8)
+    else:
+        spec["scale"] = (scale_shape, scale_dtype)
+    if fmt.kind == "int_asym":
+        spec["zero_point"] = (scale_shape, torch.uint8)
+    return spec
 
 
 def _reduce_dims(fmt: WeightFormat, view_dims: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@
 |--------|----------------------------------------|--------------------------|-------------------------------------|
 | CUDA   | INT<=4 sym / asym, NVFP4; K % 128 == 0 | < DEQUANTIZE_FIRST_ROWS  | Triton W4A16 (``triton_w4``)        |
 | CUDA   | same                                   | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS      |
+|        | (NVFP4's groups of 16: from 32 rows)   |                          |                                     |
 | any    | anything else                          | any                      | lowbit.formats dequantize, F.linear |
 
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
@@ -26,6 +27,10 @@ KERNEL_K_MULTIPLE = 128
 # bench/results/kernels_h100.md: from M = 256 on, dequantize + cuBLAS is as fast as or faster than
 # the fused kernel on every benchmarked shape (and at M = 2048 about twice as fast).
 DEQUANTIZE_FIRST_ROWS = 256
+# Groups of 16 (NVFP4) only get the mma.sync tiles (see triton_w4.SMALLEST_WGMMA_GROUP): at M = 64 they
+# ran at 0.28x of bf16 against 0.41x for dequantize + cuBLAS on 8192x28672.
+SMALL_GROUP_DEQUANTIZE_FIRST_ROWS = 32
+SMALL_GROUP = 32
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -64,7 +69,8 @@ def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     if kernels is None:
         return F.linear(x, packed.dequantize(x.dtype), bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if rows.shape[0] >= DEQUANTIZE_FIRST_ROWS:
+    small_group = arguments["group_size"] < SMALL_GROUP
+    if rows.shape[0] >= (SMALL_GROUP_DEQUANTIZE_FIRST_ROWS if small_group else DEQUANTIZE_FIRST_ROWS):
         weight = kernels.w4_dequantize(packed.codes, packed.scale, dtype=x.dtype, **arguments)
         out = F.linear(rows, weight, bias)
     else:

@@ -242,6 +242,8 @@ def _config(split_k: int = 1, num_warps: int = 4, num_stages: int = 3, **blocks:
 
 
 GEMV_CONFIGS = [
+    _config(BLOCK_N=8, BLOCK_K=512, num_stages=2),
+    _config(BLOCK_N=8, BLOCK_K=256, num_warps=2, num_stages=3),
     _config(BLOCK_N=16, BLOCK_K=256, num_stages=2),
     _config(BLOCK_N=32, BLOCK_K=256, num_stages=2),
     _config(BLOCK_N=64, BLOCK_K=128, num_stages=2),
@@ -259,6 +261,8 @@ MATMUL_CONFIGS = [
     _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_stages=3),
     _config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, split_k=4, num_stages=4),
     _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, split_k=2, num_stages=3),
+    _config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_stages=3),
+    _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, num_stages=2),
     # middle
     _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
     _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4),
@@ -349,6 +353,9 @@ def w4_matmul(
     global_arg = global_scale if global_scale is not None else scale
     bias_arg = bias if bias is not None else scale
     launch_config = dict(config or {})
+    if group_size < SMALLEST_WGMMA_GROUP and launch_config.get("BLOCK_M", 16) > 32:
+        raise ValueError(f"config BLOCK_M={launch_config['BLOCK_M']}: groups of {group_size} need BLOCK_M <= 32 "
+                         "(Triton 3.6 cannot compile the wgmma tiles for them)")
     split_k = launch_config.get("SPLIT_K", 1)
     out = (torch.zeros if split_k > 1 else torch.empty)((m, n), device=x.device, dtype=x.dtype)
     if m == 1:

@@ -70,7 +70,7 @@ MATMUL_CASES = [
     (FORMATS[4], "gemv", 1, torch.bfloat16), (FORMATS[5], "gemv", 1, torch.bfloat16),
     (FORMATS[5], "mma-split", 5, torch.bfloat16), (FORMATS[6], "mma-large", 130, torch.bfloat16),
     (FORMATS[7], "gemv", 1, torch.bfloat16), (FORMATS[7], "gemv-split", 1, torch.float16),
-    (FORMATS[7], "mma", 16, torch.bfloat16), (FORMATS[7], "mma-large", 130, torch.bfloat16),
+    (FORMATS[7], "mma", 16, torch.bfloat16), (FORMATS[7], "mma", 130, torch.bfloat16),
 ]
 
 
@@ -91,6 +91,14 @@ def test_matmul_matches_float64(kernels, fmt, config_name, rows, dtype):
     tolerance = (4 if config["SPLIT_K"] > 1 else 1.5) * floor + 1e-5
     assert out.dtype == dtype and out.shape == (rows, n)
     assert _relative_error(out, reference) <= tolerance
+
+
+def test_wgmma_tiles_refuse_groups_of_16(kernels):
+    packed = quantize_weight(torch.randn(64, 256, device="cuda"), FORMATS[7])
+    x = torch.randn(130, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        arguments = dispatch.triton_arguments(packed)
+        kernels.w4_matmul(x, packed.codes, packed.scale, config=CONFIGS["mma-large"], **arguments)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 1024])

@@ -1,0 +1,195 @@
+"""init_quantized_weights(config): load a model with its Linear weights going straight to packed storage.
+
+    with init_quantized_weights(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    # the quantized nn.Linear layers are CompressedLinear now
+
+Inside the block two PyTorch registration hooks (public ``torch.nn.modules.module`` API, no patching)
+watch the modules being built: the module hook records each submodule's name under its parent, the
+parameter hook sees every weight assigned to an ``nn.Linear``. When a real (not meta) weight arrives for
+a Linear that the config quantizes, its statistics are computed as the weight quantizer's calibration
+would (max calibration row chunk by row chunk, other calibrators on the whole weight), it is packed a
+chunk of rows at a time, and replaced by a meta placeholder, so one dense weight at a time exists
+(transformers' asynchronous read-ahead is switched off inside the block: ``HF_DEACTIVATE_ASYNC_LOAD``).
+On leaving the block the placeholders become ``CompressedLinear`` modules whose
+dequantized weights equal what ``compress(quantize(model, config))`` gives.
+
+Weight statistics need no data, so only configs calibrated by ``"max"`` (or no algorithm) are accepted;
+activation quantizers that want calibrated scales quantize dynamically from each input (a warning says
+so). Use the model after the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+
+from lowbit.compress.linear import CompressedLinear
+from lowbit.compress.packed import SCALE_DTYPES, PackedWeight, WeightFormat, quantize_weight
+from lowbit.config import QuantizeConfig, parse_config
+from lowbit.quantizer import TensorQuantizer
+
+# transformers >= 5 reads tensors ahead in worker threads unless this is set; sequential loading lets
+# each dense weight be packed and freed before the next is read.
+HF_SEQUENTIAL_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"
+
+
+class _Loader:
+    """The hooks' shared state: where each module sits, and the packed weights waiting for the exit."""
+
+    def __init__(self, config: QuantizeConfig, scale_dtype: torch.dtype):
+        self.config = config
+        self.scale_dtype = scale_dtype
+        self.parents: dict[int, tuple[nn.Module, str]] = {}
+        self.packed: dict[int, tuple[nn.Module, PackedWeight]] = {}
+
+    def on_module(self, parent: nn.Module, name: str, child: nn.Module | None) -> None:
+        if child is not None:
+            self.parents[id(child)] = (parent, name)
+
+    def full_name(self, module: nn.Module) -> str:
+        parts = []
+        while id(module) in self.parents:
+            module, name = self.parents[id(module)]
+            parts.append(name)
+        return ".".join(reversed(parts))
+
+    def attributes(self, module: nn.Module, slot: str):
+        parents = tuple(cls.__name__ for cls in type(module).__mro__)
+        return self.config.attributes_for(f"{self.full_name(module)}.{slot}", parents)
+
+    def on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None):
+        if name != "weight" or type(module) is not nn.Linear or param is None or param.device.type == "meta":
+            return None
+        if id(module) not in self.parents:
+            return None  # nn.Linear.__init__'s own (uninitialised) weight: the module has no place yet
+        attributes = self.attributes(module, "weight_quantizer")
+        if attributes is None or isinstance(attributes, list):
+            return None  # not quantized, or sequential (W4A8): left dense
+        weight = param.detach()
+        fmt = WeightFormat.from_config(attributes, tuple(weight.shape))
+        amin, amax = _weight_statistics(attributes, fmt, weight)
+        self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
+        return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+
+    def quantizer(self, module: nn.Module, slot: str) -> TensorQuantizer:
+        attributes = self.attributes(module, slot)
+        if attributes is None or isinstance(attributes, list):
+            quantizer = TensorQuantizer()
+            quantizer.disable()
+            return quantizer
+        return TensorQuantizer(attributes)
+
+    def finish(self) -> None:
+        if not self.packed:
+            warnings.warn(
+                "init_quantized_weights packed no weight: none was assigned to a quantized nn.Linear inside the "
+                "block (load_state_dict copies into existing tensors unless assign=True)",
+                stacklevel=3,
+            )
+        uncalibrated = 0
+        for module, packed in self.packed.values():
+            if id(module) not in self.parents:
+                raise ValueError("init_quantized_weights: a packed nn.Linear belongs to no model built in the block")
+            input_quantizer = self.quantizer(module, "input_quantizer")
+            uncalibrated += input_quantizer.needs_calibration
+            compressed = CompressedLinear.from_packed(
+                packed, module.bias, input_quantizer, self.quantizer(module, "output_quantizer")
+            )
+            parent, name = self.parents[id(module)]
+            setattr(parent, name, compressed.to(packed.codes.device))
+        if uncalibrated:
+            warnings.warn(
+                f"{uncalibrated} input quantizer(s) want calibrated scales, which loading cannot provide; "
+                "they quantize dynamically from each input",
+                stacklevel=3,
+            )
+
+
+ROWS_PER_CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of about 4 MB per chunk of rows
+
+
+def _row_chunks(weight: torch.Tensor) -> list[slice]:
+    rows = max(1, ROWS_PER_CHUNK_ELEMENTS // weight.shape[1])
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
+def _weight_statistics(attributes, fmt: WeightFormat, weight: torch.Tensor):
+    """(amin, amax) as the weight quantizer's calibration computes them, without a float32 copy of the
+    whole weight for the max calibrator: per row chunk, then combined (max of maxima per tensor)."""
+    if attributes.is_dynamic and fmt.kind != "nvfp4":
+        return None, None
+    method = attributes.calibrator["method"] if isinstance(attributes.calibrator, dict) else attributes.calibrator
+    if method != "max":  # other calibrators see the whole weight, as lowbit.quantize gives it to them
+        quantizer = TensorQuantizer(attributes).to(weight.device)
+        quantizer.enable_calib()
+        quantizer.disable_quant()
+        quantizer(weight)
+        quantizer.load_calib_amax()
+        return quantizer.amin, None if quantizer.amax is None else quantizer.amax.detach()
+    per_row = fmt.kind != "nvfp4" and (fmt.block_size is not None or fmt.per_channel)
+    lows, highs = [], []
+    for rows in _row_chunks(weight):
+        chunk = weight[rows].float()
+        view = chunk.unflatten(1, (-1, fmt.block_size)) if per_row and fmt.block_size else chunk
+        dims = (-1,) if per_row else tuple(range(view.dim()))
+        magnitude = view if fmt.kind == "int_asym" else view.abs()
+        highs.append(magnitude.amax(dim=dims, keepdim=True))
+        lows.append(view.amin(dim=dims, keepdim=True) if fmt.kind == "int_asym" else None)
+    if per_row:
+        return (torch.cat(lows) if fmt.kind == "int_asym" else None), torch.cat(highs)
+    amax = torch.stack(highs).amax(dim=0)
+    return (torch.stack(lows).amin(dim=0) if fmt.kind == "int_asym" else None), amax
+
+
+def _quantize_rows(weight: torch.Tensor, fmt: WeightFormat, amin, amax, scale_dtype) -> PackedWeight:
+    """``quantize_weight`` chunk by chunk of rows (every format is row-wise given its statistics)."""
+    per_row = fmt.kind != "nvfp4" and (fmt.block_size is not None or fmt.per_channel)
+    parts = []
+    for rows in _row_chunks(weight):
+        low = amin[rows] if per_row and amin is not None else amin
+        high = amax[rows] if per_row and amax is not None else amax
+        parts.append(quantize_weight(weight[rows], fmt, amax=high, amin=low, scale_dtype=scale_dtype))
+    joined = {}
+    for name, first in parts[0].tensors().items():
+        shared = first.dim() == 0 or (name == "scale" and fmt.block_size is None and not fmt.per_channel)
+        joined[name] = first if shared else torch.cat([part.tensors()[name] for part in parts])
+    return dataclasses.replace(parts[0], shape=tuple(weight.shape), **joined)
+
+
+@contextmanager
+def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Pack every quantized ``nn.Linear`` weight as it is loaded (see the module docstring)."""
+    config = parse_config(config)
+    if config.algorithm not in (None, "max"):
+        raise ValueError(
+            f"algorithm={config.algorithm!r} needs calibration data; init_quantized_weights packs weights as they "
+            "load, from the weights alone: use algorithm 'max' or None, or quantize + compress after loading"
+        )
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
+    loader = _Loader(config, scale_dtype)
+    module_hook = register_module_module_registration_hook(loader.on_module)
+    parameter_hook = register_module_parameter_registration_hook(loader.on_parameter)
+    async_load = os.environ.get(HF_SEQUENTIAL_LOAD)
+    os.environ[HF_SEQUENTIAL_LOAD] = "1"
+    try:
+        yield
+    finally:
+        module_hook.remove()
+        parameter_hook.remove()
+        if async_load is None:
+            del os.environ[HF_SEQUENTIAL_LOAD]
+        else:
+            os.environ[HF_SEQUENTIAL_LOAD] = async_load
+    loader.finish()

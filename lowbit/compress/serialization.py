@@ -1,0 +1,101 @@
+"""save_compressed / load_compressed: a compressed model as safetensors plus a JSON description.
+
+``save_compressed(model, path)`` writes the directory ``path`` with
+- ``lowbit_compressed.json``: each CompressedLinear's shape, storage format, scale dtype, LoRA rank and
+  quantizer states, and ``lowbit.checkpoint.quant_state`` for modules still fake-quantized;
+- ``model.safetensors``: the state dict (packed codes, scales, zero points, biases, amax ...).
+
+``load_compressed(model_or_factory, path)`` rebuilds those modules on a fresh model of the same
+architecture and assigns the saved tensors (``load_state_dict(assign=True)``): nothing dense is
+materialised for the compressed layers, and outputs equal the saved model's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from lowbit.checkpoint import _load_quantizer, _quantizer_state, quant_state
+from lowbit.compress.linear import CompressedLinear
+from lowbit.compress.packed import WeightFormat
+from lowbit.modules import convert_module, is_quantized
+from lowbit.quantizer import SequentialQuantizer
+
+STATE_FILE = "lowbit_compressed.json"
+TENSOR_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+QUANTIZER_SLOTS = ("input_quantizer", "output_quantizer")
+
+
+def _describe(module: CompressedLinear) -> dict:
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+        "weight_format": module.weight_format.to_dict(),
+        "scale_dtype": str(module.weight_scale.dtype).removeprefix("torch."),
+        "lora_rank": 0 if module.lora_a is None else module.lora_a.shape[0],
+        "lora_scale": module.lora_scale,
+        "quantizers": {slot: _quantizer_state(getattr(module, slot)) for slot in QUANTIZER_SLOTS},
+    }
+
+
+def save_compressed(model: nn.Module, path: str | Path) -> Path:
+    """Write ``path/lowbit_compressed.json`` and ``path/model.safetensors``; returns the directory."""
+    compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    if not compressed:
+        raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "quantized": quant_state(model)["modules"]}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+    save_model(model, str(directory / TENSOR_FILE))
+    return directory
+
+
+def _rebuild(entry: dict) -> CompressedLinear:
+    fmt = WeightFormat.from_dict(entry["weight_format"])
+    module = CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=entry["bias"], device="meta",
+                              scale_dtype=getattr(torch, entry["scale_dtype"]))
+    for slot, saved in entry["quantizers"].items():
+        setattr(module, slot, _load_quantizer(saved))
+    if entry["lora_rank"]:
+        module.add_lora(entry["lora_rank"])
+        module.lora_scale = entry["lora_scale"]
+    return module
+
+
+def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
+    """Rebuild the compressed (and fake-quantized) modules saved at ``path`` and load every tensor (strict)."""
+    directory = Path(path)
+    state_file = directory / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} holds no {STATE_FILE}; was it written by save_compressed?")
+    state = json.loads(state_file.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {FORMAT_VERSION}")
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    modules = dict(model.named_modules())
+    missing = [name for name in [*state["compressed"], *state["quantized"]] if name not in modules]
+    if missing:
+        raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
+    for name, entry in state["quantized"].items():
+        module = modules[name]
+        if not is_quantized(module):
+            convert_module(module)
+        for slot, saved in entry["quantizers"].items():
+            quantizer = (SequentialQuantizer(*(_load_quantizer(s) for s in saved)) if isinstance(saved, list)
+                         else _load_quantizer(saved))
+            setattr(module, slot, quantizer)
+    for name, entry in state["compressed"].items():
+        if name:
+            model.set_submodule(name, _rebuild(entry))
+        else:
+            model = _rebuild(entry)
+    model.load_state_dict(load_file(str(directory / TENSOR_FILE)), strict=True, assign=True)
+    return model
