@@ -5,7 +5,8 @@ export share one formula per format:
    name -> that layer's ``WeightFormat.attributes``; every other quantizer disabled), no calibration;
 2. NF4 layers get an ``NF4Quantizer`` (the table rounding) in place of their int4 weight quantizer;
 3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
-   symmetric integer: the ``mse`` scale search; float formats: max |w|);
+   INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
+   (``range_search``);
 4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile):
    ``awq`` -> ``awq_lite`` (per-channel scales), ``scale_estimation`` -> ``awq_clip`` (per-group clip
@@ -26,6 +27,7 @@ from lowbit.weight_compression.data import forward_loop
 from lowbit.weight_compression.layers import embeddings_registered
 from lowbit.weight_compression.nf4 import NF4Quantizer
 from lowbit.weight_compression.plan import CompressionPlan, LayerPlan
+from lowbit.weight_compression.range_search import search_asymmetric_range
 
 
 class QuantizerNamed:
@@ -105,6 +107,9 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
             if entry.format is not None and entry.format.is_nf4:
                 _install_nf4(entry)
         calibrate(model, "max")
+        for entry in plan.layers:
+            if entry.format is not None and entry.format.searches_asymmetric_range:
+                search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
         if methods:
             loop = forward_loop(dataset)
             with only_primary_weights(plan):

@@ -9,7 +9,7 @@ mode        quantizer attributes (lowbit formula)           stored per group
 ==========  ==============================================  =====================================
 INT8_ASYM   ``num_bits=8, asymmetric=True``                 fp16 scale + uint8 zero point
 INT8_SYM    ``num_bits=8``                                  fp16 scale (codes int8)
-INT4_ASYM   ``num_bits=4, asymmetric=True``                 fp16 scale + uint4 zero point
+INT4_ASYM   ``num_bits=4, asymmetric=True``, range search   fp16 scale + uint4 zero point
 INT4_SYM    ``num_bits=4``, amax by scale search            fp16 scale (codes stored as uint4 with
                                                             the fixed zero point 8)
 NF4         ``num_bits=4`` block view, NF4 table rounding   fp16 scale (= max |w| of the group)
@@ -18,14 +18,15 @@ MXFP4       ``num_bits=(2, 1)``, OCP MX blocks of 32        E8M0 scale (8 bits),
 FP8_E4M3    ``num_bits=(4, 3)``                             fp16 scale
 ==========  ==============================================  =====================================
 
-Asymmetric modes calibrate ``amin``/``amax`` per group (min / max, as NNCF), the other modes ``amax``
-= max |w|, except INT4_SYM. NNCF's symmetric modes use a *signed scale* that maps the group's largest
-magnitude to code ``-2**(b-1)`` whatever its sign, a scale lowbit's symmetric grid (step
-``amax / (2**(b-1) - 1)``, codes ``[-2**(b-1), 2**(b-1) - 1]``) cannot express. At 8 bits the difference
-(step max|w| / 127 against / 128) is negligible; at 4 bits max calibration would leave code -8 unused,
-so INT4_SYM chooses each group's ``amax`` with lowbit's ``mse`` calibrator among ``m * max|w|`` for
-``m`` in ``SCALE_SEARCH`` (0.5 to 1 in steps of 1/32): the grid holds ``m = 1`` (max calibration) and
-``m = 7/8`` (NNCF's step max|w| / 8), so the weight error is never above either.
+Scales: INT8_ASYM calibrates ``amin``/``amax`` per group (min / max, as NNCF); INT8_SYM and the float
+modes ``amax = max |w|``. The 4-bit integer modes search each group's range for the least squared
+weight error over ``m`` in ``SCALE_SEARCH`` (0.5 to 1 in steps of 1/32; ``m = 1`` is plain calibration,
+so the error never grows): INT4_ASYM shrinks ``[min, max]`` to ``m * [min, max]``
+(``lowbit.weight_compression.range_search``), INT4_SYM picks ``amax = m * max|w|`` with lowbit's ``mse``
+calibrator. For INT4_SYM this also stands in for NNCF's *signed scale*, which maps the group's largest
+magnitude to code -8 whatever its sign: lowbit's symmetric grid (step ``amax / 7``, codes -8..7) cannot
+express that, but its grid holds ``m = 7/8`` (NNCF's step ``max|w| / 8``). At 8 bits the same difference
+(step max|w| / 127 against / 128) is negligible.
 ``E2M1`` is NNCF's earlier name of ``MXFP4``.
 """
 
@@ -103,6 +104,11 @@ class WeightFormat:
     @property
     def is_nf4(self) -> bool:
         return self.mode == CompressWeightsMode.NF4
+
+    @property
+    def searches_asymmetric_range(self) -> bool:
+        """INT4_ASYM: min/max are shrunk per group after calibration (``range_search``)."""
+        return self.mode == CompressWeightsMode.INT4_ASYM
 
     def attributes(self, num_weights: int) -> QuantizerAttributeConfig:
         """The weight quantizer's attributes for a weight of ``num_weights`` elements.

@@ -125,3 +125,27 @@ def linear_stack(sizes: list[int], generator: torch.Generator, bias: bool = Fals
             linear.weight.copy_(weight_with_outliers(n_out, n_in, generator) * (1 + index))
         layers += [linear, nn.ReLU()]
     return nn.Sequential(*layers[:-1])
+
+
+def int_asym_searched(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Asymmetric integer whose range per group is m * [min, max] for the m in {0.5, 0.5 + 1/32, ..., 1} with the
+    least squared error (first on ties); the range is widened to contain 0 before quantizing (as the
+    min/max of a group spanning zero already does)."""
+    g = groups(w, group_size)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best, best_error = None, None
+    for k in range(17):
+        m = 0.5 + k / 32
+        lo, hi = torch.clamp(low * m, max=0), torch.clamp(high * m, min=0)
+        scale = (hi - lo) / (2**bits - 1)
+        zero_point = torch.clamp(torch.round(-lo / scale), 0, 2**bits - 1)
+        codes = torch.clamp(torch.round(g / scale) + zero_point, 0, 2**bits - 1)
+        candidate = (codes - zero_point) * scale
+        error = (candidate - g).square().sum(-1, keepdim=True)
+        if best is None:
+            best, best_error = candidate, error
+        else:
+            better = error < best_error
+            best = torch.where(better, candidate, best)
+            best_error = torch.where(better, error, best_error)
+    return best.reshape(w.shape)

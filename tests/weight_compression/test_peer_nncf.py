@@ -22,7 +22,7 @@ def _tiny_llama():
     model = LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # uneven layer scales, so that the metrics rank layers differently
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.mul_(0.5 + torch.rand((), generator=generator) * 2)
     return model

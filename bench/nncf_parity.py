@@ -1,0 +1,209 @@
+"""lowbit.compress_weights side by side with nncf.compress_weights, and the layer-selection study.
+
+Two tables, on a causal LM (the bundled default model unless told otherwise), CPU:
+
+1. parity: for each case, both libraries compress a fresh float32 copy with the same arguments; rows give
+   the perplexity change (%), the model size (MiB: lowbit's computed storage, NNCF's bytes of parameters
+   and buffers as it stores them) and the compression wall time (lowbit / NNCF ratio). Data-aware cases
+   give both the same dataset; NNCF always gets it (it traces torch models with it) but, in data-free
+   cases, with the data-free metric.
+2. selection: INT4_ASYM g128, ratio 0.8: every sensitivity metric against the same ratio given to layers
+   chosen at random (mean of 3 seeds, same ratio rule).
+
+Usage (from the repository root):
+    python bench/nncf_parity.py                       # both tables, full held-out text
+    python bench/nncf_parity.py --only parity --max-tokens 16384
+Entry points for other benchmarks: ``compare_with_nncf(model_factory, evaluate, dataset)`` and
+``selection_study(model_factory, evaluate, dataset)``, each returning rows (dicts) for
+``lowbit.eval.table.format_table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.eval.table import format_table
+from lowbit.weight_compression import (
+    CompressWeightsMode,
+    SensitivityMetric,
+    apply_plan,
+    check_options,
+    plan_compression,
+)
+from lowbit.weight_compression.sensitivity import select_primary
+from lowbit.weight_compression.summary import tensor_bytes
+
+ModelFactory = Callable[[], nn.Module]
+Evaluate = Callable[[nn.Module], float]
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Case:
+    """compress_weights arguments (the same names in lowbit and NNCF); ``data_aware`` passes the dataset."""
+
+    name: str
+    options: dict
+    data_aware: bool = False
+
+
+PARITY_CASES = (
+    Case("int8_asym", {"mode": "int8_asym"}),
+    Case("int4_sym g128 r1.0", {"mode": "int4_sym", "group_size": 128, "ratio": 1.0}),
+    Case("int4_sym g128 r1.0 awq+se", {"mode": "int4_sym", "group_size": 128, "ratio": 1.0, "awq": True,
+                                       "scale_estimation": True}, data_aware=True),
+    Case("int4_asym g64 r0.8", {"mode": "int4_asym", "group_size": 64, "ratio": 0.8}),
+    Case("int4_asym g64 r0.8 max_act_var", {"mode": "int4_asym", "group_size": 64, "ratio": 0.8,
+                                            "sensitivity_metric": "max_activation_variance"}, data_aware=True),
+)
+
+
+def lowbit_compress(model: nn.Module, case: Case, dataset: list) -> tuple[float, int]:
+    """Compress ``model`` in place with lowbit; returns (seconds, computed compressed bytes)."""
+    items = dataset if case.data_aware else None
+    start = time.perf_counter()
+    options = check_options(has_dataset=items is not None, **case.options)
+    plan = plan_compression(model, options, items)
+    apply_plan(model, plan, items)
+    seconds = time.perf_counter() - start
+    lowbit.fold_weight(model)  # evaluate without re-quantizing the weights at every forward
+    return seconds, plan.summary().compressed_bytes
+
+
+def nncf_compress(model: nn.Module, case: Case, dataset: list) -> tuple[nn.Module, float, int]:
+    """Compress ``model`` with ``nncf.compress_weights``; returns (model, seconds, bytes as stored)."""
+    import nncf
+
+    options = dict(case.options)
+    options["mode"] = nncf.CompressWeightsMode(CompressWeightsMode(options["mode"]).value)
+    metric = options.pop("sensitivity_metric", None)
+    if not case.data_aware and not options["mode"].value.startswith("int8"):
+        metric = SensitivityMetric.WEIGHT_QUANTIZATION_ERROR
+    if metric is not None:
+        options["sensitivity_metric"] = nncf.SensitivityMetric(SensitivityMetric(metric).value)
+    start = time.perf_counter()
+    model = nncf.compress_weights(model, dataset=nncf.Dataset(dataset), subset_size=len(dataset), **options)
+    return model, time.perf_counter() - start, tensor_bytes(model)
+
+
+def compare_with_nncf(model_factory: ModelFactory, evaluate: Evaluate, dataset: list,
+                      cases: tuple[Case, ...] = PARITY_CASES) -> list[dict]:
+    """One row per case: perplexity change and size of lowbit and NNCF, and lowbit's time / NNCF's."""
+    baseline = evaluate(model_factory())
+    rows = []
+    for case in cases:
+        model = model_factory()
+        lowbit_seconds, lowbit_bytes = lowbit_compress(model, case, dataset)
+        lowbit_value = evaluate(model)
+        nncf_model, nncf_seconds, nncf_bytes = nncf_compress(model_factory(), case, dataset)
+        nncf_value = evaluate(nncf_model)
+        lowbit_delta, nncf_delta = 100 * (lowbit_value / baseline - 1), 100 * (nncf_value / baseline - 1)
+        rows.append({
+            "case": case.name,
+            "float ppl": baseline,
+            "lowbit ppl": lowbit_value,
+            "nncf ppl": nncf_value,
+            "lowbit delta %": round(lowbit_delta, 3),
+            "nncf delta %": round(nncf_delta, 3),
+            "lowbit MiB": round(lowbit_bytes / MIB, 3),
+            "nncf MiB": round(nncf_bytes / MIB, 3),
+            "lowbit <= nncf": "yes" if lowbit_delta <= nncf_delta and lowbit_bytes <= nncf_bytes else "no",
+            "time lowbit/nncf": round(lowbit_seconds / nncf_seconds, 2),
+        })
+    return rows
+
+
+def _compress_with_plan(model: nn.Module, plan, dataset: list | None) -> None:
+    apply_plan(model, plan, dataset)
+    lowbit.fold_weight(model)
+
+
+def selection_study(model_factory: ModelFactory, evaluate: Evaluate, dataset: list, ratio: float = 0.8,
+                    group_size: int = 128, seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+    """INT4_ASYM: perplexity for each sensitivity metric and for random layer choices at the same ratio."""
+    baseline = evaluate(model_factory())
+    rows = []
+
+    def row(name: str, value: float, plan) -> dict:
+        defining = [entry for entry in plan.layers if entry.ratio_defining]
+        share = sum(e.layer.num_weights for e in defining if e.primary) / sum(e.layer.num_weights for e in defining)
+        return {"selection": name, "ppl": value, "delta %": round(100 * (value / baseline - 1), 3),
+                "MiB": round(plan.summary().compressed_bytes / MIB, 3), "4-bit layers": len(plan.primary_names),
+                "4-bit share %": round(100 * share, 1)}
+
+    for metric in SensitivityMetric:
+        model = model_factory()
+        items = dataset if metric.is_data_aware else None
+        options = check_options("int4_asym", group_size, ratio, items is not None, metric)
+        plan = plan_compression(model, options, items)
+        _compress_with_plan(model, plan, None)
+        rows.append(row(metric.value, evaluate(model), plan))
+    random_values = []
+    for seed in seeds:
+        model = model_factory()
+        plan = plan_compression(model, check_options("int4_asym", group_size, 1.0))
+        defining = [entry.layer for entry in plan.layers if entry.ratio_defining]
+        scores = torch.rand(len(defining), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen = select_primary([layer.num_weights for layer in defining], scores, ratio)
+        plan = plan.with_primary(defining[i].name for i in chosen)
+        _compress_with_plan(model, plan, None)
+        random_values.append(evaluate(model))
+        rows.append(row(f"random seed {seed}", random_values[-1], plan))
+    mean = sum(random_values) / len(random_values)
+    rows.append({"selection": "random, mean of seeds", "ppl": mean, "delta %": round(100 * (mean / baseline - 1), 3)})
+    return rows
+
+
+def _default_setup(max_tokens: int | None, calibration_samples: int):
+    from lowbit.assets import load_default_model
+    from lowbit.data import calibration_batches
+    from lowbit.data.texts import default_calibration_text, default_eval_text
+    from lowbit.eval.perplexity import perplexity
+
+    _, tokenizer = load_default_model()
+    text = default_eval_text()
+
+    def model_factory() -> nn.Module:
+        return load_default_model(torch.float32)[0]
+
+    def evaluate(model: nn.Module) -> float:
+        return perplexity(model, tokenizer, text, seq_len=256, stride=256, max_tokens=max_tokens, progress=False)
+
+    dataset = calibration_batches(tokenizer, default_calibration_text(), num_samples=calibration_samples,
+                                  seq_len=256, batch_size=1, seed=0)
+    return model_factory, evaluate, dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("parity", "selection"), default=None)
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens")
+    parser.add_argument("--calibration-samples", type=int, default=64, help="dataset items of 256 tokens")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_factory, evaluate, dataset = _default_setup(args.max_tokens, args.calibration_samples)
+    cpu = platform.processor() or platform.machine()
+    print(f"# default model, held-out text ({args.max_tokens or 'all'} tokens, windows of 256), "
+          f"{args.calibration_samples} calibration items of 256 tokens; CPU {cpu}, torch {torch.__version__}, "
+          f"{args.threads} thread(s)")
+    if args.only in (None, "parity"):
+        import nncf
+
+        print(f"\n## lowbit vs nncf {nncf.__version__}\n")
+        print(format_table(compare_with_nncf(model_factory, evaluate, dataset)), flush=True)
+    if args.only in (None, "selection"):
+        print("\n## layer selection, int4_asym g128 ratio 0.8\n")
+        print(format_table(selection_study(model_factory, evaluate, dataset)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
