@@ -8,6 +8,7 @@
 from lowbit import assets, data, eval
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.checkpoint import restore, save
+from lowbit.compress import compress, init_quantized_weights, load_compressed, save_compressed
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
 from lowbit.convert import (
     calibrate,
@@ -19,6 +20,7 @@ from lowbit.convert import (
     quant_summary,
     quantize,
 )
+from lowbit.eval import model_size
 from lowbit.modules import register, unregister
 from lowbit.presets import (
     FP8_DEFAULT_CFG,
@@ -47,7 +49,8 @@ __all__ = [
     "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
     "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG", "PRESETS", "QuantizeConfig",
     "QuantizeRule", "QuantizerAttributeConfig", "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG",
-    "W4A8_AWQ_BETA_CFG", "assets", "calibrate", "data", "disable_quantizer", "enable_quantizer", "eval",
-    "fold_weight", "get_preset", "iter_quantizers", "parse_config", "print_quant_summary", "quant_summary",
-    "quantize", "register", "restore", "save", "unregister",
+    "W4A8_AWQ_BETA_CFG", "assets", "calibrate", "compress", "data", "disable_quantizer", "enable_quantizer", "eval",
+    "fold_weight", "get_preset", "init_quantized_weights", "iter_quantizers", "load_compressed", "model_size",
+    "parse_config", "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save",
+    "save_compressed", "unregister",
 ]
