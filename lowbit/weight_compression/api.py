@@ -31,6 +31,7 @@ def compress_weights(
     gptq: bool = False,
     backup_mode: BackupMode | CompressWeightsMode | str | None = BackupMode.INT8_ASYM,
     ignored_scope: IgnoredScope = None,
+    packed: bool = True,
 ) -> nn.Module:
     """Compress the weights of ``model`` (in place) and return it; activations stay in float.
 
@@ -52,14 +53,21 @@ def compress_weights(
     - ``ignored_scope``: layer names or fnmatch wildcards (each must match a layer), or a callable
       ``name -> bool``; those layers stay float.
 
-    Everything is validated before the model changes. The result holds fake-quantized weights (lowbit
-    QuantLinear / QuantEmbedding / QuantConv modules with calibrated weight quantizers); the summary
-    of formats and sizes is logged at INFO (``plan_compression(...).summary()`` gives it without
-    compressing).
+    - ``packed``: store the compressed Linear layers packed (``lowbit.compress.CompressedLinear``, float16
+      scales); NF4, embedding, convolution and tied layers stay fake-quantized (lowbit QuantEmbedding /
+      QuantLinear / QuantConv modules with calibrated weight quantizers), as every layer does with
+      ``packed=False``.
+
+    Everything is validated before the model changes. The summary of formats and sizes (computed
+    storage: codes, fp16 scales and zero points) is logged at INFO; ``plan_compression(...).summary()``
+    gives it without compressing. Returns the model (a new module only when ``model`` is itself a
+    Linear that gets packed).
     """
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed={packed!r}: expected True or False")
     items = materialize(dataset)
     options = check_options(mode, group_size, ratio, items is not None, sensitivity_metric, all_layers, awq,
                             scale_estimation, gptq, backup_mode)
     plan = plan_compression(model, options, items, ignored_scope)
     logger.info("weight compression plan:\n%s", plan.summary().table())
-    return apply_plan(model, plan, items)
+    return apply_plan(model, plan, items, packed)

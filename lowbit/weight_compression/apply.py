@@ -10,7 +10,11 @@ export share one formula per format:
 4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile):
    ``awq`` -> ``awq_lite`` (per-channel scales), ``scale_estimation`` -> ``awq_clip`` (per-group clip
-   search against the layer output), both -> ``awq_full``; then ``gptq``.
+   search against the layer output), both -> ``awq_full``; then ``gptq``;
+5. :func:`pack`: ``lowbit.compress.compress`` stores the compressed Linear layers packed, with float16
+   scales as NNCF stores them (its ``CompressedLinear`` multiplies the dequantized weight). Layers it
+   has no format or module for stay fake-quantized: NF4, embeddings, convolutions, and a Linear whose
+   weight is tied to another layer's (packing it would untie a copy).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.convert import calibrate, quantize
 from lowbit.modules import is_quantized, revert_module
 from lowbit.weight_compression.data import forward_loop
-from lowbit.weight_compression.layers import embeddings_registered
+from lowbit.weight_compression.layers import MATMUL, embeddings_registered
 from lowbit.weight_compression.nf4 import NF4Quantizer
 from lowbit.weight_compression.plan import CompressionPlan, LayerPlan
 from lowbit.weight_compression.range_search import search_asymmetric_range
@@ -70,17 +75,33 @@ def refinement_methods(plan: CompressionPlan) -> list[str]:
 
 
 @contextmanager
-def only_primary_weights(plan: CompressionPlan) -> Iterator[None]:
-    """Switch off the weight quantizers of the non-primary layers for the duration."""
-    others = [entry.layer.module.weight_quantizer for entry in plan.layers
-              if entry.format is not None and not entry.primary]
-    for quantizer in others:
+def weight_quantizers_disabled(entries: list[LayerPlan]) -> Iterator[None]:
+    """Switch off the weight quantizers of ``entries`` for the duration."""
+    quantizers = [entry.layer.module.weight_quantizer for entry in entries]
+    for quantizer in quantizers:
         quantizer.disable()
     try:
         yield
     finally:
-        for quantizer in others:
+        for quantizer in quantizers:
             quantizer.enable()
+
+
+def is_packable(entry: LayerPlan) -> bool:
+    """A compressed, untied Linear (or GPT-2 Conv1D) in a format ``lowbit.compress`` stores (not NF4)."""
+    return (entry.format is not None and not entry.format.is_nf4 and entry.layer.kind == MATMUL
+            and entry.layer.tied_to is None)
+
+
+def pack(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Packed storage for the plan's packable layers (module docstring, step 5); returns the model."""
+    from lowbit.compress import compress
+
+    compressed = [entry for entry in plan.layers if entry.format is not None]
+    if not any(is_packable(entry) for entry in compressed):
+        return model
+    with weight_quantizers_disabled([entry for entry in compressed if not is_packable(entry)]):
+        return compress(model, scale_dtype=torch.float16)
 
 
 def _install_nf4(entry: LayerPlan) -> None:
@@ -89,12 +110,13 @@ def _install_nf4(entry: LayerPlan) -> None:
     module.weight_quantizer = quantizer.to(module.weight.device)
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = None) -> nn.Module:
-    """Quantize ``model``'s weights in place as ``plan`` says (see the module docstring); returns ``model``.
+def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = None, packed: bool = True) -> nn.Module:
+    """Compress ``model``'s weights in place as ``plan`` says (see the module docstring); returns the model.
 
-    ``dataset`` (a list of model inputs) is needed when the plan's options ask for a refinement. If a
-    step fails, the modules converted here get their original classes back and the error propagates
-    (weights a refinement already changed stay changed).
+    ``dataset`` (a list of model inputs) is needed when the plan's options ask for a refinement.
+    ``packed=False`` stops before step 5 (every layer fake-quantized). If a step before packing fails,
+    the modules converted here get their original classes back and the error propagates (weights a
+    refinement already changed stay changed).
     """
     methods = refinement_methods(plan)
     if methods and not dataset:
@@ -112,7 +134,8 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
                 search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
         if methods:
             loop = forward_loop(dataset)
-            with only_primary_weights(plan):
+            others = [entry for entry in plan.layers if entry.format is not None and not entry.primary]
+            with weight_quantizers_disabled(others):
                 for method in methods:
                     calibrate(model, method, loop)
     except BaseException:
@@ -120,4 +143,4 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
         for module in converted:
             revert_module(module)
         raise
-    return model
+    return pack(model, plan) if packed else model

@@ -51,6 +51,7 @@ ERRORS = [
     (dict(ignored_scope="0"), TypeError, "not one string"),
     (dict(dataset=[]), ValueError, "dataset is empty"),
     (dict(dataset=torch.zeros(2, 8, 64)), TypeError, "got one Tensor"),
+    (dict(packed="yes"), TypeError, "packed='yes'"),
 ]
 
 
@@ -81,7 +82,7 @@ def test_a_failed_refinement_reverts_the_conversion():
 
 def test_backup_none_ignored_scope_and_strings():
     model = _model()
-    compress_weights(model, mode="int4_asym", group_size=32, backup_mode="none", ignored_scope=["2"])
+    compress_weights(model, mode="int4_asym", group_size=32, backup_mode="none", ignored_scope=["2"], packed=False)
     quantizers = {name: m.weight_quantizer for name, m in model.named_modules() if is_quantized(m)}
     assert not quantizers["2"].is_enabled  # ignored
     assert not quantizers["4"].is_enabled  # the last layer: backup mode NONE keeps it float
@@ -144,3 +145,30 @@ def test_refinements_run_on_a_decoder_model():
         logits = model(ids).logits
     relative_error = (logits - reference_logits).square().mean() / reference_logits.square().mean()
     assert 0 < relative_error < 0.1
+
+
+def test_packed_storage_matches_fake_quantization():
+    """Linear layers are packed (fp16 scales); NF4 and embeddings stay fake-quantized; the outputs agree with
+    the fake-quantized model up to the fp16 rounding of the scales."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.compress import CompressedLinear
+    from lowbit.weight_compression.layers import QuantEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=128, vocab_size=96)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for packed in (False, True):
+        for mode in ("int4_asym", "nf4"):
+            torch.manual_seed(0)  # transformers initialises from the global RNG; only the test touches it
+            model = compress_weights(LlamaForCausalLM(config).eval(), mode=mode, group_size=32, packed=packed)
+            with torch.no_grad():
+                logits[packed, mode] = model(ids).logits
+            layers = model.model.layers[0]
+            assert isinstance(model.model.embed_tokens, QuantEmbedding)
+            assert isinstance(model.lm_head, CompressedLinear) == packed  # int8_asym backup
+            assert isinstance(layers.mlp.up_proj, CompressedLinear) == (packed and mode == "int4_asym")
+    for mode in ("int4_asym", "nf4"):
+        error = (logits[True, mode] - logits[False, mode]).square().mean() / logits[False, mode].square().mean()
+        assert error < 1e-5

@@ -17,7 +17,8 @@ def _compressed_weights(mode: str, group_size: int | None, seed: int = 0):
     """(original weights, fake-quantized weights) of every Linear after compress_weights, all in ``mode``."""
     model = reference.linear_stack(SIZES, torch.Generator().manual_seed(seed))
     originals = [m.weight.detach().clone() for m in model if isinstance(m, torch.nn.Linear)]
-    compress_weights(model, mode=mode, group_size=group_size, all_layers=mode not in ("int8_asym", "int8_sym"))
+    compress_weights(model, mode=mode, group_size=group_size, all_layers=mode not in ("int8_asym", "int8_sym"),
+                     packed=False)
     quantized = [m.quantized_weight().detach() for m in model if isinstance(m, torch.nn.Linear)]
     return originals, quantized
 

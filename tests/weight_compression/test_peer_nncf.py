@@ -52,7 +52,8 @@ def test_same_four_bit_layers_as_nncf(metric):
     ratio = 0.6
     model = _tiny_llama()
     dataset = _dataset() if metric.is_data_aware else None
-    compress_weights(model, mode="int4_asym", group_size=32, ratio=ratio, dataset=dataset, sensitivity_metric=metric)
+    compress_weights(model, mode="int4_asym", group_size=32, ratio=ratio, dataset=dataset, sensitivity_metric=metric,
+                     packed=False)
     ours = {name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and m.weight_quantizer.is_enabled and m.weight_quantizer.num_bits == 4}
     assert ours == _nncf_four_bit(metric, ratio)

@@ -90,7 +90,8 @@ def test_selection_matches_definition(metric):
     items = _dataset(generator)
     expected = _reference_selection(model, items, metric, RATIO)
     dataset = items if metric.is_data_aware else None
-    compress_weights(model, mode="int4_asym", group_size=16, ratio=RATIO, dataset=dataset, sensitivity_metric=metric)
+    compress_weights(model, mode="int4_asym", group_size=16, ratio=RATIO, dataset=dataset, sensitivity_metric=metric,
+                     packed=False)
     assert _four_bit_layers(model) == expected
     assert 0 < len(expected) < len(SIZES) - 2
 
@@ -131,23 +132,23 @@ def _bits(model) -> dict[str, int | None]:
 
 
 def test_first_and_last_layers_stay_8_bit_unless_all_layers():
-    model = compress_weights(_tiny_llama(), mode="int4_sym", group_size=32)
+    model = compress_weights(_tiny_llama(), mode="int4_sym", group_size=32, packed=False)
     bits = _bits(model)
     assert bits.pop("model.embed_tokens") == 8 and bits.pop("lm_head") == 8
     assert set(bits.values()) == {4}
-    model = compress_weights(_tiny_llama(), mode="int4_sym", group_size=32, all_layers=True)
+    model = compress_weights(_tiny_llama(), mode="int4_sym", group_size=32, all_layers=True, packed=False)
     assert set(_bits(model).values()) == {4}
 
 
 def test_tied_head_follows_the_embedding_and_the_last_untied_matmul_joins_the_ratio():
     model = _tiny_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    compress_weights(model, mode="int4_asym", group_size=32)
+    compress_weights(model, mode="int4_asym", group_size=32, packed=False)
     bits = _bits(model)
     assert bits["lm_head"] == bits["model.embed_tokens"] == 8
     assert bits["model.layers.1.mlp.down_proj"] == 4  # not the last layer: the head is the embedding's
 
 
 def test_int8_modes_compress_every_layer():
-    model = compress_weights(_tiny_llama(), mode="int8_sym")
+    model = compress_weights(_tiny_llama(), mode="int8_sym", packed=False)
     assert set(_bits(model).values()) == {8}
