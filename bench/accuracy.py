@@ -124,12 +124,12 @@ def library_version(library: str) -> str | None:
         return None
 
 
-def run_case(case: Case, workload: Workload) -> Measurement:
+def run_case(case: Case, workload: Workload, repeats: int) -> Measurement:
     if library_version(case.library) is None:
         package = LIBRARY_PACKAGES[case.library]
         return Measurement(case.library, case.config, error=f"not installed (pip install {package})")
     return measure(case.library, case.config, workload.model, lambda model: case.apply(model, workload),
-                   lambda model: workload.perplexity(case.prepare_eval(model)), lambda model: None)
+                   lambda model: workload.perplexity(case.prepare_eval(model)), lambda model: None, repeats)
 
 
 def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Measurement) -> list[dict]:
@@ -175,7 +175,7 @@ def select(cases: list[Case], libraries: list[str] | None, formats: list[str] | 
             and (formats is None or c.format in formats)]
 
 
-def report(rows: list[dict], context: dict, workload: Workload) -> str:
+def report(rows: list[dict], context: dict, workload: Workload, repeats: int) -> str:
     versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
     return "\n".join([
         f"# Accuracy vs peers, {context['date'][:10]}",
@@ -187,8 +187,8 @@ def report(rows: list[dict], context: dict, workload: Workload) -> str:
         f"- workload: lowbit's bundled model, {len(workload.calibration)} calibration batches "
         f"({sum(len(b['input_ids']) for b in workload.calibration)} windows), perplexity on the first "
         f"{workload.eval_tokens} held-out tokens",
-        "- `d %`: perplexity change vs unquantized; `quant s`: calibration + quantization wall time, "
-        "one run; `cpu s`: the process's CPU time over that span (all threads); `time vs lowbit`: wall "
+        f"- `d %`: perplexity change vs unquantized; `quant s`: calibration + quantization wall time, "
+        f"fastest of {repeats}; `cpu s`: the process's CPU time over that span (all threads); `time vs lowbit`: wall "
         "time over lowbit's for the same format",
         "",
         "```",
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
     parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
     parser.add_argument("--threads", type=int, default=available_cpus())
+    parser.add_argument("--repeats", type=int, default=3, help="quantize this many times, keep the fastest")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     try:
@@ -221,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="modelopt")
     workload = Workload.default(args.calib_samples, args.eval_tokens)
     baseline = measure_baseline(workload)
-    results = [run_case(case, workload) for case in tqdm(cases, desc="cases")]
+    results = [run_case(case, workload, args.repeats) for case in tqdm(cases, desc="cases")]
     rows = comparison_rows(cases, results, baseline)
     context = run_context(["python", "bench/accuracy.py", *argv])
-    text = report(rows, context, workload)
+    text = report(rows, context, workload, args.repeats)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"accuracy_{date.today().isoformat()}.md"

@@ -77,7 +77,7 @@ def _short_format(config: QuantizerAttributeConfig) -> str:
     if config.block_scale_bits is not None:
         return config.format_name
     if config.block_sizes is not None:
-        sizes = [size for size in config.block_axes.values()]
+        sizes = list(config.block_axes.values())
         return f"{config.format_name}/g{sizes[0]}" if len(sizes) == 1 and sizes[0] else config.format_name
     return f"{config.format_name}/{'tensor' if config.axis is None else 'channel'}"
 

@@ -105,3 +105,17 @@ def test_measure_copies_the_model_and_records_failures():
 
     failed = measure("lib", "cuda-only", model, fail, lambda m: 0.0, lambda m: 0)
     assert failed.error == "RuntimeError: needs CUDA" and failed.perplexity is None
+
+
+def test_measure_repeats_keep_the_fastest_and_validate():
+    calls = []
+
+    def count(candidate):
+        calls.append(candidate)
+        return candidate
+
+    result = measure("lib", "x", _model(), count, lambda m: 1.0, lambda m: 0, repeats=3)
+    assert len(calls) == 3 and len({id(c) for c in calls}) == 3  # a fresh copy each time
+    assert result.error is None and result.seconds >= 0
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure("lib", "x", _model(), count, lambda m: 1.0, lambda m: 0, repeats=0)
