@@ -145,27 +145,28 @@ class Measurement:
         return row
 
 
-def measure(library: str, config: str, model: nn.Module, quantize: Callable[[nn.Module], nn.Module],
-            perplexity: Callable[[nn.Module], float], size: Callable[[nn.Module], int | None],
-            repeats: int = 1) -> Measurement:
-    """Quantize a deep copy of ``model`` with ``quantize(copy)`` (timed, calibration included), then
-    measure the model it returns with ``size`` and then ``perplexity`` (which may fold weights).
+def time_quantize(model: nn.Module, quantize: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, float, float]:
+    """``(quantize(deep copy of model), wall seconds, CPU seconds)``; the copy is made before the clocks start.
 
-    With ``repeats > 1`` each repeat quantizes a fresh copy and the fastest wall time (and its CPU
-    time) is kept, the usual guard against a busy machine; the last copy is measured.
+    CPU time is the process's (all threads): about ``threads x wall`` on an idle machine, less when
+    other processes take the cores.
+    """
+    candidate = copy.deepcopy(model)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    quantized = quantize(candidate)
+    return quantized, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def measure(library: str, config: str, model: nn.Module, quantize: Callable[[nn.Module], nn.Module],
+            perplexity: Callable[[nn.Module], float], size: Callable[[nn.Module], int | None]) -> Measurement:
+    """Quantize a copy of ``model`` (``time_quantize``), then measure the result with ``size`` and then
+    ``perplexity`` (which may fold weights).
+
     An exception from ``quantize`` or the measurements becomes ``Measurement(error=...)`` so that one
     failing configuration does not stop a comparison; KeyboardInterrupt still stops it.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r}: expected a positive int")
     try:
-        timings = []
-        for _ in range(repeats):
-            candidate = copy.deepcopy(model)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            quantized = quantize(candidate)
-            timings.append((time.perf_counter() - start, time.process_time() - cpu_start))
-        seconds, cpu_seconds = min(timings)
+        quantized, seconds, cpu_seconds = time_quantize(model, quantize)
         weight_bytes = size(quantized)
         return Measurement(library, config, perplexity(quantized), weight_bytes, seconds, cpu_seconds)
     except Exception as error:  # recorded in the table, by design

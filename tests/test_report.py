@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.report import Measurement, measure, packed_weight_bytes
+from lowbit.report import Measurement, measure, packed_weight_bytes, time_quantize
 
 OUT, IN = 64, 256  # one Linear(IN, OUT): weight (OUT, IN), bias (OUT,)
 WEIGHTS = OUT * IN
@@ -107,15 +107,8 @@ def test_measure_copies_the_model_and_records_failures():
     assert failed.error == "RuntimeError: needs CUDA" and failed.perplexity is None
 
 
-def test_measure_repeats_keep_the_fastest_and_validate():
-    calls = []
-
-    def count(candidate):
-        calls.append(candidate)
-        return candidate
-
-    result = measure("lib", "x", _model(), count, lambda m: 1.0, lambda m: 0, repeats=3)
-    assert len(calls) == 3 and len({id(c) for c in calls}) == 3  # a fresh copy each time
-    assert result.error is None and result.seconds >= 0
-    with pytest.raises(ValueError, match="repeats=0"):
-        measure("lib", "x", _model(), count, lambda m: 1.0, lambda m: 0, repeats=0)
+def test_time_quantize_copies_before_timing():
+    model = _model()
+    quantized, seconds, cpu_seconds = time_quantize(model, lambda candidate: candidate)
+    assert quantized is not model and torch.equal(quantized[0].weight, model[0].weight)
+    assert seconds >= 0 and cpu_seconds >= 0
