@@ -43,16 +43,35 @@ def _attributes_from_json(attributes: dict) -> QuantizerAttributeConfig:
     return QuantizerAttributeConfig.from_dict(attributes)
 
 
-def _quantizer_state(quantizer: TensorQuantizer) -> dict:
+def quantizer_state(quantizer: TensorQuantizer | SequentialQuantizer) -> dict | list[dict]:
+    """JSON-ready attributes and switches of one quantizer (a list for a SequentialQuantizer)."""
+    if isinstance(quantizer, SequentialQuantizer):
+        return [quantizer_state(stage) for stage in quantizer]
     return {"attributes": _attributes_to_json(quantizer.config), "enabled": quantizer.is_enabled,
             "quant": quantizer._quant}
 
 
-def _load_quantizer(state: dict) -> TensorQuantizer:
+def load_quantizer(state: dict | list[dict]) -> TensorQuantizer | SequentialQuantizer:
+    """The quantizer ``quantizer_state`` described (tensors such as amax are loaded separately)."""
+    if isinstance(state, list):
+        return SequentialQuantizer(*(load_quantizer(stage) for stage in state))
     quantizer = TensorQuantizer(_attributes_from_json(state["attributes"]))
     quantizer.enable() if state["enabled"] else quantizer.disable()
     quantizer.enable_quant() if state["quant"] else quantizer.disable_quant()
     return quantizer
+
+
+def apply_quant_state(modules: dict[str, nn.Module], entries: dict[str, dict]) -> None:
+    """Convert the named modules (``quant_state()["modules"]``) and give them their saved quantizers."""
+    missing = [name for name in entries if name not in modules]
+    if missing:
+        raise ValueError(f"the model has no module(s) {missing[:5]} that were saved: a different architecture?")
+    for name, entry in entries.items():
+        module = modules[name]
+        if not is_quantized(module):
+            convert_module(module)
+        for slot, saved in entry["quantizers"].items():
+            setattr(module, slot, load_quantizer(saved))
 
 
 def quant_state(model: nn.Module) -> dict:
@@ -61,13 +80,7 @@ def quant_state(model: nn.Module) -> dict:
     for name, module in model.named_modules():
         if not is_quantized(module):
             continue
-        slots = {}
-        for slot in module.quantizer_names:
-            quantizer = getattr(module, slot)
-            if isinstance(quantizer, SequentialQuantizer):
-                slots[slot] = [_quantizer_state(q) for q in quantizer]
-            else:
-                slots[slot] = _quantizer_state(quantizer)
+        slots = {slot: quantizer_state(getattr(module, slot)) for slot in module.quantizer_names}
         modules[name] = {"class": type(module).__name__, "quantizers": slots}
     return {"format_version": FORMAT_VERSION, "modules": modules}
 
@@ -95,19 +108,7 @@ def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | P
         raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {FORMAT_VERSION}")
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     modules = dict(model.named_modules())
-    missing = [name for name in state["modules"] if name not in modules]
-    if missing:
-        raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
-    for name, entry in state["modules"].items():
-        module = modules[name]
-        if not is_quantized(module):
-            convert_module(module)
-        for slot, saved in entry["quantizers"].items():
-            if isinstance(saved, list):
-                quantizer = SequentialQuantizer(*(_load_quantizer(s) for s in saved))
-            else:
-                quantizer = _load_quantizer(saved)
-            setattr(module, slot, quantizer)
+    apply_quant_state(modules, state["modules"])
     missing_keys, unexpected = load_model(model, str(directory / TENSOR_FILE), strict=False)
     for name in state["modules"]:
         module = modules[name]

@@ -20,11 +20,9 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from lowbit.checkpoint import _load_quantizer, _quantizer_state, quant_state
+from lowbit.checkpoint import apply_quant_state, load_quantizer, quant_state, quantizer_state
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
-from lowbit.modules import convert_module, is_quantized
-from lowbit.quantizer import SequentialQuantizer
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
@@ -41,7 +39,7 @@ def _describe(module: CompressedLinear) -> dict:
         "scale_dtype": str(module.weight_scale.dtype).removeprefix("torch."),
         "lora_rank": 0 if module.lora_a is None else module.lora_a.shape[0],
         "lora_scale": module.lora_scale,
-        "quantizers": {slot: _quantizer_state(getattr(module, slot)) for slot in QUANTIZER_SLOTS},
+        "quantizers": {slot: quantizer_state(getattr(module, slot)) for slot in QUANTIZER_SLOTS},
     }
 
 
@@ -63,7 +61,7 @@ def _rebuild(entry: dict) -> CompressedLinear:
     module = CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=entry["bias"], device="meta",
                               scale_dtype=getattr(torch, entry["scale_dtype"]))
     for slot, saved in entry["quantizers"].items():
-        setattr(module, slot, _load_quantizer(saved))
+        setattr(module, slot, load_quantizer(saved))
     if entry["lora_rank"]:
         module.add_lora(entry["lora_rank"])
         module.lora_scale = entry["lora_scale"]
@@ -81,17 +79,10 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
         raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {FORMAT_VERSION}")
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     modules = dict(model.named_modules())
-    missing = [name for name in [*state["compressed"], *state["quantized"]] if name not in modules]
+    missing = [name for name in state["compressed"] if name not in modules]
     if missing:
         raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
-    for name, entry in state["quantized"].items():
-        module = modules[name]
-        if not is_quantized(module):
-            convert_module(module)
-        for slot, saved in entry["quantizers"].items():
-            quantizer = (SequentialQuantizer(*(_load_quantizer(s) for s in saved)) if isinstance(saved, list)
-                         else _load_quantizer(saved))
-            setattr(module, slot, quantizer)
+    apply_quant_state(modules, state["quantized"])
     for name, entry in state["compressed"].items():
         if name:
             model.set_submodule(name, _rebuild(entry))
