@@ -41,16 +41,18 @@ from lowbit.presets import (
     get_preset,
 )
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
+from lowbit.weight_compression import BackupMode, CompressWeightsMode, SensitivityMetric, compress_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "INT4_AWQ_CFG",
-    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
-    "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG", "PRESETS", "QuantizeConfig",
-    "QuantizeRule", "QuantizerAttributeConfig", "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG",
-    "W4A8_AWQ_BETA_CFG", "assets", "calibrate", "compress", "data", "disable_quantizer", "enable_quantizer", "eval",
-    "fold_weight", "get_preset", "init_quantized_weights", "iter_quantizers", "load_compressed", "model_size",
-    "parse_config", "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save",
-    "save_compressed", "unregister",
+    "BackupMode", "CompressWeightsMode", "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+    "INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG",
+    "INT8_WEIGHT_ONLY_CFG", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG",
+    "PRESETS", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig", "SensitivityMetric",
+    "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG", "assets", "calibrate",
+    "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "fold_weight",
+    "get_preset", "init_quantized_weights", "iter_quantizers", "load_compressed", "model_size", "parse_config",
+    "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save", "save_compressed",
+    "unregister",
 ]
