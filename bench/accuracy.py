@@ -205,7 +205,7 @@ def report(rows: list[dict], context: dict, workload: Workload, repeats: int) ->
         f"# Accuracy vs peers, {context['date'][:10]}",
         "",
         f"- command: `{context['command']}`",
-        f"- machine: {context['machine']}",
+        f"- machine: {context['machine']}; load average at the end: {context['load_average']}",
         f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
         f"- date: {context['date']}",
         f"- workload: lowbit's bundled model, {len(workload.calibration)} calibration batches "

@@ -223,13 +223,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.system()
 
 
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other processes competing for the CPUs), where known."""
+    if not hasattr(os, "getloadavg"):
+        return "unknown"
+    return " / ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
 def run_context(argv: Sequence[str]) -> dict:
-    """Command, date, machine and versions, written next to measured numbers."""
+    """Command, date, machine, load and versions, written next to measured numbers."""
     return {
         "command": " ".join(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_name()} ({platform.machine()}), {available_cpus()} CPUs, "
                    f"torch threads {torch.get_num_threads()}",
+        "load_average": _load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
