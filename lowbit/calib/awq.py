@@ -1,11 +1,13 @@
 """AWQ (Lin et al. 2024, llm-awq): activation-aware weight quantization.
 
 *Scale search* (``awq_lite``): for the linears sharing an input ``X``, try
-``s = mean|X|^alpha`` (per input channel, ``>= 1e-4``, normalised by ``sqrt(max s * min s)``) for
-``alpha`` on a grid in ``[0, 1]``, and keep the ``alpha`` whose quantized output
-``X @ (Q(W * s) / s)^T`` is closest (MSE) to ``X @ W^T``; ``alpha = 0`` is plain rounding, so the
-search never does worse on its sample. The weights keep ``W * s``; the input gets ``1/s``
-(``lowbit.calib.scaling``).
+``s = mean|X|^alpha / w_mean^(1 - alpha)`` per input channel (ModelOpt's awq_lite), where
+``w_mean_j = mean over rows of |W_ij| / max|W_i, group of j|`` (each weight normalised by its own
+quantization group's max, rows of every linear of the group together), clamped to ``[1e-4, 1e4]`` and
+divided by ``sqrt(max s * min s)``, for ``alpha`` on a grid in ``[0, 1]``; the identity ``s = 1``
+(plain rounding) is a candidate too, so the search never does worse on its sample. The candidate whose
+quantized output ``X @ (Q(W * s) / s)^T`` is closest (MSE) to ``X @ W^T`` wins. The weights keep
+``W * s``; the input gets ``1/s`` (``lowbit.calib.scaling``).
 
 *Clip search* (``awq_clip``): per output row and group of ``g`` input columns, try
 ``amax = r * max|W_group|`` for ``r`` from 1 down to ``min_clip_ratio`` and keep the ``r`` with the
@@ -37,10 +39,23 @@ ERROR_CHUNK_ELEMENTS = 2**26  # bound on the (tokens, rows, groups) error tensor
 logger = logging.getLogger(__name__)
 
 
-def awq_scale(activation_mean: Tensor, alpha: float) -> Tensor:
-    """``s = max(mean|X|^alpha, 1e-4)``, divided by ``sqrt(max(s) * min(s))``; shape ``(in,)``, float32."""
-    scale = activation_mean.float().pow(alpha).clamp_min(1e-4)
+def awq_scale(activation_mean: Tensor, alpha: float, weight_mean: Tensor | None = None) -> Tensor:
+    """``s = clamp(mean|X|^alpha / w_mean^(1 - alpha), 1e-4, 1e4)`` divided by ``sqrt(max(s) * min(s))``;
+    shape ``(in,)``, float32. ``weight_mean`` None: ``w_mean = 1`` (llm-awq's ``mean|X|^alpha``)."""
+    scale = activation_mean.float().pow(alpha)
+    if weight_mean is not None:
+        scale = scale / (weight_mean.float().to(scale.device).pow(1 - alpha) + torch.finfo(torch.float32).tiny)
+    scale = scale.clamp(1e-4, 1e4)
     return scale / (scale.max() * scale.min()).sqrt()
+
+
+def normalised_weight_mean(weights: list[Tensor], group_size: int) -> Tensor:
+    """``mean_i |W_ij| / max|W_i, group(j)|`` over the rows ``i`` of every weight ``(out_k, in)``, groups of
+    ``group_size`` input columns (``in`` must be a multiple); shape ``(in,)``, float32, in ``[0, 1]``."""
+    rows = torch.cat([w.detach().float().abs() for w in weights])
+    groups = rows.reshape(rows.shape[0], -1, group_size)
+    normalised = groups / (groups.amax(dim=-1, keepdim=True) + torch.finfo(torch.float32).tiny)
+    return normalised.reshape(rows.shape).mean(dim=0)
 
 
 def search_awq_scale(
@@ -49,25 +64,30 @@ def search_awq_scale(
     fake_quant: list[FakeQuantWeight],
     activation_mean: Tensor,
     alphas: list[float],
-) -> tuple[float, Tensor, list[float]]:
-    """The ``alpha`` (and its scale) minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count``.
+    weight_mean: Tensor | None = None,
+) -> tuple[float | None, Tensor, dict[float | None, float]]:
+    """The scale minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count`` over the identity and
+    ``awq_scale(activation_mean, alpha, weight_mean)`` for each ``alpha``.
 
     ``x``: ``(tokens, in)``; ``weights[i]``: ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of
-    that shape. Returns (best alpha, its scale, the loss of every alpha); ties keep the smaller alpha.
+    that shape. Returns (best alpha, None for the identity; its scale; the loss of every candidate, the
+    identity under key None). Ties keep the identity, then the smaller alpha.
     """
     x = x.float()
     references = [x @ w.float().T for w in weights]
     count = sum(r.numel() for r in references)
-    losses = []
-    for alpha in alphas:
-        scale = awq_scale(activation_mean, alpha).to(x.device)
+    candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)}
+    candidates.update({alpha: awq_scale(activation_mean, alpha, weight_mean) for alpha in alphas})
+    losses = {}
+    for alpha, scale in candidates.items():
+        scale = scale.to(x.device)
         error = 0.0
         for weight, quantize, reference in zip(weights, fake_quant, references, strict=True):
             quantized = quantize(weight.float() * scale) / scale
             error += float((x @ quantized.T - reference).square().sum())
-        losses.append(error / count)
-    best = min(range(len(alphas)), key=losses.__getitem__)
-    return alphas[best], awq_scale(activation_mean, alphas[best]), losses
+        losses[alpha] = error / count
+    best = min(losses, key=losses.__getitem__)
+    return best, candidates[best], losses
 
 
 def search_clip_amax(
@@ -155,18 +175,26 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
     for group in groups:
         name = next(iter(group.linears))
         linears = list(group.linears.values())
+        weights = [w.weight.detach() for w in linears]
         alpha, scale, losses = search_awq_scale(
             torch.cat(samples.pop(name)),
-            [w.weight.detach() for w in linears],
+            weights,
             [_weight_fake_quant(w) for w in linears],
             sums[name] / counts[name],
             alpha_grid(alpha_step),
+            normalised_weight_mean(weights, _scale_group_size(linears[0])),
         )
         placement = apply_input_scale(layer, inputs, group, scale)
-        logger.debug("awq_lite %s: alpha %.2f (%s), output MSE %.4g at alpha 0, %.4g chosen",
-                     list(group.linears), alpha, placement, losses[0], min(losses))
+        logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g unscaled, %.4g chosen",
+                     list(group.linears), alpha, placement, losses[None], losses[alpha])
         for linear in linears:
             recalibrate_weights(linear)
+
+
+def _scale_group_size(linear: nn.Linear) -> int:
+    """Input columns sharing one weight scale: the block along the input dim, else the whole row."""
+    block = linear.weight_quantizer.config.block_axes.get(-1) if hasattr(linear.weight_quantizer, "config") else None
+    return block if block and linear.in_features % block == 0 else linear.in_features
 
 
 def awq_clip_layer(layer: nn.Module, inputs: LayerInputs, min_clip_ratio: float = 0.5,

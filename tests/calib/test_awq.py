@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from lowbit.calib.awq import alpha_grid, awq_scale, clip_ratios, search_awq_scale, search_clip_amax
+from lowbit.calib.awq import (
+    alpha_grid,
+    awq_scale,
+    clip_ratios,
+    normalised_weight_mean,
+    search_awq_scale,
+    search_clip_amax,
+)
 
 QMAX = 7
 GROUP = 8
@@ -29,35 +36,70 @@ def generator():
     return torch.Generator().manual_seed(11)
 
 
+def reference_scale(x_mean, alpha, w_mean=None):
+    """ModelOpt awq_lite's scale in float64: x^a / (w^(1-a) + tiny), clamped to [1e-4, 1e4], normalised."""
+    s = x_mean.double() ** alpha
+    if w_mean is not None:
+        s = s / (w_mean.double() ** (1 - alpha) + torch.finfo(torch.float32).tiny)
+    s = s.clamp(1e-4, 1e4)
+    return s / (s.max() * s.min()).sqrt()
+
+
 def test_awq_scale_formula(generator):
     mean = torch.rand(32, generator=generator, dtype=torch.float64) * 5
     mean[4] = 0.0
+    w_mean = torch.rand(32, generator=generator, dtype=torch.float64) * 0.9 + 0.05
     for alpha in (0.0, 0.3, 1.0):
-        s = (mean**alpha).clamp_min(1e-4)
-        expected = s / (s.max() * s.min()).sqrt()
-        torch.testing.assert_close(awq_scale(mean, alpha).double(), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(awq_scale(mean, alpha).double(), reference_scale(mean, alpha), rtol=1e-6, atol=0)
+        torch.testing.assert_close(awq_scale(mean, alpha, w_mean).double(), reference_scale(mean, alpha, w_mean),
+                                   rtol=1e-5, atol=0)
 
 
-def test_awq_search_picks_the_brute_force_minimum(generator):
+def test_normalised_weight_mean_equals_float64_loop(generator):
+    weights = [torch.randn(6, 16, generator=generator), torch.randn(3, 16, generator=generator) * 50]
+    weights[0][2, 5] = 30.0  # an outlier dominates its group only
+    expected = torch.zeros(16, dtype=torch.float64)
+    rows = [row.double() for w in weights for row in w]
+    for row in rows:
+        for start in range(0, 16, 8):
+            group = row[start : start + 8].abs()
+            expected[start : start + 8] += group / group.max()
+    expected /= len(rows)
+    torch.testing.assert_close(normalised_weight_mean(weights, 8).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("with_weight_mean", [False, True])
+def test_awq_search_picks_the_brute_force_minimum(generator, with_weight_mean):
     x = inputs_with_outlier_channels(generator)
     weights = [torch.randn(24, 32, generator=generator), torch.randn(16, 32, generator=generator)]
     mean = x.abs().mean(0)
+    w_mean = normalised_weight_mean(weights, GROUP) if with_weight_mean else None
     alphas = alpha_grid(0.1)
-    best_alpha, scale, losses = search_awq_scale(x, weights, [int4_groups, int4_groups], mean, alphas)
+    best_alpha, scale, losses = search_awq_scale(x, weights, [int4_groups, int4_groups], mean, alphas, w_mean)
 
     x64 = x.double()
-    brute = []
-    for alpha in alphas:
-        s = (mean.double() ** alpha).clamp_min(1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+    candidates = {None: torch.ones(32, dtype=torch.float64)}
+    candidates.update({alpha: reference_scale(mean, alpha, w_mean) for alpha in alphas})
+    brute = {}
+    for alpha, s in candidates.items():
         error = sum(float((x64 @ (int4_groups(w.double() * s) / s - w.double()).T).square().sum()) for w in weights)
-        brute.append(error / (x.shape[0] * 40))
-    brute = torch.tensor(brute, dtype=torch.float64)
-    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64), brute, rtol=1e-4, atol=0)
-    assert best_alpha == alphas[int(brute.argmin())]
-    assert best_alpha > 0  # outlier channels make scaling pay
-    assert min(losses) < losses[0]  # alpha = 0 is plain rounding
-    torch.testing.assert_close(scale, awq_scale(mean, best_alpha))
+        brute[alpha] = error / (x.shape[0] * 40)
+    assert list(losses) == list(brute)
+    torch.testing.assert_close(torch.tensor(list(losses.values()), dtype=torch.float64),
+                               torch.tensor(list(brute.values()), dtype=torch.float64), rtol=1e-4, atol=0)
+    assert best_alpha == min(brute, key=brute.get)
+    assert best_alpha is not None  # outlier channels make scaling pay
+    assert losses[best_alpha] < losses[None]  # the identity is plain rounding
+    torch.testing.assert_close(scale, awq_scale(mean, best_alpha, w_mean))
+
+
+def test_awq_search_keeps_the_identity_when_no_scale_helps(generator):
+    x = torch.randn(64, 32, generator=generator)
+    weights = [torch.randn(8, 32, generator=generator)]
+    mean = x.abs().mean(0)
+    alpha, scale, losses = search_awq_scale(x, weights, [lambda w: w], mean, alpha_grid(0.5))
+    assert alpha is None and torch.equal(scale, torch.ones(32))  # lossless "quantizer": all tie at 0
+    assert set(losses) == {None, 0.0, 0.5, 1.0}
 
 
 def test_clip_search_picks_the_brute_force_minimum(generator):
