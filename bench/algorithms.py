@@ -1,0 +1,244 @@
+"""Calibration algorithms side by side: lowbit vs NVIDIA ModelOpt vs NNCF, on lowbit's bundled model (CPU).
+
+    python bench/algorithms.py [--eval-tokens 16384] [--calib-samples 32] [--repeats 2]
+                               [--libraries lowbit,modelopt,nncf] [--formats "INT8 W8A8"] [--out bench/results]
+
+Every case quantizes a fresh copy of the same float32 model with the same calibration windows (bundled
+calibration text, 32 windows of 256 tokens, seed 0; NNCF gets the same windows one per item) and is scored
+on the same held-out tokens (``lowbit.report.Workload``: seq_len 256, stride 128). Per case the table gives
+perplexity, its change vs the unquantized model, the wall time of calibration + quantization (fastest of
+``--repeats`` whole passes, ``bench/accuracy.retime``) and the process CPU time of that run. A case a
+library cannot run on CPU records why.
+
+Two verdicts per format, printed under the table and written with it:
+
+- accuracy: lowbit's best perplexity delta at the format <= the best peer's delta at the format;
+- speed: for each config both lowbit and ModelOpt run (same preset name), lowbit's wall time <= 0.5x
+  ModelOpt's.
+
+Nothing here is tuned on the held-out text: algorithm options are the presets' defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import lowbit
+from lowbit.eval import format_table
+from lowbit.report import Measurement, Workload, available_cpus, measure_baseline, run_context
+
+sys.path.insert(0, str(Path(__file__).parent))
+from accuracy import (  # noqa: E402  (bench/ is not a package)
+    HIGH_PRECISION_LAYERS,
+    LIBRARY_PACKAGES,
+    Case,
+    library_version,
+    modelopt_case,
+    retime,
+    run_case,
+)
+
+INT4_SYM = "INT4 sym g128 weight-only"
+INT4_ASYM = "INT4 asym g128 weight-only"
+INT8_W8A8 = "INT8 W8A8 (per-channel W, per-tensor A)"
+FP8_W8A8 = "FP8 W8A8 per-tensor"
+W4A8 = "W4A8 (INT4 g128 -> FP8 W, FP8 A)"
+SPEED_RATIO = 0.5  # the target: lowbit's wall time <= this x ModelOpt's, same config
+
+
+def lowbit_case(format: str, preset: str, algorithm: str | dict | None = None) -> Case:
+    """``lowbit.quantize`` with ``preset``, its algorithm replaced by ``algorithm`` when given."""
+    config = copy.deepcopy(lowbit.get_preset(preset))
+    if algorithm is not None:
+        config["algorithm"] = algorithm
+    method = config["algorithm"] if isinstance(config["algorithm"], str) else config["algorithm"]["method"]
+    label = preset if algorithm is None else f"{preset} algorithm={method}"
+
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        return lowbit.quantize(model, copy.deepcopy(config), workload.forward_loop())
+
+    return Case(format, "lowbit", label, apply, lowbit.fold_weight)
+
+
+def lowbit_compress_case(format: str, mode: str, **options) -> Case:
+    """``lowbit.compress_weights`` (NNCF's API) with the same arguments as :func:`nncf_case`."""
+
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        dataset = [{"input_ids": ids[None]} for ids in _windows(workload)] if options else None
+        from lowbit.weight_compression import compress_weights
+
+        return compress_weights(model, mode=mode.lower(), group_size=128, ratio=1.0, dataset=dataset,
+                                       ignored_scope=["*lm_head*", "*embed_tokens*"], **options)
+
+    return Case(format, "lowbit", _label(f"compress_weights {mode}", options), apply)
+
+
+def nncf_case(format: str, mode: str, **options) -> Case:
+    """``nncf.compress_weights`` on the torch model, group 128, ratio 1.0; the calibration windows as the
+    dataset (one window per item; data-free cases get it for tracing only)."""
+
+    def apply(model: nn.Module, workload: Workload) -> nn.Module:
+        import nncf
+
+        windows = _windows(workload)
+        return nncf.compress_weights(
+            model, mode=getattr(nncf.CompressWeightsMode, mode), group_size=128, ratio=1.0,
+            dataset=nncf.Dataset([ids[None] for ids in windows]), subset_size=len(windows),
+            ignored_scope=nncf.IgnoredScope(patterns=list(HIGH_PRECISION_LAYERS), validate=False), **options,
+        )
+
+    return Case(format, "nncf", _label(mode, options), apply)
+
+
+def _windows(workload: Workload) -> list[torch.Tensor]:
+    return [ids for batch in workload.calibration for ids in batch["input_ids"]]
+
+
+def _label(name: str, options: dict) -> str:
+    return " ".join([name, *(key for key, value in options.items() if value)])
+
+
+CASES: list[Case] = [
+    lowbit_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
+    lowbit_case(INT4_SYM, "INT4_AWQ_CFG"),
+    lowbit_case(INT4_SYM, "INT4_AWQ_CFG", "awq_full"),
+    lowbit_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq"),
+    modelopt_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
+    modelopt_case(INT4_SYM, "INT4_AWQ_CFG"),
+    nncf_case(INT4_SYM, "INT4_SYM"),
+    nncf_case(INT4_SYM, "INT4_SYM", awq=True),
+    nncf_case(INT4_SYM, "INT4_SYM", scale_estimation=True),
+    nncf_case(INT4_SYM, "INT4_SYM", awq=True, scale_estimation=True),
+    nncf_case(INT4_SYM, "INT4_SYM", gptq=True),
+    lowbit_compress_case(INT4_ASYM, "INT4_ASYM"),
+    lowbit_compress_case(INT4_ASYM, "INT4_ASYM", awq=True),
+    lowbit_compress_case(INT4_ASYM, "INT4_ASYM", awq=True, scale_estimation=True),
+    nncf_case(INT4_ASYM, "INT4_ASYM"),
+    nncf_case(INT4_ASYM, "INT4_ASYM", awq=True),
+    nncf_case(INT4_ASYM, "INT4_ASYM", scale_estimation=True),
+    nncf_case(INT4_ASYM, "INT4_ASYM", awq=True, scale_estimation=True),
+    lowbit_case(INT8_W8A8, "INT8_DEFAULT_CFG"),
+    lowbit_case(INT8_W8A8, "INT8_SMOOTHQUANT_CFG"),
+    modelopt_case(INT8_W8A8, "INT8_DEFAULT_CFG"),
+    modelopt_case(INT8_W8A8, "INT8_SMOOTHQUANT_CFG"),
+    lowbit_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
+    modelopt_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
+    lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG"),
+    modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
+]
+
+
+def rows_and_verdicts(cases: list[Case], results: list[Measurement], baseline: Measurement) -> tuple[list, list]:
+    """Table rows (one per case) and the verdict lines (accuracy per format, speed per shared config)."""
+    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
+    delta: dict[tuple[str, str], list[float]] = {}
+    seconds: dict[tuple[str, str], float] = {}
+    for case, result in zip(cases, results, strict=True):
+        row = result.as_row(baseline)
+        if row["delta"] is not None:
+            delta.setdefault((case.format, case.library), []).append(row["delta"])
+            seconds[(case.library, case.config)] = row["seconds"]
+        rows.append({
+            "format": case.format, "library": case.library, "config": case.config,
+            "ppl": _round(row["perplexity"], 3), "d ppl": _round(row["delta"], 3),
+            "wall s": _round(row["seconds"], 2), "cpu s": _round(row["cpu_seconds"], 2),
+            "note": (row["error"] or "")[:110],
+        })
+    verdicts = []
+    for format in dict.fromkeys(case.format for case in cases):
+        ours = delta.get((format, "lowbit"))
+        peers = [min(d) for (f, library), d in delta.items() if f == format and library != "lowbit"]
+        if ours and peers:
+            ok = min(ours) <= min(peers)
+            verdicts.append(f"accuracy {format}: lowbit best d ppl {min(ours):.3f} vs best peer {min(peers):.3f}"
+                            f" -> {'met' if ok else 'NOT met'}")
+    for (library, config), peer_seconds in seconds.items():
+        if library == "modelopt" and ("lowbit", config) in seconds:
+            ratio = seconds[("lowbit", config)] / peer_seconds
+            verdicts.append(f"speed {config}: lowbit {seconds[('lowbit', config)]:.2f} s vs modelopt "
+                            f"{peer_seconds:.2f} s = {ratio:.2f}x -> {'met' if ratio <= SPEED_RATIO else 'NOT met'}")
+    return rows, verdicts
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workload, repeats: int) -> str:
+    versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
+    windows = len(_windows(workload))
+    return "\n".join([
+        f"# Calibration algorithms vs peers, {context['date'][:10]}",
+        "",
+        f"- command: `{context['command']}`",
+        f"- machine: {context['machine']} (shared, loaded)",
+        f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
+        f"- date: {context['date']}",
+        f"- workload: lowbit's bundled model (float32), {windows} calibration windows x 256 tokens of the "
+        f"calibration text, perplexity on the first {workload.eval_tokens} held-out tokens (seq_len 256, stride 128)",
+        f"- `d ppl`: perplexity change vs unquantized; `wall s`: calibration + quantization wall time, fastest of "
+        f"{repeats}; `cpu s`: the process's CPU time over that run (all threads)",
+        "",
+        "```",
+        format_table(rows),
+        "```",
+        "",
+        "Verdicts (accuracy: lowbit's best delta at the format vs the best peer's; speed: same preset, "
+        f"target lowbit <= {SPEED_RATIO}x ModelOpt's wall time):",
+        "",
+        *(f"- {line}" for line in verdicts),
+        "",
+    ])
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
+    parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
+    parser.add_argument("--threads", type=int, default=available_cpus())
+    parser.add_argument("--repeats", type=int, default=2, help="quantize this many times, keep the fastest")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    cases = [c for c in CASES if (args.libraries is None or c.library in args.libraries)
+             and (args.formats is None or c.format in args.formats)]
+    if not cases:
+        parser.error(f"no case matches; formats are {sorted({c.format for c in CASES})}")
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False)
+    baseline = measure_baseline(workload)
+    results = []
+    for case in tqdm(cases, desc="cases"):
+        results.append(run_case(case, workload))
+        tqdm.write(f"{case.format} | {case.library} {case.config}: {results[-1]}")
+    for _ in range(args.repeats - 1):
+        results = retime(cases, results, workload)
+    rows, verdicts = rows_and_verdicts(cases, results, baseline)
+    text = report(rows, verdicts, run_context(["python", "bench/algorithms.py", *argv]), workload, args.repeats)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"algorithms_{date.today().isoformat()}.md"
+    path.write_text(text, encoding="utf-8")
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
