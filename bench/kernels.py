@@ -1,13 +1,15 @@
 """Benchmark lowbit's matmul kernels against bf16 cuBLAS, torch's tinygemm and torch._scaled_mm.
 
-    python bench/kernels.py --out bench/results/kernels_h100.md
+    python bench/kernels.py --out bench/results/kernels_h100.md          # the table
+    python bench/kernels.py --explore --out explore.md                   # decode launch configurations
 
-For each weight K x N (a Linear with in_features K, out_features N) and each M (rows of x): fresh
-random bf16 data (normal, 0.1% of weights x20 outliers), the median time of ``triton.testing.do_bench``
-(L2 flushed before every run) and the error ``||y - y_ref|| / ||y_ref||`` against a float64 product of
-the *same operands* (the bf16 weight, or each format's dequantized weight and activation codes), so the
-error column shows the kernel's arithmetic, not the quantization error. Speedups are bf16 time over
-the kernel's time, in the same run. Prints a table and writes it (with device and versions) to --out.
+For each weight K x N (a Linear with in_features K, out_features N) and each M (rows of x): fresh random
+bf16 data (normal, 0.1% of weights x20 outliers), the median time of ``triton.testing.do_bench`` (L2
+flushed before every run, which also leaves the host ~90 us to enqueue a call, so Python launch overhead
+stays out of these GPU times) and the error ``||y - y_ref|| / ||y_ref||`` against a float64 product of the
+*same operands* (each format's dequantized weight, the activation codes for W8A8), so the error column
+shows the kernel's arithmetic, not the quantization error. Speedups are bf16 time over the kernel's time,
+in the same run. Prints a table and writes it (with device and versions) to --out.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.compress.packed import WeightFormat, quantize_weight  # noqa: E402
-from lowbit.kernels import dispatch, fp8_matmul, int8_matmul, weight_only_linear  # noqa: E402
+from lowbit.kernels import Fp8Weight, dispatch, fp8_linear, fp8_matmul, int8_matmul, weight_only_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N)
 ROWS = [1, 4, 16, 64, 256, 2048]
@@ -37,6 +39,18 @@ FORMATS = {
 }
 FP8_MAX = 448.0
 GROUP = 128
+EXPLORE_SHAPE = (8192, 28672)
+EXPLORE_ROWS = [1, 16]
+
+
+def decode_configs() -> dict[str, dict]:
+    """Weight-tile rows, split-K and activation access of the fused kernel, for --explore (M <= 16)."""
+    def config(block_n, split_k, permuted=True, warps=4, stages=3):
+        return dict(BLOCK_N=block_n, BLOCK_M=16, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
+                    X_PERMUTED=permuted)
+    return {"n256 k2": config(256, 2), "n256 k4": config(256, 4), "n256 k8": config(256, 8),
+            "n128 k4": config(128, 4), "n128 k8": config(128, 8), "n256 k4 gathered x": config(256, 4, False),
+            "n128 k8 gathered x": config(128, 8, False)}
 
 
 def random_matrix(rows: int, cols: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -82,10 +96,10 @@ def int8_codes(values: torch.Tensor):
     return (values.float() * scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
-def bench_shape(k: int, n: int, rows: list[int], generator: torch.Generator) -> list[dict]:
+def shape_operands(k: int, n: int, generator: torch.Generator) -> dict:
     weight = random_matrix(n, k, generator, scale=0.02)
     packed = {name: quantize_weight(weight, fmt) for name, fmt in FORMATS.items()}
-    operands = {
+    return {
         "weight": weight,
         "packed": packed,
         "dequantized": {name: p.dequantize(torch.bfloat16).double() for name, p in packed.items()},
@@ -94,63 +108,113 @@ def bench_shape(k: int, n: int, rows: list[int], generator: torch.Generator) -> 
         "fp8 row": fp8_codes(weight, rowwise=True),
         "int8 row": int8_codes(weight),
     }
-    results = []
-    for m in rows:
-        row = {"K": k, "N": n, "M": m, **bench_row(random_matrix(m, k, generator), operands)}
-        results.append(row)
-        base = row["bf16 cuBLAS"]["ms"]
-        summary = "  ".join(f"{name.replace('lowbit ', '')}={base / v['ms']:.2f}x" for name, v in row.items()
-                            if isinstance(v, dict) and name != "bf16 cuBLAS")
-        print(f"K={k} N={n} M={m} bf16={base * 1e3:.1f}us  {summary}", flush=True)
-    return results
 
 
-def bench_row(x: torch.Tensor, operands: dict) -> dict:
-    """{column: {"ms", "err"}} for one activation batch ``x`` (M, K) against every kernel."""
-    kernels = dispatch.triton_w4()
-    x64 = x.double()
-    row = {}
+class Row:
+    """{column: {"ms", "err"}} of one activation batch; ``record`` keeps going when one kernel fails."""
 
-    def record(name, fn, reference):
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.x64 = x.double()
+        self.values: dict[str, dict] = {}
+
+    def record(self, name: str, fn, reference: torch.Tensor) -> None:
         try:
             out = fn()
             torch.cuda.synchronize()
-            row[name] = {"ms": median_ms(fn), "err": relative_error(out, reference)}
-        except Exception as error:  # keep the other columns when one kernel fails; the table says so
-            print(f"{name} failed at M={x.shape[0]}: {error!r}", flush=True)
+            self.values[name] = {"ms": median_ms(fn), "err": relative_error(out, reference)}
+        except Exception as error:  # the table says "-" and the log says why
+            print(f"{name} failed at M={self.x.shape[0]}: {error!r}", flush=True)
 
+
+def bench_row(x: torch.Tensor, operands: dict) -> dict:
+    """Every kernel of the table on one activation batch ``x`` (M, K)."""
+    kernels = dispatch.triton_w4()
+    row = Row(x)
     weight = operands["weight"]
-    record("bf16 cuBLAS", lambda: F.linear(x, weight), x64 @ weight.double().T)
+    row.record("bf16 cuBLAS", lambda: F.linear(x, weight), row.x64 @ weight.double().T)
     for name, p in operands["packed"].items():
-        arguments = dispatch.triton_arguments(p)
-        reference = x64 @ operands["dequantized"][name].T
-        record(f"lowbit {name}", lambda p=p, a=arguments: kernels.w4_matmul(x, p.codes, p.scale, **a), reference)
-        if x.shape[0] >= 64:
-            record(f"lowbit {name} dq+cuBLAS",
-                   lambda p=p, a=arguments: F.linear(x, kernels.w4_dequantize(p.codes, p.scale, dtype=x.dtype, **a)),
-                   reference)
-        record(f"dispatch {name}", lambda p=p: weight_only_linear(x, p, None), reference)
+        reference = row.x64 @ operands["dequantized"][name].T
+        row.record(f"lowbit {name}", lambda p=p: weight_only_linear(x, p, None), reference)
+        if name == "int4 g128" and x.shape[0] >= 64:  # the path dispatch does not take at this M
+            arguments = dispatch.triton_arguments(p)
+            if x.shape[0] >= dispatch.DEQUANTIZE_FIRST_ROWS:
+                row.record(f"lowbit {name} fused", lambda p=p, a=arguments:
+                           kernels.w4_matmul(x, p.codes, p.scale, **a), reference)
+            else:
+                row.record(f"lowbit {name} dq+cuBLAS", lambda p=p, a=arguments:
+                           F.linear(x, kernels.w4_dequantize(p.codes, p.scale, dtype=x.dtype, **a)), reference)
     tiny_packed, tiny_scales, tiny_weight = operands["tinygemm"]
-    record("tinygemm int4 g128", lambda: torch.ops.aten._weight_int4pack_mm(x, tiny_packed, GROUP, tiny_scales),
-           x64 @ tiny_weight.double().T)
+    row.record("tinygemm int4 g128", lambda: torch.ops.aten._weight_int4pack_mm(x, tiny_packed, GROUP, tiny_scales),
+               row.x64 @ tiny_weight.double().T)
+    bench_fp8(row, operands)
+    w_codes, w_scale = operands["int8 row"]
+    x_codes, x_scale = int8_codes(x)
+    reference = (x_codes.double() / x_scale.double()) @ (w_codes.double() / w_scale.double()).T
+    row.record("int_mm int8 row", lambda: int8_matmul(x_codes, x_scale, w_codes, w_scale, None, torch.bfloat16),
+               reference)
+    return row.values
+
+
+def bench_fp8(row: Row, operands: dict) -> None:
+    """_scaled_mm on ready codes, and lowbit's fp8_linear from bf16 (Triton activation quantization included):
+    per tensor with a static activation amax, per row with dynamic per-row scales."""
+    x = row.x
     for name, rowwise in (("fp8 tensor", False), ("fp8 row", True)):
         w_codes, w_scale = operands[name]
         x_codes, x_scale = fp8_codes(x, rowwise)
         reference = (x_codes.double() / x_scale.double()) @ (w_codes.double() / w_scale.double()).T
-        record(f"scaled_mm {name}",
-               lambda xc=x_codes, xs=x_scale, wc=w_codes, ws=w_scale: fp8_matmul(xc, xs, wc, ws, None, torch.bfloat16),
-               reference)
-        record(f"lowbit {name} +dyn act quant",
-               lambda r=rowwise, wc=w_codes, ws=w_scale: fp8_matmul(*fp8_codes(x, r), wc, ws, None, torch.bfloat16),
-               reference)
-    w_codes, w_scale = operands["int8 row"]
-    x_codes, x_scale = int8_codes(x)
-    reference = (x_codes.double() / x_scale.double()) @ (w_codes.double() / w_scale.double()).T
-    record("int_mm int8 row", lambda: int8_matmul(x_codes, x_scale, w_codes, w_scale, None, torch.bfloat16), reference)
-    return row
+        row.record(f"scaled_mm {name}", lambda xc=x_codes, xs=x_scale, wc=w_codes, ws=w_scale:
+                   fp8_matmul(xc, xs, wc, ws, None, torch.bfloat16), reference)
+        weight = Fp8Weight.from_codes(w_codes, w_scale)
+        amax = None if rowwise else x.float().abs().amax().reshape(1, 1)
+        label = "lowbit fp8 row, dynamic act quant" if rowwise else "lowbit fp8 tensor, static act quant"
+        row.record(label, lambda wt=weight, a=amax: fp8_linear(x, wt, None, a, torch.bfloat16), reference)
 
 
-def environment() -> dict:
+def bench_explore(generator: torch.Generator) -> list[dict]:
+    """Launch configurations of the fused kernel on EXPLORE_SHAPE, for the decode rows."""
+    kernels = dispatch.triton_w4()
+    k, n = EXPLORE_SHAPE
+    operands = shape_operands(k, n, generator)
+    results = []
+    for m in EXPLORE_ROWS:
+        x = random_matrix(m, k, generator)
+        row = Row(x)
+        weight = operands["weight"]
+        row.record("bf16 cuBLAS", lambda x=x, w=weight: F.linear(x, w), row.x64 @ weight.double().T)
+        for name, p in operands["packed"].items():
+            arguments = dispatch.triton_arguments(p)
+            reference = row.x64 @ operands["dequantized"][name].T
+            for label, config in decode_configs().items():
+                config = {**config, "SCALE_AFTER_DOT": name != "nvfp4"}
+                row.record(f"{name} {label}", lambda x=x, p=p, a=arguments, c=config:
+                           kernels.w4_matmul(x, p.codes, p.scale, config=c, **a), reference)
+        results.append({"K": k, "N": n, "M": m, **row.values})
+        print_row(results[-1])
+    return results
+
+
+def print_row(row: dict) -> None:
+    base = row["bf16 cuBLAS"]["ms"]
+    summary = "  ".join(f"{name.replace('lowbit ', '')}={base / v['ms']:.2f}x" for name, v in row.items()
+                        if isinstance(v, dict) and name != "bf16 cuBLAS")
+    print(f"K={row['K']} N={row['N']} M={row['M']} bf16={base * 1e3:.1f}us  {summary}", flush=True)
+
+
+def bench_table(shapes: list[tuple[int, int]], rows: list[int], generator: torch.Generator) -> list[dict]:
+    results = []
+    for k, n in shapes:
+        operands = shape_operands(k, n, generator)
+        for m in rows:
+            results.append({"K": k, "N": n, "M": m, **bench_row(random_matrix(m, k, generator), operands)})
+            print_row(results[-1])
+        del operands
+        torch.cuda.empty_cache()
+    return results
+
+
+def environment(command: str) -> dict:
     import triton
 
     try:
@@ -160,33 +224,38 @@ def environment() -> dict:
         driver = "unknown"
     return {"device": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(sys.argv)}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command}
 
 
-def markdown(results: list[dict], env: dict) -> str:
-    columns = [c for c in results[0] if c not in ("K", "N", "M")]
-    for row in results[1:]:
+def markdown(results: list[dict], env: dict, transpose: bool = False) -> str:
+    columns = []
+    for row in results:
         columns += [c for c in row if c not in columns and c not in ("K", "N", "M")]
     lines = ["# lowbit kernel benchmark", ""]
-    lines += [f"- {key}: {value}" for key, value in env.items() if key != "autotuned configs"]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += ["- time: median of triton.testing.do_bench (warmup 25 ms, rep 100 ms, L2 flushed), in us",
               "- speedup: bf16 cuBLAS time / kernel time, same run; err: ||y - y64|| / ||y64|| against a float64",
               "  product of the same operands (dequantized weight; activation codes for W8A8)",
-              "- dispatch: lowbit.kernels.weight_only_linear as the library calls it", ""]
-    lines += ["| K x N | M | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for row in results:
-        base = row["bf16 cuBLAS"]["ms"]
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            if value is None:
-                cells.append("-")
-                continue
-            error = f", err {value['err']:.1e}"
-            ratio = "" if column == "bf16 cuBLAS" else f" ({base / value['ms']:.2f}x)"
-            cells.append(f"{value['ms'] * 1e3:.1f}{ratio}{error}")
-        lines.append(f"| {row['K']}x{row['N']} | {row['M']} | " + " | ".join(cells) + " |")
+              "- lowbit int4 / int4-asym / nvfp4: lowbit.kernels.weight_only_linear as the library calls it (fused",
+              "  Triton kernel below 128 rows, Triton dequantize + cuBLAS from 128); 'fused' / 'dq+cuBLAS': the path",
+              "  dispatch does not take at that M",
+              "- lowbit fp8: lowbit.kernels.fp8_linear from bf16 activations (Triton quantization + _scaled_mm)", ""]
+
+    def cell(row, column):
+        value = row.get(column)
+        if value is None:
+            return "-"
+        ratio = "" if column == "bf16 cuBLAS" else f" ({row['bf16 cuBLAS']['ms'] / value['ms']:.2f}x)"
+        return f"{value['ms'] * 1e3:.1f}{ratio}, err {value['err']:.1e}"
+
+    if transpose:  # one column per M: many configurations read better as rows
+        lines += ["| kernel | " + " | ".join(f"M={r['M']}" for r in results) + " |",
+                  "|---|" + "---|" * len(results)]
+        lines += [f"| {c} | " + " | ".join(cell(r, c) for r in results) + " |" for c in columns]
+    else:
+        lines += ["| K x N | M | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        lines += [f"| {r['K']}x{r['N']} | {r['M']} | " + " | ".join(cell(r, c) for c in columns) + " |"
+                  for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -195,30 +264,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/kernels_h100.md"))
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS)
     parser.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES")
+    parser.add_argument("--explore", action="store_true", help="launch configurations on one shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    env = environment("python " + " ".join(sys.argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    results = []
-    for k, n in shapes:
-        results += bench_shape(k, n, args.rows, generator)
-        torch.cuda.empty_cache()
-        args.out.write_text(markdown(results, env))  # written after every shape: a cut run keeps its rows
-    env["autotuned configs"] = autotune_choices()
-    text = markdown(results, env)
+    if args.explore:
+        results = bench_explore(generator)
+    else:
+        shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+        results = bench_table(shapes, args.rows, generator)
+    text = markdown(results, env, transpose=args.explore)
     print(text)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=1))
-
-
-def autotune_choices() -> dict:
-    """Autotuner key -> chosen config of each lowbit Triton kernel (for the record)."""
-    kernels = dispatch.triton_w4()
-    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
-            for name, tuner in (("gemv", kernels._gemv_tuned), ("matmul", kernels._matmul_tuned))}
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 - ``weight_only_linear(x, packed, bias)``: 16-bit activations x packed 4/8-bit weights.
 - ``fp8_matmul`` / ``int8_matmul``: W8A8 on 8-bit activation and weight codes.
-- ``triton_w4``: the Triton W4A16 kernels (imported lazily; CPU never needs triton).
+- ``fp8_linear``: W8A8 FP8 from 16-bit activations (Triton activation quantization + ``_scaled_mm``).
+- ``triton_w4``, ``nibbles``, ``fp8_quant``: the Triton kernels (imported lazily; CPU never needs triton).
 """
 
 from lowbit.kernels.dispatch import weight_only_linear
-from lowbit.kernels.scaled import fp8_matmul, int8_matmul
+from lowbit.kernels.scaled import Fp8Weight, fp8_linear, fp8_matmul, int8_matmul
 
-__all__ = ["fp8_matmul", "int8_matmul", "weight_only_linear"]
+__all__ = ["Fp8Weight", "fp8_linear", "fp8_matmul", "int8_matmul", "weight_only_linear"]

@@ -1,15 +1,15 @@
 """Choose the kernel for ``x @ dequantize(W).T + bias`` from the device, the weight format and M.
 
-| device | weight                                 | rows M                   | kernel                              |
-|--------|----------------------------------------|--------------------------|-------------------------------------|
-| CUDA   | INT<=4 sym / asym, NVFP4; K % 128 == 0 | < DEQUANTIZE_FIRST_ROWS  | Triton W4A16 (``triton_w4``)        |
-| CUDA   | same                                   | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS      |
-|        | (NVFP4's groups of 16: from 32 rows)   |                          |                                     |
-| any    | anything else                          | any                      | lowbit.formats dequantize, F.linear |
+| device | weight                                        | rows M                   | kernel                          |
+|--------|-----------------------------------------------|--------------------------|---------------------------------|
+| CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | < DEQUANTIZE_FIRST_ROWS  | Triton W4A16 (``triton_w4``)    |
+|        | K % 128 == 0; bf16 / fp16 activations         | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS  |
+| any    | anything else                                 | any                      | formats dequantize, F.linear    |
 
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
-``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused kernel uses the
-same weights but its own fp32 accumulation order. Triton is imported on first CUDA use only.
+``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused kernel multiplies the
+same weight values (exactly: codes times scales) but rounds only its float32 sums, so it matches a
+float64 product to the output's rounding. Triton is imported on first CUDA use only.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
 
 KERNEL_K_MULTIPLE = 128
-# bench/results/kernels_h100.md: from M = 256 on, dequantize + cuBLAS is as fast as or faster than
-# the fused kernel on every benchmarked shape (and at M = 2048 about twice as fast).
-DEQUANTIZE_FIRST_ROWS = 256
-# Groups of 16 (NVFP4) only get the mma.sync tiles (see triton_w4.SMALLEST_WGMMA_GROUP): at M = 64 they
-# ran at 0.28x of bf16 against 0.41x for dequantize + cuBLAS on 8192x28672.
-SMALL_GROUP_DEQUANTIZE_FIRST_ROWS = 32
-SMALL_GROUP = 32
+NVFP4_BLOCK = 16
+SMALLEST_GROUP = 16
+# bench/results/kernels_h100_notes.md: from 256 rows on, dequantize + cuBLAS beat the fused kernel (128 x 128
+# tiles, 0.5x of bf16) on 8192 x 28672; up to 64 rows the fused kernel's decode tiles win.
+DEQUANTIZE_FIRST_ROWS = 128
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -50,14 +48,16 @@ def triton_arguments(packed: PackedWeight) -> dict | None:
     k = packed.shape[1]
     if not fmt.packs_nibbles or k % KERNEL_K_MULTIPLE or packed.scale.shape[0] != packed.shape[0]:
         return None
+    if not packed.codes.is_contiguous() or not packed.scale.is_contiguous():
+        return None
     group_size = fmt.block_size or k
-    if fmt.block_size is not None and fmt.block_size & (fmt.block_size - 1):
-        return None  # the kernels tile K in powers of two
+    if group_size < SMALLEST_GROUP or group_size & (group_size - 1) and group_size != k:
+        return None  # the kernels tile K in steps of 128 split into power-of-two groups (or one group per row)
     if fmt.kind == "int":
         return dict(kind="int_divide", group_size=group_size, zero_offset=fmt.code_offset)
     if fmt.kind == "int_asym":
         return dict(kind="int_affine", group_size=group_size, zero_point=packed.zero_point)
-    if fmt.kind == "nvfp4":
+    if fmt.kind == "nvfp4" and group_size == NVFP4_BLOCK:
         return dict(kind="nvfp4", group_size=group_size, global_scale=packed.global_scale)
     return None
 
@@ -68,9 +68,8 @@ def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     kernels = triton_w4() if arguments is not None else None
     if kernels is None:
         return F.linear(x, packed.dequantize(x.dtype), bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    small_group = arguments["group_size"] < SMALL_GROUP
-    if rows.shape[0] >= (SMALL_GROUP_DEQUANTIZE_FIRST_ROWS if small_group else DEQUANTIZE_FIRST_ROWS):
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] >= DEQUANTIZE_FIRST_ROWS:
         weight = kernels.w4_dequantize(packed.codes, packed.scale, dtype=x.dtype, **arguments)
         out = F.linear(rows, weight, bias)
     else:

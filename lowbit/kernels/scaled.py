@@ -7,9 +7,14 @@ Scales follow lowbit.formats' multiplicative convention, ``x_hat = codes / scale
 with ``x_scale`` a scalar / (1, 1) (per tensor) or (M, 1) (per row) and ``w_scale`` (1, 1) or (N, 1)
 (per output channel), all float32. The products of codes are exact (FP8 x FP8 in the tensor cores'
 accumulator, INT8 x INT8 in int32); only the final scaling rounds differently from fake quantization.
+
+``fp8_linear`` starts from 16-bit activations: one Triton kernel quantizes them (``fp8_quant``: static
+per-tensor or dynamic per-row scales, the codes lowbit.formats would produce), one ``_scaled_mm`` multiplies.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -69,4 +74,55 @@ def int8_matmul(
     accumulated = torch._int_mm(_pad_rows(x_codes, rows), w_codes.t())[:m]
     out = accumulated.float() / x_scale.float().reshape(-1, 1) / w_scale.float().reshape(1, -1)
     out = out if bias is None else out + bias.float()
+    return out.to(out_dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """An E4M3 weight prepared once for ``fp8_linear``: ``codes`` (N, K) and the inverse of its scale,
+    ``inverse_scale`` () or (1, N) float32, and the same as a (1, N) row for row-wise scaling."""
+
+    codes: torch.Tensor
+    inverse_scale: torch.Tensor
+    inverse_scale_row: torch.Tensor
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor) -> Fp8Weight:
+        """From float8_e4m3fn codes (N, K) and lowbit's scale ((1, 1) per tensor or (N, 1) per channel)."""
+        if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+            raise TypeError(f"codes must be a 2-D float8_e4m3fn tensor, got {codes.dtype} {tuple(codes.shape)}")
+        if scale.numel() not in (1, codes.shape[0]):
+            raise ValueError(f"scale has {scale.numel()} elements: expected 1 or {codes.shape[0]} (one per row)")
+        inverse = scale.float().reciprocal()
+        row = inverse.reshape(1, -1).expand(1, codes.shape[0]).contiguous()
+        return cls(codes, inverse.reshape(()) if scale.numel() == 1 else row, row)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: Fp8Weight,
+    bias: torch.Tensor | None,
+    activation_amax: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """x (M, K) -> (M, N) ``out_dtype``: E4M3 codes of x (static per-tensor ``activation_amax``, or dynamic
+    per-row scales when it is None) times the weight codes, rescaled, + bias. CUDA only (Triton + cuBLASLt).
+
+    Per-tensor on both sides uses cuBLAS's tensor-wise scaling (bias fused); otherwise row-wise scaling
+    with a bfloat16 result.
+    """
+    from lowbit.kernels.fp8_quant import quantize_fp8
+
+    m = x.shape[0]
+    padded = m + (-m % FP8_ROW_MULTIPLE)
+    tensor_wise = activation_amax is not None and weight.inverse_scale.numel() == 1
+    x_codes, x_inverse = quantize_fp8(x, activation_amax, padded, row_scales=not tensor_wise)
+    w_t = weight.codes.t()
+    if tensor_wise:
+        out = torch._scaled_mm(x_codes, w_t, scale_a=x_inverse, scale_b=weight.inverse_scale, bias=bias,
+                               out_dtype=out_dtype)
+        return out[:m]
+    out = torch._scaled_mm(x_codes, w_t, scale_a=x_inverse, scale_b=weight.inverse_scale_row,
+                           out_dtype=torch.bfloat16)[:m]
+    out = out if bias is None else out + bias
     return out.to(out_dtype)

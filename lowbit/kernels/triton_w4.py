@@ -1,328 +1,300 @@
 """Triton kernels for 4-bit weights x 16-bit activations: ``out = x @ dequantize(W).T (+ bias)``.
 
-Weight storage (``lowbit.compress.packing``): ``codes`` uint8 (N, K // 2), two 4-bit codes per byte
-along K, low nibble first; one scale per ``group_size`` consecutive K elements of a row.
+Weight storage (``lowbit.compress.packing``): ``codes`` uint8 (N, K // 2), two 4-bit codes per byte along
+K, low nibble first, read here as int32 words of 8 codes; one scale per ``group_size`` K elements of a row.
 
-Dequantization reproduces ``lowbit.formats`` exactly (float32 math, then rounded to the activation
-dtype), so the kernels multiply the very weights the fake-quant model uses:
+``w4_matmul`` computes, per output row n and K step of 128 (16 words):
 
-- ``INT_DIVIDE`` (symmetric INT, ModelOpt's multiplicative scale): ``w = (u - offset) / scale``. The
-  quotient is computed as ``y = q * r`` with ``r = 1 / scale`` (correctly rounded, once per group),
-  then one Markstein correction ``y + r * fma(-y, scale, q)``, which is the correctly rounded
-  ``q / scale`` (Markstein's theorem: ``y`` is faithful and ``r`` correctly rounded).
-- ``INT_AFFINE`` (asymmetric INT): ``w = (u - zero_point) * scale``.
-- ``NVFP4``: ``w = e2m1(u) * (block_scale * global_scale)``.
+- the exact 16-bit operands of ``lowbit.kernels.nibbles``: ``code - zero`` for integers, ``e2m1 * block_scale
+  / 128`` for NVFP4 (both exact in bf16 / fp16), as eight (BLOCK_N, 16) tiles, tile i for K = {8 j + i};
+- their products with the matching activation columns on the tensor cores (``tl.dot``, weights as the
+  first operand, so that BLOCK_N >= 64 rows fill the wgmma M dimension even for one activation row),
+  accumulated in float32;
+- the group scale: integer formats whose groups are whole steps (128, 256, ..., per channel) multiply the
+  step's float32 sum by ``1 / scale`` (symmetric, ModelOpt's ``w = q / scale``) or ``scale`` (asymmetric)
+  once per row and step (``SCALE_AFTER_DOT``); otherwise each weight is scaled in float32 before the dot
+  and rounded once to the activation dtype (``q / scale`` correctly rounded by a Markstein correction, so
+  the operand equals lowbit.formats' dequantized weight); NVFP4 multiplies the whole sum by
+  ``128 * global_scale`` at the end.
 
-Codes become floats without an integer-to-float conversion (a quarter-rate instruction): a nibble
-OR'ed into the mantissa of 2**23 is ``2**23 + u`` (``_nibble_minus``); an E2M1 code's bits are
-shifted into an fp16 are its value times 2**-14 (``_e2m1_to_float``).
+So the weights are never approximated: the only roundings are float32 accumulation and the output's.
+Activation columns {8 j + i} are gathered (stride 8), or read from a copy of x permuted once by
+``_permute_kernel`` (``X_PERMUTED``, the default): their tiles are then contiguous and stream through the
+same pipelined asynchronous copies as the codes, instead of a shared-memory store and barrier per tile.
 
-Two kernels: ``_w4_gemv_kernel`` for one activation row (CUDA-core dot products, the activation
-pairs read as 32-bit words), ``_w4_matmul_kernel`` for M >= 2 (tensor cores via ``tl.dot``). Both
-split K over ``SPLIT_K`` programs that add their partial sums atomically (the output is zeroed
-first); with SPLIT_K > 1 the order of those additions varies between runs.
+Split-K (``SPLIT_K`` > 1): each program adds its float32 partial tile to a workspace with atomics; the last
+program of a tile (a per-tile arrival counter) takes the sums (atomic exchange with 0, which also resets the
+workspace for the next call), resets the counter and writes the output. Workspace and counters are cached
+per device; calls on one device must not overlap on different streams.
 
+``w4_dequantize`` writes the dequantized (N, K) weight bit-exactly (for dequantize-then-cuBLAS).
 This module imports triton at import time; ``lowbit.kernels.dispatch`` imports it only on CUDA.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.nibbles import E2M1_RESCALE, e2m1_codes, int_codes, zero_pairs
+
 INT_DIVIDE, INT_AFFINE, NVFP4 = 0, 1, 2
 KINDS = {"int_divide": INT_DIVIDE, "int_affine": INT_AFFINE, "nvfp4": NVFP4}
-
-
-MAGIC = tl.constexpr(8388608.0)  # 2**23: a float whose mantissa bits hold a small unsigned integer exactly
-
-
-@triton.jit
-def _nibble_minus(u, shifted_zero):
-    """Exact float32 ``u - zero`` of 4-bit codes ``u`` (0..15) without an int-to-float conversion:
-    the bits of 2**23 + u, minus ``shifted_zero = zero + 2**23`` (one subtraction, exact)."""
-    return (u.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - shifted_zero
+BLOCK_K = 128  # K elements per step: 16 int32 words of codes
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "SPLIT_K", "num_warps", "num_stages", "X_PERMUTED", "SCALE_AFTER_DOT")
 
 
 @triton.jit
-def _e2m1_to_float(u):
-    """E2M1 code ``u`` -> its value * 2**-14, exact: the code's exponent/mantissa bits placed in an fp16
-    (exponent bias 15 instead of 1, so E2M1's subnormal 0.5 is an fp16 subnormal), the sign in bit 15."""
-    u16 = u.to(tl.uint16)
-    bits = ((u16 & 7) << 9) | ((u16 & 8) << 12)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _group_scales(scale_ptr, zero_ptr, global_scale, offs_n, n_mask, group, n_groups,
-                  KIND: tl.constexpr, ZERO_OFFSET: tl.constexpr):
-    """(scale, reciprocal, zero + 2**23) of a (BLOCK_N, T) tile of groups, float32, for ``_dequantize``.
-
-    NVFP4's scale is ``block_scale * global_scale * 2**14`` (the 2**14 undoes ``_e2m1_to_float``'s
-    factor exactly; the product block * global is rounded once, as lowbit.formats does).
-    """
-    offsets = offs_n[:, None] * n_groups + group[None, :]
-    mask = n_mask[:, None]
-    scale = tl.load(scale_ptr + offsets, mask=mask, other=1.0).to(tl.float32)
-    if KIND == 2:
-        scale = (scale * global_scale) * 16384.0
-    reciprocal = scale
+def _divide(q, scale, reciprocal, KIND: tl.constexpr):
+    """Float32 weights of exact codes ``q``: ``q / scale`` correctly rounded (one Markstein correction of
+    ``q * reciprocal``, ``reciprocal`` = 1 / scale correctly rounded) or ``q * scale`` (asymmetric)."""
     if KIND == 0:
-        reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    zero = tl.full(scale.shape, ZERO_OFFSET + MAGIC, tl.float32)
-    if KIND == 1:
-        zero = tl.load(zero_ptr + offsets, mask=mask, other=0).to(tl.float32) + MAGIC
-    return scale, reciprocal, zero
-
-
-@triton.jit
-def _dequantize(u, scale, reciprocal, zero, KIND: tl.constexpr):
-    """Float32 weights of 4-bit codes ``u`` (see the module docstring for each KIND's formula)."""
-    if KIND == 0:
-        q = _nibble_minus(u, zero)
         y = q * reciprocal
         w = tl.fma(tl.fma(-y, scale, q), reciprocal, y)
-    elif KIND == 1:
-        w = _nibble_minus(u, zero) * scale
     else:
-        w = _e2m1_to_float(u) * scale
+        w = q * scale
     return w
 
 
 @triton.jit
-def _store_or_add(out_ptrs, values, mask, SPLIT_K: tl.constexpr):
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, values, mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, values, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _w4_gemv_kernel(
-    x_ptr, codes_ptr, scale_ptr, zero_ptr, global_scale_ptr, bias_ptr, out_ptr,
-    N, K, M_BUCKET, stride_cn,
-    KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    X_IS_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """out[n] = sum_k x[k] w[n, k] for one row x (K,), read as int32 words of two 16-bit values."""
-    TILE_G: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE
-    T: tl.constexpr = BLOCK_K // TILE_G
-    H: tl.constexpr = TILE_G // 2
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    pair = tl.arange(0, T)[:, None] * H + tl.arange(0, H)[None, :]  # (T, H): byte / x-pair index in tile
-    code_offsets = offs_n[:, None, None] * stride_cn + pair[None, :, :]
-    n_groups = K // GROUP_SIZE
-    global_scale = 1.0
-    if KIND == 2:
-        global_scale = tl.load(global_scale_ptr).to(tl.float32)
-    k_len = K // SPLIT_K
-    acc = tl.zeros((BLOCK_N, T, H), dtype=tl.float32)
-    for step in range(0, k_len // BLOCK_K):
-        k0 = tl.multiple_of(pid_k * k_len + step * BLOCK_K, BLOCK_K)
-        byte0 = tl.multiple_of(pid_k * (k_len // 2) + step * (BLOCK_K // 2), BLOCK_K // 2)
-        u = tl.load(codes_ptr + byte0 + code_offsets, mask=n_mask[:, None, None], other=0)
-        words = tl.load(x_ptr + byte0 + pair)
-        if X_IS_BF16:
-            x_even = (words << 16).to(tl.float32, bitcast=True)
-            x_odd = (words & -65536).to(tl.float32, bitcast=True)
+def _operands(words, kb, offs_n, n_mask, j, scale_index, scale_ptr, zero_ptr, n_groups,
+              KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+              SCALE_AFTER_DOT: tl.constexpr, IS_BF16: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """(eight (BLOCK_N, 16) ``DTYPE`` operand tiles, per-row multiplier for SCALE_AFTER_DOT) of K block ``kb``;
+    ``IS_BF16``: the activations' type (the magic numbers of ``zero_pairs``); ``scale_index``: NVFP4's block of
+    each word within the step, j // 2, broadcast to the words' shape."""
+    if KIND == 2:  # blocks of 16: the step's 8 E4M3 scales of a row are two int32 words (bytes in K order)
+        scale_words = scale_ptr + offs_n * (n_groups // 4) + kb * 2
+        low = tl.broadcast_to(tl.load(scale_words, mask=n_mask, other=0)[:, None], words.shape)
+        high = tl.broadcast_to(tl.load(scale_words + 1, mask=n_mask, other=0)[:, None], words.shape)
+        weights = e2m1_codes(words, low, high, scale_index, DTYPE, USE_ASM)
+        multiplier = tl.full(offs_n.shape, 1.0, tl.float32)
+    elif SCALE_AFTER_DOT:  # the whole step lies in one group: one scale and zero point per row
+        offsets = offs_n * n_groups + (kb * 128) // GROUP_SIZE
+        scale = tl.load(scale_ptr + offsets, mask=n_mask, other=1.0).to(tl.float32)
+        if KIND == 1:
+            zero = tl.load(zero_ptr + offsets, mask=n_mask, other=0)
+            multiplier = scale
         else:
-            x_even = (words & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            x_odd = ((words >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        group = (k0 + tl.arange(0, T) * TILE_G) // GROUP_SIZE
-        scale, reciprocal, zero = _group_scales(scale_ptr, zero_ptr, global_scale, offs_n, n_mask, group,
-                                                n_groups, KIND, ZERO_OFFSET)
-        scale, reciprocal, zero = scale[:, :, None], reciprocal[:, :, None], zero[:, :, None]
-        w_even = _dequantize(u & 0xF, scale, reciprocal, zero, KIND).to(out_ptr.dtype.element_ty)
-        w_odd = _dequantize(u >> 4, scale, reciprocal, zero, KIND).to(out_ptr.dtype.element_ty)
-        acc += w_even.to(tl.float32) * x_even[None, :, :]
-        acc += w_odd.to(tl.float32) * x_odd[None, :, :]
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    _store_or_add(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
+            zero = tl.full(offs_n.shape, ZERO_OFFSET, tl.int32)
+            multiplier = 1.0 / scale
+        zeros = tl.broadcast_to(zero_pairs(zero, IS_BF16)[:, None], words.shape)
+        weights = int_codes(words, zeros, DTYPE, USE_ASM)
+    else:  # scale every weight: groups smaller than a step
+        offsets = offs_n[:, None] * n_groups + ((kb * 128 + 8 * j) // GROUP_SIZE)[None, :]
+        scale = tl.load(scale_ptr + offsets, mask=n_mask[:, None], other=1.0).to(tl.float32)
+        if KIND == 1:
+            zero = tl.load(zero_ptr + offsets, mask=n_mask[:, None], other=0)
+            reciprocal = scale
+        else:
+            zero = tl.full(words.shape, ZERO_OFFSET, tl.int32)
+            reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        codes = int_codes(words, zero_pairs(zero, IS_BF16), DTYPE, USE_ASM)
+        weights = (
+            _divide(codes[0].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[1].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[2].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[3].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[4].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[5].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[6].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+            _divide(codes[7].to(tl.float32), scale, reciprocal, KIND).to(DTYPE),
+        )
+        multiplier = tl.full(offs_n.shape, 1.0, tl.float32)
+    return weights, multiplier
 
 
 @triton.jit
 def _w4_matmul_kernel(
-    x_ptr, codes_ptr, scale_ptr, zero_ptr, global_scale_ptr, bias_ptr, out_ptr,
-    M, N, K, M_BUCKET, stride_xm, stride_om,
+    x_ptr, words_ptr, scale_ptr, zero_ptr, global_scale_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+    block_of_word_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
     KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    X_PERMUTED: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """out (M, N) = x (M, K) @ w.T on tensor cores; each weight tile is dequantized once per M tile.
-
-    Program ids run over M fastest, so the programs sharing a weight tile run together (one HBM read).
-    """
-    TILE_G: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE
-    T: tl.constexpr = BLOCK_K // TILE_G
-    H: tl.constexpr = TILE_G // 2
+    """out (M, N) = x (M, K) @ W.T (+ bias); see the module docstring. Programs run over M tiles fastest,
+    so the programs that share a weight tile run together (one HBM read)."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    # the interpreter (no inline PTX) multiplies the same exact values in float32: its 16-bit dot is unreliable
+    OPERAND: tl.constexpr = DTYPE if USE_ASM else tl.float32
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % m_tiles
     pid_n = pid // m_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
-    pair = tl.arange(0, T)[:, None] * H + tl.arange(0, H)[None, :]
-    code_offsets = offs_n[:, None, None] * (K // 2) + pair[None, :, :]
-    x_offsets = offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    m_mask = offs_m < M
+    j = tl.arange(0, 16)
+    word_ptrs = words_ptr + offs_n[:, None] * stride_wn + j[None, :]
+    # activation tile i of a step: columns 8 j + i of x, or 16 i + j of the permuted copy
+    column_step: tl.constexpr = 16 if X_PERMUTED else 1
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (j * (1 if X_PERMUTED else 8))[:, None]
     n_groups = K // GROUP_SIZE
-    global_scale = 1.0
+    steps = K // (128 * SPLIT_K)
+    first = pid_k * steps
+    # loaded, not computed from j: Triton then keeps the weight operands' conversion before the bit tricks
+    scale_index = tl.broadcast_to(tl.load(block_of_word_ptr + j)[None, :], (BLOCK_N, 16))
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, steps):
+        kb = first + step
+        words = tl.load(word_ptrs + kb * 16, mask=n_mask[:, None], other=0)
+        weights, multiplier = _operands(words, kb, offs_n, n_mask, j, scale_index, scale_ptr, zero_ptr, n_groups,
+                                        KIND, GROUP_SIZE,
+                                        ZERO_OFFSET, SCALE_AFTER_DOT, DTYPE == tl.bfloat16, OPERAND, USE_ASM)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for i in tl.static_range(8):
+            x = tl.load(x_ptrs + kb * 128 + i * column_step, mask=m_mask[None, :], other=0.0).to(OPERAND)
+            part = tl.dot(weights[i], x, part)
+        if SCALE_AFTER_DOT:
+            acc += part * multiplier[:, None]
+        else:  # a float32 add per output and step keeps ptxas from serializing the wgmma chain
+            acc += part
     if KIND == 2:
-        global_scale = tl.load(global_scale_ptr).to(tl.float32)
-    k_len = K // SPLIT_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, k_len // BLOCK_K):
-        k0 = pid_k * k_len + step * BLOCK_K
-        u = tl.load(codes_ptr + k0 // 2 + code_offsets, mask=n_mask[:, None, None], other=0)
-        group = (k0 + tl.arange(0, T) * TILE_G) // GROUP_SIZE
-        scale, reciprocal, zero = _group_scales(scale_ptr, zero_ptr, global_scale, offs_n, n_mask, group,
-                                                n_groups, KIND, ZERO_OFFSET)
-        scale, reciprocal, zero = scale[:, :, None], reciprocal[:, :, None], zero[:, :, None]
-        w_even = _dequantize(u & 0xF, scale, reciprocal, zero, KIND).to(x_ptr.dtype.element_ty)
-        w_odd = _dequantize(u >> 4, scale, reciprocal, zero, KIND).to(x_ptr.dtype.element_ty)
-        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
-        x = tl.load(x_ptr + k0 + x_offsets, mask=m_mask[:, None], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), m_mask[:, None] & n_mask[None, :], SPLIT_K)
+        acc *= tl.load(global_scale_ptr).to(tl.float32) * E2M1_RESCALE
+    out_offsets = offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = m_mask[None, :] & n_mask[:, None]
+    if SPLIT_K > 1:
+        partial_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(partial_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums before the arrival
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last program of this tile: finish it, reset the workspace
+            # read-and-zero in one atomic: a load then a store could meet in different thread layouts
+            bits = partial_ptrs.to(tl.pointer_type(tl.int32), bitcast=True)
+            acc = tl.atomic_xchg(bits, tl.zeros(acc.shape, tl.int32), mask=mask, sem="relaxed")
+            acc = acc.to(tl.float32, bitcast=True)
+            tl.atomic_xchg(counter_ptr + pid, 0)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + out_offsets, acc.to(DTYPE), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offsets, acc.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _permute_kernel(x_ptr, out_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr):
+    """out[m, 128 b + 16 i + j] = x[m, 128 b + 8 j + i]: the column order of the weight tiles."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * 128
+    j = tl.arange(0, 16)
+    i = tl.arange(0, 8)
+    mask = (offs_m < M)[:, None, None]
+    x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k0 + 8 * j[None, :, None] + i[None, None, :], mask=mask)
+    out_ptrs = out_ptr + offs_m[:, None, None] * K + k0 + 16 * i[None, None, :] + j[None, :, None]
+    tl.store(out_ptrs, x, mask=mask)
+
+
+# ---- bit-exact dequantization (dequantize-then-cuBLAS) ---------------------------------------------------
 
 
 @triton.jit
 def _w4_dequantize_kernel(
-    codes_ptr, scale_ptr, zero_ptr, global_scale_ptr, out_ptr, N, K,
-    KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    words_ptr, scale_ptr, zero_ptr, global_scale_ptr, out_ptr, N, K,
+    KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out (N, K) = dequantized weights in out's dtype (for dequantize-then-cuBLAS at large M)."""
-    TILE_G: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE
-    T: tl.constexpr = BLOCK_K // TILE_G
-    H: tl.constexpr = TILE_G // 2
+    """out (N, K) = lowbit.formats' dequantized weights in out's dtype, one 128-wide K block per program:
+    float32 ``(code - zero) / scale`` (correctly rounded), ``(code - zero) * scale`` or
+    ``e2m1 * (block_scale * global_scale)``, rounded once to out's dtype."""
+    GROUP: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128  # K elements of one scale within the block
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
+    kb = tl.program_id(1)
     n_mask = offs_n < N
-    pair = tl.arange(0, T)[:, None] * H + tl.arange(0, H)[None, :]
-    u = tl.load(codes_ptr + k0 // 2 + offs_n[:, None, None] * (K // 2) + pair[None, :, :],
-                mask=n_mask[:, None, None], other=0)
-    global_scale = 1.0
+    words = tl.load(words_ptr + offs_n[:, None] * (K // 8) + kb * 16 + tl.arange(0, 16)[None, :],
+                    mask=n_mask[:, None], other=0)
+    shifts = 4 * tl.arange(0, 8)
+    codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, 128 // GROUP, GROUP))
+    group = (kb * 128) // GROUP_SIZE + tl.arange(0, 128 // GROUP)  # the block's groups, in K order
+    offsets = offs_n[:, None] * (K // GROUP_SIZE) + group[None, :]
     if KIND == 2:
-        global_scale = tl.load(global_scale_ptr).to(tl.float32)
-    group = (k0 + tl.arange(0, T) * TILE_G) // GROUP_SIZE
-    scale, reciprocal, zero = _group_scales(scale_ptr, zero_ptr, global_scale, offs_n, n_mask, group,
-                                            K // GROUP_SIZE, KIND, ZERO_OFFSET)
-    scale, reciprocal, zero = scale[:, :, None], reciprocal[:, :, None], zero[:, :, None]
-    w_even = _dequantize(u & 0xF, scale, reciprocal, zero, KIND).to(out_ptr.dtype.element_ty)
-    w_odd = _dequantize(u >> 4, scale, reciprocal, zero, KIND).to(out_ptr.dtype.element_ty)
-    w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
-    out_ptrs = out_ptr + offs_n[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :]
-    tl.store(out_ptrs, w, mask=n_mask[:, None])
-
-
-# ---- launch configurations ---------------------------------------------------------------------------
-
-
-def _zero_output(nargs: dict) -> None:
-    nargs["out_ptr"].zero_()
-
-
-def _config(split_k: int = 1, num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
-    return triton.Config({**blocks, "SPLIT_K": split_k}, num_warps=num_warps, num_stages=num_stages,
-                         pre_hook=_zero_output if split_k > 1 else None)
-
-
-GEMV_CONFIGS = [
-    _config(BLOCK_N=8, BLOCK_K=512, num_stages=2),
-    _config(BLOCK_N=8, BLOCK_K=256, num_warps=2, num_stages=3),
-    _config(BLOCK_N=16, BLOCK_K=256, num_stages=2),
-    _config(BLOCK_N=32, BLOCK_K=256, num_stages=2),
-    _config(BLOCK_N=64, BLOCK_K=128, num_stages=2),
-    _config(BLOCK_N=16, BLOCK_K=512, num_stages=2),
-    _config(BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=2),
-    _config(BLOCK_N=16, BLOCK_K=256, split_k=4, num_stages=2),
-    _config(BLOCK_N=32, BLOCK_K=256, split_k=2, num_stages=2),
-    _config(BLOCK_N=16, BLOCK_K=128, split_k=8, num_stages=2),
-]
-MATMUL_CONFIGS = [
-    # decode: one 16-row tile, wide K steps, optional split-K
-    _config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4),
-    _config(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_stages=4),
-    _config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_stages=3),
-    _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_stages=3),
-    _config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, split_k=4, num_stages=4),
-    _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, split_k=2, num_stages=3),
-    _config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_stages=3),
-    _config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, num_stages=2),
-    # middle
-    _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
-    _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4),
-    _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_stages=4),
-    # prefill: large tiles for the tensor cores
-    _config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    _config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    _config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    _config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-]
-
-
-# Triton 3.6 fails to compile the wgmma (BLOCK_M >= 64) variant for groups of 16 (NVFP4) in
-# TritonGPUOptimizeDotOperands; those shapes use the mma.sync tiles (BLOCK_M <= 32) instead.
-SMALLEST_WGMMA_GROUP = 32
-
-
-def _fits(config: triton.Config, named_args: dict, group_size: int) -> bool:
-    """The config tiles K exactly (no K masks) and its K step meets the group boundaries."""
-    block_k, split_k = config.kwargs["BLOCK_K"], config.kwargs["SPLIT_K"]
-    k = named_args["K"]
-    groups_align = block_k % group_size == 0 or group_size % block_k == 0
-    return k % (block_k * split_k) == 0 and groups_align
-
-
-def _prune_gemv(configs, named_args, **kwargs):
-    return [c for c in configs if _fits(c, named_args, kwargs["GROUP_SIZE"])]
-
-
-def _prune_matmul(configs, named_args, **kwargs):
-    m = named_args["M"]
-    fitting = [c for c in configs if _fits(c, named_args, kwargs["GROUP_SIZE"])]
-    if kwargs["GROUP_SIZE"] < SMALLEST_WGMMA_GROUP:
-        fitting = [c for c in fitting if c.kwargs["BLOCK_M"] <= 32]
-    if m <= 16:
-        wanted = [c for c in fitting if c.kwargs["BLOCK_M"] == 16]
-    elif m <= 64:
-        wanted = [c for c in fitting if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["SPLIT_K"] == 1]
+        scale = tl.load(scale_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        scale = (scale * tl.load(global_scale_ptr).to(tl.float32))[:, :, None]
+        exponent = (codes >> 1) & 3
+        mantissa = (codes & 1).to(tl.float32)
+        power = tl.exp2((exponent - 2).to(tl.float32))
+        magnitude = tl.where(exponent == 0, 0.5 * mantissa, (2.0 + mantissa) * power)
+        w = tl.where((codes & 8) != 0, -magnitude, magnitude) * scale
     else:
-        wanted = [c for c in fitting if c.kwargs["BLOCK_M"] >= 64]
-    return wanted or fitting[:1]
+        scale = tl.load(scale_ptr + offsets, mask=n_mask[:, None], other=1.0).to(tl.float32)
+        if KIND == 1:
+            zero = tl.load(zero_ptr + offsets, mask=n_mask[:, None], other=0).to(tl.float32)[:, :, None]
+        else:
+            zero = ZERO_OFFSET
+        reciprocal = scale
+        if KIND == 0:
+            reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        # code as float32 without a conversion instruction: the bits of 2**23 + code, minus 2**23
+        value = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        w = _divide(value - zero, scale[:, :, None], reciprocal[:, :, None], KIND)
+    w = tl.reshape(w, (BLOCK_N, 128))
+    out_ptrs = out_ptr + offs_n[:, None] * K + kb * 128 + tl.arange(0, 128)[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
-def _quick_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+# ---- launch --------------------------------------------------------------------------------------------
 
 
-_TUNE_KEY = ["M_BUCKET", "N", "K", "KIND", "GROUP_SIZE"]
-_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemv},
-                              do_bench=_quick_bench)(_w4_gemv_kernel)
-_matmul_tuned = triton.autotune(MATMUL_CONFIGS, key=_TUNE_KEY,
-                                prune_configs_by={"early_config_prune": _prune_matmul},
-                                do_bench=_quick_bench)(_w4_matmul_kernel)
+def use_inline_asm() -> bool:
+    """Inline PTX, except under Triton's CPU interpreter (which cannot run it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(m), 4096)
+def default_config(m: int, n: int, k: int, group_size: int) -> dict:
+    """Launch configuration for an (M, K) x (N, K) product (bench/results/kernels_h100_notes.md; H100).
+
+    Up to 64 rows: weight tiles of 256 (128 from 17 rows) rows, activation columns permuted first (their
+    tiles then stream through the same pipelined copies as the codes), split-K until the grid has about
+    two programs per multiprocessor. More rows: 128 x 128 tiles (``dispatch`` prefers dequantize + cuBLAS).
+    """
+    after_dot = group_size % BLOCK_K == 0
+    if m > 64:
+        return dict(BLOCK_N=128, BLOCK_M=128, SPLIT_K=1, num_warps=8, num_stages=3, X_PERMUTED=True,
+                    SCALE_AFTER_DOT=after_dot)
+    block_n = 256 if m <= 16 else 128
+    k_blocks = k // BLOCK_K
+    programs = triton.cdiv(n, block_n)
+    split_k = 1
+    while programs * split_k < 2 * 132 and k_blocks % (2 * split_k) == 0 and k_blocks // (2 * split_k) >= 4:
+        split_k *= 2
+    return dict(BLOCK_N=block_n, BLOCK_M=max(16, triton.next_power_of_2(m)), SPLIT_K=split_k, num_warps=4,
+                num_stages=3, X_PERMUTED=True, SCALE_AFTER_DOT=after_dot)
 
 
-# ---- entry points ------------------------------------------------------------------------------------
+_BUFFERS: dict = {}
+
+
+def _scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed buffer of at least ``numel`` elements, cached per device (the kernels leave it zeroed)."""
+    key = (device, name)
+    buffer = _BUFFERS.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.zeros(max(numel, 1024), device=device, dtype=dtype)
+        _BUFFERS[key] = buffer
+    return buffer
+
+
+def _block_of_word(device: torch.device) -> torch.Tensor:
+    """int32 [16]: the NVFP4 block (of 16 codes) of each word in a 128-wide step, j // 2."""
+    key = (device, "block_of_word")
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.arange(16, device=device, dtype=torch.int32) // 2
+    return _BUFFERS[key]
+
+
+def permute_activations(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous copy of x (M, K) with columns ``128 b + 8 j + i`` moved to ``128 b + 16 i + j``."""
+    m, k = x.shape
+    out = torch.empty((m, k), device=x.device, dtype=x.dtype)
+    block_m = 16
+    _permute_kernel[(triton.cdiv(m, block_m), k // BLOCK_K)](x, out, m, k, x.stride(0), BLOCK_M=block_m)
+    return out
 
 
 def w4_matmul(
@@ -333,43 +305,46 @@ def w4_matmul(
     group_size: int,
     zero_point: torch.Tensor | None = None,
     global_scale: torch.Tensor | None = None,
-    zero_offset: float = 0.0,
+    zero_offset: int = 0,
     bias: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """``x (M, K) @ dequantize(codes, ...).T + bias`` -> (M, N) in x's dtype (bf16 or fp16).
 
-    ``codes`` uint8 (N, K // 2); ``scale`` (N, K // group_size) (float, or float8_e4m3fn for NVFP4);
-    ``zero_point`` (N, K // group_size) for ``kind="int_affine"``; ``global_scale`` a float32 scalar
-    tensor for ``"nvfp4"``; ``zero_offset`` the code offset of ``"int_divide"`` (8 for signed INT4).
-    ``config`` (block sizes, SPLIT_K, num_warps, num_stages) skips autotuning (tests, interpreter).
-    The caller checks shapes and dtypes (``lowbit.kernels.dispatch``); K must be a multiple of 128.
+    ``codes`` uint8 (N, K // 2); ``scale`` (N, K // group_size) (float, or float8_e4m3fn for NVFP4, group 16);
+    ``zero_point`` uint8 like ``scale`` for ``kind="int_affine"``; ``global_scale`` a float32 scalar tensor for
+    ``"nvfp4"``; ``zero_offset`` the code offset of ``"int_divide"`` (8 for signed INT4). ``config``: keys
+    ``CONFIG_KEYS`` (default: ``default_config``). The caller checks shapes and dtypes
+    (``lowbit.kernels.dispatch``): K a multiple of 128, group_size a power of two >= 16.
     """
     m, k = x.shape
     n = codes.shape[0]
-    kind_id = KINDS[kind]
-    common = dict(KIND=kind_id, GROUP_SIZE=group_size, ZERO_OFFSET=float(zero_offset), HAS_BIAS=bias is not None)
-    zero_arg = zero_point if zero_point is not None else scale
-    global_arg = global_scale if global_scale is not None else scale
-    bias_arg = bias if bias is not None else scale
-    launch_config = dict(config or {})
-    if group_size < SMALLEST_WGMMA_GROUP and launch_config.get("BLOCK_M", 16) > 32:
-        raise ValueError(f"config BLOCK_M={launch_config['BLOCK_M']}: groups of {group_size} need BLOCK_M <= 32 "
-                         "(Triton 3.6 cannot compile the wgmma tiles for them)")
-    split_k = launch_config.get("SPLIT_K", 1)
-    out = (torch.zeros if split_k > 1 else torch.empty)((m, n), device=x.device, dtype=x.dtype)
-    if m == 1:
-        words = x.view(torch.int32)  # two 16-bit activations per word, element 2j in the low half
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-        kernel = _w4_gemv_kernel if config else _gemv_tuned
-        args = (words, codes, scale, zero_arg, global_arg, bias_arg, out, n, k, 1, codes.stride(0))
-        kernel[grid](*args, X_IS_BF16=x.dtype == torch.bfloat16, **common, **launch_config)
-        return out
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-    kernel = _w4_matmul_kernel if config else _matmul_tuned
-    args = (x, codes, scale, zero_arg, global_arg, bias_arg, out, m, n, k, _m_bucket(m), x.stride(0),
-            out.stride(0))
-    kernel[grid](*args, **common, **launch_config)
+    launch = {**default_config(m, n, k, group_size), **(config or {})}
+    if launch["SCALE_AFTER_DOT"] and (kind == "nvfp4" or group_size % BLOCK_K):
+        raise ValueError(f"config SCALE_AFTER_DOT=True needs integer groups of a multiple of {BLOCK_K}, "
+                         f"got kind={kind!r} group_size={group_size}")
+    split_k = launch["SPLIT_K"]
+    if (k // BLOCK_K) % split_k:
+        raise ValueError(f"config SPLIT_K={split_k} must divide K / {BLOCK_K} = {k // BLOCK_K}")
+    x = x.contiguous() if x.stride(-1) != 1 else x
+    if launch["X_PERMUTED"]:
+        x = permute_activations(x)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    tiles = triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"])
+    workspace = _scratch(x.device, "partials", m * n if split_k > 1 else 1, torch.float32)
+    counters = _scratch(x.device, "counters", tiles if split_k > 1 else 1, torch.int32)
+    words = codes.view(torch.int32)
+    scale_arg = scale.view(torch.int32) if kind == "nvfp4" else scale
+    grid = (tiles, split_k)
+    _w4_matmul_kernel[grid](
+        x, words, scale_arg, zero_point if zero_point is not None else scale_arg,
+        global_scale if global_scale is not None else scale_arg, bias if bias is not None else x,
+        out, workspace, counters, _block_of_word(x.device), m, n, k, x.stride(0), words.stride(0), out.stride(0),
+        KIND=KINDS[kind], GROUP_SIZE=group_size, ZERO_OFFSET=int(zero_offset), HAS_BIAS=bias is not None,
+        X_PERMUTED=launch["X_PERMUTED"], SCALE_AFTER_DOT=launch["SCALE_AFTER_DOT"], USE_ASM=use_inline_asm(),
+        BLOCK_N=launch["BLOCK_N"], BLOCK_M=launch["BLOCK_M"], SPLIT_K=split_k,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )
     return out
 
 
@@ -381,16 +356,15 @@ def w4_dequantize(
     dtype: torch.dtype,
     zero_point: torch.Tensor | None = None,
     global_scale: torch.Tensor | None = None,
-    zero_offset: float = 0.0,
+    zero_offset: int = 0,
 ) -> torch.Tensor:
-    """Dequantized weights (N, K) in ``dtype``, equal to lowbit.formats' dequantization."""
+    """Dequantized weights (N, K) in ``dtype``, equal to lowbit.formats' dequantization bit for bit."""
     n, k = codes.shape[0], codes.shape[1] * 2
     out = torch.empty((n, k), device=codes.device, dtype=dtype)
-    block_n, block_k = 32, 128
-    grid = (triton.cdiv(n, block_n), k // block_k)
-    _w4_dequantize_kernel[grid](
-        codes, scale, zero_point if zero_point is not None else scale,
+    block_n = 32
+    _w4_dequantize_kernel[(triton.cdiv(n, block_n), k // BLOCK_K)](
+        codes.view(torch.int32), scale, zero_point if zero_point is not None else scale,
         global_scale if global_scale is not None else scale, out, n, k,
-        KIND=KINDS[kind], GROUP_SIZE=group_size, ZERO_OFFSET=float(zero_offset), BLOCK_N=block_n, BLOCK_K=block_k,
+        KIND=KINDS[kind], GROUP_SIZE=group_size, ZERO_OFFSET=int(zero_offset), BLOCK_N=block_n,
     )
     return out

@@ -4,6 +4,7 @@ GPU memory of init_quantized_weights against a bf16 load (each in a fresh proces
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,12 @@ def test_training_step_through_triton_kernels():
 
 @pytest.mark.slow
 def test_gpu_peak_memory_of_init_quantized_weights(tmp_path):
+    # the probe runs as a script: give it this checkout's lowbit, installed or not
+    path = os.pathsep.join(filter(None, [str(PROBE.parents[2]), os.environ.get("PYTHONPATH")]))
+
     def probe(*args: str) -> int:
-        out = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": path})
         assert out.returncode == 0, out.stderr[-3000:]
         return int(out.stdout.split()[-1])
 

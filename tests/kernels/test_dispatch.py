@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.compress.packed import WeightFormat, quantize_weight
-from lowbit.kernels import dispatch, fp8_matmul, int8_matmul, weight_only_linear
+from lowbit.kernels import Fp8Weight, dispatch, fp8_matmul, int8_matmul, weight_only_linear
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat("int", 4, block_size=32), WeightFormat("nvfp4", (2, 1), block_size=16),
@@ -71,3 +71,14 @@ def test_fp8_matmul_cpu(rowwise):
     reference = (xq.double() / xs.double()) @ (wq.double() / ws.double()).T
     assert out.shape == (7, 32)
     assert ((out.double() - reference).norm() / reference.norm()).item() < 5e-3
+
+
+def test_fp8_weight_checks_codes_and_scale():
+    codes = torch.zeros(8, 32).to(torch.float8_e4m3fn)
+    weight = Fp8Weight.from_codes(codes, torch.full((8, 1), 4.0))
+    assert weight.inverse_scale.shape == (1, 8) and torch.equal(weight.inverse_scale_row, torch.full((1, 8), 0.25))
+    assert Fp8Weight.from_codes(codes, torch.tensor([[2.0]])).inverse_scale.shape == ()
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        Fp8Weight.from_codes(codes.float(), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="one per row"):
+        Fp8Weight.from_codes(codes, torch.ones(3, 1))
