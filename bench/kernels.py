@@ -4,11 +4,12 @@
     python bench/kernels.py --explore --out explore.md                   # decode launch configurations
 
 For each weight K x N (a Linear with in_features K, out_features N) and each M (rows of x): fresh random
-bf16 data (normal, 0.1% of weights x20 outliers), the median time of ``triton.testing.do_bench`` (L2
-flushed before every run, which also leaves the host ~90 us to enqueue a call, so Python launch overhead
-stays out of these GPU times) and the error ``||y - y_ref|| / ||y_ref||`` against a float64 product of the
-*same operands* (each format's dequantized weight, the activation codes for W8A8), so the error column
-shows the kernel's arithmetic, not the quantization error. Speedups are bf16 time over the kernel's time,
+bf16 data (normal, 0.1% of weights x20 outliers), the GPU time of the call (captured once in a CUDA graph,
+the graph's replay timed by ``triton.testing.do_bench`` with L2 flushed before every run: host launch
+overhead, which dominates small shapes, stays out; the host time per call is printed separately) and the
+error ``||y - y_ref|| / ||y_ref||`` against a float64 product of the *same operands* (each format's
+dequantized weight, the activation codes for W8A8), so the error column shows the kernel's arithmetic, not
+the quantization error. Speedups are bf16 time over the kernel's time,
 in the same run. Prints a table and writes it (with device and versions) to --out.
 """
 
@@ -64,9 +65,32 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def median_ms(fn) -> float:
+    """GPU time of ``fn`` (already run once): its launches captured in a CUDA graph whose replay
+    ``do_bench`` times, L2 flushed before each replay; host launch overhead (Python, Triton's launcher)
+    stays out. Falls back to timing ``fn`` itself when it cannot be captured."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        print(f"not captured ({error!r}): timing the eager calls", flush=True)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host time per call of ``fn`` (launch overhead), the GPU queue kept busy meanwhile."""
+    import time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def tinygemm_operands(weight: torch.Tensor):
@@ -118,11 +142,13 @@ class Row:
         self.x64 = x.double()
         self.values: dict[str, dict] = {}
 
-    def record(self, name: str, fn, reference: torch.Tensor) -> None:
+    def record(self, name: str, fn, reference: torch.Tensor, host: bool = False) -> None:
         try:
             out = fn()
             torch.cuda.synchronize()
             self.values[name] = {"ms": median_ms(fn), "err": relative_error(out, reference)}
+            if host:
+                self.values[name]["host_us"] = host_us(fn)
         except Exception as error:  # the table says "-" and the log says why
             print(f"{name} failed at M={self.x.shape[0]}: {error!r}", flush=True)
 
@@ -132,10 +158,10 @@ def bench_row(x: torch.Tensor, operands: dict) -> dict:
     kernels = dispatch.triton_w4()
     row = Row(x)
     weight = operands["weight"]
-    row.record("bf16 cuBLAS", lambda: F.linear(x, weight), row.x64 @ weight.double().T)
+    row.record("bf16 cuBLAS", lambda: F.linear(x, weight), row.x64 @ weight.double().T, host=True)
     for name, p in operands["packed"].items():
         reference = row.x64 @ operands["dequantized"][name].T
-        row.record(f"lowbit {name}", lambda p=p: weight_only_linear(x, p, None), reference)
+        row.record(f"lowbit {name}", lambda p=p: weight_only_linear(x, p, None), reference, host=True)
         if name == "int4 g128" and x.shape[0] >= 64:  # the path dispatch does not take at this M
             arguments = dispatch.triton_arguments(p)
             if x.shape[0] >= dispatch.DEQUANTIZE_FIRST_ROWS:
@@ -199,7 +225,10 @@ def print_row(row: dict) -> None:
     base = row["bf16 cuBLAS"]["ms"]
     summary = "  ".join(f"{name.replace('lowbit ', '')}={base / v['ms']:.2f}x" for name, v in row.items()
                         if isinstance(v, dict) and name != "bf16 cuBLAS")
+    host = "  ".join(f"{name}={v['host_us']:.0f}" for name, v in row.items() if isinstance(v, dict) and "host_us" in v)
     print(f"K={row['K']} N={row['N']} M={row['M']} bf16={base * 1e3:.1f}us  {summary}", flush=True)
+    if host:
+        print(f"  host us/call: {host}", flush=True)
 
 
 def bench_table(shapes: list[tuple[int, int]], rows: list[int], generator: torch.Generator) -> list[dict]:
@@ -233,7 +262,8 @@ def markdown(results: list[dict], env: dict, transpose: bool = False) -> str:
         columns += [c for c in row if c not in columns and c not in ("K", "N", "M")]
     lines = ["# lowbit kernel benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
-    lines += ["- time: median of triton.testing.do_bench (warmup 25 ms, rep 100 ms, L2 flushed), in us",
+    lines += ["- time: GPU time in us, median of triton.testing.do_bench (warmup 25 ms, rep 100 ms, L2 flushed before",
+              "  every run) replaying a CUDA graph of the call: host launch overhead excluded (see the notes)",
               "- speedup: bf16 cuBLAS time / kernel time, same run; err: ||y - y64|| / ||y64|| against a float64",
               "  product of the same operands (dequantized weight; activation codes for W8A8)",
               "- lowbit int4 / int4-asym / nvfp4: lowbit.kernels.weight_only_linear as the library calls it (fused",

@@ -215,12 +215,10 @@ def _w4_dequantize_kernel(
     offsets = offs_n[:, None] * (K // GROUP_SIZE) + group[None, :]
     if KIND == 2:
         scale = tl.load(scale_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        scale = (scale * tl.load(global_scale_ptr).to(tl.float32))[:, :, None]
-        exponent = (codes >> 1) & 3
-        mantissa = (codes & 1).to(tl.float32)
-        power = tl.exp2((exponent - 2).to(tl.float32))
-        magnitude = tl.where(exponent == 0, 0.5 * mantissa, (2.0 + mantissa) * power)
-        w = tl.where((codes & 8) != 0, -magnitude, magnitude) * scale
+        scale = scale * tl.load(global_scale_ptr).to(tl.float32)  # rounded once, as lowbit.formats does
+        # E2M1 bits under fp16's exponent read as e2m1 * 2**-14 (0.5 a subnormal); 2**14 joins the scale exactly
+        half = (((codes & 7) << 9) | ((codes & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+        w = half.to(tl.float32) * (scale * 16384.0)[:, :, None]
     else:
         scale = tl.load(scale_ptr + offsets, mask=n_mask[:, None], other=1.0).to(tl.float32)
         if KIND == 1:
