@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 KERNEL_K_MULTIPLE = 128
 NVFP4_BLOCK = 16
 SMALLEST_GROUP = 16
-# bench/results/kernels_h100_notes.md: from 256 rows on, dequantize + cuBLAS beat the fused kernel (128 x 128
-# tiles, 0.5x of bf16) on 8192 x 28672; up to 64 rows the fused kernel's decode tiles win.
+# bench/results/kernels_h100.md: up to 64 rows the fused kernel's decode tiles win everywhere; at 256 rows
+# dequantize + cuBLAS win on 3 of the 4 shapes (fused 0.39-0.52x of bf16, dequantize-first 0.45-0.64x), at
+# 2048 rows on all (0.80-0.90x against 0.41-0.51x).
 DEQUANTIZE_FIRST_ROWS = 128
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
