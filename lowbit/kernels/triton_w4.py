@@ -317,6 +317,9 @@ def w4_matmul(
     """
     m, k = x.shape
     n = codes.shape[0]
+    unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config keys {unknown}: allowed are {list(CONFIG_KEYS)}")
     launch = {**default_config(m, n, k, group_size), **(config or {})}
     if launch["SCALE_AFTER_DOT"] and (kind == "nvfp4" or group_size % BLOCK_K):
         raise ValueError(f"config SCALE_AFTER_DOT=True needs integer groups of a multiple of {BLOCK_K}, "

@@ -109,7 +109,7 @@ def test_scale_after_dot_per_weight_agree(kernels):
 
 
 @pytest.mark.parametrize("config, message", [(dict(SCALE_AFTER_DOT=True), "SCALE_AFTER_DOT"),
-                                             (dict(SPLIT_K=3), "SPLIT_K")])
+                                             (dict(SPLIT_K=3), "SPLIT_K"), (dict(BLOCK_K=64), "BLOCK_K")])
 def test_invalid_configs_are_refused(kernels, config, message):
     packed = quantize_weight(torch.randn(64, 256, device="cuda"), FORMATS["nvfp4"])
     x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
