@@ -40,6 +40,8 @@ DEMO_PRESETS = (  # a few minutes on a 2-core CPU; --presets takes any of lowbit
     "NVFP4_DEFAULT_CFG",
     "W4A16_NVFP4_CFG",
 )
+DEMO_EVAL_TOKENS = 8192
+DEMO_CALIB_SAMPLES = 32
 MEGABYTE = 1e6
 
 
@@ -185,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument("--presets", type=_presets, default=list(DEMO_PRESETS),
                              help=f"comma-separated preset names (default: {','.join(DEMO_PRESETS)})")
-    demo_parser.add_argument("--eval-tokens", type=_positive_int, default=8192,
-                             help="held-out tokens scored (default: 16384)")
-    demo_parser.add_argument("--calib-samples", type=_positive_int, default=32,
-                             help=f"calibration windows of {SEQ_LEN} tokens (default: 32)")
+    demo_parser.add_argument("--eval-tokens", type=_positive_int, default=DEMO_EVAL_TOKENS,
+                             help=f"held-out tokens scored (default: {DEMO_EVAL_TOKENS})")
+    demo_parser.add_argument("--calib-samples", type=_positive_int, default=DEMO_CALIB_SAMPLES,
+                             help=f"calibration windows of {SEQ_LEN} tokens (default: {DEMO_CALIB_SAMPLES})")
     demo_parser.add_argument("--threads", type=_positive_int, default=available_cpus(),
                              help="torch CPU threads (default: the CPUs available)")
     demo_parser.add_argument("--json", metavar="PATH", help="also write the rows (full precision) as JSON")
