@@ -41,6 +41,7 @@ from accuracy import (  # noqa: E402  (bench/ is not a package)
     HIGH_PRECISION_LAYERS,
     LIBRARY_PACKAGES,
     Case,
+    _names,
     library_version,
     modelopt_case,
     retime,
@@ -198,10 +199,6 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
         *(f"- {line}" for line in verdicts),
         "",
     ])
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
