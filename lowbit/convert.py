@@ -21,7 +21,7 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.config import QuantizeConfig, parse_config
 from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.registry import quantized_class_for
-from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer
+from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer, collecting_statistics
 
 logger = logging.getLogger("lowbit")
 ForwardLoop = Callable[[nn.Module], None]
@@ -146,7 +146,7 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _calibrate_weights(model: nn.Module) -> None:
+def calibrate_weights(model: nn.Module) -> None:
     """Static weight scales straight from the weights (no data needed); sequential quantizers chain."""
     for module in model.modules():
         if not is_quantized(module) or not hasattr(module, "weight_quantizer"):
@@ -157,12 +157,8 @@ def _calibrate_weights(model: nn.Module) -> None:
         with torch.no_grad():
             for stage in stages:
                 if stage.is_enabled and not stage.config.is_dynamic:
-                    stage.enable_calib()
-                    stage.disable_quant()
-                    stage(weight)
-                    stage.load_calib_amax()
-                    stage.disable_calib()
-                    stage.enable_quant()
+                    with collecting_statistics([stage]):
+                        stage(weight)
                 weight = stage(weight)
 
 
@@ -178,26 +174,18 @@ def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
 
 def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     """Weights from themselves; activations from their calibrators while ``forward_loop`` runs."""
-    _calibrate_weights(model)
+    calibrate_weights(model)
     activations = _activation_quantizers(model)
     if not activations:
         return
     if forward_loop is None:
         raise ValueError("forward_loop is None, but activation quantizers need calibration data")
-    for quantizer in activations:
-        quantizer.enable_calib()
-        quantizer.disable_quant()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), collecting_statistics(activations):
             forward_loop(model)
-        for quantizer in activations:
-            quantizer.load_calib_amax()
     finally:
-        for quantizer in activations:
-            quantizer.disable_calib()
-            quantizer.enable_quant()
         model.train(was_training)
     missing = [q for q in activations if q.amax is None]
     if missing:

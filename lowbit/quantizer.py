@@ -18,7 +18,8 @@ representable range ``[lo, hi]`` (``[-amax, amax]`` for symmetric formats) and 0
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -325,6 +326,26 @@ class TensorQuantizer(nn.Module):
         if self._calib:
             text += " calibrating"
         return text
+
+
+@contextmanager
+def collecting_statistics(quantizers: list[TensorQuantizer]) -> Iterator[None]:
+    """Calibration mode for ``quantizers`` while the block runs, then ``amax`` from what they saw.
+
+    Quantization is off inside the block (statistics see unquantized inputs); on exit, even on error, the
+    quantizers are back in quant mode. ``amax`` is loaded only when the block finished normally.
+    """
+    for quantizer in quantizers:
+        quantizer.enable_calib()
+        quantizer.disable_quant()
+    try:
+        yield
+        for quantizer in quantizers:
+            quantizer.load_calib_amax()
+    finally:
+        for quantizer in quantizers:
+            quantizer.disable_calib()
+            quantizer.enable_quant()
 
 
 def _clip_aware_ste(x: torch.Tensor, quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor):

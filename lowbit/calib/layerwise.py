@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.quantizer import TensorQuantizer
+from lowbit.quantizer import TensorQuantizer, collecting_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -182,18 +182,9 @@ def calibrate_activations(layer: nn.Module, inputs: LayerInputs) -> None:
         for q in tensor_quantizers(getattr(linear, slot))
         if q.is_enabled and not q.config.is_dynamic
     ]
-    for quantizer in quantizers:
-        quantizer.enable_calib()
-        quantizer.disable_quant()
-    try:
+    with collecting_statistics(quantizers):
         for _ in inputs.forward(layer):
             pass
-        for quantizer in quantizers:
-            quantizer.load_calib_amax()
-    finally:
-        for quantizer in quantizers:
-            quantizer.disable_calib()
-            quantizer.enable_quant()
 
 
 def mean_squared_error(outputs: Iterator[Tensor], references: list[Tensor]) -> tuple[float, list[Tensor]]:
@@ -243,9 +234,9 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
 
 def recalibrate_weights(module: nn.Module) -> None:
     """Recompute the static weight scales of the quantized modules in ``module`` from their weights."""
-    from lowbit.convert import _calibrate_weights
+    from lowbit.convert import calibrate_weights
 
-    _calibrate_weights(module)
+    calibrate_weights(module)
 
 
 def _warn_outside(model: nn.Module, layers: nn.ModuleList, description: str) -> None:
