@@ -97,16 +97,27 @@ def save(model: nn.Module, path: str | Path) -> Path:
     return directory
 
 
+def read_state(path: str | Path, state_name: str, format_version: int, writer: str) -> dict:
+    """The JSON state ``path/state_name`` written by ``writer``, checked for its format version."""
+    state_file = Path(path) / state_name
+    if not state_file.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} holds no {state_name}; was it written by {writer}?")
+    state = json.loads(state_file.read_text())
+    if state.get("format_version") != format_version:
+        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {format_version}")
+    return state
+
+
+def build_model(model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """The model itself, or what the factory makes."""
+    return model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+
+
 def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
     """Rebuild the quantizers saved at ``path`` on a fresh model and load all tensors (strict)."""
     directory = Path(path)
-    state_file = directory / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {STATE_FILE}; was it written by lowbit.save?")
-    state = json.loads(state_file.read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {FORMAT_VERSION}")
-    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "lowbit.save")
+    model = build_model(model_or_factory)
     modules = dict(model.named_modules())
     apply_quant_state(modules, state["modules"])
     missing_keys, unexpected = load_model(model, str(directory / TENSOR_FILE), strict=False)

@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from lowbit.checkpoint import apply_quant_state, load_quantizer, quant_state, quantizer_state
+from lowbit.checkpoint import (
+    apply_quant_state,
+    build_model,
+    load_quantizer,
+    quant_state,
+    quantizer_state,
+    read_state,
+)
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 
@@ -71,13 +78,8 @@ def _rebuild(entry: dict) -> CompressedLinear:
 def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
     """Rebuild the compressed (and fake-quantized) modules saved at ``path`` and load every tensor (strict)."""
     directory = Path(path)
-    state_file = directory / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {STATE_FILE}; was it written by save_compressed?")
-    state = json.loads(state_file.read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {FORMAT_VERSION}")
-    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "save_compressed")
+    model = build_model(model_or_factory)
     modules = dict(model.named_modules())
     missing = [name for name in state["compressed"] if name not in modules]
     if missing:
