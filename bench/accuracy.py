@@ -222,6 +222,16 @@ def report(rows: list[dict], context: dict, workload: Workload, repeats: int) ->
     ])
 
 
+def write_report(text: str, out: Path, stem: str) -> Path:
+    """Print ``text`` and write it to ``out/<stem>_<today>.md``; returns the path."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}_{date.today().isoformat()}.md"
+    path.write_text(text, encoding="utf-8")
+    print(f"written to {path}")
+    return path
+
+
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -252,12 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         results = retime(cases, results, workload)
     rows = comparison_rows(cases, results, baseline)
     context = run_context(["python", "bench/accuracy.py", *argv])
-    text = report(rows, context, workload, args.repeats)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"accuracy_{date.today().isoformat()}.md"
-    path.write_text(text, encoding="utf-8")
-    print(f"written to {path}")
+    write_report(report(rows, context, workload, args.repeats), args.out, "accuracy")
     return 0
 
 

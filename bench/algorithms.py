@@ -25,7 +25,6 @@ import argparse
 import copy
 import sys
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from accuracy import (  # noqa: E402  (bench/ is not a package)
     modelopt_case,
     retime,
     run_case,
+    write_report,
 )
 
 INT4_SYM = "INT4 sym g128 weight-only"
@@ -229,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         results = retime(cases, results, workload)
     rows, verdicts = rows_and_verdicts(cases, results, baseline)
     text = report(rows, verdicts, run_context(["python", "bench/algorithms.py", *argv]), workload, args.repeats)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"algorithms_{date.today().isoformat()}.md"
-    path.write_text(text, encoding="utf-8")
-    print(f"written to {path}")
+    write_report(text, args.out, "algorithms")
     return 0
 
 
