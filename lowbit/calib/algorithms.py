@@ -27,7 +27,7 @@ from torch import nn
 from lowbit.calib.awq import alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
 from lowbit.calib.gptq import gptq_layer
 from lowbit.calib.layerwise import LayerReport, find_decoder_layers, quantized_linears, run_layerwise
-from lowbit.calib.smoothquant import check_alpha, smoothquant_layer
+from lowbit.calib.smoothquant import check_alpha, smoothquant
 from lowbit.calib.weights import weight_group_size
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -48,10 +48,6 @@ def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     from lowbit.convert import max_calibrate
 
     max_calibrate(model, forward_loop)
-
-
-def _smoothquant(model, forward_loop, alpha):
-    return run_layerwise(model, forward_loop, partial(smoothquant_layer, alpha=alpha), "smoothquant")
 
 
 def _awq_lite(model, forward_loop, alpha_step, max_tokens):
@@ -82,7 +78,7 @@ def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups):
 
 ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "max": _max,
-    "smoothquant": _smoothquant,
+    "smoothquant": smoothquant,
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
     "awq_full": _awq_full,

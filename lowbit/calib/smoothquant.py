@@ -9,10 +9,12 @@ shrinks where it had outliers, the weight range grows a little.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, quantizers_disabled, recalibrate_weights
+from lowbit.calib.layerwise import LayerInputs, LayerReport, quantizers_disabled, recalibrate_weights, run_layerwise
 from lowbit.calib.scaling import apply_input_scale, find_input_groups
 
 
@@ -54,6 +56,11 @@ def smoothquant_layer(layer: nn.Module, inputs: LayerInputs, alpha: float = 0.5)
         apply_input_scale(layer, inputs, group, scale)
         for linear in group.linears.values():
             recalibrate_weights(linear)
+
+
+def smoothquant(model: nn.Module, forward_loop, alpha: float = 0.5) -> list[LayerReport]:
+    """Smooth every decoder layer of ``model`` (see :func:`smoothquant_layer`), one layer at a time."""
+    return run_layerwise(model, forward_loop, partial(smoothquant_layer, alpha=alpha), "smoothquant")
 
 
 def check_alpha(alpha: float) -> float:
