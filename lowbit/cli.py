@@ -2,6 +2,8 @@
 
     lowbit demo [--presets FP8_DEFAULT,INT4_BLOCKWISE_WEIGHT_ONLY] [--eval-tokens 8192]
                 [--calib-samples 32] [--threads N] [--json rows.json] [--no-progress]
+    lowbit quantize MODEL --preset NAME --output DIR [--packed] [--algorithm NAME]   (lowbit.commands)
+    lowbit eval MODEL [--text FILE] [--eval-tokens N]                                (lowbit.commands)
 
 ``demo`` loads the bundled default model on CPU, calibrates each preset on the bundled calibration
 text, and prints held-out perplexity, its change, the packed weight size and the quantization time.
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.commands import add_eval_parser, add_quantize_parser
 from lowbit.convert import fold_weight, iter_quantizers, quantize
 from lowbit.eval import format_table
 from lowbit.presets import get_preset
@@ -196,10 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--json", metavar="PATH", help="also write the rows (full precision) as JSON")
     demo_parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo_parser.set_defaults(handler=demo)
+    add_quantize_parser(commands, _positive_int)
+    add_eval_parser(commands, _positive_int)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return args.handler(args, argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args, argv)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        parser.exit(2, f"lowbit {args.command}: error: {error}\n")

@@ -1,0 +1,81 @@
+"""Hugging Face causal-LM directories in and out, for the command line and scripts.
+
+- ``load_causal_lm(source)``: ``"default"`` (the bundled model), a local Hugging Face directory, or a
+  directory written by :func:`save_quantized` (fake-quantized via ``lowbit.save`` or packed via
+  ``lowbit.save_compressed``); returns ``(model, tokenizer)``. Nothing is downloaded.
+- ``save_quantized(model, tokenizer, path, packed)``: the model's ``config.json`` and tokenizer files
+  next to lowbit's state and tensors, so the directory alone is enough to load it again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.assets import load_default_model
+from lowbit.checkpoint import STATE_FILE as FAKE_QUANT_STATE
+from lowbit.checkpoint import restore, save
+from lowbit.compress import compress
+from lowbit.compress.serialization import STATE_FILE as PACKED_STATE
+from lowbit.compress.serialization import load_compressed, save_compressed
+
+DEFAULT_SOURCE = "default"
+
+
+def saved_kind(path: str | Path) -> str:
+    """``"packed"``, ``"fake_quant"`` or ``"float"``: what kind of checkpoint the directory holds."""
+    directory = Path(path)
+    if (directory / PACKED_STATE).is_file():
+        return "packed"
+    if (directory / FAKE_QUANT_STATE).is_file():
+        return "fake_quant"
+    return "float"
+
+
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """``(model, tokenizer)`` from ``source``, in eval mode on ``device``; float weights in ``dtype``.
+
+    A lowbit-saved directory is rebuilt from its ``config.json`` (the architecture, weights initialised
+    then overwritten by the saved tensors) and its quantizers restored; packed weights keep their storage.
+    """
+    if str(source) == DEFAULT_SOURCE:
+        return load_default_model(dtype=dtype, device=device)
+    directory = Path(source)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model={str(source)!r} is not a local Hugging Face model directory (no config.json); pass such a "
+            f"directory or {DEFAULT_SOURCE!r} for the bundled model (lowbit never downloads)"
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    kind = saved_kind(directory)
+    if kind == "float":
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+
+        def factory() -> nn.Module:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+        model = load_compressed(factory, directory) if kind == "packed" else restore(factory, directory)
+    return model.to(device).eval(), tokenizer
+
+
+def save_quantized(model: nn.Module, tokenizer, path: str | Path, packed: bool = False) -> Path:
+    """Write ``model`` (already quantized) with its config and tokenizer to ``path``.
+
+    ``packed=True`` first replaces the quantized linears by packed storage (``lowbit.compress``, in
+    place) and writes ``save_compressed``'s layout; otherwise ``lowbit.save``'s (float weights plus the
+    quantizer states). Returns the directory.
+    """
+    directory = Path(path)
+    if packed:
+        save_compressed(compress(model), directory)
+    else:
+        save(model, directory)
+    model.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

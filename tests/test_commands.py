@@ -1,0 +1,104 @@
+"""``lowbit quantize`` / ``lowbit eval`` on the bundled model: saved directories reload to the same model,
+and the printed perplexities equal an independent in-process computation."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from lowbit import quantize
+from lowbit.assets import load_default_model
+from lowbit.cli import main
+from lowbit.commands import check_reload, quantize_config
+from lowbit.convert import fold_weight
+from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
+from lowbit.eval import perplexity
+from lowbit.hf import load_causal_lm, saved_kind
+from lowbit.presets import get_preset
+
+SMALL = ["--calib-samples", "4", "--seq-len", "64", "--eval-tokens", "512", "--no-progress"]
+PPL_TOLERANCE = 5e-3  # printed with 3 decimals
+
+
+def run_cli(argv: list[str]) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return stdout.getvalue()
+
+
+def printed_perplexities(stdout: str) -> list[float]:
+    """The perplexity column of the table ``lowbit quantize`` / ``eval`` print."""
+    lines = stdout.splitlines()
+    column = lines[0].split().index("perplexity")
+    return [float(line.split()[column]) for line in lines[2:] if line and not line.startswith("saved")]
+
+
+def reference_perplexity(preset: str) -> float:
+    """The same quantization done in this process, evaluated on the same tokens."""
+    model, tokenizer = load_default_model()
+    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=4, seq_len=64)
+    quantize(model, get_preset(preset), make_forward_loop(batches, progress=False))
+    return perplexity(fold_weight(model), tokenizer, default_eval_text(), seq_len=64, stride=32, max_tokens=512,
+                      progress=False)
+
+
+@pytest.mark.parametrize(("preset", "packed", "kind"), [
+    ("INT8_DEFAULT_CFG", False, "fake_quant"),
+    ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", True, "packed"),
+])
+def test_quantize_then_eval_reproduces_the_in_process_result(tmp_path, preset, packed, kind):
+    output = tmp_path / "out"
+    stdout = run_cli(["quantize", "default", "--preset", preset, "--output", str(output), *SMALL]
+                     + (["--packed"] if packed else []))
+    original, quantized = printed_perplexities(stdout)
+    expected = reference_perplexity(preset)
+    assert quantized == pytest.approx(expected, abs=PPL_TOLERANCE)
+    assert quantized > original - 0.5
+    assert saved_kind(output) == kind
+    evaluated = printed_perplexities(run_cli(["eval", str(output), "--seq-len", "64", "--eval-tokens", "512",
+                                              "--no-progress"]))
+    assert evaluated == [pytest.approx(expected, abs=PPL_TOLERANCE)]
+
+
+def test_check_reload_catches_a_model_that_differs_from_the_saved_one(tmp_path):
+    model, tokenizer = load_default_model()
+    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=2, seq_len=32)
+    run_cli(["quantize", "default", "--preset", "INT8_WEIGHT_ONLY_CFG", "--output", str(tmp_path / "a"), *SMALL])
+    reloaded, _ = load_causal_lm(tmp_path / "a")
+    assert check_reload(reloaded, tmp_path / "a", batches[0], torch.float32) == 0.0
+    with torch.no_grad():
+        reloaded.lm_head.weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="logits .* away"):
+        check_reload(reloaded, tmp_path / "a", batches[0], torch.float32)
+
+
+def test_algorithm_option_replaces_the_presets_algorithm(tmp_path):
+    assert quantize_config("int4_awq", None, "gptq")["algorithm"] == "gptq"
+    options = quantize_config("int4_awq", None, '{"method": "gptq", "block_size": 64}')["algorithm"]
+    assert options == {"method": "gptq", "block_size": 64}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(get_preset("FP8_DEFAULT_CFG")))
+    assert quantize_config(None, str(path), None) == json.loads(json.dumps(get_preset("FP8_DEFAULT_CFG")))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["quantize", "default", "--output", "{out}"], "exactly one of --preset"),
+    (["quantize", "default", "--preset", "int8_default", "--config", "x.json", "--output", "{out}"],
+     "exactly one of --preset"),
+    (["quantize", "default", "--preset", "int9", "--output", "{out}"], "preset 'int9' is unknown"),
+    (["quantize", "default", "--config", "{missing}", "--output", "{out}"], "no such file"),
+    (["quantize", "default", "--preset", "int8_default", "--output", "{full}"], "exists and is not empty"),
+    (["eval", "{missing}"], "not a local Hugging Face model directory"),
+])
+def test_bad_arguments_exit_with_a_message(tmp_path, capsys, argv, message):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    paths = {"out": tmp_path / "out", "missing": tmp_path / "missing.json", "full": tmp_path / "full"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([part.format(**paths) for part in argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
