@@ -3,16 +3,23 @@
 "max" is plain max calibration (``lowbit.convert.max_calibrate``); the others run layer by layer
 (``lowbit.calib.layerwise``) and return one :class:`LayerReport` per decoder layer.
 
-==============  =========================================================================  ============
-name            options (defaults)                                                         module
-==============  =========================================================================  ============
-max             none                                                                       convert
-smoothquant     alpha=0.5                                                                  smoothquant
-awq_lite        alpha_step=0.1, max_tokens=4096                                            awq
-awq_clip        min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                  awq
-awq_full        awq_lite's and awq_clip's options                                          awq
-gptq            block_size=128, percdamp=0.01, act_order=False, static_groups=False        gptq
-==============  =========================================================================  ============
+================  =======================================================================  ================
+name              options (defaults)                                                       module
+================  =======================================================================  ================
+max               none                                                                     convert
+smoothquant       alpha=0.5                                                                smoothquant
+awq_lite          alpha_step=0.1, max_tokens=4096, scale_estimation=False                  awq
+awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
+awq_full          awq_lite's and awq_clip's options                                        awq
+gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
+                  scale_estimation=False
+scale_estimation  min_ratio=0.7, ratio_step=0.05, steps=5, objective="block"               scale_estimation
+================  =======================================================================  ================
+
+Chaining: ``scale_estimation`` = True (its defaults) or a dict of its options runs scale estimation on
+each layer after AWQ's scale (and clip) search, or before GPTQ, which then keeps the estimated grid as
+fixed (static) groups and only chooses the codes. ``awq_lite`` and ``gptq`` take asymmetric integer
+weight quantizers too; ``awq_clip``/``awq_full`` symmetric ones only.
 
 Options are validated, and the weight quantizers checked, before the model is touched.
 """
@@ -25,22 +32,32 @@ from functools import partial
 from torch import nn
 
 from lowbit.calib.awq import alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
-from lowbit.calib.gptq import gptq_layer
-from lowbit.calib.layerwise import LayerReport, find_decoder_layers, quantized_linears, run_layerwise
+from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.calib.layerwise import LayerInputs, LayerReport, find_decoder_layers, quantized_linears, run_layerwise
+from lowbit.calib.scale_estimation import (
+    OBJECTIVES,
+    check_steps,
+    estimate_linear_range,
+    estimation_group_size,
+    start_ratios,
+)
 from lowbit.calib.smoothquant import check_alpha, smoothquant
 from lowbit.calib.weights import weight_group_size
 
 ForwardLoop = Callable[[nn.Module], None]
 
-AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096}
+AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_estimation": False}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
+SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.05, "steps": 5, "objective": "block"}
 DEFAULT_OPTIONS: dict[str, dict] = {
     "max": {},
     "smoothquant": {"alpha": 0.5},
     "awq_lite": AWQ_LITE_OPTIONS,
     "awq_clip": AWQ_CLIP_OPTIONS,
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS},
-    "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False},
+    "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
+             "scale_estimation": False},
+    "scale_estimation": SCALE_ESTIMATION_OPTIONS,
 }
 
 
@@ -50,9 +67,41 @@ def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     max_calibrate(model, forward_loop)
 
 
-def _awq_lite(model, forward_loop, alpha_step, max_tokens):
-    layer_pass = partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens)
-    return run_layerwise(model, forward_loop, layer_pass, "awq_lite")
+def _range_estimator(scale_estimation: bool | dict) -> RangeEstimator | None:
+    """``estimate_linear_range`` with scale estimation's options (the chained form), or None when off."""
+    if scale_estimation is False:
+        return None
+    options = {**SCALE_ESTIMATION_OPTIONS, **({} if scale_estimation is True else scale_estimation)}
+    ratios = start_ratios(options["min_ratio"], options["ratio_step"])
+    return partial(estimate_linear_range, ratios=ratios, steps=options["steps"], objective=options["objective"])
+
+
+def scale_estimation_layer(layer: nn.Module, inputs: LayerInputs, estimate_range: RangeEstimator) -> None:
+    """Scale estimation of every linear with an enabled weight quantizer, against its input's Hessian."""
+    for name, linear, hessian in linears_with_hessians(layer, inputs):
+        estimate_range(linear, name, hessian)
+
+
+def _chained(description: str, *passes: Callable[[nn.Module, LayerInputs], None],
+             scale_estimation: bool | dict = False):
+    """One layer pass running ``passes`` in order, then scale estimation when asked."""
+    estimate_range = _range_estimator(scale_estimation)
+    if estimate_range is not None:
+        passes = (*passes, partial(scale_estimation_layer, estimate_range=estimate_range))
+        description += "+scale_estimation"
+
+    def layer_pass(layer: nn.Module, inputs: LayerInputs) -> None:
+        for step in passes:
+            step(layer, inputs)
+
+    return layer_pass, description
+
+
+def _awq_lite(model, forward_loop, alpha_step, max_tokens, scale_estimation):
+    layer_pass, description = _chained(
+        "awq_lite", partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens),
+        scale_estimation=scale_estimation)
+    return run_layerwise(model, forward_loop, layer_pass, description)
 
 
 def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens):
@@ -61,19 +110,26 @@ def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens)
     return run_layerwise(model, forward_loop, layer_pass, "awq_clip")
 
 
-def _awq_full(model, forward_loop, alpha_step, max_tokens, min_clip_ratio, shrink_step, max_clip_tokens):
-    def layer_pass(layer, inputs):
-        awq_scale_layer(layer, inputs, alpha_step=alpha_step, max_tokens=max_tokens)
-        awq_clip_layer(layer, inputs, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
-                       max_clip_tokens=max_clip_tokens)
+def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_estimation, min_clip_ratio, shrink_step,
+              max_clip_tokens):
+    layer_pass, description = _chained(
+        "awq_full",
+        partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens),
+        partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
+                max_clip_tokens=max_clip_tokens),
+        scale_estimation=scale_estimation)
+    return run_layerwise(model, forward_loop, layer_pass, description)
 
-    return run_layerwise(model, forward_loop, layer_pass, "awq_full")
 
-
-def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups):
+def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation):
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                         static_groups=static_groups)
-    return run_layerwise(model, forward_loop, layer_pass, "gptq")
+                         static_groups=static_groups, estimate_range=_range_estimator(scale_estimation))
+    return run_layerwise(model, forward_loop, layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else ""))
+
+
+def _scale_estimation(model, forward_loop, **options):
+    layer_pass = partial(scale_estimation_layer, estimate_range=_range_estimator(options))
+    return run_layerwise(model, forward_loop, layer_pass, "scale_estimation")
 
 
 ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
@@ -83,6 +139,7 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "awq_clip": _awq_clip,
     "awq_full": _awq_full,
     "gptq": _gptq,
+    "scale_estimation": _scale_estimation,
 }
 
 
@@ -118,15 +175,48 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
             raise ValueError(f"algorithm {name!r}: {key}={value!r} must be a positive int")
     if name == "gptq" and not (isinstance(options["percdamp"], (int, float)) and options["percdamp"] > 0):
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
+    estimation = _scale_estimation_options(name, options)
+    if estimation is not None:
+        start_ratios(estimation["min_ratio"], estimation["ratio_step"])
+        check_steps(estimation["steps"])
+        if estimation["objective"] not in OBJECTIVES:
+            raise ValueError(f"scale_estimation: objective={estimation['objective']!r}; allowed: {list(OBJECTIVES)}")
     layers_name, layers = find_decoder_layers(model)
-    if name in ("gptq", "awq_clip", "awq_full"):
-        for index, layer in enumerate(layers):
-            for linear_name, linear in quantized_linears(layer).items():
-                if linear.weight_quantizer.is_enabled:
-                    full_name = f"{layers_name}.{index}.{linear_name}.weight_quantizer"
-                    group_size = weight_group_size(linear, full_name, per_row=name != "gptq")
-                    if name == "gptq" and options["act_order"] and not options["static_groups"] and (
-                            group_size < linear.in_features):
-                        raise ValueError(
-                            f"{full_name}: act_order=True with group-wise scales needs static_groups=True"
-                        )
+    for index, layer in enumerate(layers):
+        for linear_name, linear in quantized_linears(layer).items():
+            if linear.weight_quantizer.is_enabled:
+                _check_weight_quantizer(name, options, estimation is not None, linear,
+                                        f"{layers_name}.{index}.{linear_name}.weight_quantizer")
+
+
+def _scale_estimation_options(name: str, options: dict) -> dict | None:
+    """Scale estimation's options with defaults, as run alone or chained; None when it does not run."""
+    if name == "scale_estimation":
+        return options
+    chained = options.get("scale_estimation", False)
+    if chained is False:
+        return None
+    if chained is True:
+        return dict(SCALE_ESTIMATION_OPTIONS)
+    if not isinstance(chained, dict):
+        raise TypeError(f"algorithm {name!r}: scale_estimation={chained!r} must be True, False or a dict of "
+                        f"scale estimation's options {sorted(SCALE_ESTIMATION_OPTIONS)}")
+    unknown = sorted(set(chained) - set(SCALE_ESTIMATION_OPTIONS))
+    if unknown:
+        raise ValueError(f"algorithm {name!r}: scale_estimation got unknown options {unknown}; allowed: "
+                         f"{sorted(SCALE_ESTIMATION_OPTIONS)}")
+    return {**SCALE_ESTIMATION_OPTIONS, **chained}
+
+
+def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: nn.Linear, full_name: str) -> None:
+    """ValueError if the algorithm cannot work on this linear's (enabled) weight quantizer."""
+    if estimates:
+        estimation_group_size(linear, full_name)
+    if name in ("awq_clip", "awq_full"):
+        weight_group_size(linear, full_name, per_row=True)
+    if name != "gptq":
+        return
+    group_size = gptq_group_size(linear, full_name)
+    if options["act_order"] and not options["static_groups"] and not estimates and group_size < linear.in_features:
+        raise ValueError(f"{full_name}: act_order=True with group-wise scales needs static_groups=True (or "
+                         "scale_estimation, whose grid is fixed before GPTQ)")

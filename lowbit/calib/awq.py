@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
+from lowbit.calib.scale_estimation import IntGrid
 from lowbit.calib.scaling import apply_input_scale, find_input_groups
 from lowbit.calib.weights import (
     effective_input,
@@ -33,6 +34,7 @@ from lowbit.calib.weights import (
     set_weight_amax,
     weight_group_size,
 )
+from lowbit.quantizer import SequentialQuantizer
 
 FakeQuantWeight = Callable[[Tensor], Tensor]  # weight -> fake-quantized weight (its own amax)
 ERROR_CHUNK_ELEMENTS = 2**26  # bound on the (tokens, rows, groups) error tensor of the clip search
@@ -150,8 +152,23 @@ def alpha_grid(alpha_step: float) -> list[float]:
 
 
 def _weight_fake_quant(linear: nn.Linear) -> FakeQuantWeight:
+    """The weight quantizer with ranges from the weight it is given, as ModelOpt's search quantizes:
+    max |w| per group (min/max if asymmetric); a SequentialQuantizer (W4A8: INT4 then FP8) chains its
+    stages, each with the range of what it receives, so the FP8 stage follows the scaled weight."""
     quantizer = linear.weight_quantizer
-    return lambda weight: quantizer.fake_quant(weight, quantizer.compute_amax(weight))
+    stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+    group_size = _scale_group_size(linear)
+
+    def own_range_fake_quant(weight: Tensor) -> Tensor:
+        for stage in stages:
+            if stage.config.asymmetric:
+                grid, groups = IntGrid.of(stage), weight.reshape(weight.shape[0], -1, group_size)
+                weight = grid.fake_quant(groups, *grid.own_range(groups)).reshape(weight.shape)
+            else:
+                weight = stage.fake_quant(weight, stage.compute_amax(weight))
+        return weight
+
+    return own_range_fake_quant
 
 
 def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096) -> None:
@@ -192,8 +209,11 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
 
 
 def _scale_group_size(linear: nn.Linear) -> int:
-    """Input columns sharing one weight scale: the block along the input dim, else the whole row."""
-    block = linear.weight_quantizer.config.block_axes.get(-1) if hasattr(linear.weight_quantizer, "config") else None
+    """Input columns sharing one weight scale: the block along the input dim of the (first) weight
+    quantizer, else the whole row."""
+    quantizer = linear.weight_quantizer
+    first = quantizer[0] if isinstance(quantizer, SequentialQuantizer) else quantizer
+    block = first.config.block_axes.get(-1) if first.config.block_sizes is not None else None
     return block if block and linear.in_features % block == 0 else linear.in_features
 
 

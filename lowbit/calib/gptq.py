@@ -17,20 +17,24 @@ when the loop reaches the group's first column, or from the original weights up 
 ``static_groups`` so that a group stays a contiguous slab of the original columns.
 
 The format is not known here: ``group_amax(slab)`` and ``quantize_column(column, amax)`` come from the
-caller (for a model: the weight quantizer's ``compute_amax`` and ``fake_quant``).
+caller (for a model: the weight quantizer's ``compute_amax`` and ``fake_quant``; for an asymmetric
+quantizer the "amax" of a group is ``stack([amin, amax])``). ``fixed_groups`` gives every group's grid
+up front instead (e.g. found by ``lowbit.calib.scale_estimation``): GPTQ then only chooses the codes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs
+from lowbit.calib.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.calib.scaling import find_input_groups
 from lowbit.calib.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
+from lowbit.quantizer import TensorQuantizer
 
 GroupAmax = Callable[[Tensor], Tensor]  # (out, group_size) slab -> amax for that group
 ColumnQuantizer = Callable[[Tensor, Tensor], Tensor]  # (column (out,), group amax) -> quantized column
@@ -90,16 +94,21 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    fixed_groups: list[Tensor] | None = None,
 ) -> GptqResult:
     """GPTQ of ``weight`` ``(out, in)`` with Hessian ``hessian`` ``(in, in)`` (see the module docstring).
 
     ``group_size`` (None = all ``in`` columns) must divide ``in``; ``block_size`` is rounded down to a
-    multiple of it (at least one group) so a group never straddles a lazy-update block. Computes in
-    float32, or float64 when ``weight`` is float64. Neither input is modified.
+    multiple of it (at least one group) so a group never straddles a lazy-update block. ``fixed_groups``
+    (one entry per group, in column order) implies static groups. Computes in float32, or float64 when
+    ``weight`` is float64. Neither input is modified.
     """
     out_features, columns = weight.shape
     group_size = columns if group_size is None else group_size
+    static_groups = static_groups or fixed_groups is not None
     _check_options(hessian, columns, group_size, block_size, percdamp, act_order, static_groups)
+    if fixed_groups is not None and len(fixed_groups) != columns // group_size:
+        raise ValueError(f"fixed_groups has {len(fixed_groups)} entries, expected {columns // group_size} groups")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype).clone()
@@ -107,7 +116,12 @@ def gptq_quantize(
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    groups = [group_amax(w[:, g : g + group_size]) for g in range(0, columns, group_size)] if static_groups else []
+    if fixed_groups is not None:
+        groups = list(fixed_groups)
+    elif static_groups:
+        groups = [group_amax(w[:, g : g + group_size]) for g in range(0, columns, group_size)]
+    else:
+        groups = []
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(columns, device=w.device)
     w, h = w[:, order], h[order][:, order]
     upper = damped_inverse_cholesky(h, percdamp)
@@ -155,42 +169,91 @@ def _check_options(hessian, columns, group_size, block_size, percdamp, act_order
 
 # ---- layer pass ---------------------------------------------------------------------------------------
 
+RangeEstimator = Callable[[nn.Linear, str, Tensor], None]  # (linear, name, its input Hessian): sets its range
 
-def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False) -> list[tuple[str, float]]:
-    """GPTQ every linear with an enabled weight quantizer in ``layer``, one input group at a time.
 
-    For each group (linears reading the same input, in execution order) the Hessian of that input is
-    accumulated over all batches (the rest of the layer's forward is skipped), the group's linears are
-    quantized and their weights replaced, then the Hessian is freed: later groups see the outputs of
-    the already quantized ones. Each weight quantizer gets the amax GPTQ used. Returns (name, loss).
-    """
-    losses = []
+def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+    """``(name, linear, H)`` for every linear with an enabled weight quantizer in ``layer``, one input group
+    at a time: the group's Hessian ``input_hessian`` is accumulated over all batches after the previous
+    groups were processed (so later groups see their already quantized outputs), and freed after it."""
     for group in find_input_groups(layer, inputs):
         linears = {n: w for n, w in group.linears.items() if w.weight_quantizer.is_enabled}
         if not linears:
             continue
         hessian = input_hessian(layer, inputs, *next(iter(group.linears.items())))
-        for linear_name, linear in linears.items():
-            quantizer, group_size = linear.weight_quantizer, weight_group_size(linear, linear_name)
-            result = gptq_quantize(
-                linear.weight.detach(),
-                hessian,
-                group_amax=quantizer.compute_amax,
-                quantize_column=lambda column, amax, q=quantizer: quantize_column(q, column, amax),
-                group_size=group_size,
-                block_size=block_size,
-                percdamp=percdamp,
-                act_order=act_order,
-                static_groups=static_groups,
-            )
-            with torch.no_grad():
-                linear.weight.copy_(result.weight)
-            amax = result.group_amax[0] if len(result.group_amax) == 1 else torch.cat(result.group_amax, dim=-2)
-            set_weight_amax(quantizer, linear.weight, amax)
-            losses.append((linear_name, result.loss))
+        for name, linear in linears.items():
+            yield name, linear, hessian
         del hessian
+
+
+def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
+               act_order: bool = False, static_groups: bool = False,
+               estimate_range: RangeEstimator | None = None) -> list[tuple[str, float]]:
+    """GPTQ every linear with an enabled weight quantizer in ``layer`` (``linears_with_hessians``), replacing
+    its weight; each weight quantizer gets the grid GPTQ used. With ``estimate_range`` (e.g. scale
+    estimation), that sets the quantizer's range from the Hessian first, and GPTQ keeps it as the fixed
+    grid of every group. Symmetric and asymmetric integer grids. Returns (name, loss).
+    """
+    losses = []
+    for name, linear, hessian in linears_with_hessians(layer, inputs):
+        quantizer = linear.weight_quantizer
+        group_size = gptq_group_size(linear, name)
+        fixed = None
+        if estimate_range is not None:
+            estimate_range(linear, name, hessian)
+            fixed = _stored_groups(quantizer, linear.weight, group_size)
+        result = gptq_quantize(
+            linear.weight.detach(),
+            hessian,
+            group_amax=lambda slab, q=quantizer: _group_range(q, slab),
+            quantize_column=lambda column, grid, q=quantizer: _quantize_column(q, column, grid),
+            group_size=group_size,
+            block_size=block_size,
+            percdamp=percdamp,
+            act_order=act_order,
+            static_groups=static_groups,
+            fixed_groups=fixed,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(result.weight)
+        grids = result.group_amax[0] if len(result.group_amax) == 1 else torch.cat(result.group_amax, dim=-2)
+        if grids.dim() == 4:  # asymmetric: stack([amin, amax])
+            store_range(quantizer, linear.weight, grids[0], grids[1])
+        else:
+            set_weight_amax(quantizer, linear.weight, grids)
+        losses.append((name, result.loss))
     return losses
+
+
+def gptq_group_size(linear: nn.Linear, name: str) -> int:
+    """Columns sharing one grid; ValueError if GPTQ cannot handle the weight quantizer (``weights`` module,
+    plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them)."""
+    if getattr(getattr(linear.weight_quantizer, "config", None), "asymmetric", False):
+        return estimation_group_size(linear, name)
+    return weight_group_size(linear, name)
+
+
+def _group_range(quantizer: TensorQuantizer, slab: Tensor) -> Tensor:
+    """The group's grid from its weights ``(out, g)``: ``amax`` as ``compute_amax`` gives it, or for an
+    asymmetric quantizer ``stack([min, max])`` of that shape."""
+    if not quantizer.config.asymmetric:
+        return quantizer.compute_amax(slab)
+    amin, amax = IntGrid.of(quantizer).own_range(slab.float()[:, None, :])
+    return torch.stack([amin, amax])
+
+
+def _stored_groups(quantizer: TensorQuantizer, weight: Tensor, group_size: int) -> list[Tensor]:
+    """The quantizer's stored grid, one ``_group_range``-shaped entry per group."""
+    amin, amax = quantizer_range(quantizer, weight, group_size)
+    grids = amax if amin is None else torch.stack([amin, amax])
+    return [grids[..., k : k + 1, :] for k in range(grids.shape[-2])]
+
+
+def _quantize_column(quantizer: TensorQuantizer, column: Tensor, grid: Tensor) -> Tensor:
+    if not quantizer.config.asymmetric:
+        return quantize_column(quantizer, column, grid)
+    amin, amax = grid.reshape(2, -1, 1)
+    return IntGrid.of(quantizer).fake_quant(column[:, None], amin, amax)[:, 0]
 
 
 def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: nn.Linear) -> Tensor:

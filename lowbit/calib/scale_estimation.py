@@ -1,0 +1,242 @@
+"""Scale estimation: per weight group, the integer grid (step, and zero point when asymmetric) that
+minimises the layer's output error on real calibration inputs (the idea of NNCF's scale estimation).
+
+For one linear ``y = x W^T`` and a group ``G`` of ``g`` input columns, the group's share of the output
+error when its weights ``w`` (one row) become ``w_hat`` is ``e(w_hat) = (w - w_hat)^T H_G (w - w_hat)``
+with ``H_G`` the ``g x g`` diagonal block of ``H = X^T X / n`` (cross-group terms are ignored).
+``objective="diagonal"`` keeps only ``diag(H_G) = E[x_j^2]`` (the per-channel activation energy).
+
+The grid: symmetric ``w_hat = d * q`` with integer codes ``q`` in the format's range and ``amax = d * qmax``;
+asymmetric ``w_hat = d * (c - z)``, ``c`` in ``[0, 2**b - 1]``, integer zero point ``z`` in that range, stored
+as ``amin = -z d``, ``amax = (2**b - 1 - z) d`` (the asymmetric formula maps these back to ``d`` and ``z``).
+Codes always come from the format's own rounding (``lowbit.formats``).
+
+With codes fixed, the best grid is a weighted least-squares fit, in closed form per group:
+
+- symmetric: ``d = <w, q>_H / <q, q>_H`` where ``<a, b>_H = a^T H_G b``;
+- asymmetric: ``w ~ d c + b`` (2 unknowns, 2x2 normal equations), then ``z = clamp(round(-b / d))`` and
+  ``d = <w, c - z>_H / <c - z, c - z>_H`` with ``z`` fixed.
+
+From each start point (the quantizer's current range, and ``r * [min, max]`` of the group for every ``r``
+in ``ratios``) the search alternates re-rounding and re-fitting ``steps`` times (asymmetric: the fitted
+zero point and its neighbours are tried, the best continues). Every range visited is
+scored by its exact error ``e`` (re-rounded) and each group keeps its best: the current range is a
+candidate, so the error never grows. Ties keep the earlier candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowbit import formats
+from lowbit.calib.weights import weight_group_size
+from lowbit.quantizer import TensorQuantizer
+
+OBJECTIVES = ("block", "diagonal")
+TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The integer format of a weight quantizer: ``num_bits``, and symmetric (signed codes) or asymmetric."""
+
+    num_bits: int
+    asymmetric: bool = False
+    unsigned: bool = False
+    narrow_range: bool = False
+
+    @classmethod
+    def of(cls, quantizer: TensorQuantizer) -> IntGrid:
+        config = quantizer.config
+        return cls(config.num_bits, config.asymmetric, config.unsigned, config.narrow_range)
+
+    @property
+    def qmax(self) -> int:
+        """Largest code: ``2**b - 1`` asymmetric, else the signed/unsigned range's maximum."""
+        unsigned = self.asymmetric or self.unsigned
+        return formats.int_range(self.num_bits, unsigned=unsigned, narrow_range=self.narrow_range)[1]
+
+    def codes(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
+        """Symmetric: the signed codes ``q``; asymmetric: the unsigned codes ``c``; in ``w``'s dtype."""
+        if self.asymmetric:
+            return formats.quantize_int_asym(w, amin, amax, self.num_bits)[0].to(w.dtype)
+        return formats.quantize_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)[0].to(w.dtype)
+
+    def fake_quant(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
+        if self.asymmetric:
+            return formats.fake_quant_int_asym(w, amin, amax, self.num_bits)
+        return formats.fake_quant_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)
+
+    def own_range(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(min, max)`` of each group (last dim) if asymmetric, else ``(None, max |w|)``; keepdim."""
+        if self.asymmetric:
+            return w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        return None, w.abs().amax(dim=-1, keepdim=True)
+
+
+def weighted_inner(a: Tensor, hessian: Tensor, b: Tensor) -> Tensor:
+    """``a^T H_G b`` per (row, group): ``a``, ``b`` ``(rows, n, g)``, ``hessian`` ``(n, g, g)`` -> ``(rows, n)``."""
+    return (torch.einsum("rng,ngh->rnh", a, hessian) * b).sum(dim=-1)
+
+
+def group_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> Tensor:
+    """``(w - w_hat)^T H_G (w - w_hat)`` per (row, group), ``(rows, n)``; NaN counts as inf."""
+    delta = w - w_hat
+    return weighted_inner(delta, hessian, delta).nan_to_num(nan=float("inf"))
+
+
+def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None,
+          amax: Tensor) -> list[tuple[Tensor | None, Tensor]]:
+    """The least-squares grids for the codes of ``(amin, amax)`` (module docstring); same shapes.
+
+    Symmetric: one candidate. Asymmetric: three, the fitted zero point and its two neighbours with the
+    same step (the rounded zero point of the joint fit is often one step off). Groups where a fit is degenerate (no
+    nonzero code, a non-positive step) keep their range.
+    """
+    codes = grid.codes(w, amin, amax)
+    if not grid.asymmetric:
+        step = weighted_inner(w, hessian, codes) / weighted_inner(codes, hessian, codes)
+        fitted = (step * grid.qmax)[..., None]
+        return [(None, torch.where(fitted.isfinite() & (fitted > 0), fitted, amax))]
+    ones = torch.ones_like(codes)
+    cc, c1, one1 = (weighted_inner(codes, hessian, codes), weighted_inner(codes, hessian, ones),
+                    weighted_inner(ones, hessian, ones))
+    cw, onew = weighted_inner(codes, hessian, w), weighted_inner(ones, hessian, w)
+    determinant = cc * one1 - c1 * c1
+    step = (cw * one1 - c1 * onew) / determinant
+    offset = (cc * onew - c1 * cw) / determinant
+    zero_point = torch.clamp(torch.round(-offset / step).nan_to_num(0.0), 0, grid.qmax)[..., None]
+    centred = codes - zero_point
+    step = (weighted_inner(w, hessian, centred) / weighted_inner(centred, hessian, centred))[..., None]
+    valid = step.isfinite() & (step > TINY)
+    candidates = []
+    for shift in (0, -1, 1):  # the neighbours keep the step; the next refit re-rounds
+        shifted = torch.clamp(zero_point + shift, 0, grid.qmax)
+        candidates.append((torch.where(valid, -shifted * step, amin),
+                           torch.where(valid, (grid.qmax - shifted) * step, amax)))
+    return candidates
+
+
+def estimate_range(
+    grid: IntGrid,
+    w: Tensor,
+    hessian: Tensor,
+    start: tuple[Tensor | None, Tensor],
+    ratios: list[float],
+    steps: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The search of the module docstring for weight groups ``w`` ``(rows, n, g)`` with ``hessian``
+    ``(n, g, g)`` and the current range ``start`` = ``(amin or None, amax)``, each ``(rows, n, 1)``.
+
+    Each step continues from the best candidate of the previous refit, per group. Returns
+    ``(amin or None, amax, error)``: the best range per group and its error ``(rows, n)``; float32
+    (float64 when ``w`` is float64).
+    """
+    hessian = hessian.to(w.dtype)
+    own_min, own_max = grid.own_range(w)
+    starts = [start] + [(None if own_min is None else own_min * r, own_max * r) for r in ratios]
+    best = _Best(start, group_error(w, grid.fake_quant(w, *start), hessian))
+    for current in starts:
+        chain = _Best(current, group_error(w, grid.fake_quant(w, *current), hessian))
+        best.update(chain.range, chain.error)
+        for _ in range(steps):
+            candidates = refit(grid, w, hessian, *chain.range)
+            chain = _Best(candidates[0], group_error(w, grid.fake_quant(w, *candidates[0]), hessian))
+            for candidate in candidates[1:]:
+                chain.update(candidate, group_error(w, grid.fake_quant(w, *candidate), hessian))
+            best.update(chain.range, chain.error)
+    return (*best.range, best.error)
+
+
+class _Best:
+    """Per group, the range with the least error seen so far (ties keep the earlier)."""
+
+    def __init__(self, bounds: tuple[Tensor | None, Tensor], error: Tensor) -> None:
+        self.range, self.error = bounds, error
+
+    def update(self, bounds: tuple[Tensor | None, Tensor], error: Tensor) -> None:
+        better = error < self.error
+        self.error = torch.where(better, error, self.error)
+        self.range = tuple(None if old is None else torch.where(better[..., None], new, old)
+                           for old, new in zip(self.range, bounds, strict=True))
+
+
+def hessian_blocks(hessian: Tensor, group_size: int, objective: str = "block") -> Tensor:
+    """The ``(n, g, g)`` diagonal blocks of ``hessian`` ``(in, in)``; ``"diagonal"`` keeps their diagonals."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: allowed are {list(OBJECTIVES)}")
+    groups = hessian.shape[0] // group_size
+    blocks = hessian.reshape(groups, group_size, groups, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return torch.diag_embed(blocks.diagonal(dim1=-2, dim2=-1)) if objective == "diagonal" else blocks
+
+
+# ---- the weight quantizer as an integer grid ---------------------------------------------------------------
+
+
+def estimation_group_size(linear: nn.Linear, name: str) -> int:
+    """Columns sharing one scale; ValueError unless the weight quantizer is a static integer one with
+    per-channel (axis=0) or ``block_sizes={-1: g}`` scales, symmetric or asymmetric."""
+    quantizer = linear.weight_quantizer
+    config = getattr(quantizer, "config", None)
+    if config is None or config.is_float or config.is_dynamic or config.block_scale_bits is not None:
+        label = type(quantizer).__name__ if config is None else f"{config.format_name} {config.granularity}"
+        raise ValueError(f"{name}: scale estimation needs a static integer weight quantizer, got {label}")
+    if not config.asymmetric:
+        return weight_group_size(linear, name, per_row=True)
+    if config.block_sizes is not None and set(config.block_axes) <= {-1, 1}:
+        return next(iter(config.block_axes.values())) or linear.in_features
+    if config.block_sizes is None and config.axis in (0, (0,), -2, (-2,)):
+        return linear.in_features
+    raise ValueError(
+        f"{name}: axis={config.axis} block_sizes={config.block_sizes}: use axis=0 or block_sizes={{-1: g}}")
+
+
+def quantizer_range(quantizer: TensorQuantizer, weight: Tensor, group_size: int) -> tuple[Tensor | None, Tensor]:
+    """The quantizer's stored ``(amin or None, amax)`` as ``(out, n, 1)``, or the weight's own range if unset."""
+    grid = IntGrid.of(quantizer)
+    groups = weight.detach().float().reshape(weight.shape[0], -1, group_size)
+    if quantizer.amax is None or (grid.asymmetric and quantizer.amin is None):
+        return grid.own_range(groups)
+    amin = None if not grid.asymmetric else quantizer.amin.float().reshape(*groups.shape[:2], 1)
+    return amin, quantizer.amax.detach().float().reshape(*groups.shape[:2], 1)
+
+
+def store_range(quantizer: TensorQuantizer, weight: Tensor, amin: Tensor | None, amax: Tensor) -> None:
+    """Set the quantizer's static ``amax`` (and ``amin``), reshaped to what its calibration gives."""
+    shape = quantizer.compute_amax(weight).shape
+    quantizer.amax = amax.detach().float().reshape(shape).contiguous()
+    if amin is not None:
+        quantizer.amin = amin.detach().float().reshape(shape).contiguous()
+
+
+def estimate_linear_range(linear: nn.Linear, name: str, hessian: Tensor, ratios: list[float], steps: int,
+                          objective: str) -> float:
+    """Scale estimation of one linear's weight quantizer against ``hessian`` ``(in, in)`` of its input;
+    stores the range and returns the summed error ``sum e`` of the result."""
+    quantizer = linear.weight_quantizer
+    group_size = estimation_group_size(linear, name)
+    weight = linear.weight.detach().float()
+    groups = weight.reshape(weight.shape[0], -1, group_size)
+    amin, amax, error = estimate_range(IntGrid.of(quantizer), groups, hessian_blocks(hessian, group_size, objective),
+                                       quantizer_range(quantizer, weight, group_size), ratios, steps)
+    store_range(quantizer, weight, amin, amax)
+    return float(error.sum())
+
+
+def start_ratios(min_ratio: float, ratio_step: float) -> list[float]:
+    """``1, 1 - step, ...`` down to ``min_ratio``: the shrunk ranges the search starts from."""
+    if not 0 < min_ratio <= 1:
+        raise ValueError(f"min_ratio={min_ratio!r} must be in (0, 1]")
+    if not 0 < ratio_step < 1:
+        raise ValueError(f"ratio_step={ratio_step!r} must be in (0, 1)")
+    count = int(round((1 - min_ratio) / ratio_step + 1e-9))
+    return [1 - i * ratio_step for i in range(count + 1)]
+
+
+def check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an int >= 0 (refits per start point)")
+    return steps
