@@ -49,7 +49,9 @@ def compress_weights(
     - ``dataset``: an iterable of model inputs (dicts as keyword arguments, tuples as positional, else
       one argument), read once for the statistics and again by each refinement.
     - ``awq``, ``scale_estimation``, ``gptq``: data-aware refinements of the primary layers by lowbit's
-      calibration algorithms (``lowbit.weight_compression.apply``).
+      calibration algorithms, in NNCF's order (AWQ, then scale estimation; with ``gptq`` the estimated
+      grid is GPTQ's fixed grid); INT4_SYM and INT4_ASYM take all three, NF4 / FP4 get AWQ's clip
+      search for ``scale_estimation``, MXFP4 only ``awq`` (``lowbit.weight_compression.apply``).
     - ``ignored_scope``: layer names or fnmatch wildcards (each must match a layer), or a callable
       ``name -> bool``; those layers stay float.
 

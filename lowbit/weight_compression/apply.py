@@ -8,9 +8,14 @@ export share one formula per format:
    INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
    (``range_search``);
 4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
-   primary layers only (the others' weight quantizers are switched off meanwhile):
-   ``awq`` -> ``awq_lite`` (per-channel scales), ``scale_estimation`` -> ``awq_clip`` (per-group clip
-   search against the layer output), both -> ``awq_full``; then ``gptq``;
+   primary layers only (the others' weight quantizers are switched off meanwhile), in NNCF's order
+   AWQ, scale estimation, GPTQ:
+   ``awq`` -> ``awq_lite`` (per-channel scales); ``scale_estimation`` -> ``scale_estimation`` (per-group
+   grid fitted to the layer output) for the integer modes INT4_SYM / INT4_ASYM, chained after AWQ or
+   run by GPTQ first (which keeps that grid); for NF4 / FP4 (not integer grids) -> ``awq_clip``
+   (per-group clip search against the layer output, ``awq_full`` with ``awq``); ``gptq`` -> ``gptq``.
+   Layer-wise algorithms start from max calibration, so INT4_ASYM's range search runs again when
+   AWQ alone was the last step;
 5. :func:`pack`: ``lowbit.compress.compress`` stores the compressed Linear layers packed, with float16
    scales as NNCF stores them (its ``CompressedLinear`` multiplies the dequantized weight). Layers it
    has no format or module for stay fake-quantized: NF4, embeddings, convolutions, and a Linear whose
@@ -31,7 +36,7 @@ from lowbit.modules import is_quantized, revert_module
 from lowbit.weight_compression.data import forward_loop
 from lowbit.weight_compression.layers import MATMUL, embeddings_registered
 from lowbit.weight_compression.nf4 import NF4Quantizer
-from lowbit.weight_compression.plan import CompressionPlan, LayerPlan
+from lowbit.weight_compression.plan import SCALE_ESTIMATION_MODES, CompressionPlan, LayerPlan
 from lowbit.weight_compression.range_search import search_asymmetric_range
 
 
@@ -62,16 +67,33 @@ def quantize_config(plan: CompressionPlan) -> dict:
     return {"quant_cfg": quant_cfg, "algorithm": None}
 
 
-def refinement_methods(plan: CompressionPlan) -> list[str]:
-    """The ``lowbit.calibrate`` algorithms the plan's data-aware options ask for, in order."""
+Refinement = tuple[str, dict]  # (lowbit.calibrate algorithm, its options)
+
+
+def refinements(plan: CompressionPlan) -> list[Refinement]:
+    """The ``lowbit.calibrate`` steps the plan's data-aware options ask for, in order (module docstring)."""
     options = plan.options
-    methods = []
-    if options.awq or options.scale_estimation:
-        methods.append({(True, False): "awq_lite", (False, True): "awq_clip", (True, True): "awq_full"}[
-            (options.awq, options.scale_estimation)])
+    integer = options.mode in SCALE_ESTIMATION_MODES
+    estimation = options.scale_estimation and integer
+    clip = options.scale_estimation and not integer
+    steps: list[Refinement] = []
+    if options.awq:
+        chained = {"scale_estimation": True} if estimation and not options.gptq else {}
+        steps.append(("awq_full" if clip else "awq_lite", chained))
+    elif clip:
+        steps.append(("awq_clip", {}))
+    elif estimation and not options.gptq:
+        steps.append(("scale_estimation", {}))
     if options.gptq:
-        methods.append("gptq")
-    return methods
+        steps.append(("gptq", {"scale_estimation": True} if estimation else {}))
+    return steps
+
+
+def search_asymmetric_ranges(plan: CompressionPlan) -> None:
+    """INT4_ASYM's data-free range search on every layer in that format (``range_search``)."""
+    for entry in plan.layers:
+        if entry.format is not None and entry.format.searches_asymmetric_range:
+            search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
 
 
 @contextmanager
@@ -118,9 +140,9 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
     the modules converted here get their original classes back and the error propagates (weights a
     refinement already changed stay changed).
     """
-    methods = refinement_methods(plan)
-    if methods and not dataset:
-        raise ValueError(f"refinements {methods} need dataset=<a list of model inputs>")
+    steps = refinements(plan)
+    if steps and not dataset:
+        raise ValueError(f"refinements {[method for method, _ in steps]} need dataset=<a list of model inputs>")
     already_quantized = {id(module) for module in model.modules() if is_quantized(module)}
     with embeddings_registered():
         quantize(model, quantize_config(plan))
@@ -129,15 +151,15 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
             if entry.format is not None and entry.format.is_nf4:
                 _install_nf4(entry)
         calibrate(model, "max")
-        for entry in plan.layers:
-            if entry.format is not None and entry.format.searches_asymmetric_range:
-                search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
-        if methods:
+        search_asymmetric_ranges(plan)
+        if steps:
             loop = forward_loop(dataset)
             others = [entry for entry in plan.layers if entry.format is not None and not entry.primary]
             with weight_quantizers_disabled(others):
-                for method in methods:
-                    calibrate(model, method, loop)
+                for method, options in steps:
+                    calibrate(model, method, loop, **options)
+            if steps[-1] == ("awq_lite", {}):  # its weights were recalibrated to min/max: search again
+                search_asymmetric_ranges(plan)
     except BaseException:
         converted = [m for m in model.modules() if is_quantized(m) and id(m) not in already_quantized]
         for module in converted:

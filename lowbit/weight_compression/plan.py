@@ -23,7 +23,6 @@ from lowbit.weight_compression.layers import (
     ratio_defining_layers,
 )
 from lowbit.weight_compression.modes import (
-    ASYMMETRIC_MODES,
     INT8_MODES,
     MX_BLOCK_SIZE,
     BackupMode,
@@ -39,6 +38,10 @@ from lowbit.weight_compression.sensitivity import (
     sensitivity_scores,
 )
 from lowbit.weight_compression.summary import FLOAT, CompressionSummary, LayerSummary, layer_bytes, tensor_bytes
+
+# modes whose scale_estimation flag runs lowbit's ``scale_estimation`` (integer grids); NF4 / FP4 get AWQ's
+# clip search for it (``apply``)
+SCALE_ESTIMATION_MODES = (CompressWeightsMode.INT4_SYM, CompressWeightsMode.INT4_ASYM)
 
 
 @dataclass(frozen=True)
@@ -135,14 +138,12 @@ def check_options(
 
 
 def _check_refinements(mode: CompressWeightsMode, flags: dict[str, bool]) -> None:
-    """lowbit's AWQ / clip search / GPTQ need symmetric static scales (``lowbit.calib.weights``)."""
-    unsupported = {"awq": ASYMMETRIC_MODES, "scale_estimation": ASYMMETRIC_MODES + (CompressWeightsMode.MXFP4,),
-                   "gptq": ASYMMETRIC_MODES + (CompressWeightsMode.MXFP4,)}
-    refused = [name for name, modes in unsupported.items() if flags[name] and mode in modes]
+    """MXFP4's scales come from each block at run time: nothing for scale estimation or GPTQ to fix."""
+    refused = [name for name in ("scale_estimation", "gptq") if flags[name] and mode == CompressWeightsMode.MXFP4]
     if refused:
         raise ValueError(
-            f"{refused} with mode={mode.value}: lowbit's AWQ, clip search and GPTQ work on symmetric scales "
-            "(asymmetric and MX scales are not supported yet); use int4_sym, nf4 or fp4, or drop them"
+            f"{refused} with mode={mode.value}: MX block scales are dynamic (computed from each block), so there "
+            "is no static scale to estimate or keep; use int4_sym, int4_asym, nf4 or fp4, or drop them"
         )
 
 

@@ -3,6 +3,8 @@ refinements, the summary's sizes."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -44,8 +46,8 @@ ERRORS = [
     (dict(mode="int4_sym", ratio=1.5), ValueError, r"ratio=1.5: expected a number in \[0, 1\]"),
     (dict(mode="int4_sym", ratio="half"), ValueError, "ratio='half'"),
     (dict(mode="int4_sym", all_layers=1), TypeError, "all_layers=1"),
-    (dict(mode="int4_asym", gptq=True, dataset=_inputs()), ValueError, "symmetric scales"),
-    (dict(mode="mxfp4", scale_estimation=True, dataset=_inputs()), ValueError, "symmetric scales"),
+    (dict(mode="mxfp4", scale_estimation=True, dataset=_inputs()), ValueError, "MX block scales are dynamic"),
+    (dict(mode="mxfp4", gptq=True, dataset=_inputs()), ValueError, r"\['gptq'\] with mode=mxfp4"),
     (dict(backup_mode="int4_asym"), ValueError, "backup_mode='int4_asym'"),
     (dict(ignored_scope=["0", "nothing*"]), ValueError, r"\['nothing\*'\] match no compressible layer"),
     (dict(ignored_scope="0"), TypeError, "not one string"),
@@ -126,8 +128,7 @@ def test_summary_sizes_follow_the_storage_formula():
     assert "int4_asym g32" in text and "ratio-defining" in text and "MiB" in text
 
 
-def test_refinements_run_on_a_decoder_model():
-    """awq + scale_estimation (awq_full) then gptq on a tiny Llama: the output stays close to float."""
+def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -135,16 +136,51 @@ def test_refinements_run_on_a_decoder_model():
     torch.manual_seed(0)  # transformers initialises from the global RNG; only the test touches it
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    return model, ids, [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+
+
+def _relative_error(model, ids, reference_logits):
+    with torch.no_grad():
+        logits = model(ids).logits
+    return float((logits - reference_logits).square().mean() / reference_logits.square().mean())
+
+
+def test_refinements_run_on_a_decoder_model():
+    """awq + scale_estimation (awq_full: NF4 gets the clip search) then gptq: the output stays close to float."""
+    model, ids, dataset = _tiny_llama()
     with torch.no_grad():
         reference_logits = model(ids).logits
-    dataset = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
     compress_weights(model, mode=CompressWeightsMode.NF4, group_size=32, dataset=dataset, awq=True,
                      scale_estimation=True, gptq=True)
     assert type(model.model.layers[0].mlp.up_proj.weight_quantizer).__name__ == "NF4Quantizer"
+    assert 0 < _relative_error(model, ids, reference_logits) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["int4_asym", "int4_sym"])
+def test_scale_estimation_improves_each_path(mode):
+    """On a tiny Llama (group 32, packed): scale_estimation alone and gptq + scale_estimation bring the logits
+    closer to float than the data-free compression; awq + scale_estimation closer than awq alone."""
+    model, ids, dataset = _tiny_llama()
     with torch.no_grad():
-        logits = model(ids).logits
-    relative_error = (logits - reference_logits).square().mean() / reference_logits.square().mean()
-    assert 0 < relative_error < 0.1
+        reference_logits = model(ids).logits
+
+    def error(**flags):
+        compressed = compress_weights(copy.deepcopy(model), mode=mode, group_size=32,
+                                      dataset=dataset if flags else None, **flags)
+        return _relative_error(compressed, ids, reference_logits)
+
+    data_free = error()
+    assert 0 < error(scale_estimation=True) < data_free
+    assert 0 < error(gptq=True, scale_estimation=True) < data_free
+    assert 0 < error(awq=True, scale_estimation=True) < error(awq=True)
+
+
+def test_asymmetric_awq_and_gptq_keep_a_zero_point():
+    model, ids, dataset = _tiny_llama()
+    compress_weights(model, mode="int4_asym", group_size=32, dataset=dataset, awq=True, gptq=True, packed=False)
+    quantizer = model.model.layers[0].mlp.up_proj.weight_quantizer
+    assert quantizer.amin is not None and quantizer.amin.shape == quantizer.amax.shape
+    assert torch.all(quantizer.amin <= 0) and torch.all(quantizer.amax >= 0)
 
 
 def test_packed_storage_matches_fake_quantization():
