@@ -21,7 +21,14 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.config import QuantizeConfig, parse_config
 from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.registry import quantized_class_for
-from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer, collecting_statistics
+from lowbit.quantizer import (
+    BlockView,
+    SequentialQuantizer,
+    TensorQuantizer,
+    collecting_statistics,
+    quantization_off,
+    reusing_outputs,
+)
 
 logger = logging.getLogger("lowbit")
 ForwardLoop = Callable[[nn.Module], None]
@@ -172,21 +179,38 @@ def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     return found
 
 
+def calibration_pass(model: nn.Module, forward_loop: ForwardLoop, quantizers: list[TensorQuantizer],
+                     float_model: bool = False) -> None:
+    """One run of ``forward_loop`` (eval mode, no_grad) with ``quantizers`` collecting statistics (and not
+    quantizing); their ``amax`` is loaded at the end.
+
+    The other quantizers work as at inference; each weight is fake-quantized once for the whole pass, not
+    per batch (weight quantizers reuse their output: one extra copy of the weights in memory while the
+    pass runs). With ``float_model`` every quantizer passes its input through instead (ModelOpt's
+    calibration; SmoothQuant's, which rescales the weights after the pass).
+    """
+    every = [q for _, q in iter_quantizers(model)]
+    weights = [q for name, q in iter_quantizers(model) if name.endswith("weight_quantizer")]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), quantization_off(every if float_model else []), \
+                reusing_outputs([] if float_model else weights), collecting_statistics(quantizers):
+            forward_loop(model)
+    finally:
+        model.train(was_training)
+
+
 def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
-    """Weights from themselves; activations from their calibrators while ``forward_loop`` runs."""
+    """Weights from themselves; activations from their calibrators while ``forward_loop`` runs through the
+    model with quantized weights (:func:`calibration_pass`)."""
     calibrate_weights(model)
     activations = _activation_quantizers(model)
     if not activations:
         return
     if forward_loop is None:
         raise ValueError("forward_loop is None, but activation quantizers need calibration data")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), collecting_statistics(activations):
-            forward_loop(model)
-    finally:
-        model.train(was_training)
+    calibration_pass(model, forward_loop, activations)
     missing = [q for q in activations if q.amax is None]
     if missing:
         warnings.warn(
@@ -216,8 +240,7 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
         raise NotImplementedError(f"algorithm {algorithm!r} is not available yet") from None
     report = run_algorithm(algorithm, model, forward_loop, options) or []
     for layer in report:
-        logger.info("%s layer %d (%s): output MSE %.4g with max calibration -> %.4g", algorithm, layer.index,
-                    layer.name, layer.mse_max, layer.mse_after)
+        logger.info("%s", layer.describe(algorithm))
     return model
 
 

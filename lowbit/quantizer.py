@@ -108,6 +108,7 @@ class TensorQuantizer(nn.Module):
         self._quant = True
         self._calib = False
         self._calibrator = None
+        self._reused: tuple | None = None  # (input key, output) inside reusing_outputs, else None
         for name in STATE_BUFFERS:
             self.register_buffer(name, None)
 
@@ -176,7 +177,9 @@ class TensorQuantizer(nn.Module):
         view = self._amax_view(x.shape)
         return view.to_view(self._scaled(x)).detach().abs().float().amax(dim=view.reduce_dims, keepdim=True)
 
-    def _set_amax(self, amax: torch.Tensor, amin: torch.Tensor | None = None) -> None:
+    def set_amax(self, amax: torch.Tensor, amin: torch.Tensor | None = None) -> None:
+        """Store ``amax`` (and ``amin``) as the calibrated state, float32, detached (a Parameter when
+        ``learn_amax``); the shape must broadcast against this quantizer's view (0-dim for per-tensor)."""
         amax = amax.detach().float()
         if self.config.learn_amax:
             self.amax = None
@@ -196,13 +199,13 @@ class TensorQuantizer(nn.Module):
             return
         if self.config.asymmetric:
             amin, amax = calibrator
-            self._set_amax(amax, amin)
+            self.set_amax(amax, amin)
             return
         amax = calibrator.compute_amax()
         if amax is not None:
             if not torch.isfinite(amax).all():
                 raise ValueError(f"calibration produced a non-finite amax for {self.config.format_name}")
-            self._set_amax(amax)
+            self.set_amax(amax)
 
     # ---- forward ----------------------------------------------------------------------------------
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,14 +231,16 @@ class TensorQuantizer(nn.Module):
             self._calibrator = make_calibrator(
                 self.config.calibrator,
                 reduce_dims=None if per_tensor else view.reduce_dims,
-                quant_fn=self._fake_quant_view,
+                quant_fn=self.fake_quant_view,
                 num_bits=self.config.num_bits,
                 unsigned=self.config.unsigned,
             )
         self._calibrator.collect(data)
 
-    def _fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
-        """Quantize-dequantize a tensor already in its block view with the given scale statistics."""
+    def fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
+        """Quantize-dequantize ``view`` (a tensor already in this quantizer's block view) with ``amax``
+        (and ``amin`` when asymmetric) broadcast against it: the elementwise rule alone, no reshaping,
+        no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
         cfg = self.config
         if cfg.is_float:
             return formats.fake_quant_fp(view, amax, formats.float_format(cfg.num_bits))
@@ -263,7 +268,7 @@ class TensorQuantizer(nn.Module):
             if cfg.asymmetric:
                 amin = detached.amin(dim=view.reduce_dims, keepdim=True)
                 amax = detached.amax(dim=view.reduce_dims, keepdim=True)
-        quantized = self._fake_quant_view(data, amax, amin)
+        quantized = self.fake_quant_view(data, amax, amin)
         if torch.is_grad_enabled() and (x.requires_grad or isinstance(amax, nn.Parameter)):
             quantized = _clip_aware_ste(data, quantized, *self._range(amax, amin))
         return view.from_view(quantized)
@@ -277,7 +282,16 @@ class TensorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x * pre_quant_scale`` (always, as in ModelOpt: folded scales must keep the float output), then
-        statistics in calib mode and fake quantization in quant mode."""
+        statistics in calib mode and fake quantization in quant mode. Inside :func:`reusing_outputs`, the
+        output for the same unmodified input tensor is returned again instead of recomputed."""
+        if self._reused is None or torch.is_grad_enabled():
+            return self._forward(x)
+        key = _tensor_key(x)
+        if self._reused[0] != key:
+            self._reused = (key, self._forward(x))
+        return self._reused[1]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_floating_point(x):
             raise TypeError(f"TensorQuantizer input has dtype {x.dtype}; a floating-point tensor is required")
         x = self._scaled(x)
@@ -300,7 +314,7 @@ class TensorQuantizer(nn.Module):
             if key in state_dict and getattr(self, name) is None:
                 value = state_dict[key]
                 if name == "amax" and self.config.learn_amax:
-                    self._set_amax(value)
+                    self.set_amax(value)
                 else:
                     setattr(self, name, torch.empty_like(value, device=self._device_hint()))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -346,6 +360,44 @@ def collecting_statistics(quantizers: list[TensorQuantizer]) -> Iterator[None]:
         for quantizer in quantizers:
             quantizer.disable_calib()
             quantizer.enable_quant()
+
+
+@contextmanager
+def quantization_off(quantizers: list[TensorQuantizer | SequentialQuantizer]) -> Iterator[None]:
+    """``quantizers`` pass their input through (times pre_quant_scale) while the block runs; each is back in
+    the quant mode it had on exit, even on error. Calibration uses it for the weights: activation
+    statistics then come from the float model, as ModelOpt's, and no weight is fake-quantized per batch."""
+    stages = [s for q in quantizers for s in (q if isinstance(q, SequentialQuantizer) else [q])]
+    was_quantizing = [stage._quant for stage in stages]
+    for stage in stages:
+        stage.disable_quant()
+    try:
+        yield
+    finally:
+        for stage, quantizing in zip(stages, was_quantizing, strict=True):
+            if quantizing:
+                stage.enable_quant()
+
+
+@contextmanager
+def reusing_outputs(quantizers: list[TensorQuantizer | SequentialQuantizer]) -> Iterator[None]:
+    """While the block runs (under no_grad), each quantizer computes its output once per input tensor and
+    returns it again for the same tensor: same storage, shape, strides and version (an in-place change
+    of the tensor bumps its version). For weights during a calibration pass: one fake quantization per
+    pass instead of one per batch, for one kept copy of each output. The quantizers' own state (amax,
+    switches) must not change inside the block."""
+    stages = [s for q in quantizers for s in (q if isinstance(q, SequentialQuantizer) else [q])]
+    for stage in stages:
+        stage._reused = (None, None)
+    try:
+        yield
+    finally:
+        for stage in stages:
+            stage._reused = None
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
 
 
 def _clip_aware_ste(x: torch.Tensor, quantized: torch.Tensor, low: torch.Tensor, high: torch.Tensor):

@@ -4,8 +4,10 @@
    amax) records, with a forward pre-hook, the inputs of the first decoder layer for each batch.
 2. Then for each decoder layer, in order: the float output (the layer's quantizers disabled) is the
    reference; the output with max calibration gives ``mse_max``; the algorithm transforms the layer;
-   its activation quantizers are recalibrated on these inputs; the output now gives ``mse_after`` and
-   becomes the next layer's input. Errors therefore propagate as they will at inference (sequential).
+   its static activation quantizers, if it has any, are recalibrated on these inputs; the output now
+   gives ``mse_after`` and becomes the next layer's input. Errors therefore propagate as they will at
+   inference (sequential). That is 3 passes of the layer (4 with activation quantizers) besides the
+   algorithm's own; within a pass each weight is fake-quantized once, not once per batch.
 
 Only one decoder layer's statistics live at a time; the inputs of all batches for the current layer
 are kept (as GPTQ and AWQ do).
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.quantizer import TensorQuantizer, collecting_statistics
+from lowbit.quantizer import TensorQuantizer, collecting_statistics, reusing_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,12 @@ class LayerReport:
 
     index: int
     name: str
-    mse_max: float  # with max calibration, before the algorithm
+    mse_max: float | None  # with max calibration, before the algorithm (None: not measured)
     mse_after: float  # after the algorithm
+
+    def describe(self, algorithm: str) -> str:
+        before = "" if self.mse_max is None else f"{self.mse_max:.4g} with max calibration -> "
+        return f"{algorithm} layer {self.index} ({self.name}): output MSE {before}{self.mse_after:.4g}"
 
 
 class _StopForward(Exception):
@@ -131,14 +137,8 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop:
     from lowbit.convert import max_calibrate  # convert imports this package lazily; no import cycle
 
     calls: list[tuple[tuple, dict]] = []
-
-    def record(_module, args, kwargs):
-        kwargs = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        calls.append((tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}))
-
-    handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
+    handle = first_layer.register_forward_pre_hook(
+        lambda _module, args, kwargs: calls.append(replayable_call(args, kwargs)), with_kwargs=True)
     try:
         max_calibrate(model, forward_loop)
         if not calls:  # nothing to calibrate from data (weight-only): max_calibrate ran no forward
@@ -149,6 +149,14 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop:
     if not calls:
         raise ValueError("forward_loop ran no batch through the model's first decoder layer")
     return LayerInputs(calls)
+
+
+def replayable_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A decoder layer's call arguments, detached, with its KV cache dropped (a replay must not append to it)."""
+    kwargs = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}
 
 
 def _detached(value):
@@ -172,17 +180,26 @@ def quantizers_disabled(module: nn.Module):
             quantizer.enable()
 
 
+def weights_reused(module: nn.Module):
+    """Within the block, each weight inside ``module`` is fake-quantized once (``reusing_outputs``)."""
+    return reusing_outputs([linear.weight_quantizer for linear in quantized_linears(module).values()])
+
+
 def calibrate_activations(layer: nn.Module, inputs: LayerInputs) -> None:
-    """Recalibrate the layer's static activation quantizers (inputs/outputs) with their own calibrators."""
+    """Recalibrate the layer's static activation quantizers (inputs/outputs) with their own calibrators, as
+    ``max_calibrate`` does (quantized weights); no pass at all when the layer has none (weight-only)."""
+    linears = quantized_linears(layer).values()
     quantizers = [
         q
-        for linear in quantized_linears(layer).values()
+        for linear in linears
         for slot in linear.quantizer_names
         if slot != "weight_quantizer"
         for q in tensor_quantizers(getattr(linear, slot))
         if q.is_enabled and not q.config.is_dynamic
     ]
-    with collecting_statistics(quantizers):
+    if not quantizers:
+        return
+    with weights_reused(layer), collecting_statistics(quantizers):
         for _ in inputs.forward(layer):
             pass
 
@@ -216,10 +233,12 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
         for index, layer in enumerate(progress):
             with quantizers_disabled(layer):
                 reference = list(inputs.forward(layer))
-            mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
+            with weights_reused(layer):
+                mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
             transform(layer, inputs)
             calibrate_activations(layer, inputs)
-            mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
+            with weights_reused(layer):
+                mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
             entry = LayerReport(index, f"{layers_name}.{index}", mse_max, mse_after)
             report.append(entry)
             progress.set_postfix(mse_max=f"{mse_max:.3g}", mse_after=f"{mse_after:.3g}")
@@ -230,6 +249,47 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
     finally:
         model.train(was_training)
     return report
+
+
+def layer_errors(model: nn.Module, forward_loop: ForwardLoop) -> list[LayerReport]:
+    """Each decoder layer's output MSE (float64) against its float output on the same inputs, in one run of
+    ``forward_loop``: every layer call is replayed with its quantizers disabled. The inputs are the
+    quantized model's (errors propagate as at inference). ``mse_max`` is None (not measured)."""
+    layers_name, layers = find_decoder_layers(model)
+    totals = [[0.0, 0] for _ in layers]
+    replaying = False
+
+    def compare(index: int, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        nonlocal replaying
+        if replaying:
+            return
+        replaying = True
+        try:
+            with torch.no_grad(), quantizers_disabled(layer):
+                reference = next(LayerInputs([replayable_call(args, kwargs)]).forward(layer))
+        finally:
+            replaying = False
+        quantized = output[0] if isinstance(output, (tuple, list)) else output
+        totals[index][0] += float((quantized.double() - reference.double()).square().sum())
+        totals[index][1] += quantized.numel()
+
+    handles = [
+        layer.register_forward_hook(
+            lambda module, args, kwargs, output, index=index: compare(index, module, args, kwargs, output),
+            with_kwargs=True)
+        for index, layer in enumerate(layers)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [LayerReport(index, f"{layers_name}.{index}", None, total / max(count, 1))
+            for index, (total, count) in enumerate(totals)]
 
 
 def recalibrate_weights(module: nn.Module) -> None:

@@ -1,9 +1,10 @@
 """Per-input-channel scaling shared by SmoothQuant and AWQ: ``y = (x / s) @ (W * s)^T = x @ W^T``.
 
 A *group* is the quantized linears that read the same input tensor (Llama: q, k, v read
-``input_layernorm``'s output; gate, up read ``post_attention_layernorm``'s). Groups are found by running
-one batch with hooks and matching tensors by storage. For a group, ``s`` (per input channel) multiplies
-every weight's columns, and ``1/s`` is applied to the input either
+``input_layernorm``'s output; gate, up read ``post_attention_layernorm``'s). Groups are found by
+running one call of the layer with hooks (:class:`GroupTrace`) and matching tensors by storage. For a
+group, ``s`` (per input channel) multiplies every weight's columns, and ``1/s`` is applied to the input
+either
 
 - folded into the producing norm (``norm.weight /= s``, ``norm.bias /= s``) when the norm's output goes
   to this group only; the layer's float output is checked unchanged (relative RMS change < 5%, well
@@ -55,88 +56,123 @@ def find_input_groups(layer: nn.Module, inputs: LayerInputs) -> list[InputGroup]
         grouped = {name for group in groups for name in group.linears}
         if len(grouped) == len(linears):
             break
-        groups += _groups_in_call(layer, call, {n: w for n, w in linears.items() if n not in grouped})
+        trace = GroupTrace(layer, {n: w for n, w in linears.items() if n not in grouped})
+        try:
+            LayerInputs([call]).feed(layer, {}, lambda *_: None)
+        finally:
+            groups += trace.close()
     unseen = set(linears) - {name for group in groups for name in group.linears}
     if unseen:
         logger.warning("no calibration batch reached %s; they are left as max calibration set them", sorted(unseen))
     return groups
 
 
-def _groups_in_call(layer: nn.Module, call: tuple, linears: dict[str, nn.Linear]) -> list[InputGroup]:
-    """Trace one call of ``layer``: group ``linears`` by input tensor, and find each group's norm."""
-    inside_linear = {id(m) for linear in quantized_linears(layer).values() for m in linear.modules()}
-    seen_inputs: list[tuple[str, Tensor]] = []  # (name, input) for every leaf module and linear call
-    norm_outputs: list[tuple[nn.Module, Tensor]] = []  # kept alive so that storages are not reused
-    handles = []
-    for name, module in layer.named_modules():
-        is_leaf = not any(True for _ in module.children())
-        if name in linears or (is_leaf and id(module) not in inside_linear):
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: seen_inputs.append((name, args[0])) if args else None))
-        if is_norm(module):
-            handles.append(module.register_forward_hook(
-                lambda m, _args, output: norm_outputs.append((m, output))))
-    try:
-        LayerInputs([call]).feed(layer, {}, lambda *_: None)
-    finally:
-        for handle in handles:
-            handle.remove()
+class GroupTrace:
+    """Hooks that watch calls of ``layer`` until :meth:`close`, which groups ``linears`` by input tensor
+    and finds each group's norm. The traced tensors stay alive until then (so that storages are not
+    reused); trace one call. Lets a caller trace inside a pass it runs anyway (SmoothQuant's)."""
 
-    groups: list[tuple[Tensor, InputGroup]] = []
-    for name, x in seen_inputs:
-        if name not in linears or any(name in group.linears for _, group in groups):
-            continue
-        shared = next((group for key, group in groups if _same_tensor(key, x)), None)
-        if shared is None:
-            groups.append((x, InputGroup({name: linears[name]}, None)))
-        else:
-            shared.linears[name] = linears[name]
-    for key, group in groups:
-        producers = [norm for norm, output in norm_outputs if _same_tensor(output, key)]
-        other_readers = [n for n, x in seen_inputs if n not in group.linears and _same_tensor(x, key)]
-        if len(producers) == 1 and not other_readers:
-            group.norm = producers[0]
-    return [group for _, group in groups]
+    def __init__(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> None:
+        self.linears = linears
+        self.seen_inputs: list[tuple[str, Tensor]] = []  # (name, input) for every leaf module and linear call
+        self.norm_outputs: list[tuple[nn.Module, Tensor]] = []
+        inside_linear = {id(m) for linear in quantized_linears(layer).values() for m in linear.modules()}
+        self.handles = []
+        for name, module in layer.named_modules():
+            is_leaf = not any(True for _ in module.children())
+            if name in linears or (is_leaf and id(module) not in inside_linear):
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, name=name: self.seen_inputs.append((name, args[0])) if args else None))
+            if is_norm(module):
+                self.handles.append(module.register_forward_hook(
+                    lambda m, _args, output: self.norm_outputs.append((m, output))))
+
+    def close(self) -> list[InputGroup]:
+        """Remove the hooks and return the groups of what was seen (empty if nothing ran)."""
+        for handle in self.handles:
+            handle.remove()
+        groups: list[tuple[Tensor, InputGroup]] = []
+        for name, x in self.seen_inputs:
+            if name not in self.linears or any(name in group.linears for _, group in groups):
+                continue
+            shared = next((group for key, group in groups if _same_tensor(key, x)), None)
+            if shared is None:
+                groups.append((x, InputGroup({name: self.linears[name]}, None)))
+            else:
+                shared.linears[name] = self.linears[name]
+        for key, group in groups:
+            producers = [norm for norm, output in self.norm_outputs if _same_tensor(output, key)]
+            other_readers = [n for n, x in self.seen_inputs if n not in group.linears and _same_tensor(x, key)]
+            if len(producers) == 1 and not other_readers:
+                group.norm = producers[0]
+        self.seen_inputs, self.norm_outputs = [], []
+        return [group for _, group in groups]
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return isinstance(a, Tensor) and isinstance(b, Tensor) and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
-def apply_input_scale(layer: nn.Module, inputs: LayerInputs, group: InputGroup, scale: Tensor) -> str:
-    """Scale the group's weight columns by ``scale`` and its input by ``1/scale``; returns "folded" or
-    "pre_quant_scale" (see the module docstring). The layer's float function is unchanged."""
+def check_unscaled(group: InputGroup, name_prefix: str = "") -> None:
+    """ValueError if a linear of the group already has a pre_quant_scale (a model is smoothed once)."""
     for name, linear in group.linears.items():
         if any(q.pre_quant_scale is not None for q in tensor_quantizers(linear.input_quantizer)):
-            raise ValueError(f"{name}: input_quantizer already has a pre_quant_scale; smooth a model once")
+            raise ValueError(f"{name_prefix}{name}: input_quantizer already has a pre_quant_scale; smooth a model once")
+
+
+def scale_weights(group: InputGroup, scale: Tensor) -> None:
+    """``W[:, j] *= scale[j]`` for every linear of the group (float32 math, stored in the weight's dtype)."""
+    with torch.no_grad():
+        for linear in group.linears.values():
+            linear.weight.copy_(linear.weight.float() * scale.to(linear.weight.device))
+
+
+def fold_into_norm(norm: nn.Module, scale: Tensor) -> dict[str, Tensor]:
+    """``norm.weight /= scale`` and ``norm.bias /= scale`` (where present), float32 math; returns the
+    original values for :func:`restore_norm`."""
+    originals = {}
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            parameter = getattr(norm, name, None)
+            if isinstance(parameter, Tensor):
+                originals[name] = parameter.detach().clone()
+                parameter.copy_(parameter.float() / scale.to(parameter.device))
+    return originals
+
+
+def restore_norm(norm: nn.Module, originals: dict[str, Tensor]) -> None:
+    """Undo :func:`fold_into_norm` exactly."""
+    with torch.no_grad():
+        for name, value in originals.items():
+            getattr(norm, name).copy_(value)
+
+
+def set_pre_quant_scale(group: InputGroup, scale: Tensor) -> None:
+    """``input_quantizer.pre_quant_scale = 1/scale`` (float32) on every linear of the group."""
+    for linear in group.linears.values():
+        quantizer = tensor_quantizers(linear.input_quantizer)[0]
+        quantizer.pre_quant_scale = (1.0 / scale).float().to(linear.weight.device)
+
+
+def relative_change(output: Tensor, reference: Tensor) -> float:
+    """``||output - reference|| / ||reference||`` in float32 (what FOLD_TOLERANCE bounds)."""
+    output, reference = output.float(), reference.float()
+    return float((output - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def apply_input_scale(layer: nn.Module, inputs: LayerInputs, group: InputGroup, scale: Tensor) -> str:
+    """Scale the group's weight columns by ``scale`` and its input by ``1/scale``; returns "folded" or
+    "pre_quant_scale" (see the module docstring). The layer's float function is unchanged; the fold is
+    checked on the first batch of ``inputs``."""
+    check_unscaled(group)
     first_batch = LayerInputs(inputs.calls[:1])
     with torch.no_grad(), quantizers_disabled(layer):
         reference = next(first_batch.forward(layer)).float() if group.norm is not None else None
-        for linear in group.linears.values():
-            linear.weight.copy_(linear.weight.float() * scale.to(linear.weight.device))
-        if group.norm is not None and _fold_into_norm(layer, first_batch, group.norm, scale, reference):
-            return "folded"
-        for linear in group.linears.values():
-            quantizer = tensor_quantizers(linear.input_quantizer)[0]
-            quantizer.pre_quant_scale = (1.0 / scale).float().to(linear.weight.device)
+        scale_weights(group, scale)
+        if group.norm is not None:
+            originals = fold_into_norm(group.norm, scale)
+            if relative_change(next(first_batch.forward(layer)), reference) <= FOLD_TOLERANCE:
+                return "folded"
+            restore_norm(group.norm, originals)
+    set_pre_quant_scale(group, scale)
     return "pre_quant_scale"
-
-
-def _fold_into_norm(layer: nn.Module, first_batch: LayerInputs, norm: nn.Module, scale: Tensor,
-                    reference: Tensor) -> bool:
-    """``norm.weight /= scale`` (and bias) if the layer's float output stays ``reference``, else undo.
-
-    Called with the layer's quantizers disabled and the consumers' weights already scaled.
-    """
-    originals = {name: p.detach().clone() for name, p in norm.named_parameters(recurse=False)}
-    for name in ("weight", "bias"):
-        parameter = getattr(norm, name, None)
-        if isinstance(parameter, Tensor):
-            parameter.copy_(parameter.float() / scale.to(parameter.device))
-    folded = next(first_batch.forward(layer)).float()
-    change = (folded - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny)
-    if change <= FOLD_TOLERANCE:
-        return True
-    for name, value in originals.items():
-        getattr(norm, name).copy_(value)
-    return False

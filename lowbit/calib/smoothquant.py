@@ -1,27 +1,68 @@
 """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, per input channel.
 
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``max|W_j|`` over every output row of every linear
-reading the input (q, k and v together). Then ``x / s`` feeds the linears and their weight columns are
-multiplied by ``s``: folded into the preceding norm where possible, else as the input quantizer's
-``pre_quant_scale`` (``lowbit.calib.scaling``). The float output is unchanged; the activation range
-shrinks where it had outliers, the weight range grows a little.
+reading the input (q, k and v together), clamped to ``[1e-4, 1e4]``. Then ``x / s`` feeds the linears
+and their weight columns are multiplied by ``s``: folded into the preceding norm where possible, else as
+the input quantizer's ``pre_quant_scale`` (``lowbit.calib.scaling``). The float output is unchanged; the
+activation range shrinks where it had outliers, the weight range grows.
+
+One pass of the calibration data, as ModelOpt's ``smoothquant``:
+
+1. ``forward_loop`` runs once on the float model (``lowbit.convert.calibration_pass``; the weights are
+   rescaled after it, so quantized weights would show activations no inference sees): the activation
+   quantizers that are not smoothed get their calibration; each smoothed linear records ``max|X_j|`` of
+   its input; each decoder layer's first call is traced (which linears share an input, which norm made
+   it) and its float output kept.
+2. Per group: the scale, the weights (and their static amax), the fold or pre_quant_scale. Each layer's
+   float output on its first call is checked unchanged (relative change <= ``FOLD_TOLERANCE``); if a
+   fold broke it (a norm computing ``x * (1 + weight)``), the layer's folds become pre_quant_scales.
+3. A static per-tensor input quantizer with the max calibrator gets ``amax = max_j max|X_j| / s_j``,
+   exactly what max calibration of the smoothed inputs gives, with no second pass. Other static
+   calibrators (percentile, mse, entropy, asymmetric, per-channel) are run in one more pass.
+
+Decoder layers only; linears outside them keep max calibration. With ``alpha=1`` (ModelOpt's default)
+``s_j = max|X_j|``: every smoothed channel has range 1 and the weight scales take the whole activation range.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, LayerReport, quantizers_disabled, recalibrate_weights, run_layerwise
-from lowbit.calib.scaling import apply_input_scale, find_input_groups
+from lowbit.calib.layerwise import (
+    LayerInputs,
+    LayerReport,
+    find_decoder_layers,
+    layer_errors,
+    quantized_linears,
+    quantizers_disabled,
+    recalibrate_weights,
+    replayable_call,
+    tensor_quantizers,
+)
+from lowbit.calib.scaling import (
+    FOLD_TOLERANCE,
+    GroupTrace,
+    InputGroup,
+    fold_into_norm,
+    relative_change,
+    restore_norm,
+    scale_weights,
+    set_pre_quant_scale,
+)
+from lowbit.quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+SCALE_RANGE = (1e-4, 1e4)  # ModelOpt's clamp of the smoothing factor
+DEFAULT_ALPHA = 1.0  # ModelOpt's SmoothQuantCalibConfig default
 
 
 def smoothquant_scale(activation_amax: Tensor, weight_amax: Tensor, alpha: float) -> Tensor:
-    """``s = activation_amax**alpha / weight_amax**(1 - alpha)`` per input channel, float32, shape ``(in,)``.
-
-    A channel with a zero on either side carries no information and gets ``s = 1``.
+    """``s = clamp(activation_amax**alpha / weight_amax**(1 - alpha), 1e-4, 1e4)`` per input channel,
+    float32, shape ``(in,)``. A channel with a zero on either side carries no information and gets ``s = 1``.
     """
     if activation_amax.shape != weight_amax.shape or activation_amax.dim() != 1:
         raise ValueError(
@@ -31,39 +72,167 @@ def smoothquant_scale(activation_amax: Tensor, weight_amax: Tensor, alpha: float
     activation_amax, weight_amax = activation_amax.float(), weight_amax.float()
     valid = (activation_amax > 0) & (weight_amax > 0)
     scale = activation_amax.clamp_min(1e-30).pow(alpha) / weight_amax.clamp_min(1e-30).pow(1 - alpha)
-    return torch.where(valid, scale, torch.ones_like(scale))
+    return torch.where(valid, scale.clamp(*SCALE_RANGE), torch.ones_like(scale))
 
 
-def smoothquant_layer(layer: nn.Module, inputs: LayerInputs, alpha: float = 0.5) -> None:
-    """Smooth every group of linears in ``layer`` whose input quantizers are all enabled."""
-    groups = [
-        group
-        for group in find_input_groups(layer, inputs)
-        if all(linear.input_quantizer.is_enabled for linear in group.linears.values())
-    ]
-    activation_amax: dict[str, Tensor] = {}
-
-    def record(name: str, x: Tensor) -> None:
-        amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        activation_amax[name] = torch.maximum(activation_amax[name], amax) if name in activation_amax else amax
-
-    firsts = {next(iter(group.linears)): group.first for group in groups}
-    with quantizers_disabled(layer):
-        inputs.feed(layer, firsts, record)
-    for group in groups:
-        weight_amax = torch.stack([w.weight.detach().abs().amax(dim=0).float() for w in group.linears.values()])
-        scale = smoothquant_scale(activation_amax[next(iter(group.linears))], weight_amax.amax(dim=0), alpha)
-        apply_input_scale(layer, inputs, group, scale)
-        for linear in group.linears.values():
-            recalibrate_weights(linear)
-
-
-def smoothquant(model: nn.Module, forward_loop, alpha: float = 0.5) -> list[LayerReport]:
-    """Smooth every decoder layer of ``model`` (see :func:`smoothquant_layer`), one layer at a time."""
-    return run_layerwise(model, forward_loop, partial(smoothquant_layer, alpha=alpha), "smoothquant")
+def smoothed_amax(activation_amax: Tensor, scale: Tensor) -> Tensor:
+    """``max_j activation_amax_j / scale_j``: the per-tensor max |x / s| (0-dim float32)."""
+    return (activation_amax.float() / scale.float()).amax()
 
 
 def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha!r} must be a number in [0, 1]")
     return float(alpha)
+
+
+def _input_quantizer(linear: nn.Linear) -> TensorQuantizer:
+    return tensor_quantizers(linear.input_quantizer)[0]
+
+
+def _is_analytic(quantizer: TensorQuantizer) -> bool:
+    """Static, symmetric, per-tensor, max calibrator: its amax follows from the per-channel maxima."""
+    config = quantizer.config
+    method = config.calibrator["method"] if isinstance(config.calibrator, dict) else config.calibrator
+    return (not config.is_dynamic and method == "max" and not config.asymmetric and config.axis is None
+            and config.block_sizes is None)
+
+
+class _ChannelMaxima:
+    """Forward pre-hooks recording ``max|x_j|`` over all calls of each linear's input (float32, ``(in,)``).
+
+    Linears called one after another on the same tensor (q, k, v) share one reduction.
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.amax: dict[nn.Linear, Tensor] = {}
+        self._last: tuple[Tensor, Tensor] | None = None
+        self.handles = [linear.register_forward_pre_hook(self._record) for linear in linears]
+
+    def _record(self, linear: nn.Linear, args: tuple) -> None:
+        x = args[0].detach()
+        if self._last is not None and self._last[0] is x:
+            amax = self._last[1]
+        else:
+            low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+            amax = torch.maximum(high, -low).float()
+            self._last = (x, amax)
+        self.amax[linear] = torch.maximum(self.amax[linear], amax) if linear in self.amax else amax
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._last = None
+
+
+class _FirstCalls:
+    """Per decoder layer: its first call (replayable), its float output, and the input groups traced in it."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.groups: dict[int, list[InputGroup]] = {}
+        self._traces: dict[int, GroupTrace] = {}
+        self.handles = []
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(
+                lambda module, args, kwargs, index=index: self._start(index, module, args, kwargs), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(
+                lambda _module, _args, output, index=index: self._finish(index, output)))
+
+    def _start(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        if index not in self.calls:
+            self.calls[index] = replayable_call(args, kwargs)
+            self._traces[index] = GroupTrace(layer, quantized_linears(layer))
+
+    def _finish(self, index: int, output) -> None:
+        trace = self._traces.pop(index, None)
+        if trace is not None:
+            self.groups[index] = trace.close()
+            self.outputs[index] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for trace in self._traces.values():
+            trace.close()
+
+
+def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alpha: float = DEFAULT_ALPHA,
+                report: bool = False) -> list[LayerReport]:
+    """Smooth every linear of ``model``'s decoder layers whose input quantizer is enabled (see the module
+    docstring). With ``report=True``, one more pass measures each decoder layer's output MSE against its
+    float output (``lowbit.calib.layerwise.layer_errors``); otherwise the report is empty."""
+    from lowbit.convert import calibrate_weights, calibration_pass, iter_quantizers
+
+    check_alpha(alpha)
+    layers_name, layers = find_decoder_layers(model)
+    targets = [linear for layer in layers for linear in quantized_linears(layer).values()
+               if linear.input_quantizer.is_enabled]
+    for name, linear in quantized_linears(model).items():
+        if linear in targets and _input_quantizer(linear).pre_quant_scale is not None:
+            raise ValueError(f"{name}: input_quantizer already has a pre_quant_scale; smooth a model once")
+    smoothed_inputs = {_input_quantizer(linear) for linear in targets}
+    others = [q for name, quantizer in iter_quantizers(model) if not name.endswith("weight_quantizer")
+              for q in tensor_quantizers(quantizer)
+              if q.is_enabled and not q.config.is_dynamic and q not in smoothed_inputs]
+
+    calibrate_weights(model)
+    maxima, first_calls = _ChannelMaxima(targets), _FirstCalls(layers)
+    try:
+        for quantizer in smoothed_inputs:  # pass-through during the pass: no statistics, no dynamic quantization
+            quantizer.disable()
+        calibration_pass(model, forward_loop, others, float_model=True)
+    finally:
+        for quantizer in smoothed_inputs:
+            quantizer.enable()
+        maxima.close()
+        first_calls.close()
+
+    target_set = set(targets)
+    to_recalibrate = []
+    for index, layer in enumerate(layers):
+        groups = [g for g in first_calls.groups.get(index, []) if set(g.linears.values()) <= target_set]
+        grouped = {linear for group in groups for linear in group.linears.values()}
+        groups += [InputGroup({name: linear}, None) for name, linear in quantized_linears(layer).items()
+                   if linear in target_set and linear not in grouped]  # not reached by the first call
+        folds = []
+        for group in groups:
+            if group.first not in maxima.amax:
+                logger.warning("smoothquant: %s.%d.%s saw no calibration data; left unsmoothed", layers_name,
+                               index, next(iter(group.linears)))
+                continue
+            activation_amax = maxima.amax[group.first]
+            weight_amax = torch.stack([w.weight.detach().abs().amax(dim=0).float() for w in group.linears.values()])
+            scale = smoothquant_scale(activation_amax, weight_amax.amax(dim=0), alpha)
+            scale_weights(group, scale)
+            if group.norm is not None:
+                folds.append((group, scale, fold_into_norm(group.norm, scale)))
+            else:
+                set_pre_quant_scale(group, scale)
+            for linear in group.linears.values():
+                quantizer = _input_quantizer(linear)
+                if _is_analytic(quantizer):
+                    quantizer.set_amax(smoothed_amax(activation_amax, scale))
+                elif not quantizer.config.is_dynamic:
+                    to_recalibrate.append(quantizer)
+                recalibrate_weights(linear)
+        if folds and index in first_calls.outputs:
+            _keep_float_output(layer, first_calls.calls[index], first_calls.outputs[index], folds)
+    if to_recalibrate:
+        calibration_pass(model, forward_loop, to_recalibrate, float_model=True)
+    return layer_errors(model, forward_loop) if report else []
+
+
+def _keep_float_output(layer: nn.Module, call: tuple[tuple, dict], reference: Tensor,
+                       folds: list[tuple[InputGroup, Tensor, dict[str, Tensor]]]) -> None:
+    """If the folds changed the layer's float output on ``call``, move them to pre_quant_scale (exact)."""
+    with torch.no_grad(), quantizers_disabled(layer):
+        change = relative_change(next(LayerInputs([call]).forward(layer)), reference)
+    if change <= FOLD_TOLERANCE:
+        return
+    logger.info("smoothquant: folding into the norms changed the float output by %.3g; using pre_quant_scale",
+                change)
+    for group, scale, originals in folds:
+        restore_norm(group.norm, originals)
+        set_pre_quant_scale(group, scale)

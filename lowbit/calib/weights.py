@@ -58,7 +58,7 @@ def quantize_column(quantizer: TensorQuantizer, column: Tensor, amax: Tensor) ->
     Uses the quantizer's elementwise rule on a ``(out, 1)`` view (the ``quant_fn`` it hands its
     calibrators), so a block format costs one column, not a zero-padded block.
     """
-    return quantizer._fake_quant_view(column[:, None], amax.reshape(-1, 1))[:, 0]
+    return quantizer.fake_quant_view(column[:, None], amax.reshape(-1, 1))[:, 0]
 
 
 def set_weight_amax(quantizer: TensorQuantizer, weight: Tensor, amax: Tensor) -> None:

@@ -77,7 +77,7 @@ class NF4Quantizer(TensorQuantizer):
     of a block view differs.
     """
 
-    def _fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
+    def fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
         return fake_quant_nf4(view, amax)
 
     def extra_repr(self) -> str:
