@@ -13,7 +13,7 @@ awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512     
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
                   scale_estimation=False
-scale_estimation  min_ratio=0.7, ratio_step=0.05, steps=5, objective="block"               scale_estimation
+scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 ================  =======================================================================  ================
 
 Chaining: ``scale_estimation`` = True (its defaults) or a dict of its options runs scale estimation on
@@ -48,7 +48,7 @@ ForwardLoop = Callable[[nn.Module], None]
 
 AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_estimation": False}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
-SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.05, "steps": 5, "objective": "block"}
+SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.02, "steps": 1, "objective": "block"}
 DEFAULT_OPTIONS: dict[str, dict] = {
     "max": {},
     "smoothquant": {"alpha": 0.5},

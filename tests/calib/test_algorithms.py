@@ -165,3 +165,76 @@ def test_errors_leave_the_model_untouched(model, batches):
         run_algorithm("gptq", torch.nn.Sequential(torch.nn.Linear(4, 4)), loop, {})
     after = target.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def asymmetric(model, batches, block=16):
+    """INT4 weight-only with min/max grids (zero point), block ``block``."""
+    config = get_preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    config["quant_cfg"]["*weight_quantizer"] = {"num_bits": 4, "asymmetric": True, "block_sizes": {-1: block}}
+    config["algorithm"] = None
+    result = copy.deepcopy(model)
+    convert.quantize(result, config, forward_loop_for(batches))
+    return result
+
+
+def assert_weights_on_grid(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight_quantizer.is_enabled:
+            torch.testing.assert_close(module.weight_quantizer(module.weight), module.weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric"])
+def test_scale_estimation_lowers_every_layer_error(model, batches, grid):
+    target = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches) if grid == "symmetric" else asymmetric(
+        model, batches)
+    report = run_algorithm("scale_estimation", target, forward_loop_for(batches), {"ratio_step": 0.05})
+    assert [r.mse_after < r.mse_max for r in report] == [True, True], report
+    if grid == "asymmetric":
+        quantizer = target.model.layers[0].self_attn.q_proj.weight_quantizer
+        assert quantizer.amin is not None and torch.all(quantizer.amin <= 0)
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric"])
+def test_gptq_keeps_the_estimated_grid(model, batches, grid):
+    """GPTQ after scale estimation: the weights sit on the stored (estimated) grid, and the layer errors
+    are below plain GPTQ's on this model."""
+    make = (lambda: quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)) if grid == "symmetric" else (
+        lambda: asymmetric(model, batches))
+    chained, plain = make(), make()
+    report = run_algorithm("gptq", chained, forward_loop_for(batches), {"scale_estimation": {"ratio_step": 0.05}})
+    plain_report = run_algorithm("gptq", plain, forward_loop_for(batches), {})
+    assert_weights_on_grid(chained)
+    assert sum(r.mse_after for r in report) < sum(r.mse_after for r in plain_report)
+
+
+def test_awq_then_scale_estimation(model, batches):
+    """awq_lite + scale estimation: the float function is unchanged, the quantized layers beat awq_lite's."""
+    chained, plain = quantized(model, "INT4_AWQ_CFG", batches), quantized(model, "INT4_AWQ_CFG", batches)
+    report = run_algorithm("awq_lite", chained, forward_loop_for(batches), {"scale_estimation": True})
+    plain_report = run_algorithm("awq_lite", plain, forward_loop_for(batches), {})
+    assert [a.mse_after <= b.mse_after for a, b in zip(report, plain_report, strict=True)] == [True, True]
+    convert.disable_quantizer(chained, "*")
+    torch.testing.assert_close(logits(chained, batches), logits(model, batches), rtol=1e-4, atol=1e-4)
+
+
+def test_scale_estimation_option_errors_leave_the_model_untouched(model, batches):
+    loop = forward_loop_for(batches)
+    target = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"scale_estimation got unknown options \['ratio'\]"):
+        run_algorithm("gptq", target, loop, {"scale_estimation": {"ratio": 0.5}})
+    with pytest.raises(TypeError, match="scale_estimation='yes'"):
+        run_algorithm("awq_lite", target, loop, {"scale_estimation": "yes"})
+    with pytest.raises(ValueError, match="min_ratio=1.5"):
+        run_algorithm("scale_estimation", target, loop, {"min_ratio": 1.5})
+    with pytest.raises(ValueError, match="steps=-1"):
+        run_algorithm("awq_full", target, loop, {"scale_estimation": {"steps": -1}})
+    with pytest.raises(ValueError, match="objective='full'"):
+        run_algorithm("scale_estimation", target, loop, {"objective": "full"})
+    with pytest.raises(ValueError, match="unknown options"):
+        run_algorithm("awq_clip", target, loop, {"scale_estimation": True})
+    nvfp4 = quantized(model, "W4A16_NVFP4_CFG", batches)
+    with pytest.raises(ValueError, match="static integer weight quantizer"):
+        run_algorithm("awq_lite", nvfp4, loop, {"scale_estimation": True})
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
