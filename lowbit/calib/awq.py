@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
 from lowbit.calib.scale_estimation import IntGrid
-from lowbit.calib.scaling import apply_input_scale, find_input_groups
+from lowbit.calib.scaling import InputGroup, apply_input_scale, find_input_groups
 from lowbit.calib.weights import (
     effective_input,
     quantize_with_amax,
@@ -171,8 +171,14 @@ def _weight_fake_quant(linear: nn.Linear) -> FakeQuantWeight:
     return own_range_fake_quant
 
 
-def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096) -> None:
-    """Scale search for every group of linears with enabled weight quantizers in ``layer``."""
+def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096,
+                    scale_per_linear: bool = False) -> None:
+    """Scale search for every group of linears with enabled weight quantizers in ``layer``.
+
+    ``scale_per_linear``: each linear of a group gets its own search and scale, kept as its input
+    quantizer's ``pre_quant_scale`` (as ModelOpt's awq_lite does; an extra input multiply per linear at
+    inference), instead of one scale per group that can fold into the producing norm.
+    """
     groups = [g for g in find_input_groups(layer, inputs)
               if all(w.weight_quantizer.is_enabled for w in g.linears.values())]
     sums: dict[str, Tensor] = {}
@@ -191,21 +197,24 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
         inputs.feed(layer, firsts, record)
     for group in groups:
         name = next(iter(group.linears))
-        linears = list(group.linears.values())
-        weights = [w.weight.detach() for w in linears]
-        alpha, scale, losses = search_awq_scale(
-            torch.cat(samples.pop(name)),
-            weights,
-            [_weight_fake_quant(w) for w in linears],
-            sums[name] / counts[name],
-            alpha_grid(alpha_step),
-            normalised_weight_mean(weights, _scale_group_size(linears[0])),
-        )
-        placement = apply_input_scale(layer, inputs, group, scale)
-        logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g unscaled, %.4g chosen",
-                     list(group.linears), alpha, placement, losses[None], losses[alpha])
-        for linear in linears:
-            recalibrate_weights(linear)
+        x, activation_mean = torch.cat(samples.pop(name)), sums[name] / counts[name]
+        units = [InputGroup({n: w}, None) for n, w in group.linears.items()] if scale_per_linear else [group]
+        for unit in units:
+            linears = list(unit.linears.values())
+            weights = [w.weight.detach() for w in linears]
+            alpha, scale, losses = search_awq_scale(
+                x,
+                weights,
+                [_weight_fake_quant(w) for w in linears],
+                activation_mean,
+                alpha_grid(alpha_step),
+                normalised_weight_mean(weights, _scale_group_size(linears[0])),
+            )
+            placement = apply_input_scale(layer, inputs, unit, scale)
+            logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g unscaled, %.4g chosen",
+                         list(unit.linears), alpha, placement, losses[None], losses[alpha])
+            for linear in linears:
+                recalibrate_weights(linear)
 
 
 def _scale_group_size(linear: nn.Linear) -> int:
