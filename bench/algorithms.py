@@ -113,6 +113,10 @@ CASES: list[Case] = [
     lowbit_case(INT4_SYM, "INT4_AWQ_CFG"),
     lowbit_case(INT4_SYM, "INT4_AWQ_CFG", "awq_full"),
     lowbit_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq"),
+    lowbit_case(INT4_SYM, "INT4_AWQ_CFG", {"method": "awq_lite", "scale_estimation": True}),
+    lowbit_compress_case(INT4_SYM, "INT4_SYM", scale_estimation=True),
+    lowbit_compress_case(INT4_SYM, "INT4_SYM", awq=True, scale_estimation=True),
+    lowbit_compress_case(INT4_SYM, "INT4_SYM", scale_estimation=True, gptq=True),
     modelopt_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
     modelopt_case(INT4_SYM, "INT4_AWQ_CFG"),
     nncf_case(INT4_SYM, "INT4_SYM"),
@@ -122,7 +126,9 @@ CASES: list[Case] = [
     nncf_case(INT4_SYM, "INT4_SYM", gptq=True),
     lowbit_compress_case(INT4_ASYM, "INT4_ASYM"),
     lowbit_compress_case(INT4_ASYM, "INT4_ASYM", awq=True),
+    lowbit_compress_case(INT4_ASYM, "INT4_ASYM", scale_estimation=True),
     lowbit_compress_case(INT4_ASYM, "INT4_ASYM", awq=True, scale_estimation=True),
+    lowbit_compress_case(INT4_ASYM, "INT4_ASYM", scale_estimation=True, gptq=True),
     nncf_case(INT4_ASYM, "INT4_ASYM"),
     nncf_case(INT4_ASYM, "INT4_ASYM", awq=True),
     nncf_case(INT4_ASYM, "INT4_ASYM", scale_estimation=True),
@@ -134,6 +140,7 @@ CASES: list[Case] = [
     lowbit_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     modelopt_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG"),
+    lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG", {"method": "awq_lite", "scale_per_linear": True}),
     modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
 ]
 

@@ -238,3 +238,19 @@ def test_scale_estimation_option_errors_leave_the_model_untouched(model, batches
         run_algorithm("awq_lite", nvfp4, loop, {"scale_estimation": True})
     after = target.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_awq_scale_per_linear(model, batches):
+    """Each of q, k, v gets its own pre_quant_scale (nothing folded into the norm); the float function stays."""
+    scaled = quantized(model, "INT4_AWQ_CFG", batches)
+    norm_before = scaled.model.layers[0].input_layernorm.weight.detach().clone()
+    run_algorithm("awq_lite", scaled, forward_loop_for(batches), {"scale_per_linear": True, "alpha_step": 0.25})
+    attention = scaled.model.layers[0].self_attn
+    scales = [getattr(attention, n).input_quantizer.pre_quant_scale for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(s is not None for s in scales) and not torch.equal(scales[0], scales[2])
+    assert torch.equal(scaled.model.layers[0].input_layernorm.weight, norm_before)
+    convert.disable_quantizer(scaled, "*")
+    torch.testing.assert_close(logits(scaled, batches), logits(model, batches), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="scale_per_linear=1"):
+        run_algorithm("awq_lite", quantized(model, "INT4_AWQ_CFG", batches), forward_loop_for(batches),
+                      {"scale_per_linear": 1})
