@@ -3,9 +3,10 @@
     out = output_quantizer(kernel(input_quantizer(x), W_packed) + bias)
 
 ``kernel`` is ``lowbit.kernels.weight_only_linear`` (Triton W4A16 on CUDA, else dequantize + F.linear)
-or, when both activations and weights are 8-bit and no gradient is needed, a true W8A8 matmul
-(``torch._int_mm`` for INT8 on any device, ``torch._scaled_mm`` for FP8 E4M3 on CUDA) on the very codes
-fake quantization would round to. The packed weight is frozen (buffers); gradients flow to the input,
+or, when both activations and weights are 8-bit and no gradient is needed, a true W8A8 matmul on the
+very codes fake quantization would round to: ``int8_matmul`` (``torch._int_mm``) for INT8 on any device,
+``fp8_linear`` (Triton activation quantization + ``torch._scaled_mm``) for FP8 E4M3 on CUDA >= sm89.
+The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
 instead of keeping it (QLoRA style).
 
@@ -15,6 +16,8 @@ Buffers: ``weight_codes``, ``weight_scale`` and, by format, ``weight_zero_point`
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
-from lowbit.kernels import fp8_matmul, int8_matmul, weight_only_linear
+from lowbit.kernels import Fp8Weight, fp8_linear, int8_matmul, weight_only_linear
 from lowbit.quantizer import TensorQuantizer
 
 BUFFER_PREFIX = "weight_"
@@ -126,7 +129,12 @@ class CompressedLinear(nn.Module):
         return self.output_quantizer(out)
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor | None:
-        """W8A8 on codes when the input quantizer and the weight are both INT8 or both FP8 E4M3, else None."""
+        """W8A8 on codes when the input quantizer and the weight are both INT8 or both FP8 E4M3, else None.
+
+        The activation amax is the calibrated one (static per tensor), else computed from ``x``: per row
+        for per-token configs, over the tensor otherwise. FP8 runs ``fp8_linear`` (activation codes
+        quantized in one Triton kernel, then ``_scaled_mm``), INT8 ``formats.quantize_int`` + ``int8_matmul``.
+        """
         kind = _w8a8_kind(self.input_quantizer, self.weight_format, x)
         if kind is None or (torch.is_grad_enabled() and x.requires_grad):
             return None
@@ -135,19 +143,21 @@ class CompressedLinear(nn.Module):
         if quantizer.pre_quant_scale is not None:
             rows = rows * quantizer.pre_quant_scale.to(rows.dtype).reshape(1, -1)
         config = quantizer.config
+        per_row = config.block_sizes is not None
         if quantizer.amax is not None and not config.is_dynamic:
             amax = quantizer.amax.reshape(1, 1)
+        elif per_row:
+            amax = None if kind == "fp8" else rows.detach().abs().amax(dim=-1, keepdim=True)
         else:
-            magnitude = rows.detach().abs()
-            per_row = config.block_sizes is not None
-            amax = magnitude.amax(dim=-1, keepdim=True) if per_row else magnitude.amax().reshape(1, 1)
+            amax = rows.detach().abs().amax().reshape(1, 1)
         packed = self.packed
         if kind == "int8":
             codes, scale = formats.quantize_int(rows, amax, 8, config.unsigned, config.narrow_range)
             out = int8_matmul(codes.to(torch.int8), scale, packed.codes, packed.scale, self.bias, x.dtype)
         else:
-            values, scale = formats.quantize_fp(rows, amax, formats.E4M3)
-            out = fp8_matmul(values.to(torch.float8_e4m3fn), scale, packed.codes, packed.scale, self.bias, x.dtype)
+            weight = Fp8Weight.from_codes(packed.codes, packed.scale)
+            activation_amax = None if amax is None else amax.float().reshape(1)
+            out = fp8_linear(rows, weight, self.bias, activation_amax, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -180,7 +190,13 @@ def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tenso
     if config.num_bits == 8 and not config.asymmetric and weight_format.kind == "int" and weight_format.num_bits == 8:
         if not weight_format.unsigned and not config.unsigned:
             return "int8"
-    fp8_device = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    fp8_device = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and _has_triton()
     if config.num_bits == (4, 3) and weight_format.kind == "float" and weight_format.num_bits == (4, 3) and fp8_device:
         return "fp8"
     return None
+
+
+@functools.cache
+def _has_triton() -> bool:
+    """``fp8_linear`` quantizes activations with a Triton kernel."""
+    return importlib.util.find_spec("triton") is not None

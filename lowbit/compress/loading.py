@@ -4,15 +4,20 @@
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     # the quantized nn.Linear layers are CompressedLinear now
 
-Inside the block two PyTorch registration hooks (public ``torch.nn.modules.module`` API, no patching)
-watch the modules being built: the module hook records each submodule's name under its parent, the
-parameter hook sees every weight assigned to an ``nn.Linear``. When a real (not meta) weight arrives for
-a Linear that the config quantizes, its statistics are computed as the weight quantizer's calibration
-would (max calibration row chunk by row chunk, other calibrators on the whole weight), it is packed a
-chunk of rows at a time, and replaced by a meta placeholder, so one dense weight at a time exists
-(transformers' asynchronous read-ahead is switched off inside the block: ``HF_DEACTIVATE_ASYNC_LOAD``).
-On leaving the block the placeholders become ``CompressedLinear`` modules whose
-dequantized weights equal what ``compress(quantize(model, config))`` gives.
+Inside the block two PyTorch registration hooks (public ``torch.nn.modules.module`` API) watch the
+modules being built: the module hook records each submodule's name under its parent, the parameter hook
+sees every weight assigned to an ``nn.Linear``. When a real (not meta) weight arrives for a Linear that
+the config quantizes, its statistics are computed as the weight quantizer's calibration would (max
+calibration row chunk by row chunk, other calibrators on the whole weight), it is packed a chunk of rows
+at a time (float32 temporaries of 256 KB on the CPU) into storage allocated once, and replaced by a meta
+placeholder, so one dense weight at a time exists. On leaving the block the placeholders become
+``CompressedLinear`` modules whose dequantized weights equal what ``compress(quantize(model, config))``
+gives.
+
+Peak memory is then the packed model plus one dense weight, given three settings inside the block:
+transformers' asynchronous read-ahead is off (``HF_DEACTIVATE_ASYNC_LOAD``), its GPU caching-allocator
+warmup (which would reserve the dense model's size) is skipped (``_without_allocator_warmup``), and on
+the CPU glibc's heap gives freed temporaries back after each weight (``malloc_trim``).
 
 Weight statistics need no data, so only configs calibrated by ``"max"`` (or no algorithm) are accepted;
 activation quantizers that want calibrated scales quantize dynamically from each input (a warning says
@@ -21,8 +26,10 @@ so). Use the model after the ``with`` block.
 
 from __future__ import annotations
 
-import dataclasses
+import ctypes
+import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,13 +42,14 @@ from torch.nn.modules.module import (
 )
 
 from lowbit.compress.linear import CompressedLinear
-from lowbit.compress.packed import SCALE_DTYPES, PackedWeight, WeightFormat, quantize_weight
+from lowbit.compress.packed import SCALE_DTYPES, TENSOR_NAMES, PackedWeight, WeightFormat, quantize_weight, storage_spec
 from lowbit.config import QuantizeConfig, parse_config
 from lowbit.quantizer import TensorQuantizer
 
 # transformers >= 5 reads tensors ahead in worker threads unless this is set; sequential loading lets
 # each dense weight be packed and freed before the next is read.
 HF_SEQUENTIAL_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"
+WARMUP_FUNCTION = "caching_allocator_warmup"
 
 
 class _Loader:
@@ -80,6 +88,8 @@ class _Loader:
         fmt = WeightFormat.from_config(attributes, tuple(weight.shape))
         amin, amax = _weight_statistics(attributes, fmt, weight)
         self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
+        if weight.device.type == "cpu":
+            _return_freed_host_memory()
         return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
 
     def quantizer(self, module: nn.Module, slot: str) -> TensorQuantizer:
@@ -116,11 +126,36 @@ class _Loader:
             )
 
 
-ROWS_PER_CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of about 4 MB per chunk of rows
+def _return_freed_host_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Each chunk's float32 temporaries are a few MB: glibc serves them from its heap, between the small
+    packed tensors that stay, and keeps the freed pages, so without this the resident memory grows with
+    the temporaries of every weight loaded (measured: a peak of 1.5-2.2x the packed model on a 300M Llama).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+# Elements per chunk of rows. CPU: float32 temporaries of 256 KB, which glibc's heap reuses in place
+# (with 1 MB chunks an NVFP4 weight's transient grew to ~20 MB); accelerators: 16 MB, where kernel
+# launches dominate small chunks and the caching allocator reuses freed blocks exactly.
+CPU_CHUNK_ELEMENTS = 1 << 16
+DEVICE_CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_chunks(weight: torch.Tensor) -> list[slice]:
-    rows = max(1, ROWS_PER_CHUNK_ELEMENTS // weight.shape[1])
+    elements = CPU_CHUNK_ELEMENTS if weight.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    rows = max(1, elements // weight.shape[1])
     return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
 
 
@@ -153,18 +188,20 @@ def _weight_statistics(attributes, fmt: WeightFormat, weight: torch.Tensor):
 
 
 def _quantize_rows(weight: torch.Tensor, fmt: WeightFormat, amin, amax, scale_dtype) -> PackedWeight:
-    """``quantize_weight`` chunk by chunk of rows (every format is row-wise given its statistics)."""
+    """``quantize_weight`` chunk by chunk of rows (every format is row-wise given its statistics), each
+    chunk's codes and scales written into storage allocated once for the whole weight."""
     per_row = fmt.kind != "nvfp4" and (fmt.block_size is not None or fmt.per_channel)
-    parts = []
+    spec = storage_spec(fmt, tuple(weight.shape), scale_dtype)
+    storage = {name: torch.empty(shape, dtype=dtype, device=weight.device) for name, (shape, dtype) in spec.items()}
     for rows in _row_chunks(weight):
         low = amin[rows] if per_row and amin is not None else amin
         high = amax[rows] if per_row and amax is not None else amax
-        parts.append(quantize_weight(weight[rows], fmt, amax=high, amin=low, scale_dtype=scale_dtype))
-    joined = {}
-    for name, first in parts[0].tensors().items():
-        shared = first.dim() == 0 or (name == "scale" and fmt.block_size is None and not fmt.per_channel)
-        joined[name] = first if shared else torch.cat([part.tensors()[name] for part in parts])
-    return dataclasses.replace(parts[0], shape=tuple(weight.shape), **joined)
+        part = quantize_weight(weight[rows], fmt, amax=high, amin=low, scale_dtype=scale_dtype)
+        for name, tensor in part.tensors().items():
+            shared = tensor.dim() == 0 or (name == "scale" and fmt.block_size is None and not fmt.per_channel)
+            target = storage[name] if shared else storage[name][rows]
+            target.copy_(tensor)
+    return PackedWeight(fmt, tuple(weight.shape), **{name: storage.get(name) for name in TENSOR_NAMES})
 
 
 @contextmanager
@@ -184,7 +221,8 @@ def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dty
     async_load = os.environ.get(HF_SEQUENTIAL_LOAD)
     os.environ[HF_SEQUENTIAL_LOAD] = "1"
     try:
-        yield
+        with _without_allocator_warmup():
+            yield
     finally:
         module_hook.remove()
         parameter_hook.remove()
@@ -193,3 +231,29 @@ def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dty
         else:
             os.environ[HF_SEQUENTIAL_LOAD] = async_load
     loader.finish()
+
+
+@contextmanager
+def _without_allocator_warmup() -> Iterator[None]:
+    """Skip transformers' ``caching_allocator_warmup`` inside the block (the one patch this module makes).
+
+    With a ``device_map`` on an accelerator, transformers first allocates (and frees into the caching
+    allocator) the dense size of the whole model, so that loading needs one cudaMalloc: a speed measure
+    that makes the GPU peak the bf16 model size however small the packed weights are. Without it the
+    GPU holds the packed weights, the dense non-Linear weights and one dense Linear weight at a time.
+    Nothing is patched when transformers is not imported or has no such function.
+    """
+    module = sys.modules.get("transformers.modeling_utils")
+    warmup = getattr(module, WARMUP_FUNCTION, None)
+    if warmup is None:
+        yield
+        return
+    setattr(module, WARMUP_FUNCTION, _skip_warmup)
+    try:
+        yield
+    finally:
+        setattr(module, WARMUP_FUNCTION, warmup)
+
+
+def _skip_warmup(*args, **kwargs) -> None:
+    """Stands in for transformers' caching_allocator_warmup while loading packs weights."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.compress import linear as linear_module
 from lowbit.compress.convert import compress, compressed_weight_bytes
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat, quantize_weight, storage_spec
@@ -61,6 +62,47 @@ def test_int8_w8a8_uses_integer_matmul_and_matches_float64():
         out = compressed[0](x)
     floor = ((reference.to(torch.bfloat16).double() - reference).norm() / reference.norm()).item()
     assert ((out.double() - reference).norm() / reference.norm()).item() <= 2 * floor
+
+
+def _reference_fp8_linear(calls: list):
+    """Stands in for lowbit.kernels.fp8_linear (CUDA only): E4M3 activation codes by the formula, float64 product."""
+
+    def fp8_linear(x, weight, bias, activation_amax, out_dtype):
+        calls.append(activation_amax)
+        x64 = x.double()
+        amax = x64.abs().amax(dim=-1, keepdim=True) if activation_amax is None else activation_amax.double()
+        amax32 = amax.float()  # scale = 448 / amax, correctly rounded float32 (tensor / tensor)
+        scale = torch.where(amax32 <= 2**-24, 1.0, torch.full_like(amax32, 448.0) / amax32).double()
+        codes = (x64 * scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double()
+        w64 = weight.codes.double() * weight.inverse_scale_row.double().reshape(-1, 1)
+        out = (codes / scale) @ w64.T
+        return (out if bias is None else out + bias.double()).to(out_dtype)
+
+    return fp8_linear
+
+
+@pytest.mark.parametrize("preset, static", [("FP8_DEFAULT_CFG", True), ("FP8_PER_CHANNEL_PER_TOKEN_CFG", False)])
+def test_fp8_w8a8_calls_fused_fp8_linear_with_the_fake_quant_amax(monkeypatch, preset, static):
+    """Where the FP8 kernel runs (CUDA >= sm89) CompressedLinear hands x, the weight codes and the activation
+    amax (calibrated, or None for per-token dynamic) to fp8_linear; simulated here with a float64 stand-in."""
+    model, x = _quantized(preset)
+    first = model[0]
+    with torch.no_grad():  # float32 fake quant: x_hat and w_hat without bf16 rounding
+        x_hat = first.input_quantizer(x.float()).double()
+        expected = x_hat @ first.weight_quantizer(first.weight.float()).double().T + first.bias.double()
+    calls = []
+    monkeypatch.setattr(linear_module, "_w8a8_kind", lambda quantizer, fmt, x: "fp8")
+    monkeypatch.setattr(linear_module, "fp8_linear", _reference_fp8_linear(calls))
+    compressed = compress(model)
+    with torch.no_grad():
+        out = compressed[0](x).double()
+    assert len(calls) == 1
+    if static:
+        assert torch.equal(calls[0].reshape(()), first.input_quantizer.amax.float().reshape(()))
+    else:
+        assert calls[0] is None
+    floor = ((expected.to(torch.bfloat16).double() - expected).norm() / expected.norm()).item()
+    assert ((out - expected).norm() / expected.norm()).item() <= 2 * floor
 
 
 @pytest.mark.parametrize("preset, max_ratio", [("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", 0.30), ("W4A16_NVFP4_CFG", 0.29),

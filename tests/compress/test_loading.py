@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, modeling_utils
 
 import lowbit
+from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.compress import loading
 from lowbit.compress.convert import compress
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.loading import init_quantized_weights
+from lowbit.compress.packed import WeightFormat, quantize_weight
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory.py"
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +65,66 @@ def test_rejects_data_driven_algorithms_and_warns_when_nothing_loads():
             torch.nn.Sequential(torch.nn.Linear(8, 8)).load_state_dict({"0.weight": torch.ones(8, 8),
                                                                         "0.bias": torch.ones(8)})
     assert any("packed no weight" in str(w.message) for w in caught)
+
+
+FORMATS = [WeightFormat("int", 4, block_size=128), WeightFormat("int_asym", 4, block_size=64),
+           WeightFormat("nvfp4", (2, 1), block_size=16), WeightFormat("float", (4, 3)),
+           WeightFormat("int", 8, per_channel=True), WeightFormat("mx", (2, 1), block_size=32)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda fmt: f"{fmt.kind}-{fmt.num_bits}")
+def test_packing_row_chunks_equals_packing_the_whole_weight(monkeypatch, fmt):
+    """Chunks of 3 rows (the last one short) written into preallocated storage: the same tensors, bit for bit."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 256, generator=generator) * 0.05
+    weight = torch.where(torch.rand(40, 256, generator=generator) < 0.01, weight * 30, weight).to(torch.bfloat16)
+    monkeypatch.setattr(loading, "CPU_CHUNK_ELEMENTS", 3 * 256)
+    attributes = QuantizerAttributeConfig.from_dict(_attributes(fmt))
+    amin, amax = loading._weight_statistics(attributes, fmt, weight)
+    chunked = loading._quantize_rows(weight, fmt, amin, amax, torch.float32)
+    whole = quantize_weight(weight, fmt, amax=amax, amin=amin)
+    assert chunked.tensors().keys() == whole.tensors().keys()
+    for name, tensor in whole.tensors().items():
+        assert chunked.tensors()[name].dtype == tensor.dtype
+        assert torch.equal(chunked.tensors()[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+
+
+def _attributes(fmt: WeightFormat) -> dict:
+    if fmt.kind == "nvfp4":
+        return {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+    if fmt.kind == "mx":
+        return {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}
+    granularity = {"block_sizes": {-1: fmt.block_size}} if fmt.block_size else {"axis": 0 if fmt.per_channel else None}
+    return {"num_bits": fmt.num_bits, "asymmetric": fmt.kind == "int_asym", **granularity}
+
+
+def test_transformers_allocator_warmup_is_skipped_inside_the_block_only():
+    """The warmup would reserve the dense model's size on the GPU; it is restored on exit, error or not."""
+    original = modeling_utils.caching_allocator_warmup
+    config = copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    with pytest.raises(RuntimeError, match="inside"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with init_quantized_weights(config):
+            assert modeling_utils.caching_allocator_warmup is not original
+            assert modeling_utils.caching_allocator_warmup(None, {"w": torch.device("cuda")}, None) is None
+            raise RuntimeError("inside")
+    assert modeling_utils.caching_allocator_warmup is original
+
+
+@pytest.mark.slow
+def test_cpu_peak_memory_of_packed_loading_is_the_packed_model(tmp_path):
+    """Fresh processes (bench/memory.py): the anonymous memory an INT4 load adds over a dense bf16 load (whose
+    weights stay in the file mapping) is the packed weights plus a few MB (quantizer modules, chunk temporaries).
+    Before packing in small row chunks into preallocated storage with malloc_trim it was 54 MB more here."""
+    def probe(*args: str) -> dict:
+        out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    probe("--save", str(tmp_path), "--hidden", "1024", "--layers", "4", "--intermediate", "4096", "--vocab", "1024")
+    dense = probe("--probe", str(tmp_path))
+    packed = probe("--probe", str(tmp_path), "--preset", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    packed_bytes = packed["model"] - packed["mapped"]  # the packed Linears (embeddings, norms, lm_head stay mapped)
+    excess = packed["peak_anon"] - dense["peak_anon"]
+    print(f"anonymous peak over the dense load: {excess} B for {packed_bytes} B packed")
+    assert excess <= packed_bytes + 16e6
