@@ -74,19 +74,23 @@ def search_awq_scale(
     ``x``: ``(tokens, in)``; ``weights[i]``: ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of
     that shape. Returns (best alpha, None for the identity; its scale; the loss of every candidate, the
     identity under key None). Ties keep the identity, then the smaller alpha.
+
+    Computed as ``sum_i sum((D_i G) * D_i)`` with ``D_i = Q_i(W_i s)/s - W_i`` and ``G = X^T X``, the same
+    sum without forming the ``(tokens, out)`` outputs: ``out * in^2`` per candidate instead of
+    ``tokens * out * in``.
     """
     x = x.float()
-    references = [x @ w.float().T for w in weights]
-    count = sum(r.numel() for r in references)
+    gram = x.T @ x
+    count = x.shape[0] * sum(w.shape[0] for w in weights)
     candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)}
     candidates.update({alpha: awq_scale(activation_mean, alpha, weight_mean) for alpha in alphas})
     losses = {}
     for alpha, scale in candidates.items():
         scale = scale.to(x.device)
         error = 0.0
-        for weight, quantize, reference in zip(weights, fake_quant, references, strict=True):
-            quantized = quantize(weight.float() * scale) / scale
-            error += float((x @ quantized.T - reference).square().sum())
+        for weight, quantize in zip(weights, fake_quant, strict=True):
+            delta = quantize(weight.float() * scale) / scale - weight.float()
+            error += float(((delta @ gram) * delta).sum())
         losses[alpha] = error / count
     best = min(losses, key=losses.__getitem__)
     return best, candidates[best], losses
