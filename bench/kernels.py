@@ -1,7 +1,7 @@
 """Benchmark lowbit's matmul kernels against bf16 cuBLAS, torch's tinygemm and torch._scaled_mm.
 
     python bench/kernels.py --out bench/results/kernels_h100.md          # the table
-    python bench/kernels.py --explore --out explore.md                   # decode launch configurations
+    python bench/kernels.py --explore --out explore.md                   # launch configurations
 
 For each weight K x N (a Linear with in_features K, out_features N) and each M (rows of x): fresh random
 bf16 data (normal, 0.1% of weights x20 outliers), the GPU time of the call (captured once in a CUDA graph,
@@ -41,17 +41,35 @@ FORMATS = {
 FP8_MAX = 448.0
 GROUP = 128
 EXPLORE_SHAPE = (8192, 28672)
-EXPLORE_ROWS = [1, 16]
+EXPLORE_DECODE_ROWS = [1, 4, 16]
+EXPLORE_PREFILL_ROWS = [256, 2048]
 
 
-def decode_configs() -> dict[str, dict]:
-    """Weight-tile rows, split-K and activation access of the fused kernel, for --explore (M <= 16)."""
-    def config(block_n, split_k, permuted=True, warps=4, stages=3):
-        return dict(BLOCK_N=block_n, BLOCK_M=16, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
-                    X_PERMUTED=permuted)
-    return {"n256 k2": config(256, 2), "n256 k4": config(256, 4), "n256 k8": config(256, 8),
-            "n128 k4": config(128, 4), "n128 k8": config(128, 8), "n256 k4 gathered x": config(256, 4, False),
-            "n128 k8 gathered x": config(128, 8, False)}
+def matmul_configs() -> dict[str, dict]:
+    """Weight-tile rows, split-K, steps per loop iteration (UNROLL: 64 * UNROLL contiguous bytes of each weight
+    row per iteration), warps and pipeline depth of the tensor-core kernel, for --explore (M <= 16): 4 warps on
+    128 rows use wgmma, 1-2 warps on 32-64 rows mma.sync."""
+    def config(block_n, split_k, unroll, warps, stages):
+        return dict(BLOCK_N=block_n, BLOCK_M=16, SPLIT_K=split_k, UNROLL=unroll, num_warps=warps, num_stages=stages,
+                    X_PERMUTED=True)
+    shapes = [(128, 8, 1, 4, 3), (128, 8, 2, 4, 3), (128, 4, 2, 4, 3), (128, 4, 4, 4, 2), (64, 8, 2, 2, 3),
+              (64, 4, 2, 2, 3), (64, 4, 4, 2, 2), (32, 4, 4, 1, 3)]
+    return {f"n{n} k{k} u{u} w{w} s{s}": config(n, k, u, w, s) for n, k, u, w, s in shapes}
+
+
+def gemv_configs() -> dict[str, dict]:
+    """Row tiles, split-K, UNROLL, warps and pipeline depth of the CUDA-core GEMV (M = 1), for --explore."""
+    def config(block_n, split_k, unroll, warps, stages):
+        return dict(BLOCK_N=block_n, SPLIT_K=split_k, UNROLL=unroll, num_warps=warps, num_stages=stages)
+    shapes = [(64, 2, 1, 4, 3), (64, 2, 4, 4, 3), (32, 4, 4, 2, 3), (64, 4, 8, 2, 2), (32, 2, 8, 1, 3),
+              (128, 2, 4, 4, 2), (16, 4, 8, 1, 3), (64, 1, 8, 4, 2)]
+    return {f"n{n} k{k} u{u} w{w} s{s}": config(n, k, u, w, s) for n, k, u, w, s in shapes}
+
+
+def dequantize_configs() -> dict[str, dict]:
+    """Rows per program, K blocks of 128 per program and warps of the dequantize kernel, for --explore."""
+    shapes = [(32, 1, 4), (64, 1, 8), (16, 4, 4), (8, 8, 2), (8, 16, 4), (32, 4, 8)]
+    return {f"n{n} kb{kb} w{w}": dict(BLOCK_N=n, K_BLOCKS=kb, num_warps=w) for n, kb, w in shapes}
 
 
 def random_matrix(rows: int, cols: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -182,9 +200,10 @@ def bench_row(x: torch.Tensor, operands: dict) -> dict:
     return row.values
 
 
-def bench_fp8(row: Row, operands: dict) -> None:
+def bench_fp8(row: Row, operands: dict, fast_accumulation: tuple[bool, ...] = (False,)) -> None:
     """_scaled_mm on ready codes, and lowbit's fp8_linear from bf16 (Triton activation quantization included):
-    per tensor with a static activation amax, per row with dynamic per-row scales."""
+    per tensor with a static activation amax, per row with dynamic per-row scales; optionally also with
+    cuBLAS's fast (not periodically promoted) FP8 accumulation."""
     x = row.x
     for name, rowwise in (("fp8 tensor", False), ("fp8 row", True)):
         w_codes, w_scale = operands[name]
@@ -195,27 +214,53 @@ def bench_fp8(row: Row, operands: dict) -> None:
         weight = Fp8Weight.from_codes(w_codes, w_scale)
         amax = None if rowwise else x.float().abs().amax().reshape(1, 1)
         label = "lowbit fp8 row, dynamic act quant" if rowwise else "lowbit fp8 tensor, static act quant"
-        row.record(label, lambda wt=weight, a=amax: fp8_linear(x, wt, None, a, torch.bfloat16), reference)
+        for fast in fast_accumulation:
+            row.record(label + (", fast accum" if fast else ""), lambda wt=weight, a=amax, f=fast:
+                       fp8_linear(x, wt, None, a, torch.bfloat16, fast_accumulation=f), reference)
 
 
 def bench_explore(generator: torch.Generator) -> list[dict]:
-    """Launch configurations of the fused kernel on EXPLORE_SHAPE, for the decode rows."""
+    """On EXPLORE_SHAPE: GEMV and tensor-core launch configurations for the decode rows; dequantize
+    configurations (alone, and + cuBLAS) and FP8 with cuBLAS's fast accumulation for the prefill rows."""
     kernels = dispatch.triton_w4()
     k, n = EXPLORE_SHAPE
     operands = shape_operands(k, n, generator)
+    weight = operands["weight"]
     results = []
-    for m in EXPLORE_ROWS:
+    for m in EXPLORE_DECODE_ROWS + EXPLORE_PREFILL_ROWS:
         x = random_matrix(m, k, generator)
         row = Row(x)
-        weight = operands["weight"]
-        row.record("bf16 cuBLAS", lambda x=x, w=weight: F.linear(x, w), row.x64 @ weight.double().T)
+        row.record("bf16 cuBLAS", lambda x=x: F.linear(x, weight), row.x64 @ weight.double().T)
         for name, p in operands["packed"].items():
             arguments = dispatch.triton_arguments(p)
             reference = row.x64 @ operands["dequantized"][name].T
-            for label, config in decode_configs().items():
-                config = {**config, "SCALE_AFTER_DOT": name != "nvfp4"}
-                row.record(f"{name} {label}", lambda x=x, p=p, a=arguments, c=config:
-                           kernels.w4_matmul(x, p.codes, p.scale, config=c, **a), reference)
+            if m == 1:
+                for label, config in gemv_configs().items():
+                    row.record(f"{name} gemv {label}", lambda x=x, p=p, a=arguments, c=config:
+                               kernels.w4_gemv(x, p.codes, p.scale, config=c, **a), reference)
+            if m <= 16:
+                for label, config in matmul_configs().items():
+                    config = {**config, "SCALE_AFTER_DOT": name != "nvfp4"}
+                    row.record(f"{name} mma {label}", lambda x=x, p=p, a=arguments, c=config:
+                               kernels.w4_matmul(x, p.codes, p.scale, config=c, **a), reference)
+            elif m == 2048 and name != "int4-asym g128":
+                for label, config in dequantize_configs().items():
+                    row.record(f"{name} dq {label} + cuBLAS", lambda x=x, p=p, a=arguments, c=config:
+                               F.linear(x, kernels.w4_dequantize(p.codes, p.scale, dtype=x.dtype, config=c, **a)),
+                               reference)
+                    row.record(f"{name} dq {label} alone (err: vs formats)", lambda p=p, a=arguments, c=config:
+                               kernels.w4_dequantize(p.codes, p.scale, dtype=torch.bfloat16, config=c, **a),
+                               operands["dequantized"][name])
+        if m > 16:
+            bench_fp8(row, operands, fast_accumulation=(False, True))
+        if m == 2048:  # power-bound products: repeat the library path and its baseline, alternating
+            p = operands["packed"]["int4 g128"]
+            reference = row.x64 @ operands["dequantized"]["int4 g128"].T
+            for repeat in range(1, 4):
+                row.record(f"bf16 cuBLAS, repeat {repeat}", lambda x=x: F.linear(x, weight),
+                           row.x64 @ weight.double().T)
+                row.record(f"lowbit int4 g128, repeat {repeat}", lambda x=x, p=p: weight_only_linear(x, p, None),
+                           reference)
         results.append({"K": k, "N": n, "M": m, **row.values})
         print_row(results[-1])
     return results
@@ -266,9 +311,9 @@ def markdown(results: list[dict], env: dict, transpose: bool = False) -> str:
               "  every run) replaying a CUDA graph of the call: host launch overhead excluded (see the notes)",
               "- speedup: bf16 cuBLAS time / kernel time, same run; err: ||y - y64|| / ||y64|| against a float64",
               "  product of the same operands (dequantized weight; activation codes for W8A8)",
-              "- lowbit int4 / int4-asym / nvfp4: lowbit.kernels.weight_only_linear as the library calls it (fused",
-              "  Triton kernel below 128 rows, Triton dequantize + cuBLAS from 128); 'fused' / 'dq+cuBLAS': the path",
-              "  dispatch does not take at that M",
+              "- lowbit int4 / int4-asym / nvfp4: lowbit.kernels.weight_only_linear as the library calls it (Triton",
+              "  CUDA-core GEMV for 1 row, fused Triton tensor-core kernel for 2..127 rows, Triton dequantize + cuBLAS",
+              "  from 128); 'fused' / 'dq+cuBLAS': the path dispatch does not take at that M",
               "- lowbit fp8: lowbit.kernels.fp8_linear from bf16 activations (Triton quantization + _scaled_mm)", ""]
 
     def cell(row, column):

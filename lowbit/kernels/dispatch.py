@@ -1,10 +1,11 @@
 """Choose the kernel for ``x @ dequantize(W).T + bias`` from the device, the weight format and M.
 
-| device | weight                                        | rows M                   | kernel                          |
-|--------|-----------------------------------------------|--------------------------|---------------------------------|
-| CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | < DEQUANTIZE_FIRST_ROWS  | Triton W4A16 (``triton_w4``)    |
-|        | K % 128 == 0; bf16 / fp16 activations         | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS  |
-| any    | anything else                                 | any                      | formats dequantize, F.linear    |
+| device | weight                                        | rows M                   | kernel                           |
+|--------|-----------------------------------------------|--------------------------|----------------------------------|
+| CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | 1, long K (prefers_gemv) | Triton GEMV on CUDA cores        |
+|        | K % 128 == 0; bf16 / fp16 activations         | other rows < 128         | Triton W4A16 on tensor cores     |
+|        |                                               | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS   |
+| any    | anything else                                 | any                      | formats dequantize, F.linear     |
 
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
 ``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused kernel multiplies the
@@ -70,7 +71,9 @@ def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     if kernels is None:
         return F.linear(x, packed.dequantize(x.dtype), bias)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] >= DEQUANTIZE_FIRST_ROWS:
+    if rows.shape[0] == 1 and kernels.prefers_gemv(*packed.shape):
+        out = kernels.w4_gemv(rows, packed.codes, packed.scale, bias=bias, **arguments)
+    elif rows.shape[0] >= DEQUANTIZE_FIRST_ROWS:
         weight = kernels.w4_dequantize(packed.codes, packed.scale, dtype=x.dtype, **arguments)
         out = F.linear(rows, weight, bias)
     else:

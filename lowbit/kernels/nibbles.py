@@ -71,6 +71,37 @@ def _e2m1_asm(mul: str, magnitude_shift: int, scale_exponent: int) -> str:
     return "\n".join(lines + ["}"])
 
 
+def _sixteen_plus_asm() -> str:
+    """PTX for the float32 ``16 + code_i`` of the 8 codes of word $8 (outputs $0..$7): the code shifted to
+    mantissa bits 19..22 under the exponent of 16 (``0x41800000``), one shift and one ``lop3`` each.
+    (Two codes per shift, the second at bits 15..18 as ``16 + code / 16``, needs a second accumulator and
+    per-step offset sums: it measured 8% slower, bench/results/kernels_h100_notes.md.)"""
+    lines = ["{", ".reg .b32 t;"]
+    for i in range(8):
+        shift = 19 - 4 * i
+        lines.append(f"shl.b32 t, $8, {shift};" if shift > 0 else f"shr.u32 t, $8, {-shift};")
+        lines.append(f"lop3.b32 ${i}, t, 0x00780000, 0x41800000, 0xea;")  # (a & b) | c
+    return "\n".join(lines + ["}"])
+
+
+def _e2m1_float_asm() -> str:
+    """PTX for the float32 ``e2m1(code_i) * 2**-14`` of the 8 codes of word $8 (outputs $0..$7): codes i and
+    i + 4 share one shift that puts their signs at bits 15 and 31 of an f16x2 pair and their 3 magnitude bits
+    under the fp16 exponent (bits 9..11, 0.5 a subnormal); then exact fp16 -> fp32 conversions."""
+    lines = ["{", ".reg .b32 q, t, pair;", ".reg .b16 low, high;"]
+    for i in range(4):
+        shift = 12 - 4 * i
+        lines.append(f"shl.b32 q, $8, {shift};" if shift else "mov.b32 q, $8;")
+        lines += ["shr.u32 t, q, 3;", "and.b32 t, t, 0x0E000E00;", "lop3.b32 pair, q, 0x80008000, t, 0xea;",
+                  "mov.b32 {low, high}, pair;", f"cvt.f32.f16 ${i}, low;", f"cvt.f32.f16 ${i + 4}, high;"]
+    return "\n".join(lines + ["}"])
+
+
+SIXTEEN_PLUS_ASM = tl.constexpr(_sixteen_plus_asm())
+E2M1_FLOAT_ASM = tl.constexpr(_e2m1_float_asm())
+E2M1_FLOAT_SCALE = tl.constexpr(16384.0)  # e2m1_floats returns e2m1 / E2M1_FLOAT_SCALE
+SIXTEEN_PLUS_CONSTRAINTS = tl.constexpr("=r," * 8 + "r")
+F32_X8 = tl.constexpr((tl.float32,) * 8)
 INT_ASM_BF16 = tl.constexpr(_int_asm("bf16x2", 0x43004300))
 INT_ASM_F16 = tl.constexpr(_int_asm("f16x2", 0x64006400))
 E2M1_ASM_BF16 = tl.constexpr(_e2m1_asm("bf16x2", magnitude_shift=6, scale_exponent=119))
@@ -114,6 +145,38 @@ def int_codes(words, zeros, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
             (nibble(words, 6).to(tl.float32) - zero).to(DTYPE), (nibble(words, 7).to(tl.float32) - zero).to(DTYPE),
         )
     return codes
+
+
+@triton.jit
+def sixteen_plus_codes(words, USE_ASM: tl.constexpr):
+    """Eight float32 tiles ``16 + code_i`` (exact) of int32 words: code i in the top mantissa bits of 16."""
+    if USE_ASM:
+        values = tl.inline_asm_elementwise(SIXTEEN_PLUS_ASM, SIXTEEN_PLUS_CONSTRAINTS, [words], dtype=F32_X8,
+                                           is_pure=True, pack=1)
+    else:
+        values = (
+            nibble(words, 0).to(tl.float32) + 16.0, nibble(words, 1).to(tl.float32) + 16.0,
+            nibble(words, 2).to(tl.float32) + 16.0, nibble(words, 3).to(tl.float32) + 16.0,
+            nibble(words, 4).to(tl.float32) + 16.0, nibble(words, 5).to(tl.float32) + 16.0,
+            nibble(words, 6).to(tl.float32) + 16.0, nibble(words, 7).to(tl.float32) + 16.0,
+        )
+    return values
+
+
+@triton.jit
+def e2m1_floats(words, USE_ASM: tl.constexpr):
+    """Eight float32 tiles ``e2m1(code_i) / E2M1_FLOAT_SCALE`` (exact) of int32 words."""
+    if USE_ASM:
+        values = tl.inline_asm_elementwise(E2M1_FLOAT_ASM, SIXTEEN_PLUS_CONSTRAINTS, [words], dtype=F32_X8,
+                                           is_pure=True, pack=1)
+    else:
+        values = (
+            _e2m1_value(nibble(words, 0)) / E2M1_FLOAT_SCALE, _e2m1_value(nibble(words, 1)) / E2M1_FLOAT_SCALE,
+            _e2m1_value(nibble(words, 2)) / E2M1_FLOAT_SCALE, _e2m1_value(nibble(words, 3)) / E2M1_FLOAT_SCALE,
+            _e2m1_value(nibble(words, 4)) / E2M1_FLOAT_SCALE, _e2m1_value(nibble(words, 5)) / E2M1_FLOAT_SCALE,
+            _e2m1_value(nibble(words, 6)) / E2M1_FLOAT_SCALE, _e2m1_value(nibble(words, 7)) / E2M1_FLOAT_SCALE,
+        )
+    return values
 
 
 @triton.jit

@@ -104,12 +104,14 @@ def fp8_linear(
     bias: torch.Tensor | None,
     activation_amax: torch.Tensor | None,
     out_dtype: torch.dtype,
+    fast_accumulation: bool = False,
 ) -> torch.Tensor:
     """x (M, K) -> (M, N) ``out_dtype``: E4M3 codes of x (static per-tensor ``activation_amax``, or dynamic
     per-row scales when it is None) times the weight codes, rescaled, + bias. CUDA only (Triton + cuBLASLt).
 
     Per-tensor on both sides uses cuBLAS's tensor-wise scaling (bias fused); otherwise row-wise scaling
-    with a bfloat16 result.
+    with a bfloat16 result. ``fast_accumulation``: ``_scaled_mm``'s ``use_fast_accum`` (Hopper's FP8 tensor-core
+    sums are not promoted to float32 every few K steps: faster, less accurate over long K).
     """
     from lowbit.kernels.fp8_quant import quantize_fp8
 
@@ -120,9 +122,9 @@ def fp8_linear(
     w_t = weight.codes.t()
     if tensor_wise:
         out = torch._scaled_mm(x_codes, w_t, scale_a=x_inverse, scale_b=weight.inverse_scale, bias=bias,
-                               out_dtype=out_dtype)
+                               out_dtype=out_dtype, use_fast_accum=fast_accumulation)
         return out[:m]
     out = torch._scaled_mm(x_codes, w_t, scale_a=x_inverse, scale_b=weight.inverse_scale_row,
-                           out_dtype=torch.bfloat16)[:m]
+                           out_dtype=torch.bfloat16, use_fast_accum=fast_accumulation)[:m]
     out = out if bias is None else out + bias
     return out.to(out_dtype)

@@ -176,3 +176,17 @@ def test_e2m1_ptx_is_code_times_block_scale(mul, shift, exponent, dtype):
         for i, (low, high) in enumerate(_pairs(regs, dtype)):
             assert low == _e2m1((a >> 4 * i) & 15) * _e4m3(byte) / 128
             assert high == _e2m1((b >> 4 * i) & 15) * _e4m3(byte) / 128
+
+
+def test_sixteen_plus_ptx_is_sixteen_plus_code():
+    words = _words(torch.Generator().manual_seed(2), 16)
+    for word in words:
+        regs = run_ptx(nibbles._sixteen_plus_asm(), {"$8": word})
+        assert [_f32(regs[f"${i}"]) for i in range(8)] == [16.0 + ((word >> 4 * i) & 15) for i in range(8)]
+
+
+def test_e2m1_float_ptx_is_code_over_2_14():
+    words = _words(torch.Generator().manual_seed(3), 16)
+    for word in words:
+        regs = run_ptx(nibbles._e2m1_float_asm(), {"$8": word})
+        assert [_f32(regs[f"${i}"]) for i in range(8)] == [_e2m1((word >> 4 * i) & 15) / 2**14 for i in range(8)]

@@ -25,6 +25,7 @@ FORMATS = {
 CONFIGS = {  # explicit launches, one per code path
     "decode": dict(BLOCK_N=64, BLOCK_M=16, SPLIT_K=1, num_warps=4, num_stages=3, X_PERMUTED=False),
     "decode-split": dict(BLOCK_N=128, BLOCK_M=16, SPLIT_K=4, num_warps=4, num_stages=3, X_PERMUTED=False),
+    "decode-unroll": dict(BLOCK_N=64, BLOCK_M=16, SPLIT_K=2, UNROLL=2, num_warps=2, num_stages=3, X_PERMUTED=True),
     "decode-32": dict(BLOCK_N=64, BLOCK_M=32, SPLIT_K=2, num_warps=4, num_stages=2, X_PERMUTED=False),
     "prefill": dict(BLOCK_N=128, BLOCK_M=64, SPLIT_K=1, num_warps=8, num_stages=3, X_PERMUTED=True),
     "prefill-split": dict(BLOCK_N=64, BLOCK_M=128, SPLIT_K=2, num_warps=4, num_stages=3, X_PERMUTED=True),
@@ -61,13 +62,16 @@ def test_dequantize_kernel_is_bitwise_formats(kernels, name, dtype):
     generator = torch.Generator(device="cuda").manual_seed(1)
     packed = quantize_weight(_weight(96, 512, generator).to(dtype), FORMATS[name])
     arguments = dispatch.triton_arguments(packed)
-    out = kernels.w4_dequantize(packed.codes, packed.scale, dtype=dtype, **arguments)
-    assert torch.equal(out, packed.dequantize(dtype))
+    for config in (None, dict(BLOCK_N=8, K_BLOCKS=4, num_warps=2)):
+        out = kernels.w4_dequantize(packed.codes, packed.scale, dtype=dtype, config=config, **arguments)
+        assert torch.equal(out, packed.dequantize(dtype))
 
 
 MATMUL_CASES = [  # every format, launch path and dtype at least once, without compiling the full product
     ("int4-g128", "decode", 1, torch.bfloat16), ("int4-g128", "decode", 1, torch.float16),
     ("int4-g128", "decode-split", 1, torch.bfloat16), ("int4-g128", "decode-split", 16, torch.float16),
+    ("int4-g128", "decode-unroll", 9, torch.bfloat16), ("asym-g64", "decode-unroll", 2, torch.float16),
+    ("nvfp4", "decode-unroll", 16, torch.bfloat16),
     ("int4-g128", "decode-32", 20, torch.bfloat16), ("int4-g128", "prefill", 130, torch.bfloat16),
     ("int4-g128", "prefill-split", 300, torch.float16),
     ("int4-g32", "decode", 3, torch.bfloat16), ("int4-g32", "prefill", 130, torch.bfloat16),
@@ -97,6 +101,44 @@ def test_matmul_matches_float64(kernels, name, config_name, rows, dtype):
         assert _relative_error(out, reference) <= _tolerance(reference, dtype)
 
 
+GEMV_CONFIGS = {"gemv": dict(BLOCK_N=64, SPLIT_K=1, num_warps=4, num_stages=1),
+                "gemv-split": dict(BLOCK_N=32, SPLIT_K=2, UNROLL=2, num_warps=2, num_stages=3)}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("config_name", list(GEMV_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_matches_float64(kernels, name, config_name, dtype):
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    n, k = 200, 1024
+    packed = quantize_weight(_weight(n, k, generator).to(dtype), FORMATS[name])
+    x = (torch.randn(1, k, generator=generator, device="cuda") * 3).to(dtype)
+    bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
+    reference = x.double() @ packed.dequantize(dtype).double().T + bias.double()
+    arguments = dispatch.triton_arguments(packed)
+    for _ in range(2):  # split-K must leave its workspace and counters zeroed for the next call
+        out = kernels.w4_gemv(x, packed.codes, packed.scale, bias=bias, config=GEMV_CONFIGS[config_name],
+                              **arguments)
+        assert out.dtype == dtype and out.shape == (1, n) and torch.isfinite(out).all()
+        assert _relative_error(out, reference) <= _tolerance(reference, dtype)
+
+
+def test_gemv_chosen_for_long_k_ranges_only(kernels):
+    assert kernels.prefers_gemv(28672, 8192)  # measured faster there (kernels_h100_notes.md)
+    assert not kernels.prefers_gemv(4096, 4096) and not kernels.prefers_gemv(14336, 4096)
+
+
+def test_gemv_refuses_several_rows_and_unknown_keys(kernels):
+    packed = quantize_weight(torch.randn(64, 256, device="cuda"), FORMATS["int4-g128"])
+    arguments = dispatch.triton_arguments(packed)
+    with pytest.raises(ValueError, match="one activation row"):
+        kernels.w4_gemv(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), packed.codes, packed.scale,
+                        **arguments)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        kernels.w4_gemv(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), packed.codes, packed.scale,
+                        config=dict(BLOCK_M=16), **arguments)
+
+
 def test_scale_after_dot_per_weight_agree(kernels):
     """The two ways of applying INT scales (after the dot, or per weight before it) give the same product."""
     generator = torch.Generator(device="cuda").manual_seed(3)
@@ -109,7 +151,8 @@ def test_scale_after_dot_per_weight_agree(kernels):
 
 
 @pytest.mark.parametrize("config, message", [(dict(SCALE_AFTER_DOT=True), "SCALE_AFTER_DOT"),
-                                             (dict(SPLIT_K=3), "SPLIT_K"), (dict(BLOCK_K=64), "BLOCK_K")])
+                                             (dict(SPLIT_K=3), "SPLIT_K"), (dict(BLOCK_K=64), "BLOCK_K"),
+                                             (dict(SPLIT_K=1, UNROLL=4), "UNROLL")])
 def test_invalid_configs_are_refused(kernels, config, message):
     packed = quantize_weight(torch.randn(64, 256, device="cuda"), FORMATS["nvfp4"])
     x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
@@ -122,8 +165,8 @@ def test_invalid_configs_are_refused(kernels, config, message):
 def test_dispatch_default_configs(name, rows):
     generator = torch.Generator(device="cuda").manual_seed(4)
     packed = quantize_weight(_weight(384, 2048, generator).to(torch.bfloat16), FORMATS[name])
-    x = torch.randn(2, rows, 2048, generator=generator, device="cuda").to(torch.bfloat16)
+    x = torch.randn(1, rows, 2048, generator=generator, device="cuda").to(torch.bfloat16)  # 1 row: the GEMV
     reference = x.double() @ packed.dequantize(torch.bfloat16).double().T
     out = dispatch.weight_only_linear(x, packed, None)
-    assert out.shape == (2, rows, 384)
+    assert out.shape == (1, rows, 384)
     assert _relative_error(out, reference) <= _tolerance(reference, torch.bfloat16)
