@@ -1,6 +1,7 @@
 """PackedWeight: a Linear weight (out_features N, in_features K) in real low-bit storage.
 
-Every format quantizes and dequantizes through ``lowbit.formats``, on the same view of the weight as
+Every format quantizes and dequantizes through ``lowbit.formats`` (nibbles decoded from a byte table of
+the same values; NVFP4 with ``formats.dequantize_nvfp4``'s products), on the same view of the weight as
 the fake-quant TensorQuantizer, so ``packed.dequantize(w.dtype)`` equals the fake-quantized weight
 bit for bit (for integer formats while the scale is stored in float32, the default).
 
@@ -20,13 +21,14 @@ Nibbles are packed along K, low nibble first (``lowbit.compress.packing``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.compress.packing import pack_uint4, unpack_uint4
+from lowbit.compress.packing import NIBBLE_MASK, pack_uint4
 
 KINDS = ("int", "int_asym", "float", "nvfp4", "mx")
 FLOAT8_DTYPES = {formats.E4M3: torch.float8_e4m3fn, formats.E5M2: torch.float8_e5m2}
@@ -134,23 +136,21 @@ class PackedWeight:
         """The same format and shape over other tensors (moved, loaded, or viewed as buffers)."""
         return replace(self, **{name: tensors.get(name) for name in TENSOR_NAMES})
 
-    def element_codes(self) -> torch.Tensor:
-        """Unpacked codes (N, K): uint8 nibbles, int8 / uint8 integers, or float8 values."""
-        return unpack_uint4(self.codes) if self.format.packs_nibbles else self.codes
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (N, K) weight in ``dtype``, computed by lowbit.formats exactly as fake quantization does."""
+        """The (N, K) weight in ``dtype``, computed by lowbit.formats exactly as fake quantization does.
+
+        Nibbles are decoded a byte at a time from a 256-entry table of value pairs (``nibble_values``):
+        the same exact float32 element values as unpacking and ``formats.decode_e2m1`` or ``q - offset``,
+        an order of magnitude faster on the CPU."""
         fmt = self.format
-        codes = self.element_codes()
-        if fmt.kind == "nvfp4":
-            return formats.dequantize_nvfp4(codes, self.scale, self.global_scale, dtype)
+        if fmt.kind == "nvfp4":  # formats.dequantize_nvfp4's products, from the decoded values
+            blocks = formats.to_blocks(self.element_values(), fmt.block_size)
+            scale = self.scale.float() * self.global_scale.float()
+            return (blocks * scale.unsqueeze(-1)).reshape(self.shape).to(dtype)
         if fmt.kind == "mx":
-            elements = formats.decode_e2m1(codes) if fmt.packs_nibbles else codes.float()
+            elements = self.element_values() if fmt.packs_nibbles else self.codes.float()
             return formats.dequantize_mx(elements, self.scale, dtype)
-        if fmt.kind == "float" and fmt.packs_nibbles:
-            values = formats.decode_e2m1(codes)
-        else:
-            values = codes.float() - fmt.code_offset
+        values = self.element_values() if fmt.packs_nibbles else self.codes.float() - fmt.code_offset
         view, scale = _scale_view(values, self.scale.float(), fmt.block_size)
         if fmt.kind == "int_asym":
             _, zero_point = _scale_view(values, self.zero_point.float(), fmt.block_size)
@@ -160,6 +160,27 @@ class PackedWeight:
         else:
             out = formats.dequantize_int(view, scale, dtype)
         return out.reshape(self.shape)
+
+    def element_values(self) -> torch.Tensor:
+        """Float32 (N, K) values of nibble codes: E2M1 values, or integer codes minus ``code_offset``."""
+        is_e2m1 = self.format.num_bits == (2, 1)
+        return nibble_values(self.codes, is_e2m1, self.format.code_offset)
+
+
+def nibble_values(packed: torch.Tensor, is_e2m1: bool, offset: int) -> torch.Tensor:
+    """Float32 (..., 2 L) values of uint8 nibbles (..., L): byte b gives (value(b & 15), value(b >> 4)).
+
+    ``value(c)`` is ``formats.decode_e2m1(c)`` or ``c - offset``; a (256, 2) table looked up per byte."""
+    table = _pair_table(str(packed.device), is_e2m1, offset)
+    return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+
+
+@functools.cache
+def _pair_table(device: str, is_e2m1: bool, offset: int) -> torch.Tensor:
+    codes = torch.arange(16, dtype=torch.int32)
+    values = formats.decode_e2m1(codes) if is_e2m1 else (codes - offset).float()
+    byte = torch.arange(256, dtype=torch.int32)
+    return torch.stack((values[byte & NIBBLE_MASK], values[byte >> 4]), dim=-1).to(device)
 
 
 def _scale_view(values: torch.Tensor, scale: torch.Tensor, block_size: int | None):
