@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
 import sys
 import warnings
@@ -241,9 +242,10 @@ def _without_allocator_warmup() -> Iterator[None]:
     allocator) the dense size of the whole model, so that loading needs one cudaMalloc: a speed measure
     that makes the GPU peak the bf16 model size however small the packed weights are. Without it the
     GPU holds the packed weights, the dense non-Linear weights and one dense Linear weight at a time.
-    Nothing is patched when transformers is not imported or has no such function.
+    Nothing is patched when transformers is not imported (its modeling_utils is, lazily, when it is) or has
+    no such function.
     """
-    module = sys.modules.get("transformers.modeling_utils")
+    module = importlib.import_module("transformers.modeling_utils") if "transformers" in sys.modules else None
     warmup = getattr(module, WARMUP_FUNCTION, None)
     if warmup is None:
         yield
