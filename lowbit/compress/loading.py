@@ -9,10 +9,10 @@ modules being built: the module hook records each submodule's name under its par
 sees every weight assigned to an ``nn.Linear``. When a real (not meta) weight arrives for a Linear that
 the config quantizes, its statistics are computed as the weight quantizer's calibration would (max
 calibration row chunk by row chunk, other calibrators on the whole weight), it is packed a chunk of rows
-at a time (float32 temporaries of 256 KB on the CPU) into storage allocated once, and replaced by a meta
-placeholder, so one dense weight at a time exists. On leaving the block the placeholders become
-``CompressedLinear`` modules whose dequantized weights equal what ``compress(quantize(model, config))``
-gives.
+at a time (float32 temporaries of 256 KB on the CPU; on a GPU 1 MB, or a 64th of a larger weight) into
+storage allocated once, and replaced by a meta placeholder, so one dense weight at a time exists. On
+leaving the block the placeholders become ``CompressedLinear`` modules whose dequantized weights equal
+what ``compress(quantize(model, config))`` gives.
 
 Peak memory is then the packed model plus one dense weight, given three settings inside the block:
 transformers' asynchronous read-ahead is off (``HF_DEACTIVATE_ASYNC_LOAD``), its GPU caching-allocator
@@ -148,14 +148,18 @@ def _malloc_trim():
 
 
 # Elements per chunk of rows. CPU: float32 temporaries of 256 KB, which glibc's heap reuses in place
-# (with 1 MB chunks an NVFP4 weight's transient grew to ~20 MB); accelerators: 16 MB, where kernel
-# launches dominate small chunks and the caching allocator reuses freed blocks exactly.
+# (with 1 MB chunks an NVFP4 weight's transient grew to ~20 MB). Accelerators: 1 MB, or a 64th of a larger
+# weight, so the transient stays a fraction of the dense weight just loaded while kernel launches stay few.
 CPU_CHUNK_ELEMENTS = 1 << 16
-DEVICE_CHUNK_ELEMENTS = 1 << 22
+DEVICE_CHUNK_ELEMENTS = 1 << 18
+DEVICE_CHUNKS_PER_WEIGHT = 64
 
 
 def _row_chunks(weight: torch.Tensor) -> list[slice]:
-    elements = CPU_CHUNK_ELEMENTS if weight.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    if weight.device.type == "cpu":
+        elements = CPU_CHUNK_ELEMENTS
+    else:
+        elements = max(DEVICE_CHUNK_ELEMENTS, weight.numel() // DEVICE_CHUNKS_PER_WEIGHT)
     rows = max(1, elements // weight.shape[1])
     return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
 

@@ -128,3 +128,18 @@ def test_cpu_peak_memory_of_packed_loading_is_the_packed_model(tmp_path):
     excess = packed["peak_anon"] - dense["peak_anon"]
     print(f"anonymous peak over the dense load: {excess} B for {packed_bytes} B packed")
     assert excess <= packed_bytes + 16e6
+
+
+def test_row_chunks_are_small_on_the_cpu_and_a_fraction_of_large_weights_elsewhere():
+    """Chunks cover every row once; CPU chunks hold <= 2**16 elements, accelerator chunks (simulated on the
+    meta device) 2**18 or a 64th of the weight."""
+    def rows_per_chunk(shape, device):
+        chunks = loading._row_chunks(torch.empty(shape, device=device))
+        covered = [row for chunk in chunks for row in range(shape[0])[chunk]]
+        assert covered == list(range(shape[0]))
+        return chunks[0].stop - chunks[0].start
+
+    assert rows_per_chunk((4096, 1024), "cpu") == 64
+    assert rows_per_chunk((100, 100_000), "cpu") == 1  # a row longer than a chunk: one row at a time
+    assert rows_per_chunk((4096, 1024), "meta") == 256
+    assert rows_per_chunk((28672, 8192), "meta") == 28672 // 64
