@@ -65,6 +65,7 @@ def test_training_step_through_triton_kernels():
 def test_gpu_peak_memory_of_init_quantized_weights(tmp_path, preset):
     """torch.cuda.max_memory_allocated of a device_map="cuda" load: packed (transformers' allocator warmup
     skipped, one dense weight at a time) <= 0.4x of the bf16 load, each in a fresh process (bench/memory.py)."""
+    pytest.importorskip("accelerate", reason="transformers' device_map needs accelerate")
     def probe(*args: str) -> dict:
         out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
