@@ -31,7 +31,9 @@ def _preset(weight, activation, algorithm="max") -> dict:
 
 
 INT8_DEFAULT_CFG = _preset({"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None})
-INT8_SMOOTHQUANT_CFG = _preset({"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, "smoothquant")
+INT8_SMOOTHQUANT_CFG = _preset(  # alpha 1.0: ModelOpt's default for its preset of this name
+    {"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, {"method": "smoothquant", "alpha": 1.0}
+)
 INT8_WEIGHT_ONLY_CFG = _preset({"num_bits": 8, "axis": 0}, None)
 FP8_DEFAULT_CFG = _preset({"num_bits": FP8, "axis": None}, {"num_bits": FP8, "axis": None})
 FP8_PER_CHANNEL_PER_TOKEN_CFG = _preset(
