@@ -78,7 +78,7 @@ def test_packing_row_chunks_equals_packing_the_whole_weight(monkeypatch, fmt):
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(40, 256, generator=generator) * 0.05
     weight = torch.where(torch.rand(40, 256, generator=generator) < 0.01, weight * 30, weight).to(torch.bfloat16)
-    monkeypatch.setattr(loading, "CPU_CHUNK_ELEMENTS", 3 * 256)
+    monkeypatch.setattr(loading, "CHUNK_ELEMENTS", 3 * 256)
     attributes = QuantizerAttributeConfig.from_dict(_attributes(fmt))
     amin, amax = loading._weight_statistics(attributes, fmt, weight)
     chunked = loading._quantize_rows(weight, fmt, amin, amax, torch.float32)
@@ -131,15 +131,16 @@ def test_cpu_peak_memory_of_packed_loading_is_the_packed_model(tmp_path):
 
 
 def test_row_chunks_are_small_on_the_cpu_and_a_fraction_of_large_weights_elsewhere():
-    """Chunks cover every row once; CPU chunks hold <= 2**16 elements, accelerator chunks (simulated on the
-    meta device) 2**18 or a 64th of the weight."""
+    """Chunks cover every row once and hold 2**18 elements; on accelerators (simulated on the meta device)
+    a 64th of a larger weight."""
     def rows_per_chunk(shape, device):
         chunks = loading._row_chunks(torch.empty(shape, device=device))
         covered = [row for chunk in chunks for row in range(shape[0])[chunk]]
         assert covered == list(range(shape[0]))
         return chunks[0].stop - chunks[0].start
 
-    assert rows_per_chunk((4096, 1024), "cpu") == 64
-    assert rows_per_chunk((100, 100_000), "cpu") == 1  # a row longer than a chunk: one row at a time
+    assert rows_per_chunk((4096, 1024), "cpu") == 256
+    assert rows_per_chunk((100, 300_000), "cpu") == 1  # a row longer than a chunk: one row at a time
     assert rows_per_chunk((4096, 1024), "meta") == 256
+    assert rows_per_chunk((28672, 8192), "cpu") == 32
     assert rows_per_chunk((28672, 8192), "meta") == 28672 // 64
