@@ -114,7 +114,7 @@ def test_transformers_allocator_warmup_is_skipped_inside_the_block_only():
 @pytest.mark.slow
 def test_cpu_peak_memory_of_packed_loading_is_the_packed_model(tmp_path):
     """Fresh processes (bench/memory.py): the anonymous memory an INT4 load adds over a dense bf16 load (whose
-    weights stay in the file mapping) is the packed weights plus a few MB (quantizer modules, chunk temporaries).
+    weights stay in the file mapping) is the packed weights plus some MB (quantizer modules, chunk temporaries).
     Before packing in small row chunks into preallocated storage with malloc_trim it was 54 MB more here."""
     def probe(*args: str) -> dict:
         out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
@@ -127,7 +127,7 @@ def test_cpu_peak_memory_of_packed_loading_is_the_packed_model(tmp_path):
     packed_bytes = packed["model"] - packed["mapped"]  # the packed Linears (embeddings, norms, lm_head stay mapped)
     excess = packed["peak_anon"] - dense["peak_anon"]
     print(f"anonymous peak over the dense load: {excess} B for {packed_bytes} B packed")
-    assert excess <= packed_bytes + 16e6
+    assert excess <= packed_bytes + 24e6  # measured +13 MB; +54 MB before
 
 
 def test_row_chunks_are_small_on_the_cpu_and_a_fraction_of_large_weights_elsewhere():
