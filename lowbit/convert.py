@@ -162,11 +162,12 @@ def calibrate_weights(model: nn.Module) -> None:
         stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
         weight = _weight_for_quantizer(module).detach()
         with torch.no_grad():
-            for stage in stages:
+            for index, stage in enumerate(stages):
                 if stage.is_enabled and not stage.config.is_dynamic:
                     with collecting_statistics([stage]):
                         stage(weight)
-                weight = stage(weight)
+                if index + 1 < len(stages):  # the next stage calibrates on this one's output
+                    weight = stage(weight)
 
 
 def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
