@@ -110,11 +110,11 @@ class _ChannelMaxima:
         self.handles = [linear.register_forward_pre_hook(self._record) for linear in linears]
 
     def _record(self, linear: nn.Linear, args: tuple) -> None:
-        x = args[0].detach()
+        x = args[0]
         if self._last is not None and self._last[0] is x:
             amax = self._last[1]
         else:
-            low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+            low, high = torch.aminmax(x.detach().reshape(-1, x.shape[-1]), dim=0)
             amax = torch.maximum(high, -low).float()
             self._last = (x, amax)
         self.amax[linear] = torch.maximum(self.amax[linear], amax) if linear in self.amax else amax
