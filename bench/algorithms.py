@@ -143,7 +143,7 @@ CASES: list[Case] = [
     lowbit_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     modelopt_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG"),
-    lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG", {"method": "awq_lite", "scale_per_linear": True}),
+    lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG", {"method": "awq_lite", "scale_per_linear": True, "max_tokens": 16384}),
     modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
 ]
 
