@@ -40,15 +40,10 @@ class Calibrator:
         raise NotImplementedError
 
     def _checked(self, x: Tensor) -> Tensor:
-        """``x`` detached, after rejecting non-float or non-finite input (a NaN amax fails silently later)."""
+        """``x`` detached, after rejecting non-float input or ``reduce_dims`` that do not fit it."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
                 f"{type(self).__name__}.collect expects a floating-point tensor, got {_describe(x)}"
-            )
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"{type(self).__name__}.collect got an input containing NaN or Inf "
-                f"(shape {tuple(x.shape)}); the amax would be meaningless"
             )
         if self.reduce_dims is not None:
             for d in self.reduce_dims:
@@ -57,6 +52,16 @@ class Calibrator:
                         f"reduce_dims {self.reduce_dims} do not fit an input of shape {tuple(x.shape)}"
                     )
         return x.detach()
+
+    def _finite(self, batch_amax: Tensor, x: Tensor) -> Tensor:
+        """``batch_amax`` (a max of ``|x|``) after rejecting NaN / Inf, which a max carries from any element
+        of ``x``: one check on the reduced tensor instead of one over every activation."""
+        if not bool(torch.isfinite(batch_amax).all()):
+            raise ValueError(
+                f"{type(self).__name__}.collect got an input containing NaN or Inf "
+                f"(shape {tuple(x.shape)}); the amax would be meaningless"
+            )
+        return batch_amax
 
     def per_tensor_shape(self, x: Tensor) -> tuple[int, ...] | None:
         """The amax shape if one amax covers all of ``x``: ``()`` for ``reduce_dims=None``, ``(1,) * x.dim()``
@@ -81,7 +86,7 @@ class MaxCalibrator(Calibrator):
         self._amax: Tensor | None = None
 
     def collect(self, x: Tensor) -> None:
-        batch_amax = self._abs_amax(self._checked(x))
+        batch_amax = self._finite(self._abs_amax(self._checked(x)), x)
         self._amax = running_max(self._amax, batch_amax, type(self).__name__)
 
     def compute_amax(self) -> Tensor | None:

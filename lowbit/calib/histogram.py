@@ -52,7 +52,7 @@ class HistogramCalibrator(Calibrator):
         magnitude = x.abs().float().flatten()
         if magnitude.numel() == 0:
             return
-        batch_max = float(magnitude.max())
+        batch_max = float(self._finite(magnitude.max(), x))
         if self.hist is None:
             self.hist = torch.zeros(self.num_bins, dtype=torch.int64, device=magnitude.device)
             self.range = max(batch_max, torch.finfo(torch.float32).tiny)

@@ -69,10 +69,10 @@ class MseCalibrator(Calibrator):
         if self._amax is None:
             self._per_tensor_shape = self.per_tensor_shape(x)
         if self._per_tensor_shape is not None:
-            self._amax = running_max(self._amax, x.abs().float().amax(), type(self).__name__)
+            self._amax = running_max(self._amax, self._finite(x.abs().float().amax(), x), type(self).__name__)
             self._rows.add(x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1))
             return
-        self._amax = running_max(self._amax, self._abs_amax(x), type(self).__name__)
+        self._amax = running_max(self._amax, self._finite(self._abs_amax(x), x), type(self).__name__)
         if self._kept_elements + x.numel() > self.sample_size:
             raise ValueError(
                 f"MseCalibrator with reduce_dims={self.reduce_dims} keeps its inputs and would exceed "
