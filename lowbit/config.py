@@ -27,7 +27,7 @@ from typing import Any
 from lowbit.attributes import QuantizerAttributeConfig
 
 Pattern = str | Callable[[str], bool]
-ALGORITHM_METHODS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
+ALGORITHM_METHODS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "scale_estimation")
 
 
 @dataclass(frozen=True)

@@ -235,10 +235,8 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
     if algorithm == "max":
         max_calibrate(model, forward_loop)
         return model
-    try:
-        from lowbit.calib.algorithms import run_algorithm
-    except ImportError:
-        raise NotImplementedError(f"algorithm {algorithm!r} is not available yet") from None
+    from lowbit.calib.algorithms import run_algorithm  # imports lowbit.convert: import here
+
     report = run_algorithm(algorithm, model, forward_loop, options) or []
     for layer in report:
         logger.info("%s", layer.describe(algorithm))

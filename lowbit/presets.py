@@ -40,16 +40,19 @@ FP8_PER_CHANNEL_PER_TOKEN_CFG = _preset(
     {"num_bits": FP8, "axis": 0},
     {"num_bits": FP8, "block_sizes": {-1: None, "type": "dynamic"}},
 )
+# ModelOpt's awq_lite: one scale per linear (its input quantizer's pre_quant_scale), every calibration token
+# scored. Measured on the bundled model: INT4_AWQ d ppl 1.07 -> 0.87, W4A8 1.15 -> 0.97 (bench/results).
+AWQ_LITE_AS_MODELOPT = {"method": "awq_lite", "alpha_step": 0.1, "scale_per_linear": True, "max_tokens": 16384}
 INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _preset({"num_bits": 4, "block_sizes": {-1: 128}}, None)
 INT4_AWQ_CFG = _preset(
     {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}},
     None,
-    {"method": "awq_lite", "alpha_step": 0.1},
+    AWQ_LITE_AS_MODELOPT,
 )
 W4A8_AWQ_BETA_CFG = _preset(
     [{"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}, {"num_bits": FP8, "axis": None}],
     {"num_bits": FP8, "axis": None},
-    "awq_lite",
+    AWQ_LITE_AS_MODELOPT,
 )
 NVFP4_DEFAULT_CFG = _preset(
     {"num_bits": (2, 1), "block_sizes": NVFP4_BLOCK}, {"num_bits": (2, 1), "block_sizes": NVFP4_BLOCK}

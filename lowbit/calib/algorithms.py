@@ -7,7 +7,8 @@
 name              options (defaults)                                                       module
 ================  =======================================================================  ================
 max               none                                                                     convert
-smoothquant       alpha=0.5                                                                smoothquant
+smoothquant       alpha=1.0 (ModelOpt's default), report=False (True: one more pass for     smoothquant
+                  the per-layer error report)
 awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,                 awq
                   scale_estimation=False
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
@@ -49,7 +50,7 @@ from lowbit.calib.scale_estimation import (
     estimation_group_size,
     start_ratios,
 )
-from lowbit.calib.smoothquant import check_alpha, smoothquant
+from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
 from lowbit.calib.weights import weight_group_size
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -59,7 +60,7 @@ AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens
 SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.02, "steps": 1, "objective": "block"}
 DEFAULT_OPTIONS: dict[str, dict] = {
     "max": {},
-    "smoothquant": {"alpha": 0.5},
+    "smoothquant": {"alpha": DEFAULT_ALPHA, "report": False},
     "awq_lite": AWQ_LITE_OPTIONS,
     "awq_clip": AWQ_CLIP_OPTIONS,
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS},
@@ -182,7 +183,7 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         value = options.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"algorithm {name!r}: {key}={value!r} must be a positive int")
-    for key in ("scale_per_linear", "act_order", "static_groups"):
+    for key in ("scale_per_linear", "act_order", "static_groups", "report"):
         if not isinstance(options.get(key, False), bool):
             raise TypeError(f"algorithm {name!r}: {key}={options[key]!r} must be True or False")
     if name == "gptq" and not (isinstance(options["percdamp"], (int, float)) and options["percdamp"] > 0):

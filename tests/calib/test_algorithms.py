@@ -90,12 +90,6 @@ def test_smoothquant_scales_follow_the_formula(model, batches):
     torch.testing.assert_close(ratio, torch.ones(64), rtol=1e-4, atol=0)
 
 
-def test_smoothquant_lowers_every_layer_error(model, batches):
-    smoothed = quantized(model, "INT8_SMOOTHQUANT_CFG", batches)
-    report = run_algorithm("smoothquant", smoothed, forward_loop_for(batches), {"alpha": 0.5})
-    assert [r.mse_after < 0.5 * r.mse_max for r in report] == [True, True], report
-
-
 @pytest.mark.parametrize(
     ("preset", "algorithm"), [("INT8_SMOOTHQUANT_CFG", "smoothquant"), ("INT4_AWQ_CFG", "awq_lite")]
 )
@@ -254,3 +248,10 @@ def test_awq_scale_per_linear(model, batches):
     with pytest.raises(TypeError, match="scale_per_linear=1"):
         run_algorithm("awq_lite", quantized(model, "INT4_AWQ_CFG", batches), forward_loop_for(batches),
                       {"scale_per_linear": 1})
+
+
+def test_config_accepts_exactly_the_registered_algorithms():
+    from lowbit.calib.algorithms import ALGORITHMS
+    from lowbit.config import ALGORITHM_METHODS
+
+    assert sorted(ALGORITHM_METHODS) == sorted(ALGORITHMS)
