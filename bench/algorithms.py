@@ -64,13 +64,20 @@ def lowbit_case(format: str, preset: str, algorithm: str | dict | None = None) -
     config = copy.deepcopy(lowbit.get_preset(preset))
     if algorithm is not None:
         config["algorithm"] = algorithm
-    method = config["algorithm"] if isinstance(config["algorithm"], str) else config["algorithm"]["method"]
-    label = preset if algorithm is None else f"{preset} algorithm={method}"
+    label = preset if algorithm is None else f"{preset} algorithm={_algorithm_label(algorithm)}"
 
     def apply(model: nn.Module, workload: Workload) -> nn.Module:
         return lowbit.quantize(model, copy.deepcopy(config), workload.forward_loop())
 
     return Case(format, "lowbit", label, apply, lowbit.fold_weight)
+
+
+def _algorithm_label(algorithm: str | dict) -> str:
+    """``gptq`` or ``gptq(scale_estimation=True)``: the method and every option given."""
+    if isinstance(algorithm, str):
+        return algorithm
+    options = ", ".join(f"{key}={value}" for key, value in algorithm.items() if key != "method")
+    return f"{algorithm['method']}({options})" if options else algorithm["method"]
 
 
 def lowbit_compress_case(format: str, mode: str, **options) -> Case:
@@ -116,9 +123,8 @@ CASES: list[Case] = [
     lowbit_case(INT4_SYM, "INT4_AWQ_CFG"),
     lowbit_case(INT4_SYM, "INT4_AWQ_CFG", "awq_full"),
     lowbit_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq"),
-    lowbit_case(INT4_SYM, "INT4_AWQ_CFG", {"method": "awq_lite", "scale_estimation": True}),
+    lowbit_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", {"method": "gptq", "scale_estimation": True}),
     lowbit_compress_case(INT4_SYM, "INT4_SYM", scale_estimation=True),
-    lowbit_compress_case(INT4_SYM, "INT4_SYM", awq=True, scale_estimation=True),
     lowbit_compress_case(INT4_SYM, "INT4_SYM", scale_estimation=True, gptq=True),
     modelopt_case(INT4_SYM, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
     modelopt_case(INT4_SYM, "INT4_AWQ_CFG"),
@@ -143,7 +149,6 @@ CASES: list[Case] = [
     lowbit_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     modelopt_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG"),
-    lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG", {"method": "awq_lite", "scale_per_linear": True, "max_tokens": 16384}),
     modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
 ]
 
