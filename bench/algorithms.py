@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 import warnings
@@ -210,7 +211,8 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
         f"# Calibration algorithms vs peers, {context['date'][:10]}",
         "",
         f"- command: `{context['command']}`",
-        f"- machine: {context['machine']} (shared, loaded)",
+        f"- machine: {context['machine']}; load average at the end: "
+        + " / ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1 / 5 / 15 min)",
         f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
         f"- date: {context['date']}",
         f"- workload: lowbit's bundled model (float32), {windows} calibration windows x 256 tokens of the "
