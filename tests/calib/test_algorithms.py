@@ -4,50 +4,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowbit.convert as convert
 from lowbit.calib.algorithms import ALGORITHMS, run_algorithm
 from lowbit.presets import get_preset
 
-
-def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.copy_(1 + 0.2 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(0.08 * torch.randn(parameter.shape, generator=generator))
-        model.model.embed_tokens.weight[:, [3, 17, 40]] *= 25  # outlier channels, as in real LLMs
-    return model
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 96, (2, 12), generator=generator) for _ in range(3)]
-
-
-def forward_loop_for(batches):
-    def forward_loop(model):
-        for batch in batches:
-            model(batch)
-
-    return forward_loop
-
-
-def logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(batch).logits for batch in batches])
+from .tiny_llama import forward_loop_for, logits
 
 
 def quantized(model, preset, batches, block=16):

@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowbit.convert as convert
 from lowbit.calib.layerwise import layer_errors
 from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant, smoothquant_scale
 from lowbit.presets import get_preset
+
+from .tiny_llama import forward_loop_for, logits
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 
@@ -41,44 +42,6 @@ def test_errors():
 
 def test_default_alpha_is_modelopts():
     assert DEFAULT_ALPHA == 1.0
-
-
-def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    with torch.random.fork_rng():
-        model = LlamaForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            scale = 0.2 if "norm" in name else 0.08
-            parameter.copy_(("norm" in name) + scale * torch.randn(parameter.shape, generator=generator))
-        model.model.embed_tokens.weight[:, [3, 17, 40]] *= 25  # outlier channels, as in real LLMs
-    return model
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 96, (2, 12), generator=generator) for _ in range(3)]
-
-
-def forward_loop_for(batches):
-    def forward_loop(model):
-        for batch in batches:
-            model(batch)
-
-    return forward_loop
-
-
-def logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(batch).logits for batch in batches]).double()
 
 
 def quantized(model, batches, calibrator="max"):
