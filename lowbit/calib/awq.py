@@ -32,6 +32,7 @@ from lowbit.calib.weights import (
     quantize_with_amax,
     sample_rows,
     set_weight_amax,
+    shrink_ratios,
     weight_group_size,
 )
 from lowbit.quantizer import SequentialQuantizer
@@ -137,12 +138,7 @@ def group_output_error(x_groups: Tensor, delta: Tensor) -> Tensor:
 
 def clip_ratios(min_clip_ratio: float, shrink_step: float) -> list[float]:
     """``1, 1 - step, ...`` down to ``min_clip_ratio`` (llm-awq: 1.0 to 0.5 by 0.05)."""
-    if not 0 < min_clip_ratio <= 1:
-        raise ValueError(f"min_clip_ratio={min_clip_ratio!r} must be in (0, 1]")
-    if not 0 < shrink_step < 1:
-        raise ValueError(f"shrink_step={shrink_step!r} must be in (0, 1)")
-    steps = int(round((1 - min_clip_ratio) / shrink_step + 1e-9))
-    return [1 - i * shrink_step for i in range(steps + 1)]
+    return shrink_ratios(min_clip_ratio, shrink_step, "min_clip_ratio", "shrink_step")
 
 
 def alpha_grid(alpha_step: float) -> list[float]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import formats
-from lowbit.calib.weights import weight_group_size
+from lowbit.calib.weights import shrink_ratios, weight_group_size
 from lowbit.quantizer import TensorQuantizer
 
 OBJECTIVES = ("block", "diagonal")
@@ -228,12 +228,7 @@ def estimate_linear_range(linear: nn.Linear, name: str, hessian: Tensor, ratios:
 
 def start_ratios(min_ratio: float, ratio_step: float) -> list[float]:
     """``1, 1 - step, ...`` down to ``min_ratio``: the shrunk ranges the search starts from."""
-    if not 0 < min_ratio <= 1:
-        raise ValueError(f"min_ratio={min_ratio!r} must be in (0, 1]")
-    if not 0 < ratio_step < 1:
-        raise ValueError(f"ratio_step={ratio_step!r} must be in (0, 1)")
-    count = int(round((1 - min_ratio) / ratio_step + 1e-9))
-    return [1 - i * ratio_step for i in range(count + 1)]
+    return shrink_ratios(min_ratio, ratio_step, "min_ratio", "ratio_step")
 
 
 def check_steps(steps: int) -> int:

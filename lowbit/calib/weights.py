@@ -79,3 +79,14 @@ def sample_rows(x: Tensor, count: int) -> Tensor:
     if rows.shape[0] > count:
         rows = rows[torch.linspace(0, rows.shape[0] - 1, count, device=rows.device).round().long()]
     return rows.float()
+
+
+def shrink_ratios(minimum: float, step: float, minimum_name: str, step_name: str) -> list[float]:
+    """``1, 1 - step, 1 - 2 step, ...`` down to ``minimum`` (inclusive, up to float rounding): the shrunk
+    ranges a clip or scale search tries. The names are the caller's option names, for the errors."""
+    if not 0 < minimum <= 1:
+        raise ValueError(f"{minimum_name}={minimum!r} must be in (0, 1]")
+    if not 0 < step < 1:
+        raise ValueError(f"{step_name}={step!r} must be in (0, 1)")
+    count = int(round((1 - minimum) / step + 1e-9))
+    return [1 - i * step for i in range(count + 1)]
