@@ -142,13 +142,54 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop:
     try:
         max_calibrate(model, forward_loop)
         if not calls:  # nothing to calibrate from data (weight-only): max_calibrate ran no forward
-            with torch.no_grad():
-                forward_loop(model)
+            _run_until(first_layer, model, forward_loop, calls)
     finally:
         handle.remove()
     if not calls:
         raise ValueError("forward_loop ran no batch through the model's first decoder layer")
     return LayerInputs(calls)
+
+
+def _run_until(first_layer: nn.Module, model: nn.Module, forward_loop: ForwardLoop, calls: list) -> None:
+    """Run ``forward_loop`` only as far as ``first_layer``'s input: the loop gets a stand-in for ``model``
+    (:class:`_UpToLayer`) whose every call stops there. A loop that needs the model's output (or
+    anything the stand-in lacks) fails on it: then the whole loop runs on the model itself."""
+    stop = first_layer.register_forward_pre_hook(_raise_stop)  # runs after the recording hook
+    try:
+        with torch.no_grad():
+            forward_loop(_UpToLayer(model))
+    except Exception:  # any failure of the short cut falls back to the full pass
+        calls.clear()
+        stop.remove()
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        stop.remove()
+
+
+def _raise_stop(_module, _args):
+    raise _StopForward
+
+
+class _UpToLayer(nn.Module):
+    """Stands for a model in a forward loop; each call runs it up to the hooked layer and returns None.
+    Attributes it lacks (``config``, ``device`` ...) are the model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> None:
+        try:
+            self.model(*args, **kwargs)
+        except _StopForward:
+            pass
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
 
 
 def replayable_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

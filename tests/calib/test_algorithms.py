@@ -217,3 +217,28 @@ def test_config_accepts_exactly_the_registered_algorithms():
     from lowbit.config import ALGORITHM_METHODS
 
     assert sorted(ALGORITHM_METHODS) == sorted(ALGORITHMS)
+
+
+@pytest.mark.parametrize("reads_output", [False, True])
+def test_weight_only_capture_stops_at_the_first_layer_unless_the_loop_needs_outputs(model, batches, reads_output):
+    from lowbit.calib.layerwise import capture_layer_inputs
+
+    weight_only = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
+    head_calls = []
+    handle = weight_only.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+
+    def loop(m):
+        for batch in batches:
+            output = m(batch)
+            if reads_output:
+                output.logits.sum()
+
+    try:
+        inputs = capture_layer_inputs(weight_only, weight_only.model.layers[0], loop)
+    finally:
+        handle.remove()
+    assert len(head_calls) == (len(batches) if reads_output else 0)
+    assert len(inputs) == len(batches)
+    for index, batch in enumerate(batches):
+        embedded = weight_only.model.embed_tokens(batch)
+        torch.testing.assert_close(inputs.hidden_states(index), embedded, rtol=0, atol=0)
