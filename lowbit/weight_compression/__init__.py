@@ -11,7 +11,7 @@ Modules, in the order the work happens:
 
 from lowbit.weight_compression.api import compress_weights
 from lowbit.weight_compression.apply import apply_plan
-from lowbit.weight_compression.modes import BackupMode, CompressWeightsMode, WeightFormat
+from lowbit.weight_compression.modes import BackupMode, CompressWeightsMode, LayerFormat
 from lowbit.weight_compression.plan import CompressionOptions, CompressionPlan, check_options, plan_compression
 from lowbit.weight_compression.sensitivity import SensitivityMetric
 from lowbit.weight_compression.summary import CompressionSummary
@@ -23,7 +23,7 @@ __all__ = [
     "CompressionPlan",
     "CompressionSummary",
     "SensitivityMetric",
-    "WeightFormat",
+    "LayerFormat",
     "apply_plan",
     "check_options",
     "compress_weights",

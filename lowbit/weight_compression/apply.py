@@ -2,7 +2,7 @@
 export share one formula per format:
 
 1. ``lowbit.quantize`` with one rule per layer (a filter function on the weight quantizer's exact
-   name -> that layer's ``WeightFormat.attributes``; every other quantizer disabled), no calibration;
+   name -> that layer's ``LayerFormat.attributes``; every other quantizer disabled), no calibration;
 2. NF4 layers get an ``NF4Quantizer`` (the table rounding) in place of their int4 weight quantizer;
 3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
    INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search

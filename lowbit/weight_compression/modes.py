@@ -89,7 +89,7 @@ def default_group_size(mode: CompressWeightsMode) -> int:
 
 
 @dataclass(frozen=True)
-class WeightFormat:
+class LayerFormat:
     """One layer's compressed format: a mode and its group size (-1: one group per output channel)."""
 
     mode: CompressWeightsMode
@@ -142,8 +142,8 @@ class WeightFormat:
         return out_features * in_features * code_bits + groups * (scale_bits + zero_point_bits)
 
 
-def backup_format(backup_mode: BackupMode) -> WeightFormat | None:
+def backup_format(backup_mode: BackupMode) -> LayerFormat | None:
     """The per-channel 8-bit format of ``backup_mode``, or None (keep the float weight) for NONE."""
     if backup_mode == BackupMode.NONE:
         return None
-    return WeightFormat(CompressWeightsMode(backup_mode.value), -1)
+    return LayerFormat(CompressWeightsMode(backup_mode.value), -1)

@@ -27,7 +27,7 @@ from lowbit.weight_compression.modes import (
     MX_BLOCK_SIZE,
     BackupMode,
     CompressWeightsMode,
-    WeightFormat,
+    LayerFormat,
     backup_format,
     default_group_size,
 )
@@ -59,8 +59,8 @@ class CompressionOptions:
     backup_mode: BackupMode
 
     @property
-    def primary_format(self) -> WeightFormat:
-        return WeightFormat(self.mode, self.group_size)
+    def primary_format(self) -> LayerFormat:
+        return LayerFormat(self.mode, self.group_size)
 
     @property
     def is_int8(self) -> bool:
@@ -170,7 +170,7 @@ class LayerPlan:
     """A layer and its format (None: the weight stays float); ``primary`` when in the primary mode."""
 
     layer: WeightLayer
-    format: WeightFormat | None
+    format: LayerFormat | None
     ratio_defining: bool
     primary: bool
 
@@ -217,7 +217,7 @@ class CompressionPlan:
 
 def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: set[str],
                 options: CompressionOptions, model_bytes: int) -> CompressionPlan:
-    formats: dict[str, WeightFormat | None] = {}
+    formats: dict[str, LayerFormat | None] = {}
     entries = []
     for layer in layers:
         if layer.tied_to is not None:

@@ -1,6 +1,6 @@
 """The summary of a weight-compression plan: each layer's format and bits, and the model's size.
 
-Sizes are computed, not measured: a compressed weight takes ``WeightFormat.storage_bits`` (codes plus
+Sizes are computed, not measured: a compressed weight takes ``LayerFormat.storage_bits`` (codes plus
 per-group fp16 scales and zero points, rounded up to bytes per layer); everything else (float layers,
 norms, biases, buffers) keeps ``numel * element_size`` of the float model (:func:`tensor_bytes`).
 """
@@ -19,7 +19,7 @@ FLOAT = "float"
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One layer: ``format`` is a WeightFormat label, or "float" when the weight is kept."""
+    """One layer: ``format`` is a LayerFormat label, or "float" when the weight is kept."""
 
     name: str
     kind: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.weight_compression import CompressWeightsMode, WeightFormat, compress_weights
+from lowbit.weight_compression import CompressWeightsMode, LayerFormat, compress_weights
 from lowbit.weight_compression.nf4 import NF4_VALUES, dequantize_nf4, fake_quant_nf4, quantize_nf4
 
 from . import reference
@@ -82,7 +82,7 @@ def test_nf4_functions_match_table():
 
 def test_storage_bits_per_mode():
     out, n_in = 8, 256
-    bits = {mode: WeightFormat(mode, group).storage_bits(out, n_in) for mode, group in [
+    bits = {mode: LayerFormat(mode, group).storage_bits(out, n_in) for mode, group in [
         (CompressWeightsMode.INT8_ASYM, -1), (CompressWeightsMode.INT8_SYM, -1), (CompressWeightsMode.INT4_ASYM, 64),
         (CompressWeightsMode.INT4_SYM, 128), (CompressWeightsMode.NF4, 128), (CompressWeightsMode.MXFP4, 32),
         (CompressWeightsMode.FP8_E4M3, 128)]}
