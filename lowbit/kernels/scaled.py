@@ -54,8 +54,11 @@ def fp8_matmul(
     scale_a = scale_a.reshape(-1, 1)
     scale_a = scale_a.expand(rows, 1) if scale_a.numel() == 1 else _pad_rows(scale_a, rows)
     scale_b = scale_b.reshape(1, -1).expand(1, w_codes.shape[0]).contiguous()
-    out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=scale_a.contiguous(), scale_b=scale_b,
-                           out_dtype=torch.bfloat16)[:m]
+    if x_codes.device.type == "cpu":  # torch < 2.13 has no row-wise scales in its CPU _scaled_mm
+        out = ((x_codes.float() @ w_codes.float().t()) * scale_a * scale_b).to(torch.bfloat16)[:m]
+    else:
+        out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=scale_a.contiguous(), scale_b=scale_b,
+                               out_dtype=torch.bfloat16)[:m]
     out = out if bias is None else out + bias
     return out.to(out_dtype)
 
