@@ -236,22 +236,28 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], repeats: int,
+                     repeats_help: str) -> tuple[argparse.Namespace, list[Case]]:
+    """The options the side-by-side benches share, parsed, and the cases ``--libraries`` / ``--formats`` keep."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
     parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
     parser.add_argument("--threads", type=int, default=available_cpus())
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="passes over all cases; each case keeps its fastest quantization")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     try:
-        cases = select(CASES, args.libraries, args.formats)
+        return args, select(all_cases, args.libraries, args.formats)
     except ValueError as error:
         parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, cases = parse_bench_args(__doc__.split("\n\n")[0], argv, CASES, 3,
+                                   "passes over all cases; each case keeps its fastest quantization")
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="modelopt")

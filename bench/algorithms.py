@@ -22,7 +22,6 @@ Nothing here is tuned on the held-out text: algorithm options are the presets' d
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -36,19 +35,18 @@ from tqdm.auto import tqdm
 
 import lowbit
 from lowbit.eval import format_table
-from lowbit.report import Measurement, Workload, available_cpus, measure_baseline, run_context
+from lowbit.report import Measurement, Workload, measure_baseline, run_context
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import (  # noqa: E402  (bench/ is not a package)
     HIGH_PRECISION_LAYERS,
     LIBRARY_PACKAGES,
     Case,
-    _names,
     library_version,
     modelopt_case,
+    parse_bench_args,
     retime,
     run_case,
-    select,
     write_report,
 )
 
@@ -234,19 +232,8 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
-    parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
-    parser.add_argument("--threads", type=int, default=available_cpus())
-    parser.add_argument("--repeats", type=int, default=2, help="quantize this many times, keep the fastest")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    try:
-        cases = select(CASES, args.libraries, args.formats)
-    except ValueError as error:
-        parser.error(str(error))
+    args, cases = parse_bench_args(__doc__.split("\n\n")[0], argv, CASES, 2,
+                                   "quantize this many times, keep the fastest")
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
