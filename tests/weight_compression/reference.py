@@ -50,18 +50,28 @@ def int_sym_searched(w: torch.Tensor, bits: int, group_size: int) -> torch.Tenso
     g = groups(w, group_size)
     qmax = 2 ** (bits - 1) - 1
     top = g.abs().amax(-1, keepdim=True)
+
+    def candidate(m: float) -> torch.Tensor:
+        step = m * top / qmax
+        return torch.clamp(torch.round(g / step), -qmax - 1, qmax) * step
+
+    return least_error_per_group(g, candidate).reshape(w.shape)
+
+
+def least_error_per_group(g: torch.Tensor, candidate) -> torch.Tensor:
+    """Per group (last dim of ``g``), the ``candidate(m)`` with the least squared error to ``g`` over
+    m in {0.5, 0.5 + 1/32, ..., 1}; the first (smallest m) on ties."""
     best, best_error = None, None
     for k in range(17):
-        step = (0.5 + k / 32) * top / qmax
-        candidate = torch.clamp(torch.round(g / step), -qmax - 1, qmax) * step
-        error = (candidate - g).square().sum(-1, keepdim=True)
+        values = candidate(0.5 + k / 32)
+        error = (values - g).square().sum(-1, keepdim=True)
         if best is None:
-            best, best_error = candidate, error
+            best, best_error = values, error
         else:
             better = error < best_error
-            best = torch.where(better, candidate, best)
+            best = torch.where(better, values, best)
             best_error = torch.where(better, error, best_error)
-    return best.reshape(w.shape)
+    return best
 
 
 def nearest(values: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -133,19 +143,12 @@ def int_asym_searched(w: torch.Tensor, bits: int, group_size: int) -> torch.Tens
     min/max of a group spanning zero already does)."""
     g = groups(w, group_size)
     low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    best, best_error = None, None
-    for k in range(17):
-        m = 0.5 + k / 32
+
+    def candidate(m: float) -> torch.Tensor:
         lo, hi = torch.clamp(low * m, max=0), torch.clamp(high * m, min=0)
         scale = (hi - lo) / (2**bits - 1)
         zero_point = torch.clamp(torch.round(-lo / scale), 0, 2**bits - 1)
         codes = torch.clamp(torch.round(g / scale) + zero_point, 0, 2**bits - 1)
-        candidate = (codes - zero_point) * scale
-        error = (candidate - g).square().sum(-1, keepdim=True)
-        if best is None:
-            best, best_error = candidate, error
-        else:
-            better = error < best_error
-            best = torch.where(better, candidate, best)
-            best_error = torch.where(better, error, best_error)
-    return best.reshape(w.shape)
+        return (codes - zero_point) * scale
+
+    return least_error_per_group(g, candidate).reshape(w.shape)
