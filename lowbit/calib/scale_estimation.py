@@ -184,14 +184,7 @@ def estimation_group_size(linear: nn.Linear, name: str) -> int:
     if config is None or config.is_float or config.is_dynamic or config.block_scale_bits is not None:
         label = type(quantizer).__name__ if config is None else f"{config.format_name} {config.granularity}"
         raise ValueError(f"{name}: scale estimation needs a static integer weight quantizer, got {label}")
-    if not config.asymmetric:
-        return weight_group_size(linear, name, per_row=True)
-    if config.block_sizes is not None and set(config.block_axes) <= {-1, 1}:
-        return next(iter(config.block_axes.values())) or linear.in_features
-    if config.block_sizes is None and config.axis in (0, (0,), -2, (-2,)):
-        return linear.in_features
-    raise ValueError(
-        f"{name}: axis={config.axis} block_sizes={config.block_sizes}: use axis=0 or block_sizes={{-1: g}}")
+    return weight_group_size(linear, name, per_row=True, asymmetric=True)
 
 
 def quantizer_range(quantizer: TensorQuantizer, weight: Tensor, group_size: int) -> tuple[Tensor | None, Tensor]:
