@@ -54,7 +54,7 @@ INT4_SYM = "INT4 sym g128 weight-only"
 INT4_ASYM = "INT4 asym g128 weight-only"
 INT8_W8A8 = "INT8 W8A8 (per-channel W; per-tensor A)"  # no comma: --formats splits on commas
 FP8_W8A8 = "FP8 W8A8 per-tensor"
-W4A8 = "W4A8 (INT4 g128 -> FP8 W, FP8 A)"
+W4A8 = "W4A8 (INT4 g128 -> FP8 W; FP8 A)"  # no comma either
 SPEED_RATIO = 0.5  # the target: lowbit's wall time <= this x ModelOpt's, same config
 
 

@@ -170,7 +170,8 @@ def calibrate_weights(model: nn.Module) -> None:
                     weight = stage(weight)
 
 
-def _activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+def static_activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    """Every enabled static quantizer (sequential stages included) that is not a weight quantizer."""
     found = []
     for name, quantizer in iter_quantizers(model):
         if name.endswith("weight_quantizer"):
@@ -206,7 +207,7 @@ def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     """Weights from themselves; activations from their calibrators while ``forward_loop`` runs through the
     model with quantized weights (:func:`calibration_pass`)."""
     calibrate_weights(model)
-    activations = _activation_quantizers(model)
+    activations = static_activation_quantizers(model)
     if not activations:
         return
     if forward_loop is None:

@@ -40,7 +40,7 @@ from functools import partial
 
 from torch import nn
 
-from lowbit.calib.awq import alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
 from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
 from lowbit.calib.layerwise import LayerInputs, LayerReport, find_decoder_layers, quantized_linears, run_layerwise
 from lowbit.calib.scale_estimation import (
@@ -106,12 +106,19 @@ def _chained(description: str, *passes: Callable[[nn.Module, LayerInputs], None]
     return layer_pass, description
 
 
+def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear):
+    """AWQ's scale search as a layer pass, and the watch that collects its statistics in the runner's
+    float reference pass."""
+    statistics = AwqInputStatistics(max_tokens)
+    layer_pass = partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens,
+                         scale_per_linear=scale_per_linear, statistics=statistics)
+    return layer_pass, statistics.watching
+
+
 def _awq_lite(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation):
-    layer_pass, description = _chained(
-        "awq_lite",
-        partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens, scale_per_linear=scale_per_linear),
-        scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description)
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
+    layer_pass, description = _chained("awq_lite", scale_pass, scale_estimation=scale_estimation)
+    return run_layerwise(model, forward_loop, layer_pass, description, watch)
 
 
 def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens):
@@ -122,13 +129,14 @@ def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens)
 
 def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio,
               shrink_step, max_clip_tokens):
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
     layer_pass, description = _chained(
         "awq_full",
-        partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens, scale_per_linear=scale_per_linear),
+        scale_pass,
         partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
                 max_clip_tokens=max_clip_tokens),
         scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description)
+    return run_layerwise(model, forward_loop, layer_pass, description, watch)
 
 
 def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation):

@@ -19,14 +19,15 @@ smallest error of that group's contribution to the output, ``mean_t (X_t,group .
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
 from lowbit.calib.scale_estimation import IntGrid
-from lowbit.calib.scaling import InputGroup, apply_input_scale, find_input_groups
+from lowbit.calib.scaling import GroupTrace, InputGroup, apply_input_scale, same_tensor
 from lowbit.calib.weights import (
     effective_input,
     quantize_with_amax,
@@ -62,7 +63,8 @@ def normalised_weight_mean(weights: list[Tensor], group_size: int) -> Tensor:
 
 
 def search_awq_scale(
-    x: Tensor,
+    gram: Tensor,
+    tokens: int,
     weights: list[Tensor],
     fake_quant: list[FakeQuantWeight],
     activation_mean: Tensor,
@@ -72,22 +74,21 @@ def search_awq_scale(
     """The scale minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count`` over the identity and
     ``awq_scale(activation_mean, alpha, weight_mean)`` for each ``alpha``.
 
-    ``x``: ``(tokens, in)``; ``weights[i]``: ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of
-    that shape. Returns (best alpha, None for the identity; its scale; the loss of every candidate, the
-    identity under key None). Ties keep the identity, then the smaller alpha.
+    ``gram``: ``G = X^T X`` (``(in, in)``, float32) of the ``tokens`` input rows ``X``; ``weights[i]``:
+    ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of that shape; ``count = tokens * sum_i out_i``.
+    Returns (best alpha, None for the identity; its scale; the loss of every candidate, the identity
+    under key None). Ties keep the identity, then the smaller alpha.
 
-    Computed as ``sum_i sum((D_i G) * D_i)`` with ``D_i = Q_i(W_i s)/s - W_i`` and ``G = X^T X``, the same
-    sum without forming the ``(tokens, out)`` outputs: ``out * in^2`` per candidate instead of
-    ``tokens * out * in``.
+    Computed as ``sum_i sum((D_i G) * D_i)`` with ``D_i = Q_i(W_i s)/s - W_i``, the same sum without
+    forming the ``(tokens, out)`` outputs: ``out * in^2`` per candidate instead of ``tokens * out * in``;
+    the linears reading one input share ``G``.
     """
-    x = x.float()
-    gram = x.T @ x
-    count = x.shape[0] * sum(w.shape[0] for w in weights)
+    count = tokens * sum(w.shape[0] for w in weights)
     candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)}
     candidates.update({alpha: awq_scale(activation_mean, alpha, weight_mean) for alpha in alphas})
     losses = {}
     for alpha, scale in candidates.items():
-        scale = scale.to(x.device)
+        scale = scale.to(gram.device)
         error = 0.0
         for weight, quantize in zip(weights, fake_quant, strict=True):
             delta = quantize(weight.float() * scale) / scale - weight.float()
@@ -171,39 +172,95 @@ def _weight_fake_quant(linear: nn.Linear) -> FakeQuantWeight:
     return own_range_fake_quant
 
 
+class AwqInputStatistics:
+    """What the scale search needs of one decoder layer's float inputs, gathered by hooks while the layer
+    runs (:meth:`watching`), so that it can ride on a pass made anyway (the layer-wise runner's float
+    reference pass): the input groups (traced call by call until every linear was seen) and, per group,
+    ``mean_t |x_tj|`` over all tokens plus up to ``max_tokens`` input rows (evenly spaced in each call).
+    Each group's statistics are kept under its first linear (the first to read the input)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.layer: nn.Module | None = None
+        self.groups: list[InputGroup] = []
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.samples: dict[str, list[Tensor]] = {}
+
+    @contextmanager
+    def watching(self, layer: nn.Module, inputs: LayerInputs) -> Iterator[None]:
+        """Collect afresh from every call of ``layer`` (one per batch of ``inputs``) while the block runs."""
+        self.layer, self.groups, self.sums, self.counts, self.samples = layer, [], {}, {}, {}
+        linears = quantized_linears(layer)
+        per_batch = -(-self.max_tokens // len(inputs))
+        read_in_call: list[Tensor] = []  # inputs recorded in the current call (kept alive: storages unique)
+        trace: list[GroupTrace] = []
+
+        def start(_layer, _args) -> None:
+            read_in_call.clear()
+            grouped = {name for group in self.groups for name in group.linears}
+            if len(grouped) < len(linears):
+                trace.append(GroupTrace(layer, {n: w for n, w in linears.items() if n not in grouped}))
+
+        def finish(_layer, _args, _output) -> None:
+            read_in_call.clear()
+            if trace:
+                self.groups += trace.pop().close()
+
+        def record(name: str, x: Tensor) -> None:
+            if any(same_tensor(x, seen) for seen in read_in_call):
+                return  # another linear of the group read it first
+            read_in_call.append(x)
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            self.sums[name] = self.sums.get(name, 0) + rows.abs().sum(dim=0)
+            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+            self.samples.setdefault(name, []).append(sample_rows(rows, per_batch))
+
+        handles = [layer.register_forward_pre_hook(start), layer.register_forward_hook(finish)]
+        handles += [linear.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+                    for name, linear in linears.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for pending in trace:
+                self.groups += pending.close()
+
+    def group_input(self, group: InputGroup) -> tuple[Tensor, int, Tensor]:
+        """``(X^T X, rows, mean|X|)`` of the group's sampled input rows ``X`` (a traced group was read)."""
+        name = next(iter(group.linears))
+        x = torch.cat(self.samples.pop(name))
+        return x.T @ x, x.shape[0], self.sums[name] / self.counts[name]
+
+
 def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096,
-                    scale_per_linear: bool = False) -> None:
+                    scale_per_linear: bool = False, statistics: AwqInputStatistics | None = None) -> None:
     """Scale search for every group of linears with enabled weight quantizers in ``layer``.
 
+    ``statistics``: collected on this layer's float inputs already (the runner's reference pass);
+    otherwise one float pass of ``inputs`` collects them here.
     ``scale_per_linear``: each linear of a group gets its own search and scale, kept as its input
     quantizer's ``pre_quant_scale`` (as ModelOpt's awq_lite does; an extra input multiply per linear at
     inference), instead of one scale per group that can fold into the producing norm.
     """
-    groups = [g for g in find_input_groups(layer, inputs)
-              if all(w.weight_quantizer.is_enabled for w in g.linears.values())]
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    samples: dict[str, list[Tensor]] = {}
-    per_batch = -(-max_tokens // len(inputs))
-
-    def record(name: str, x: Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        sums[name] = sums.get(name, 0) + rows.abs().sum(dim=0)
-        counts[name] = counts.get(name, 0) + rows.shape[0]
-        samples.setdefault(name, []).append(sample_rows(rows, per_batch))
-
-    firsts = {next(iter(g.linears)): g.first for g in groups}
-    with quantizers_disabled(layer):
-        inputs.feed(layer, firsts, record)
+    if statistics is None or statistics.layer is not layer:
+        statistics = AwqInputStatistics(max_tokens)
+        with statistics.watching(layer, inputs), quantizers_disabled(layer):
+            inputs.feed(layer, {}, lambda *_: None)
+    groups = [g for g in statistics.groups if all(w.weight_quantizer.is_enabled for w in g.linears.values())]
+    unseen = set(quantized_linears(layer)) - {name for group in statistics.groups for name in group.linears}
+    if unseen:
+        logger.warning("no calibration batch reached %s; they are left as max calibration set them", sorted(unseen))
     for group in groups:
-        name = next(iter(group.linears))
-        x, activation_mean = torch.cat(samples.pop(name)), sums[name] / counts[name]
+        gram, tokens, activation_mean = statistics.group_input(group)
         units = [InputGroup({n: w}, None) for n, w in group.linears.items()] if scale_per_linear else [group]
         for unit in units:
             linears = list(unit.linears.values())
             weights = [w.weight.detach() for w in linears]
             alpha, scale, losses = search_awq_scale(
-                x,
+                gram,
+                tokens,
                 weights,
                 [_weight_fake_quant(w) for w in linears],
                 activation_mean,

@@ -1,13 +1,25 @@
 """Layer-by-layer execution of calibration algorithms over a model's decoder layers.
 
-1. One pass of the calibration data (``lowbit.convert.max_calibrate``: every quantizer gets its max
-   amax) records, with a forward pre-hook, the inputs of the first decoder layer for each batch.
-2. Then for each decoder layer, in order: the float output (the layer's quantizers disabled) is the
-   reference; the output with max calibration gives ``mse_max``; the algorithm transforms the layer;
-   its static activation quantizers, if it has any, are recalibrated on these inputs; the output now
-   gives ``mse_after`` and becomes the next layer's input. Errors therefore propagate as they will at
-   inference (sequential). That is 3 passes of the layer (4 with activation quantizers) besides the
-   algorithm's own; within a pass each weight is fake-quantized once, not once per batch.
+1. The weights are max-calibrated, and ``forward_loop`` records, with a forward pre-hook, the inputs of
+   the first decoder layer for each batch. It runs through the whole model (``max_calibrate``: every
+   activation quantizer gets its max amax) only when some static activation quantizer is not an
+   analytic input quantizer of a linear in the decoder layers (``lowbit.calib.activation_ranges``);
+   otherwise it stops at the first decoder layer.
+2. Then for each decoder layer, in order:
+
+   - the float output (the layer's quantizers disabled) is the reference; the algorithm's ``watch``
+     hooks see this pass (AWQ takes its input statistics from it); without the full pass of step 1 it
+     also measures the analytic input ranges (max calibration of the float layer's inputs);
+   - the output with max calibration gives ``mse_max``; this pass measures the analytic input ranges
+     as the quantized layer sees them;
+   - the algorithm transforms the layer (input scalings rescale the measured ranges);
+   - analytic input quantizers get ``amax`` from the measured ranges; other static activation
+     quantizers, if any, are recalibrated in one more pass;
+   - the output now gives ``mse_after`` and becomes the next layer's input. Errors therefore propagate
+     as they will at inference (sequential).
+
+   That is 3 passes of the layer (4 with non-analytic activation quantizers) besides the algorithm's
+   own; within a pass each weight is fake-quantized once, not once per batch.
 
 Only one decoder layer's statistics live at a time; the inputs of all batches for the current layer
 are kept (as GPTQ and AWQ do).
@@ -17,13 +29,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.calib.activation_ranges import InputRanges
 from lowbit.quantizer import TensorQuantizer, collecting_statistics, reusing_outputs
 
 logger = logging.getLogger(__name__)
@@ -55,6 +68,7 @@ class LayerInputs:
 
     def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
         self.calls = calls
+        self.ranges: InputRanges | None = None  # the layer's measured input ranges, while the runner works on it
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -132,16 +146,24 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return min(candidates, key=lambda item: (item[0].count("."), -len(item[1])))
 
 
-def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop: ForwardLoop) -> LayerInputs:
-    """Max-calibrate every quantizer while recording ``first_layer``'s call arguments for each batch."""
-    from lowbit.convert import max_calibrate  # convert imports this package lazily; no import cycle
+def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop: ForwardLoop,
+                         full_pass: bool = True) -> LayerInputs:
+    """Max-calibrate the weights, and record ``first_layer``'s call arguments for each batch.
+
+    ``full_pass``: ``forward_loop`` runs through the whole model to max-calibrate its activation
+    quantizers too; otherwise (or when there are none) it runs only up to ``first_layer``.
+    """
+    from lowbit.convert import calibrate_weights, max_calibrate  # convert imports this package lazily
 
     calls: list[tuple[tuple, dict]] = []
     handle = first_layer.register_forward_pre_hook(
         lambda _module, args, kwargs: calls.append(replayable_call(args, kwargs)), with_kwargs=True)
     try:
-        max_calibrate(model, forward_loop)
-        if not calls:  # nothing to calibrate from data (weight-only): max_calibrate ran no forward
+        if full_pass:
+            max_calibrate(model, forward_loop)
+        else:
+            calibrate_weights(model)
+        if not calls:  # no forward ran (weight-only, or no full pass asked)
             _run_until(first_layer, model, forward_loop, calls)
     finally:
         handle.remove()
@@ -226,18 +248,22 @@ def weights_reused(module: nn.Module):
     return reusing_outputs([linear.weight_quantizer for linear in quantized_linears(module).values()])
 
 
-def calibrate_activations(layer: nn.Module, inputs: LayerInputs) -> None:
-    """Recalibrate the layer's static activation quantizers (inputs/outputs) with their own calibrators, as
-    ``max_calibrate`` does (quantized weights); no pass at all when the layer has none (weight-only)."""
-    linears = quantized_linears(layer).values()
-    quantizers = [
+def linear_activation_quantizers(module: nn.Module) -> list[TensorQuantizer]:
+    """The enabled static quantizers of the inputs/outputs of the quantized linears inside ``module``."""
+    return [
         q
-        for linear in linears
+        for linear in quantized_linears(module).values()
         for slot in linear.quantizer_names
         if slot != "weight_quantizer"
         for q in tensor_quantizers(getattr(linear, slot))
         if q.is_enabled and not q.config.is_dynamic
     ]
+
+
+def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: list[TensorQuantizer] = ()) -> None:
+    """Recalibrate the layer's static activation quantizers (inputs/outputs) but ``skip``, with their own
+    calibrators, as ``max_calibrate`` does (quantized weights); no pass at all when none is left."""
+    quantizers = [q for q in linear_activation_quantizers(layer) if not any(q is s for s in skip)]
     if not quantizers:
         return
     with weights_reused(layer), collecting_statistics(quantizers):
@@ -255,12 +281,14 @@ def mean_squared_error(outputs: Iterator[Tensor], references: list[Tensor]) -> t
     return total / max(count, 1), kept
 
 
-LayerTransform = Callable[[nn.Module, LayerInputs], None]
+LayerTransform = Callable[[nn.Module, "LayerInputs"], None]
+LayerWatch = Callable[[nn.Module, "LayerInputs"], AbstractContextManager]
 
 
-def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform,
-                  description: str) -> list[LayerReport]:
-    """Apply ``transform(layer, inputs)`` to each decoder layer in turn (see the module docstring)."""
+def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform, description: str,
+                  watch: LayerWatch | None = None) -> list[LayerReport]:
+    """Apply ``transform(layer, inputs)`` to each decoder layer in turn (see the module docstring);
+    ``watch(layer, inputs)``, when given, is entered around the layer's float reference pass."""
     if forward_loop is None:
         raise ValueError(f"{description} needs calibration data: forward_loop is None")
     layers_name, layers = find_decoder_layers(model)
@@ -269,15 +297,26 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
     report = []
     try:
         _warn_outside(model, layers, description)
-        inputs = capture_layer_inputs(model, layers[0], forward_loop)
+        full_pass = not _ranges_measured_per_layer(model, layers)
+        inputs = capture_layer_inputs(model, layers[0], forward_loop, full_pass)
         progress = tqdm(layers, desc=description, unit="layer")
         for index, layer in enumerate(progress):
-            with quantizers_disabled(layer):
+            ranges = InputRanges(quantized_linears(layer).values())
+            with ExitStack() as float_pass:
+                float_pass.enter_context(quantizers_disabled(layer))
+                if watch is not None:
+                    float_pass.enter_context(watch(layer, inputs))
+                if not full_pass:
+                    float_pass.enter_context(ranges.recording())
                 reference = list(inputs.forward(layer))
-            with weights_reused(layer):
+            if not full_pass:
+                ranges.apply()  # max calibration of the inputs, from the float layer's
+            with weights_reused(layer), ranges.recording():
                 mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
+            inputs.ranges = ranges
             transform(layer, inputs)
-            calibrate_activations(layer, inputs)
+            ranges.apply()
+            calibrate_activations(layer, inputs, skip=ranges.quantizers)
             with weights_reused(layer):
                 mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
             entry = LayerReport(index, f"{layers_name}.{index}", mse_max, mse_after)
@@ -290,6 +329,16 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
     finally:
         model.train(was_training)
     return report
+
+
+def _ranges_measured_per_layer(model: nn.Module, layers: nn.ModuleList) -> bool:
+    """True when every static activation quantizer of ``model`` is an analytic input quantizer of a linear
+    inside ``layers`` (``lowbit.calib.activation_ranges``): the runner then measures each from its layer's
+    inputs and no full max-calibration pass is needed."""
+    from lowbit.convert import static_activation_quantizers
+
+    covered = {id(q) for layer in layers for q in InputRanges(quantized_linears(layer).values()).quantizers}
+    return all(id(q) in covered for q in static_activation_quantizers(model))
 
 
 def layer_errors(model: nn.Module, forward_loop: ForwardLoop) -> list[LayerReport]:

@@ -95,21 +95,21 @@ class GroupTrace:
         for name, x in self.seen_inputs:
             if name not in self.linears or any(name in group.linears for _, group in groups):
                 continue
-            shared = next((group for key, group in groups if _same_tensor(key, x)), None)
+            shared = next((group for key, group in groups if same_tensor(key, x)), None)
             if shared is None:
                 groups.append((x, InputGroup({name: self.linears[name]}, None)))
             else:
                 shared.linears[name] = self.linears[name]
         for key, group in groups:
-            producers = [norm for norm, output in self.norm_outputs if _same_tensor(output, key)]
-            other_readers = [n for n, x in self.seen_inputs if n not in group.linears and _same_tensor(x, key)]
+            producers = [norm for norm, output in self.norm_outputs if same_tensor(output, key)]
+            other_readers = [n for n, x in self.seen_inputs if n not in group.linears and same_tensor(x, key)]
             if len(producers) == 1 and not other_readers:
                 group.norm = producers[0]
         self.seen_inputs, self.norm_outputs = [], []
         return [group for _, group in groups]
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
+def same_tensor(a: Tensor, b: Tensor) -> bool:
     return isinstance(a, Tensor) and isinstance(b, Tensor) and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
@@ -163,8 +163,11 @@ def relative_change(output: Tensor, reference: Tensor) -> float:
 def apply_input_scale(layer: nn.Module, inputs: LayerInputs, group: InputGroup, scale: Tensor) -> str:
     """Scale the group's weight columns by ``scale`` and its input by ``1/scale``; returns "folded" or
     "pre_quant_scale" (see the module docstring). The layer's float function is unchanged; the fold is
-    checked on the first batch of ``inputs``."""
+    checked on the first batch of ``inputs``. The input ranges the runner measured (``inputs.ranges``)
+    follow the scaling."""
     check_unscaled(group)
+    if inputs.ranges is not None:
+        inputs.ranges.rescale(group.linears.values(), scale)
     first_batch = LayerInputs(inputs.calls[:1])
     with torch.no_grad(), quantizers_disabled(layer):
         reference = next(first_batch.forward(layer)).float() if group.norm is not None else None

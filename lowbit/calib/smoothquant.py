@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lowbit.calib.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
 from lowbit.calib.layerwise import (
     LayerInputs,
     LayerReport,
@@ -75,11 +76,6 @@ def smoothquant_scale(activation_amax: Tensor, weight_amax: Tensor, alpha: float
     return torch.where(valid, scale.clamp(*SCALE_RANGE), torch.ones_like(scale))
 
 
-def smoothed_amax(activation_amax: Tensor, scale: Tensor) -> Tensor:
-    """``max_j activation_amax_j / scale_j``: the per-tensor max |x / s| (0-dim float32)."""
-    return (activation_amax.float() / scale.float()).amax()
-
-
 def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha!r} must be a number in [0, 1]")
@@ -88,41 +84,6 @@ def check_alpha(alpha: float) -> float:
 
 def _input_quantizer(linear: nn.Linear) -> TensorQuantizer:
     return tensor_quantizers(linear.input_quantizer)[0]
-
-
-def _is_analytic(quantizer: TensorQuantizer) -> bool:
-    """Static, symmetric, per-tensor, max calibrator: its amax follows from the per-channel maxima."""
-    config = quantizer.config
-    method = config.calibrator["method"] if isinstance(config.calibrator, dict) else config.calibrator
-    return (not config.is_dynamic and method == "max" and not config.asymmetric and config.axis is None
-            and config.block_sizes is None)
-
-
-class _ChannelMaxima:
-    """Forward pre-hooks recording ``max|x_j|`` over all calls of each linear's input (float32, ``(in,)``).
-
-    Linears called one after another on the same tensor (q, k, v) share one reduction.
-    """
-
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        self.amax: dict[nn.Linear, Tensor] = {}
-        self._last: tuple[Tensor, Tensor] | None = None
-        self.handles = [linear.register_forward_pre_hook(self._record) for linear in linears]
-
-    def _record(self, linear: nn.Linear, args: tuple) -> None:
-        x = args[0]
-        if self._last is not None and self._last[0] is x:
-            amax = self._last[1]
-        else:
-            low, high = torch.aminmax(x.detach().reshape(-1, x.shape[-1]), dim=0)
-            amax = torch.maximum(high, -low).float()
-            self._last = (x, amax)
-        self.amax[linear] = torch.maximum(self.amax[linear], amax) if linear in self.amax else amax
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self._last = None
 
 
 class _FirstCalls:
@@ -178,7 +139,7 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
               if q.is_enabled and not q.config.is_dynamic and q not in smoothed_inputs]
 
     calibrate_weights(model)
-    maxima, first_calls = _ChannelMaxima(targets), _FirstCalls(layers)
+    maxima, first_calls = ChannelMaxima(targets), _FirstCalls(layers)
     try:
         for quantizer in smoothed_inputs:  # pass-through during the pass: no statistics, no dynamic quantization
             quantizer.disable()
@@ -212,7 +173,7 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
                 set_pre_quant_scale(group, scale)
             for linear in group.linears.values():
                 quantizer = _input_quantizer(linear)
-                if _is_analytic(quantizer):
+                if is_analytic(quantizer):
                     quantizer.set_amax(smoothed_amax(activation_amax, scale))
                 elif not quantizer.config.is_dynamic:
                     to_recalibrate.append(quantizer)

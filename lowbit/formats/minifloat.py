@@ -88,7 +88,19 @@ def _round_float32(x32: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     if torch_dtype is None:
         return _round_generic(x32, fmt)
     # torch's cast is not saturating (E4M3 overflow -> NaN), so clamp first; NaN passes through.
-    return torch.clamp(x32, -fmt.max_value, fmt.max_value).to(torch_dtype).float()
+    return float8_to_float32(torch.clamp(x32, -fmt.max_value, fmt.max_value).to(torch_dtype))
+
+
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # by code, torch's cast
+
+
+def float8_to_float32(values: torch.Tensor) -> torch.Tensor:
+    """``values.float()`` for a float8 tensor. On CPU, E4M3 goes through the 256-entry table of torch's own
+    cast (same values, NaN included): torch's elementwise E4M3 -> float32 cast is ~2.5x slower there."""
+    if values.dtype != torch.float8_e4m3fn or values.device.type != "cpu":
+        return values.float()
+    codes = values.reshape(-1).view(torch.uint8).int()
+    return _E4M3_VALUES.index_select(0, codes).view(values.shape)
 
 
 def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:

@@ -242,3 +242,35 @@ def test_weight_only_capture_stops_at_the_first_layer_unless_the_loop_needs_outp
     for index, batch in enumerate(batches):
         embedded = weight_only.model.embed_tokens(batch)
         torch.testing.assert_close(inputs.hidden_states(index), embedded, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("output_quantizer", [False, True])
+def test_layerwise_input_ranges_without_a_full_pass(model, batches, output_quantizer):
+    """W4A8 + awq_lite: every activation quantizer is a per-tensor max input quantizer of a decoder-layer
+    linear, so the forward loop stops at the first layer (lm_head never runs) and each input amax comes
+    from the layer's measured channel maxima; the first layer's q/k/v read norm(embedding), whatever is
+    quantized, so their amax is max |norm(embedding) * pre_quant_scale| over the batches (float64).
+    A static output quantizer needs the full max-calibration pass (lm_head runs once per batch)."""
+    config = get_preset("W4A8_AWQ_BETA_CFG")
+    config["quant_cfg"]["*weight_quantizer"][0]["block_sizes"] = {-1: 16, "type": "static"}
+    if output_quantizer:
+        config["quant_cfg"]["*mlp.down_proj.output_quantizer"] = {"num_bits": 8, "axis": None}
+    config["algorithm"] = None
+    scaled = copy.deepcopy(model)
+    convert.quantize(scaled, config, forward_loop_for(batches))
+    head_calls = []
+    handle = scaled.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    try:
+        run_algorithm("awq_lite", scaled, forward_loop_for(batches), {"scale_per_linear": True, "alpha_step": 0.25})
+    finally:
+        handle.remove()
+    assert len(head_calls) == (len(batches) if output_quantizer else 0)
+
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        normed = torch.cat([layer.input_layernorm(model.model.embed_tokens(b)).reshape(-1, 64) for b in batches])
+    attention = scaled.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        quantizer = getattr(attention, name).input_quantizer
+        expected = (normed.double() * quantizer.pre_quant_scale.double()).abs().amax()
+        torch.testing.assert_close(quantizer.amax.double(), expected, rtol=1e-5, atol=0)

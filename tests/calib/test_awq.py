@@ -75,7 +75,8 @@ def test_awq_search_picks_the_brute_force_minimum(generator, with_weight_mean):
     mean = x.abs().mean(0)
     w_mean = normalised_weight_mean(weights, GROUP) if with_weight_mean else None
     alphas = alpha_grid(0.1)
-    best_alpha, scale, losses = search_awq_scale(x, weights, [int4_groups, int4_groups], mean, alphas, w_mean)
+    best_alpha, scale, losses = search_awq_scale(x.T @ x, x.shape[0], weights, [int4_groups, int4_groups], mean,
+                                                 alphas, w_mean)
 
     x64 = x.double()
     candidates = {None: torch.ones(32, dtype=torch.float64)}
@@ -97,7 +98,7 @@ def test_awq_search_keeps_the_identity_when_no_scale_helps(generator):
     x = torch.randn(64, 32, generator=generator)
     weights = [torch.randn(8, 32, generator=generator)]
     mean = x.abs().mean(0)
-    alpha, scale, losses = search_awq_scale(x, weights, [lambda w: w], mean, alpha_grid(0.5))
+    alpha, scale, losses = search_awq_scale(x.T @ x, x.shape[0], weights, [lambda w: w], mean, alpha_grid(0.5))
     assert alpha is None and torch.equal(scale, torch.ones(32))  # lossless "quantizer": all tie at 0
     assert set(losses) == {None, 0.0, 0.5, 1.0}
 

@@ -89,3 +89,29 @@ def test_no_fold_when_the_norm_output_has_other_readers_or_a_different_formula(k
     torch.testing.assert_close(block.up.input_quantizer.pre_quant_scale, torch.full((16,), 0.5))
     with pytest.raises(ValueError, match="already has a pre_quant_scale"):
         apply_input_scale(block, inputs, group, scale)
+
+
+def test_awq_statistics_ride_on_a_pass_and_match_the_groups_and_float64_moments():
+    """Collected by hooks during a float pass: the same groups as find_input_groups (the expert is traced in
+    the second call), and per group X^T X, the row count and mean |X| of every input row (float64)."""
+    from lowbit.calib.awq import AwqInputStatistics
+
+    block, inputs = block_and_inputs()
+    statistics = AwqInputStatistics(max_tokens=1000)  # more than the 8 rows: every row is kept
+    norm_outputs = []
+    handle = block.norm.register_forward_hook(lambda _m, _a, output: norm_outputs.append(output.double()))
+    try:
+        with statistics.watching(block, inputs), quantizers_disabled(block):
+            list(inputs.forward(block))
+    finally:
+        handle.remove()
+    expected = find_input_groups(block, inputs)
+    assert [list(g.linears) for g in statistics.groups] == [list(g.linears) for g in expected]
+    assert statistics.groups[0].norm is block.norm
+    gram, rows, mean = statistics.group_input(statistics.groups[0])
+    x = torch.cat(norm_outputs)
+    assert rows == x.shape[0] == 8
+    torch.testing.assert_close(gram.double(), x.T @ x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), x.abs().mean(dim=0), rtol=1e-6, atol=1e-7)
+    _, expert_rows, _ = statistics.group_input(statistics.groups[2])
+    assert expert_rows == 4  # only the second call reached the expert

@@ -24,7 +24,7 @@ from lowbit.formats import (
     quantize_fp,
     round_to_format,
 )
-from lowbit.formats.minifloat import _round_generic
+from lowbit.formats.minifloat import _round_generic, float8_to_float32
 
 from .reference import (
     E2M1_TABLE,
@@ -63,6 +63,18 @@ def test_fp8_table_matches_torch_bit_decode(name):
     table = torch.tensor({"E4M3": E4M3_TABLE, "E5M2": E5M2_TABLE}[name], dtype=torch.float64)
     decoded = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(TORCH_FP8[name]).double()
     assert_same_values(decoded, table)
+
+
+@pytest.mark.parametrize("name", ["E4M3", "E5M2"])
+def test_float8_to_float32_decodes_every_code_by_bit_layout(name):
+    """The CPU table decode (E4M3) and the plain cast (E5M2) give the bit-layout values of all 256 codes,
+    in any shape (codes shuffled into a 3-d, non-contiguous tensor)."""
+    table = torch.tensor({"E4M3": E4M3_TABLE, "E5M2": E5M2_TABLE}[name], dtype=torch.float64)
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(7)) % 256
+    codes = order.to(torch.uint8).view(TORCH_FP8[name]).reshape(8, 16, 4).transpose(0, 2)
+    decoded = float8_to_float32(codes)
+    assert decoded.dtype == torch.float32 and decoded.shape == codes.shape
+    assert_same_values(decoded.double().reshape(-1), table[order.reshape(8, 16, 4).transpose(0, 2).reshape(-1)])
 
 
 @pytest.mark.parametrize("fmt, table", FORMATS, ids=FORMAT_IDS)
