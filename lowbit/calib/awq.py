@@ -267,7 +267,7 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
                 alpha_grid(alpha_step),
                 normalised_weight_mean(weights, _scale_group_size(linears[0])),
             )
-            placement = apply_input_scale(layer, inputs, unit, scale)
+            placement = apply_input_scale(unit, scale, inputs.ranges)
             logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g unscaled, %.4g chosen",
                          list(unit.linears), alpha, placement, losses[None], losses[alpha])
             for linear in linears:

@@ -7,9 +7,10 @@ group, ``s`` (per input channel) multiplies every weight's columns, and ``1/s`` 
 either
 
 - folded into the producing norm (``norm.weight /= s``, ``norm.bias /= s``) when the norm's output goes
-  to this group only; the layer's float output is checked unchanged (relative RMS change < 5%, well
-  above bf16 rounding, far below a wrong fold) and the fold is undone otherwise, e.g. for norms that
-  compute ``x * (1 + weight)``;
+  to this group only; the fold is checked on up to ``FOLD_CHECK_ROWS`` rows of the norm's traced input
+  (the folded norm's output times ``s`` must match the traced output: relative RMS change < 5%, well
+  above bf16 rounding, far below a wrong fold) and undone otherwise, e.g. for norms that compute
+  ``x * (1 + weight)``;
 - or set as ``input_quantizer.pre_quant_scale = 1/s`` on each linear of the group.
 """
 
@@ -21,18 +22,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, tensor_quantizers
+from lowbit.calib.activation_ranges import InputRanges
+from lowbit.calib.layerwise import LayerInputs, quantized_linears, tensor_quantizers
 
 FOLD_TOLERANCE = 0.05
+FOLD_CHECK_ROWS = 64
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class InputGroup:
-    """Quantized linears sharing one input; ``norm`` is the module that produced it, if a norm did."""
+    """Quantized linears sharing one input; ``norm`` is the module that produced it, if a norm did, and
+    ``norm_rows`` up to ``FOLD_CHECK_ROWS`` rows of that norm's traced (input, output)."""
 
     linears: dict[str, nn.Linear]
     norm: nn.Module | None
+    norm_rows: tuple[Tensor, Tensor] | None = None
 
     @property
     def first(self) -> nn.Linear:
@@ -75,7 +80,7 @@ class GroupTrace:
     def __init__(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> None:
         self.linears = linears
         self.seen_inputs: list[tuple[str, Tensor]] = []  # (name, input) for every leaf module and linear call
-        self.norm_outputs: list[tuple[nn.Module, Tensor]] = []
+        self.norm_calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (norm, input, output)
         inside_linear = {id(m) for linear in quantized_linears(layer).values() for m in linear.modules()}
         self.handles = []
         for name, module in layer.named_modules():
@@ -85,7 +90,7 @@ class GroupTrace:
                     lambda _m, args, name=name: self.seen_inputs.append((name, args[0])) if args else None))
             if is_norm(module):
                 self.handles.append(module.register_forward_hook(
-                    lambda m, _args, output: self.norm_outputs.append((m, output))))
+                    lambda m, args, output: self.norm_calls.append((m, args[0], output)) if args else None))
 
     def close(self) -> list[InputGroup]:
         """Remove the hooks and return the groups of what was seen (empty if nothing ran)."""
@@ -101,12 +106,17 @@ class GroupTrace:
             else:
                 shared.linears[name] = self.linears[name]
         for key, group in groups:
-            producers = [norm for norm, output in self.norm_outputs if same_tensor(output, key)]
+            producers = [(norm, x, output) for norm, x, output in self.norm_calls if same_tensor(output, key)]
             other_readers = [n for n, x in self.seen_inputs if n not in group.linears and same_tensor(x, key)]
             if len(producers) == 1 and not other_readers:
-                group.norm = producers[0]
-        self.seen_inputs, self.norm_outputs = [], []
+                norm, x, output = producers[0]
+                group.norm, group.norm_rows = norm, (_first_rows(x), _first_rows(output))
+        self.seen_inputs, self.norm_calls = [], []
         return [group for _, group in groups]
+
+
+def _first_rows(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-1])[:FOLD_CHECK_ROWS].clone()
 
 
 def same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -160,22 +170,27 @@ def relative_change(output: Tensor, reference: Tensor) -> float:
     return float((output - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def apply_input_scale(layer: nn.Module, inputs: LayerInputs, group: InputGroup, scale: Tensor) -> str:
+def fold_keeps_output(group: InputGroup, scale: Tensor) -> bool:
+    """After ``fold_into_norm(group.norm, scale)``: does the folded norm's output on the traced rows, times
+    ``scale``, match the traced output (relative change <= ``FOLD_TOLERANCE``)?"""
+    rows_in, rows_out = group.norm_rows
+    with torch.no_grad():
+        folded = group.norm(rows_in).float() * scale.to(rows_in.device)
+    return relative_change(folded, rows_out) <= FOLD_TOLERANCE
+
+
+def apply_input_scale(group: InputGroup, scale: Tensor, ranges: InputRanges | None = None) -> str:
     """Scale the group's weight columns by ``scale`` and its input by ``1/scale``; returns "folded" or
-    "pre_quant_scale" (see the module docstring). The layer's float function is unchanged; the fold is
-    checked on the first batch of ``inputs``. The input ranges the runner measured (``inputs.ranges``)
-    follow the scaling."""
+    "pre_quant_scale" (see the module docstring). The float function is unchanged. ``ranges`` (measured
+    input ranges) follow the scaling."""
     check_unscaled(group)
-    if inputs.ranges is not None:
-        inputs.ranges.rescale(group.linears.values(), scale)
-    first_batch = LayerInputs(inputs.calls[:1])
-    with torch.no_grad(), quantizers_disabled(layer):
-        reference = next(first_batch.forward(layer)).float() if group.norm is not None else None
-        scale_weights(group, scale)
-        if group.norm is not None:
-            originals = fold_into_norm(group.norm, scale)
-            if relative_change(next(first_batch.forward(layer)), reference) <= FOLD_TOLERANCE:
-                return "folded"
-            restore_norm(group.norm, originals)
+    if ranges is not None:
+        ranges.rescale(group.linears.values(), scale)
+    scale_weights(group, scale)
+    if group.norm is not None:
+        originals = fold_into_norm(group.norm, scale)
+        if fold_keeps_output(group, scale):
+            return "folded"
+        restore_norm(group.norm, originals)
     set_pre_quant_scale(group, scale)
     return "pre_quant_scale"

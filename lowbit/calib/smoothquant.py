@@ -12,10 +12,10 @@ One pass of the calibration data, as ModelOpt's ``smoothquant``:
    rescaled after it, so quantized weights would show activations no inference sees): the activation
    quantizers that are not smoothed get their calibration; each smoothed linear records ``max|X_j|`` of
    its input; each decoder layer's first call is traced (which linears share an input, which norm made
-   it) and its float output kept.
-2. Per group: the scale, the weights (and their static amax), the fold or pre_quant_scale. Each layer's
-   float output on its first call is checked unchanged (relative change <= ``FOLD_TOLERANCE``); if a
-   fold broke it (a norm computing ``x * (1 + weight)``), the layer's folds become pre_quant_scales.
+   it, rows of that norm's input and output).
+2. Per group: the scale, the weights (and their static amax), the fold or pre_quant_scale
+   (``lowbit.calib.scaling.apply_input_scale``: a fold is kept only if the folded norm reproduces the
+   traced rows, so a norm computing ``x * (1 + weight)`` gets a pre_quant_scale instead).
 3. A static per-tensor input quantizer with the max calibrator gets ``amax = max_j max|X_j| / s_j``,
    exactly what max calibration of the smoothed inputs gives, with no second pass. Other static
    calibrators (percentile, mse, entropy, asymmetric, per-channel) are run in one more pass.
@@ -34,26 +34,14 @@ from torch import Tensor, nn
 
 from lowbit.calib.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
 from lowbit.calib.layerwise import (
-    LayerInputs,
     LayerReport,
     find_decoder_layers,
     layer_errors,
     quantized_linears,
-    quantizers_disabled,
     recalibrate_weights,
-    replayable_call,
     tensor_quantizers,
 )
-from lowbit.calib.scaling import (
-    FOLD_TOLERANCE,
-    GroupTrace,
-    InputGroup,
-    fold_into_norm,
-    relative_change,
-    restore_norm,
-    scale_weights,
-    set_pre_quant_scale,
-)
+from lowbit.calib.scaling import GroupTrace, InputGroup, apply_input_scale
 from lowbit.quantizer import TensorQuantizer
 
 logger = logging.getLogger(__name__)
@@ -86,31 +74,28 @@ def _input_quantizer(linear: nn.Linear) -> TensorQuantizer:
     return tensor_quantizers(linear.input_quantizer)[0]
 
 
-class _FirstCalls:
-    """Per decoder layer: its first call (replayable), its float output, and the input groups traced in it."""
+class _FirstCallTraces:
+    """Per decoder layer, the input groups traced in its first call (which linears share an input, which
+    norm made it, rows of that norm's input and output)."""
 
     def __init__(self, layers: nn.ModuleList) -> None:
-        self.calls: dict[int, tuple[tuple, dict]] = {}
-        self.outputs: dict[int, Tensor] = {}
         self.groups: dict[int, list[InputGroup]] = {}
         self._traces: dict[int, GroupTrace] = {}
         self.handles = []
         for index, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(
-                lambda module, args, kwargs, index=index: self._start(index, module, args, kwargs), with_kwargs=True))
+                lambda module, _args, index=index: self._start(index, module)))
             self.handles.append(layer.register_forward_hook(
-                lambda _module, _args, output, index=index: self._finish(index, output)))
+                lambda _module, _args, _output, index=index: self._finish(index)))
 
-    def _start(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        if index not in self.calls:
-            self.calls[index] = replayable_call(args, kwargs)
+    def _start(self, index: int, layer: nn.Module) -> None:
+        if index not in self.groups and index not in self._traces:
             self._traces[index] = GroupTrace(layer, quantized_linears(layer))
 
-    def _finish(self, index: int, output) -> None:
+    def _finish(self, index: int) -> None:
         trace = self._traces.pop(index, None)
         if trace is not None:
             self.groups[index] = trace.close()
-            self.outputs[index] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
 
     def close(self) -> None:
         for handle in self.handles:
@@ -139,7 +124,7 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
               if q.is_enabled and not q.config.is_dynamic and q not in smoothed_inputs]
 
     calibrate_weights(model)
-    maxima, first_calls = ChannelMaxima(targets), _FirstCalls(layers)
+    maxima, first_calls = ChannelMaxima(targets), _FirstCallTraces(layers)
     try:
         for quantizer in smoothed_inputs:  # pass-through during the pass: no statistics, no dynamic quantization
             quantizer.disable()
@@ -157,7 +142,6 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
         grouped = {linear for group in groups for linear in group.linears.values()}
         groups += [InputGroup({name: linear}, None) for name, linear in quantized_linears(layer).items()
                    if linear in target_set and linear not in grouped]  # not reached by the first call
-        folds = []
         for group in groups:
             if group.first not in maxima.amax:
                 logger.warning("smoothquant: %s.%d.%s saw no calibration data; left unsmoothed", layers_name,
@@ -166,11 +150,7 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
             activation_amax = maxima.amax[group.first]
             weight_amax = torch.stack([w.weight.detach().abs().amax(dim=0).float() for w in group.linears.values()])
             scale = smoothquant_scale(activation_amax, weight_amax.amax(dim=0), alpha)
-            scale_weights(group, scale)
-            if group.norm is not None:
-                folds.append((group, scale, fold_into_norm(group.norm, scale)))
-            else:
-                set_pre_quant_scale(group, scale)
+            apply_input_scale(group, scale)
             for linear in group.linears.values():
                 quantizer = _input_quantizer(linear)
                 if is_analytic(quantizer):
@@ -178,22 +158,6 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
                 elif not quantizer.config.is_dynamic:
                     to_recalibrate.append(quantizer)
                 recalibrate_weights(linear)
-        if folds and index in first_calls.outputs:
-            _keep_float_output(layer, first_calls.calls[index], first_calls.outputs[index], folds)
     if to_recalibrate:
         calibration_pass(model, forward_loop, to_recalibrate, float_model=True)
     return layer_errors(model, forward_loop) if report else []
-
-
-def _keep_float_output(layer: nn.Module, call: tuple[tuple, dict], reference: Tensor,
-                       folds: list[tuple[InputGroup, Tensor, dict[str, Tensor]]]) -> None:
-    """If the folds changed the layer's float output on ``call``, move them to pre_quant_scale (exact)."""
-    with torch.no_grad(), quantizers_disabled(layer):
-        change = relative_change(next(LayerInputs([call]).forward(layer)), reference)
-    if change <= FOLD_TOLERANCE:
-        return
-    logger.info("smoothquant: folding into the norms changed the float output by %.3g; using pre_quant_scale",
-                change)
-    for group, scale, originals in folds:
-        restore_norm(group.norm, originals)
-        set_pre_quant_scale(group, scale)

@@ -72,7 +72,7 @@ def test_fold_into_norm_keeps_the_float_output():
     reference = float_output(block, inputs)
     scale = torch.rand(16, generator=torch.Generator().manual_seed(5)) * 4 + 0.25
     gate_weight = block.gate.weight.detach().clone()
-    assert apply_input_scale(block, inputs, group, scale) == "folded"
+    assert apply_input_scale(group, scale) == "folded"
     torch.testing.assert_close(float_output(block, inputs), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(block.gate.weight, gate_weight * scale)
     assert block.gate.input_quantizer.pre_quant_scale is None
@@ -84,11 +84,11 @@ def test_no_fold_when_the_norm_output_has_other_readers_or_a_different_formula(k
     group = find_input_groups(block, inputs)[0]
     norm_weight = block.norm.weight.detach().clone()
     scale = torch.full((16,), 2.0)
-    assert apply_input_scale(block, inputs, group, scale) == "pre_quant_scale"
+    assert apply_input_scale(group, scale) == "pre_quant_scale"
     assert torch.equal(block.norm.weight, norm_weight)  # an attempted fold is undone
     torch.testing.assert_close(block.up.input_quantizer.pre_quant_scale, torch.full((16,), 0.5))
     with pytest.raises(ValueError, match="already has a pre_quant_scale"):
-        apply_input_scale(block, inputs, group, scale)
+        apply_input_scale(group, scale)
 
 
 def test_awq_statistics_ride_on_a_pass_and_match_the_groups_and_float64_moments():
