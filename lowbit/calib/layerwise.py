@@ -28,7 +28,7 @@ are kept (as GPTQ and AWQ do).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -248,22 +248,18 @@ def weights_reused(module: nn.Module):
     return reusing_outputs([linear.weight_quantizer for linear in quantized_linears(module).values()])
 
 
-def linear_activation_quantizers(module: nn.Module) -> list[TensorQuantizer]:
-    """The enabled static quantizers of the inputs/outputs of the quantized linears inside ``module``."""
-    return [
+def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: Iterable[TensorQuantizer] = ()) -> None:
+    """Recalibrate the layer's static activation quantizers (inputs/outputs) but ``skip``, with their own
+    calibrators, as ``max_calibrate`` does (quantized weights); no pass at all when none is left."""
+    skipped = {id(q) for q in skip}
+    quantizers = [
         q
-        for linear in quantized_linears(module).values()
+        for linear in quantized_linears(layer).values()
         for slot in linear.quantizer_names
         if slot != "weight_quantizer"
         for q in tensor_quantizers(getattr(linear, slot))
-        if q.is_enabled and not q.config.is_dynamic
+        if q.is_enabled and not q.config.is_dynamic and id(q) not in skipped
     ]
-
-
-def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: list[TensorQuantizer] = ()) -> None:
-    """Recalibrate the layer's static activation quantizers (inputs/outputs) but ``skip``, with their own
-    calibrators, as ``max_calibrate`` does (quantized weights); no pass at all when none is left."""
-    quantizers = [q for q in linear_activation_quantizers(layer) if not any(q is s for s in skip)]
     if not quantizers:
         return
     with weights_reused(layer), collecting_statistics(quantizers):
@@ -281,8 +277,8 @@ def mean_squared_error(outputs: Iterator[Tensor], references: list[Tensor]) -> t
     return total / max(count, 1), kept
 
 
-LayerTransform = Callable[[nn.Module, "LayerInputs"], None]
-LayerWatch = Callable[[nn.Module, "LayerInputs"], AbstractContextManager]
+LayerTransform = Callable[[nn.Module, LayerInputs], None]
+LayerWatch = Callable[[nn.Module, LayerInputs], AbstractContextManager]
 
 
 def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform, description: str,
