@@ -37,6 +37,7 @@ from lowbit.quantizer import TensorQuantizer
 
 OBJECTIVES = ("block", "diagonal")
 TINY = torch.finfo(torch.float32).tiny
+CHUNK_ELEMENTS = 2**22  # bound on the (starts x weight) elements of one side-by-side search
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,20 @@ class IntGrid:
         unsigned = self.asymmetric or self.unsigned
         return formats.int_range(self.num_bits, unsigned=unsigned, narrow_range=self.narrow_range)[1]
 
-    def codes(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
-        """Symmetric: the signed codes ``q``; asymmetric: the unsigned codes ``c``; in ``w``'s dtype."""
+    def quantize(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> tuple[Tensor, Tensor]:
+        """``(codes, fake_quant)`` of ``w`` from one rounding (ranges broadcast with ``w``), both in ``w``'s
+        dtype. Codes: symmetric the signed ``q``, asymmetric the unsigned ``c``."""
         if self.asymmetric:
-            return formats.quantize_int_asym(w, amin, amax, self.num_bits)[0].to(w.dtype)
-        return formats.quantize_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)[0].to(w.dtype)
+            codes, scale, zero_point = formats.quantize_int_asym(w, amin, amax, self.num_bits)
+            return codes.to(w.dtype), formats.dequantize_int_asym(codes, scale, zero_point, w.dtype)
+        codes, scale = formats.quantize_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)
+        return codes.to(w.dtype), formats.dequantize_int(codes, scale, w.dtype)
+
+    def codes(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
+        return self.quantize(w, amin, amax)[0]
 
     def fake_quant(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
-        if self.asymmetric:
-            return formats.fake_quant_int_asym(w, amin, amax, self.num_bits)
-        return formats.fake_quant_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)
+        return self.quantize(w, amin, amax)[1]
 
     def own_range(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
         """``(min, max)`` of each group (last dim) if asymmetric, else ``(None, max |w|)``; keepdim."""
@@ -77,40 +82,48 @@ class IntGrid:
         return None, w.abs().amax(dim=-1, keepdim=True)
 
 
-def weighted_inner(a: Tensor, hessian: Tensor, b: Tensor) -> Tensor:
-    """``a^T H_G b`` per (row, group): ``a``, ``b`` ``(rows, n, g)``, ``hessian`` ``(n, g, g)`` -> ``(rows, n)``."""
-    return (torch.einsum("rng,ngh->rnh", a, hessian) * b).sum(dim=-1)
+def hessian_product(a: Tensor, hessian: Tensor) -> Tensor:
+    """``a^T H_G`` for every vector of ``a`` ``(n, ..., g)`` (groups first) and its group's block of
+    ``hessian`` ``(n, g, g)``; ``a``'s shape, one batched matmul (no permuted copies)."""
+    groups, size = hessian.shape[0], hessian.shape[-1]
+    return torch.bmm(a.reshape(groups, -1, size), hessian).reshape(a.shape)
 
 
 def group_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> Tensor:
-    """``(w - w_hat)^T H_G (w - w_hat)`` per (row, group), ``(rows, n)``; NaN counts as inf."""
+    """``(w - w_hat)^T H_G (w - w_hat)`` per vector, groups first: ``w``, ``w_hat`` ``(n, ..., g)``
+    (broadcast), ``hessian`` ``(n, g, g)`` -> the broadcast shape without ``g``; NaN counts as inf."""
     delta = w - w_hat
-    return weighted_inner(delta, hessian, delta).nan_to_num(nan=float("inf"))
+    return (hessian_product(delta, hessian) * delta).sum(dim=-1).nan_to_num(nan=float("inf"))
 
 
-def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None,
-          amax: Tensor) -> list[tuple[Tensor | None, Tensor]]:
-    """The least-squares grids for the codes of ``(amin, amax)`` (module docstring); same shapes.
+def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None, amax: Tensor,
+          codes: Tensor | None = None) -> list[tuple[Tensor | None, Tensor]]:
+    """The least-squares grids for the codes of ``(amin, amax)`` (module docstring), groups first: ``w``
+    ``(n, ..., g)``, ``hessian`` ``(n, g, g)``, ranges ``(n, ..., 1)`` (broadcast with ``w``); the
+    candidates have the ranges' broadcast shape. ``codes``: ``grid.codes(w, amin, amax)`` if already known.
 
     Symmetric: one candidate. Asymmetric: three, the fitted zero point and its two neighbours with the
     same step (the rounded zero point of the joint fit is often one step off). Groups where a fit is degenerate (no
-    nonzero code, a non-positive step) keep their range.
+    nonzero code, a non-positive step) keep their range. ``H_G`` is symmetric, so ``<a, b>_H`` is read
+    from whichever product ``a H_G`` is at hand.
     """
-    codes = grid.codes(w, amin, amax)
+    if codes is None:
+        codes = grid.codes(w, amin, amax)
+    codes_h = hessian_product(codes, hessian)
     if not grid.asymmetric:
-        step = weighted_inner(w, hessian, codes) / weighted_inner(codes, hessian, codes)
+        step = (codes_h * w).sum(dim=-1) / (codes_h * codes).sum(dim=-1)
         fitted = (step * grid.qmax)[..., None]
         return [(None, torch.where(fitted.isfinite() & (fitted > 0), fitted, amax))]
-    ones = torch.ones_like(codes)
-    cc, c1, one1 = (weighted_inner(codes, hessian, codes), weighted_inner(codes, hessian, ones),
-                    weighted_inner(ones, hessian, ones))
-    cw, onew = weighted_inner(codes, hessian, w), weighted_inner(ones, hessian, w)
+    ones_h = hessian.sum(dim=-2).reshape(hessian.shape[0], *[1] * (codes.dim() - 2), hessian.shape[-1])  # 1^T H_G
+    cc, c1, one1 = (codes_h * codes).sum(dim=-1), codes_h.sum(dim=-1), ones_h.sum(dim=-1)
+    cw, onew = (codes_h * w).sum(dim=-1), (ones_h * w).sum(dim=-1)
     determinant = cc * one1 - c1 * c1
     step = (cw * one1 - c1 * onew) / determinant
     offset = (cc * onew - c1 * cw) / determinant
     zero_point = torch.clamp(torch.round(-offset / step).nan_to_num(0.0), 0, grid.qmax)[..., None]
     centred = codes - zero_point
-    step = (weighted_inner(w, hessian, centred) / weighted_inner(centred, hessian, centred))[..., None]
+    centred_h = hessian_product(centred, hessian)
+    step = ((centred_h * w).sum(dim=-1) / (centred_h * centred).sum(dim=-1))[..., None]
     valid = step.isfinite() & (step > TINY)
     candidates = []
     for shift in (0, -1, 1):  # the neighbours keep the step; the next refit re-rounds
@@ -131,37 +144,70 @@ def estimate_range(
     """The search of the module docstring for weight groups ``w`` ``(rows, n, g)`` with ``hessian``
     ``(n, g, g)`` and the current range ``start`` = ``(amin or None, amax)``, each ``(rows, n, 1)``.
 
-    Each step continues from the best candidate of the previous refit, per group. Returns
-    ``(amin or None, amax, error)``: the best range per group and its error ``(rows, n)``; float32
-    (float64 when ``w`` is float64).
+    Each step continues from the best candidate of the previous refit, per group. The start points are
+    searched side by side, up to ``CHUNK_ELEMENTS // w.numel()`` at a time (a leading start axis, groups
+    first inside: ``(n, starts, rows, g)``), and the first least error wins, in the order of the
+    sequential search. Returns ``(amin or None, amax, error)``: the best range per group and its error
+    ``(rows, n)``; float32 (float64 when ``w`` is float64; ``start`` is cast to it).
     """
     hessian = hessian.to(w.dtype)
     own_min, own_max = grid.own_range(w)
-    starts = [start] + [(None if own_min is None else own_min * r, own_max * r) for r in ratios]
-    best = _Best(start, group_error(w, grid.fake_quant(w, *start), hessian))
-    for current in starts:
-        chain = _Best(current, group_error(w, grid.fake_quant(w, *current), hessian))
+    starts = [tuple(None if bound is None else bound.to(w.dtype) for bound in start)]
+    starts += [(None if own_min is None else own_min * r, own_max * r) for r in ratios]
+    groups = w.transpose(0, 1).unsqueeze(1).contiguous()  # (n, 1, rows, g)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, w.numel()))
+    best = None
+    for first in range(0, len(starts), per_chunk):
+        chunk = starts[first : first + per_chunk]
+        bounds = tuple(None if chunk[0][i] is None else torch.stack([s[i] for s in chunk]).permute(2, 0, 1, 3)
+                       for i in range(2))  # (n, starts, rows, 1)
+        chains = _search(grid, groups, hessian, bounds, steps)
+        winner = chains.error.argmin(dim=1, keepdim=True)  # the first least error over the starts
+        error = chains.error.gather(1, winner)
+        chosen = tuple(None if bound is None else bound.gather(1, winner[..., None]) for bound in chains.range)
+        if best is None:
+            best = _Best(chosen, error)
+        else:
+            best.update(chosen, error)
+    amin, amax = (None if bound is None else bound[:, 0].transpose(0, 1) for bound in best.range)
+    return amin, amax, best.error[:, 0].transpose(0, 1)
+
+
+def _search(grid: IntGrid, groups: Tensor, hessian: Tensor, bounds: tuple[Tensor | None, Tensor],
+            steps: int) -> _Best:
+    """Per start point (``bounds`` ``(n, starts, rows, 1)``, ``groups`` ``(n, 1, rows, g)``): the start, then
+    ``steps`` refits, each from the best candidate of the one before; the first least error of them all."""
+    codes, w_hat = grid.quantize(groups, *bounds)
+    chain = _Best(bounds, group_error(groups, w_hat, hessian), codes)
+    best = _Best(chain.range, chain.error)
+    for _ in range(steps):
+        candidates = refit(grid, groups, hessian, *chain.range, codes=chain.codes)
+        chain = None
+        for candidate in candidates:
+            codes, w_hat = grid.quantize(groups, *candidate)
+            error = group_error(groups, w_hat, hessian)
+            if chain is None:
+                chain = _Best(candidate, error, codes)
+            else:
+                chain.update(candidate, error, codes)
         best.update(chain.range, chain.error)
-        for _ in range(steps):
-            candidates = refit(grid, w, hessian, *chain.range)
-            chain = _Best(candidates[0], group_error(w, grid.fake_quant(w, *candidates[0]), hessian))
-            for candidate in candidates[1:]:
-                chain.update(candidate, group_error(w, grid.fake_quant(w, *candidate), hessian))
-            best.update(chain.range, chain.error)
-    return (*best.range, best.error)
+    return best
 
 
 class _Best:
-    """Per group, the range with the least error seen so far (ties keep the earlier)."""
+    """Per group, the range with the least error seen so far (ties keep the earlier), and its codes when
+    they are tracked."""
 
-    def __init__(self, bounds: tuple[Tensor | None, Tensor], error: Tensor) -> None:
-        self.range, self.error = bounds, error
+    def __init__(self, bounds: tuple[Tensor | None, Tensor], error: Tensor, codes: Tensor | None = None) -> None:
+        self.range, self.error, self.codes = bounds, error, codes
 
-    def update(self, bounds: tuple[Tensor | None, Tensor], error: Tensor) -> None:
+    def update(self, bounds: tuple[Tensor | None, Tensor], error: Tensor, codes: Tensor | None = None) -> None:
         better = error < self.error
         self.error = torch.where(better, error, self.error)
         self.range = tuple(None if old is None else torch.where(better[..., None], new, old)
                            for old, new in zip(self.range, bounds, strict=True))
+        if codes is not None:
+            self.codes = torch.where(better[..., None], codes, self.codes)
 
 
 def hessian_blocks(hessian: Tensor, group_size: int, objective: str = "block") -> Tensor:
