@@ -15,7 +15,10 @@ export share one formula per format:
    run by GPTQ first (which keeps that grid); for NF4 / FP4 (not integer grids) -> ``awq_clip``
    (per-group clip search against the layer output, ``awq_full`` with ``awq``); ``gptq`` -> ``gptq``.
    Layer-wise algorithms start from max calibration, so INT4_ASYM's range search runs again when
-   AWQ alone was the last step;
+   AWQ alone was the last step. Scale estimation and GPTQ see consecutive batch-1 items stacked into
+   batches of up to ``STACKED_BATCH`` (``data.stacked_items``): their statistics are sums over token
+   rows, so only float rounding changes, and a batched layer call is much cheaper than 8 single ones.
+   The AWQ methods get the items as given: they sample input rows evenly spaced within each call;
 5. :func:`pack`: ``lowbit.compress.compress`` stores the compressed Linear layers packed, with float16
    scales as NNCF stores them (its ``CompressedLinear`` multiplies the dequantized weight). Layers it
    has no format or module for stay fake-quantized: NF4, embeddings, convolutions, and a Linear whose
@@ -33,7 +36,7 @@ from torch import nn
 
 from lowbit.convert import calibrate, quantize
 from lowbit.modules import is_quantized, revert_module
-from lowbit.weight_compression.data import forward_loop
+from lowbit.weight_compression.data import forward_loop, stacked_items
 from lowbit.weight_compression.layers import MATMUL, embeddings_registered
 from lowbit.weight_compression.nf4 import NF4Quantizer
 from lowbit.weight_compression.plan import SCALE_ESTIMATION_MODES, CompressionPlan, LayerPlan
@@ -68,6 +71,8 @@ def quantize_config(plan: CompressionPlan) -> dict:
 
 
 Refinement = tuple[str, dict]  # (lowbit.calibrate algorithm, its options)
+STACKED_BATCH = 8  # items per stacked batch for the methods whose statistics are per token row
+ROW_SUM_METHODS = ("scale_estimation", "gptq")  # the awq_* methods sample rows per call: not stacked
 
 
 def refinements(plan: CompressionPlan) -> list[Refinement]:
@@ -153,11 +158,11 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
         calibrate(model, "max")
         search_asymmetric_ranges(plan)
         if steps:
-            loop = forward_loop(dataset)
+            loops = {False: forward_loop(dataset), True: forward_loop(stacked_items(dataset, STACKED_BATCH))}
             others = [entry for entry in plan.layers if entry.format is not None and not entry.primary]
             with weight_quantizers_disabled(others):
                 for method, options in steps:
-                    calibrate(model, method, loop, **options)
+                    calibrate(model, method, loops[method in ROW_SUM_METHODS], **options)
             if steps[-1] == ("awq_lite", {}):  # its weights were recalibrated to min/max: search again
                 search_asymmetric_ranges(plan)
     except BaseException:
