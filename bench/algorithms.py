@@ -55,6 +55,7 @@ INT4_ASYM = "INT4 asym g128 weight-only"
 INT8_W8A8 = "INT8 W8A8 (per-channel W; per-tensor A)"  # no comma: --formats splits on commas
 FP8_W8A8 = "FP8 W8A8 per-tensor"
 W4A8 = "W4A8 (INT4 g128 -> FP8 W; FP8 A)"  # no comma either
+NVFP4 = "NVFP4 W4A4 (E2M1 blocks of 16)"
 SPEED_RATIO = 0.5  # the target: lowbit's wall time <= this x ModelOpt's, same config
 
 
@@ -149,6 +150,11 @@ CASES: list[Case] = [
     modelopt_case(FP8_W8A8, "FP8_DEFAULT_CFG"),
     lowbit_case(W4A8, "W4A8_AWQ_BETA_CFG"),
     modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
+    lowbit_case(NVFP4, "NVFP4_DEFAULT_CFG"),
+    lowbit_case(NVFP4, "NVFP4_AWQ_LITE_CFG"),
+    lowbit_case(NVFP4, "NVFP4_AWQ_LITE_CFG", {"method": "awq_lite", "scale_per_linear": True}),
+    modelopt_case(NVFP4, "NVFP4_DEFAULT_CFG"),
+    modelopt_case(NVFP4, "NVFP4_AWQ_LITE_CFG"),
 ]
 
 

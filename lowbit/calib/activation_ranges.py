@@ -23,13 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def is_analytic(quantizer: nn.Module) -> bool:
-    """A TensorQuantizer that is enabled, static, symmetric, per-tensor, with the max calibrator."""
+    """A TensorQuantizer that is enabled, static, symmetric, with the max calibrator and one per-tensor
+    amax: per-tensor scales, or NVFP4 (its amax is the per-tensor global one; block scales are dynamic)."""
     if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled:
         return False
     config = quantizer.config
     method = config.calibrator["method"] if isinstance(config.calibrator, dict) else config.calibrator
-    return (not config.is_dynamic and method == "max" and not config.asymmetric and config.axis is None
-            and config.block_sizes is None)
+    per_tensor = (config.axis is None and config.block_sizes is None) or config.block_scale_bits == (4, 3)
+    return not config.is_dynamic and method == "max" and not config.asymmetric and per_tensor
 
 
 def channel_maxima(x: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 import lowbit.convert as convert
 from lowbit.calib.activation_ranges import InputRanges, channel_maxima, is_analytic
+from lowbit.quantizer import collecting_statistics
 
 
 def quantized_linears(input_cfg, count=3, seed=0):
@@ -34,8 +35,14 @@ def test_channel_maxima_matches_float64():
     torch.testing.assert_close(channel_maxima(x).double(), expected, rtol=0, atol=0)
 
 
-def test_amax_is_max_calibration_of_the_scaled_effective_input():
-    linears = quantized_linears({"num_bits": 8})
+NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+
+
+@pytest.mark.parametrize("input_cfg", [{"num_bits": 8}, NVFP4], ids=["int8", "nvfp4"])
+def test_amax_is_max_calibration_of_the_scaled_effective_input(input_cfg):
+    """The amax follows max |x * p / s| (NVFP4: its per-tensor global amax), and equals what the quantizer's
+    own max calibration of the scaled inputs gives."""
+    linears = quantized_linears(input_cfg)
     generator = torch.Generator().manual_seed(2)
     prior = torch.rand(16, generator=generator) + 0.5  # a pre_quant_scale already in place on linear 1
     linears[1].input_quantizer.pre_quant_scale = prior
@@ -53,8 +60,14 @@ def test_amax_is_max_calibration_of_the_scaled_effective_input():
     expected = [(x64 / scale.double()).abs().amax(), (x64 * prior.double() / scale.double()).abs().amax(),
                 x64.abs().amax()]
     for linear, amax in zip(linears, expected, strict=True):
-        assert linear.input_quantizer.amax.dim() == 0
-        torch.testing.assert_close(linear.input_quantizer.amax.double(), amax, rtol=1e-6, atol=0)
+        assert linear.input_quantizer.amax.numel() == 1
+        torch.testing.assert_close(linear.input_quantizer.amax.double().reshape(()), amax, rtol=1e-6, atol=0)
+    calibrated = quantized_linears(input_cfg)[0].input_quantizer
+    with torch.no_grad(), collecting_statistics([calibrated]):
+        for x in batches:
+            calibrated(x / scale)
+    torch.testing.assert_close(calibrated.amax.reshape(()), linears[0].input_quantizer.amax.reshape(()),
+                               rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("input_cfg", [
@@ -63,12 +76,14 @@ def test_amax_is_max_calibration_of_the_scaled_effective_input():
     {"num_bits": 8, "block_sizes": {-1: 16, "type": "dynamic"}},
     {"num_bits": 8, "calibrator": {"method": "percentile", "percentile": 99.9}},
     {"num_bits": 8, "enable": False},
+    {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}},  # MXFP4: no amax
 ])
 def test_only_static_symmetric_per_tensor_max_quantizers_are_analytic(input_cfg):
     linears = quantized_linears(input_cfg, count=1)
     assert not is_analytic(linears[0].input_quantizer)
     assert InputRanges(linears).linears == []
     assert is_analytic(quantized_linears({"num_bits": 8}, count=1)[0].input_quantizer)
+    assert is_analytic(quantized_linears(NVFP4, count=1)[0].input_quantizer)
 
 
 def test_a_linear_no_call_reached_keeps_its_amax_and_is_reported(caplog):
