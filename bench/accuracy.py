@@ -247,6 +247,7 @@ def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], r
     parser.add_argument("--threads", type=int, default=available_cpus())
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     args = parser.parse_args(argv)
     try:
         return args, select(all_cases, args.libraries, args.formats)
@@ -262,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="modelopt")
     workload = Workload.default(args.calib_samples, args.eval_tokens)
+    workload.model.to(args.device)
     baseline = measure_baseline(workload)
     results = [run_case(case, workload) for case in tqdm(cases, desc="cases")]
     for _ in tqdm(range(args.repeats - 1), desc="re-timing passes"):
         results = retime(cases, results, workload)
     rows = comparison_rows(cases, results, baseline)
     context = run_context(["python", "bench/accuracy.py", *argv])
-    write_report(report(rows, context, workload, args.repeats), args.out, "accuracy")
+    write_report(report(rows, context, workload, args.repeats), args.out,
+                 "accuracy" if args.device == "cpu" else f"accuracy_{args.device}")
     return 0
 
 

@@ -165,6 +165,8 @@ def forward_loop_seconds(workload: Workload) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         workload.forward_loop()(model)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -211,6 +213,7 @@ def _round(value: float | None, digits: int) -> float | None:
 def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workload, repeats: int) -> str:
     versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
     windows = len(_windows(workload))
+    device = next(workload.model.parameters()).device
     return "\n".join([
         f"# Calibration algorithms vs peers, {context['date'][:10]}",
         "",
@@ -219,7 +222,7 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
         + " / ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1 / 5 / 15 min)",
         f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
         f"- date: {context['date']}",
-        f"- workload: lowbit's bundled model (float32), {windows} calibration windows x 256 tokens of the "
+        f"- workload: lowbit's bundled model (float32, on {device}), {windows} calibration windows x 256 tokens of the "
         f"calibration text, perplexity on the first {workload.eval_tokens} held-out tokens (seq_len 256, stride 128)",
         f"- `d ppl`: perplexity change vs unquantized; `wall s`: calibration + quantization wall time, fastest of "
         f"{repeats}; `cpu s`: the process's CPU time over that run (all threads)",
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False)
+    workload.model.to(args.device)
     baseline = measure_baseline(workload)
     floor = forward_loop_seconds(workload)
     results = []
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         results = retime(cases, results, workload)
     rows, verdicts = rows_and_verdicts(cases, results, baseline, floor)
     text = report(rows, verdicts, run_context(["python", "bench/algorithms.py", *argv]), workload, args.repeats)
-    write_report(text, args.out, "algorithms")
+    write_report(text, args.out, "algorithms" if args.device == "cpu" else f"algorithms_{args.device}")
     return 0
 
 

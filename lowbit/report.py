@@ -154,6 +154,8 @@ def time_quantize(model: nn.Module, quantize: Callable[[nn.Module], nn.Module]) 
     candidate = copy.deepcopy(model)
     start, cpu_start = time.perf_counter(), time.process_time()
     quantized = quantize(candidate)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # queued GPU work is part of the time
     return quantized, time.perf_counter() - start, time.process_time() - cpu_start
 
 
@@ -236,7 +238,8 @@ def run_context(argv: Sequence[str]) -> dict:
         "command": " ".join(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_name()} ({platform.machine()}), {available_cpus()} CPUs, "
-                   f"torch threads {torch.get_num_threads()}",
+                   f"torch threads {torch.get_num_threads()}"
+                   + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "load_average": _load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
