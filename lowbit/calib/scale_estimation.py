@@ -37,7 +37,7 @@ from lowbit.quantizer import TensorQuantizer
 
 OBJECTIVES = ("block", "diagonal")
 TINY = torch.finfo(torch.float32).tiny
-CHUNK_ELEMENTS = 2**22  # bound on the (starts x weight) elements of one side-by-side search
+CHUNK_ELEMENTS = 2**19  # (starts x weight) elements searched side by side: tensors stay in cache
 
 
 @dataclass(frozen=True)
