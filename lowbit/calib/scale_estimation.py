@@ -104,17 +104,17 @@ def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None, amax: 
 
     Symmetric: one candidate. Asymmetric: three, the fitted zero point and its two neighbours with the
     same step (the rounded zero point of the joint fit is often one step off). Groups where a fit is degenerate (no
-    nonzero code, a non-positive step) keep their range. ``H_G`` is symmetric, so ``<a, b>_H`` is read
-    from whichever product ``a H_G`` is at hand.
+    nonzero code, a non-positive step) keep their range. ``<a, b>_H`` is the sum of ``(a H_G) * b``, the
+    products of ``w``, ``1`` and the codes each computed once.
     """
     if codes is None:
         codes = grid.codes(w, amin, amax)
-    codes_h = hessian_product(codes, hessian)
+    codes_h, w_h = hessian_product(codes, hessian), hessian_product(w, hessian)
     if not grid.asymmetric:
-        step = (codes_h * w).sum(dim=-1) / (codes_h * codes).sum(dim=-1)
+        step = (w_h * codes).sum(dim=-1) / (codes_h * codes).sum(dim=-1)
         fitted = (step * grid.qmax)[..., None]
         return [(None, torch.where(fitted.isfinite() & (fitted > 0), fitted, amax))]
-    ones_h = hessian.sum(dim=-2).reshape(hessian.shape[0], *[1] * (codes.dim() - 2), hessian.shape[-1])  # 1^T H_G
+    ones_h = hessian_product(torch.ones_like(w), hessian)
     cc, c1, one1 = (codes_h * codes).sum(dim=-1), codes_h.sum(dim=-1), ones_h.sum(dim=-1)
     cw, onew = (codes_h * w).sum(dim=-1), (ones_h * w).sum(dim=-1)
     determinant = cc * one1 - c1 * c1
@@ -123,7 +123,7 @@ def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None, amax: 
     zero_point = torch.clamp(torch.round(-offset / step).nan_to_num(0.0), 0, grid.qmax)[..., None]
     centred = codes - zero_point
     centred_h = hessian_product(centred, hessian)
-    step = ((centred_h * w).sum(dim=-1) / (centred_h * centred).sum(dim=-1))[..., None]
+    step = ((w_h * centred).sum(dim=-1) / (centred_h * centred).sum(dim=-1))[..., None]
     valid = step.isfinite() & (step > TINY)
     candidates = []
     for shift in (0, -1, 1):  # the neighbours keep the step; the next refit re-rounds
