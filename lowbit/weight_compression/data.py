@@ -85,23 +85,28 @@ def _same_key(a: tuple | None, b: tuple | None) -> bool:
     return True
 
 
-def stacked_items(items: list[Any], max_batch: int = 8) -> list[Any]:
-    """``items`` with each run of up to ``max_batch`` consecutive stackable items joined into one.
+def stacked_items(items: list[Any], max_batch: int = 8, max_elements: int = 4096) -> list[Any]:
+    """``items`` with each run of up to ``max_batch`` consecutive stackable items joined into one, as long
+    as the joined largest tensor has at most ``max_elements`` elements (input ids: tokens), so that one
+    stacked call needs no more activation memory than a single ``max_elements``-token item would.
 
     Stackable: dicts with the same keys (in the same order) whose tensors all have shape ``(1, ...)``,
     equal per key in shape, dtype and device, and whose other values are equal; a run becomes one dict
     with every tensor concatenated along dim 0 (item order kept) and the other values shared. Other items
     (tuples, bare tensors, dicts without tensors or with a batch dim other than 1) are returned unchanged,
-    in place. Values are never modified; ValueError unless ``max_batch`` is a positive int.
+    in place. Values are never modified; ValueError unless ``max_batch`` and ``max_elements`` are
+    positive ints.
     """
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch={max_batch!r} must be a positive int")
+    for name, value in (("max_batch", max_batch), ("max_elements", max_elements)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
     result: list[Any] = []
     run: list[dict] = []
     run_key: tuple | None = None
     for item in items:
         key = _stacking_key(item)
-        if run and (len(run) == max_batch or not _same_key(key, run_key)):
+        full = run and (len(run) == max_batch or (len(run) + 1) * _largest(run[0]) > max_elements)
+        if run and (full or not _same_key(key, run_key)):
             result.append(_joined(run))
             run = []
         if key is None:
@@ -113,6 +118,10 @@ def stacked_items(items: list[Any], max_batch: int = 8) -> list[Any]:
     if run:
         result.append(_joined(run))
     return result
+
+
+def _largest(item: dict) -> int:
+    return max(value.numel() for value in item.values() if isinstance(value, torch.Tensor))
 
 
 def _joined(run: list[dict]) -> dict:

@@ -64,6 +64,16 @@ def test_values_are_never_modified(generator):
 def test_max_batch_errors(max_batch):
     with pytest.raises(ValueError, match=f"max_batch={max_batch!r}"):
         stacked_items([], max_batch=max_batch)
+    with pytest.raises(ValueError, match=f"max_elements={max_batch!r}"):
+        stacked_items([], max_elements=max_batch)
+
+
+def test_stacks_stay_under_max_elements(generator):
+    """Items of 100 tokens with a 250-element cap: runs of 2 (200 tokens), never 3 (300)."""
+    items = [{"input_ids": torch.randint(0, 50, (1, 100), generator=generator)} for _ in range(5)]
+    result = stacked_items(items, max_batch=8, max_elements=250)
+    assert [item["input_ids"].shape[0] for item in result] == [2, 2, 1]
+    assert torch.equal(torch.cat([item["input_ids"] for item in result]), torch.cat([i["input_ids"] for i in items]))
 
 
 def test_stacked_batches_give_the_same_hessians(generator):
