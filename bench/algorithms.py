@@ -152,7 +152,7 @@ CASES: list[Case] = [
     modelopt_case(W4A8, "W4A8_AWQ_BETA_CFG"),
     lowbit_case(NVFP4, "NVFP4_DEFAULT_CFG"),
     lowbit_case(NVFP4, "NVFP4_AWQ_LITE_CFG"),
-    lowbit_case(NVFP4, "NVFP4_AWQ_LITE_CFG", {"method": "awq_lite", "scale_per_linear": True}),
+    lowbit_case(NVFP4, "NVFP4_AWQ_LITE_CFG", "awq_lite"),  # awq_lite's defaults: one scale per input group
     modelopt_case(NVFP4, "NVFP4_DEFAULT_CFG"),
     modelopt_case(NVFP4, "NVFP4_AWQ_LITE_CFG"),
 ]

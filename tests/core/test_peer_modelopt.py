@@ -10,6 +10,8 @@ cases run only on a GPU machine.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -33,8 +35,15 @@ CPU_CASES = {
 }
 CUDA_CASES = {
     "nvfp4": {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}},
-    "mxfp4": {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}},
-    "mxfp8": {"num_bits": (4, 3), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}},
+}
+# MX: lowbit takes the OCP MX v1.0 shared exponent floor(log2 amax) - emax_elem (values above the element
+# format's max in the block's top binade saturate); ModelOpt takes ceil(log2(amax / max_elem)) (no
+# clipping, one binade coarser there). The two agree on blocks whose amax / 2**floor(log2 amax) is at most
+# max_elem / 2**emax_elem (E2M1: 1.5, E4M3: 1.75); the test compares those blocks and checks the others
+# are exactly the ones the rules split.
+MX_CASES = {
+    "mxfp4": ({"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}, 6.0),
+    "mxfp8": ({"num_bits": (4, 3), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}, 448.0),
 }
 
 
@@ -45,8 +54,8 @@ def _ulps_apart(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (actual.float() - expected.float()).abs() / spacing
 
 
-def compare(attributes: dict, device: str = "cpu", seed: int = 0) -> dict:
-    """Calibrate both on one batch, quantize another; returns the figures (amax equal, max abs diff, ulps)."""
+def quantized_pair(attributes: dict, device: str = "cpu", seed: int = 0):
+    """Both quantizers calibrated on one batch, and a second batch ``x`` (beyond the calibrated range)."""
     generator = torch.Generator().manual_seed(seed)
     calibration = random_with_outliers((64, 256), generator).to(device)
     x = (random_with_outliers((64, 256), generator) * 1.5).to(device)
@@ -56,6 +65,12 @@ def compare(attributes: dict, device: str = "cpu", seed: int = 0) -> dict:
     ours = TensorQuantizer(QuantizerAttributeConfig(**attributes)).to(device)
     for quantizer in (theirs, ours):
         calibrate_quantizer(quantizer, calibration)
+    return theirs, ours, x
+
+
+def compare(attributes: dict, device: str = "cpu", seed: int = 0) -> dict:
+    """Calibrate both on one batch, quantize another; returns the figures (amax equal, max abs diff, ulps)."""
+    theirs, ours, x = quantized_pair(attributes, device, seed)
     if theirs.amax is None:
         amax_equal = ours.amax is None
     else:
@@ -139,3 +154,25 @@ def test_smoothquant_preset_matches_modelopt_on_tiny_llama():
     our_error = float((ours_logits - reference).norm() / reference.norm())
     their_error = float((theirs_logits - reference).norm() / reference.norm())
     assert our_error == pytest.approx(their_error, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(MX_CASES))
+def test_mx_matches_modelopt_where_the_scale_rules_agree(case):
+    """Blocks where OCP's and ModelOpt's shared exponents agree (float64 in the test) match within 1 ulp;
+    every block where they disagree is one of the "top of the binade" blocks the module comment names."""
+    if not torch.cuda.is_available():
+        pytest.skip("ModelOpt's MX fake quant needs CUDA (its CPU path asserts a CUDA amax)")
+    attributes, max_elem = MX_CASES[case]
+    theirs, ours, x = quantized_pair(attributes, device="cuda")
+    with torch.no_grad():
+        expected, actual = theirs(x).cpu(), ours(x).cpu()
+    amax = x.cpu().double().reshape(64, -1, 32).abs().amax(dim=-1)
+    emax = math.floor(math.log2(max_elem))
+    ocp = torch.floor(torch.log2(amax)) - emax
+    modelopt = torch.ceil(torch.log2(amax / max_elem))
+    agree = (ocp == modelopt)[..., None].expand(64, -1, 32).reshape(64, 256)
+    top_of_binade = amax / torch.exp2(torch.floor(torch.log2(amax))) > max_elem / 2**emax
+    assert torch.equal(~(ocp == modelopt), top_of_binade)
+    assert agree.any() and (~agree).any()  # both kinds of block are exercised
+    assert _ulps_apart(actual[agree], expected[agree]).max() <= 1.0
