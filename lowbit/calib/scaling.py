@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class InputGroup:
     """Quantized linears sharing one input; ``norm`` is the module that produced it, if a norm did, and
-    ``norm_rows`` up to ``FOLD_CHECK_ROWS`` rows of that norm's traced (input, output)."""
+    ``norm_rows`` up to ``FOLD_CHECK_ROWS`` rows of that norm's traced (input, output), ``(1, rows, dim)``."""
 
     linears: dict[str, nn.Linear]
     norm: nn.Module | None
@@ -116,7 +116,9 @@ class GroupTrace:
 
 
 def _first_rows(x: Tensor) -> Tensor:
-    return x.detach().reshape(-1, x.shape[-1])[:FOLD_CHECK_ROWS].clone()
+    """Up to ``FOLD_CHECK_ROWS`` rows (vectors along the last dim) of ``x``, as ``(1, rows, dim)``: the
+    shape of one short sequence, which norms written for ``(batch, tokens, dim)`` accept too."""
+    return x.detach().reshape(-1, x.shape[-1])[:FOLD_CHECK_ROWS].unsqueeze(0).clone()
 
 
 def same_tensor(a: Tensor, b: Tensor) -> bool:
