@@ -41,8 +41,8 @@ FP8_PER_CHANNEL_PER_TOKEN_CFG = _preset(
     {"num_bits": FP8, "block_sizes": {-1: None, "type": "dynamic"}},
 )
 # ModelOpt's awq_lite: one scale per linear (its input quantizer's pre_quant_scale), every calibration token
-# scored. Measured on the bundled model: INT4_AWQ d ppl 1.07 -> 0.87, W4A8 1.15 -> 0.97 (bench/results); NVFP4
-# W4A4 on an H100 1.196 (one scale per input group, 4096 tokens) -> 1.080 (per linear, 4096 tokens).
+# scored. Measured on the bundled model against one scale per input group (with quantized layer inputs):
+# INT4_AWQ d ppl 1.07 -> 0.87, W4A8 1.15 -> 0.97 (bench/results).
 AWQ_LITE_AS_MODELOPT = {"method": "awq_lite", "alpha_step": 0.1, "scale_per_linear": True, "max_tokens": 16384}
 INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _preset({"num_bits": 4, "block_sizes": {-1: 128}}, None)
 INT4_AWQ_CFG = _preset(

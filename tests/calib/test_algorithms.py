@@ -274,3 +274,32 @@ def test_layerwise_input_ranges_without_a_full_pass(model, batches, output_quant
         quantizer = getattr(attention, name).input_quantizer
         expected = (normed.double() * quantizer.pre_quant_scale.double()).abs().amax()
         torch.testing.assert_close(quantizer.amax.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layer_inputs", ["float", "quantized"])
+def test_layer_inputs_float_or_quantized(model, batches, layer_inputs):
+    """With "float" every decoder layer is calibrated on the float model's hidden states (the reference:
+    transformers' output_hidden_states of the unquantized model); with "quantized" the second layer sees
+    the first quantized layer's outputs instead, which differ from them."""
+    from lowbit.calib.layerwise import run_layerwise
+
+    weight_only = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
+    seen = []
+    run_layerwise(weight_only, forward_loop_for(batches),
+                  lambda layer, inputs: seen.append([inputs.hidden_states(i) for i in range(len(inputs))]),
+                  "record", layer_inputs=layer_inputs)
+    with torch.no_grad():
+        expected = [model(batch, output_hidden_states=True).hidden_states for batch in batches]
+    for index in range(len(seen)):
+        for batch_index, hidden in enumerate(seen[index]):
+            close = torch.allclose(hidden, expected[batch_index][index], rtol=1e-5, atol=1e-5)
+            assert close == (layer_inputs == "float" or index == 0), (index, batch_index)
+
+
+def test_layer_inputs_error_leaves_the_model_untouched(model, batches):
+    scaled = quantized(model, "INT4_AWQ_CFG", batches)
+    before = copy.deepcopy(scaled.state_dict())
+    with pytest.raises(ValueError, match="layer_inputs='sequential'; allowed: \\['float', 'quantized'\\]"):
+        run_algorithm("awq_lite", scaled, forward_loop_for(batches), {"layer_inputs": "sequential"})
+    after = scaled.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
