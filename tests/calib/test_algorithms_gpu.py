@@ -1,7 +1,8 @@
 """The calibration algorithms on CUDA against the same run on CPU (tiny Llama, float32): every tensor the
 algorithms create (scales, Hessians, measured ranges) must live on the model's device, and the results
-must agree with the CPU run up to float32 rounding (pre_quant_scales and amax to 1e-3 relative; float32
-matmuls on both sides, TF32 off)."""
+must agree with the CPU run up to float32 rounding (pre_quant_scales and amax to 1e-3 relative; weights
+too, but for at most 0.1 % of elements that GPTQ rounds to a neighbouring code; float32 matmuls on both
+sides, TF32 off)."""
 
 import copy
 
@@ -62,4 +63,7 @@ def test_algorithm_on_cuda_matches_cpu(model, batches, preset, algorithm, option
                 compared += 1
     assert compared > 0
     for (name, parameter), expected in zip(cuda.named_parameters(), cpu.parameters(), strict=True):
-        torch.testing.assert_close(parameter.cpu(), expected, rtol=1e-3, atol=1e-5, msg=name)
+        differs = ~torch.isclose(parameter.detach().cpu(), expected.detach(), rtol=1e-3, atol=1e-5)
+        # GPTQ's error feedback may round an element to the neighbouring code on one device (2 of 8192
+        # in the last down_proj on an H100); anything systematic differs in far more elements
+        assert differs.float().mean() <= 1e-3, f"{name}: {int(differs.sum())} of {differs.numel()} differ"
