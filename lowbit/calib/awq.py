@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
 from lowbit.calib.scale_estimation import IntGrid
-from lowbit.calib.scaling import GroupTrace, InputGroup, apply_input_scale, same_tensor
+from lowbit.calib.scaling import GroupTracer, InputGroup, apply_input_scale, same_tensor
 from lowbit.calib.weights import (
     effective_input,
     quantize_with_amax,
@@ -182,7 +182,7 @@ class AwqInputStatistics:
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.layer: nn.Module | None = None
-        self.groups: list[InputGroup] = []
+        self.tracer: GroupTracer | None = None  # the input groups of the last layer watched
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.samples: dict[str, list[Tensor]] = {}
@@ -190,22 +190,12 @@ class AwqInputStatistics:
     @contextmanager
     def watching(self, layer: nn.Module, inputs: LayerInputs) -> Iterator[None]:
         """Collect afresh from every call of ``layer`` (one per batch of ``inputs``) while the block runs."""
-        self.layer, self.groups, self.sums, self.counts, self.samples = layer, [], {}, {}, {}
-        linears = quantized_linears(layer)
+        self.layer, self.sums, self.counts, self.samples = layer, {}, {}, {}
         per_batch = -(-self.max_tokens // len(inputs))
         read_in_call: list[Tensor] = []  # inputs recorded in the current call (kept alive: storages unique)
-        trace: list[GroupTrace] = []
 
-        def start(_layer, _args) -> None:
+        def new_call(*_) -> None:
             read_in_call.clear()
-            grouped = {name for group in self.groups for name in group.linears}
-            if len(grouped) < len(linears):
-                trace.append(GroupTrace(layer, {n: w for n, w in linears.items() if n not in grouped}))
-
-        def finish(_layer, _args, _output) -> None:
-            read_in_call.clear()
-            if trace:
-                self.groups += trace.pop().close()
 
         def record(name: str, x: Tensor) -> None:
             if any(same_tensor(x, seen) for seen in read_in_call):
@@ -216,16 +206,20 @@ class AwqInputStatistics:
             self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
             self.samples.setdefault(name, []).append(sample_rows(rows, per_batch))
 
-        handles = [layer.register_forward_pre_hook(start), layer.register_forward_hook(finish)]
+        self.tracer = GroupTracer(layer)
+        handles = [layer.register_forward_pre_hook(new_call), layer.register_forward_hook(new_call)]
         handles += [linear.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
-                    for name, linear in linears.items()]
+                    for name, linear in self.tracer.linears.items()]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for pending in trace:
-                self.groups += pending.close()
+            self.tracer.close()
+
+    @property
+    def groups(self) -> list[InputGroup]:
+        return self.tracer.groups if self.tracer is not None else []
 
     def group_input(self, group: InputGroup) -> tuple[Tensor, int, Tensor]:
         """``(X^T X, rows, mean|X|)`` of the group's sampled input rows ``X`` (a traced group was read)."""
@@ -248,10 +242,8 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
         statistics = AwqInputStatistics(max_tokens)
         with statistics.watching(layer, inputs), quantizers_disabled(layer):
             inputs.feed(layer, {}, lambda *_: None)
+    statistics.tracer.warn_unseen()
     groups = [g for g in statistics.groups if all(w.weight_quantizer.is_enabled for w in g.linears.values())]
-    unseen = set(quantized_linears(layer)) - {name for group in statistics.groups for name in group.linears}
-    if unseen:
-        logger.warning("no calibration batch reached %s; they are left as max calibration set them", sorted(unseen))
     for group in groups:
         gram, tokens, activation_mean = statistics.group_input(group)
         units = [InputGroup({n: w}, None) for n, w in group.linears.items()] if scale_per_linear else [group]

@@ -55,21 +55,58 @@ def find_input_groups(layer: nn.Module, inputs: LayerInputs) -> list[InputGroup]
     Batches are traced one at a time until every linear was called (MoE experts may skip a batch);
     a linear no batch reaches is in no group.
     """
-    linears = quantized_linears(layer)
-    groups: list[InputGroup] = []
-    for call in inputs.calls:
-        grouped = {name for group in groups for name in group.linears}
-        if len(grouped) == len(linears):
-            break
-        trace = GroupTrace(layer, {n: w for n, w in linears.items() if n not in grouped})
-        try:
+    tracer = GroupTracer(layer)
+    try:
+        for call in inputs.calls:
+            if tracer.complete:
+                break
             LayerInputs([call]).feed(layer, {}, lambda *_: None)
-        finally:
-            groups += trace.close()
-    unseen = set(linears) - {name for group in groups for name in group.linears}
-    if unseen:
-        logger.warning("no calibration batch reached %s; they are left as max calibration set them", sorted(unseen))
-    return groups
+    finally:
+        tracer.close()
+    tracer.warn_unseen()
+    return tracer.groups
+
+
+class GroupTracer:
+    """Hooks on ``layer`` that trace each of its calls (a :class:`GroupTrace` of the quantized linears not
+    grouped yet) until every one is in a group, or until :meth:`close`; ``groups`` in execution order."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.linears = quantized_linears(layer)
+        self.groups: list[InputGroup] = []
+        self._trace: GroupTrace | None = None
+        self.handles = [layer.register_forward_pre_hook(self._start), layer.register_forward_hook(self._finish)]
+
+    @property
+    def grouped(self) -> set[str]:
+        return {name for group in self.groups for name in group.linears}
+
+    @property
+    def complete(self) -> bool:
+        return len(self.grouped) == len(self.linears)
+
+    def _start(self, _layer, _args) -> None:
+        if not self.complete:
+            grouped = self.grouped
+            self._trace = GroupTrace(self.layer, {n: w for n, w in self.linears.items() if n not in grouped})
+
+    def _finish(self, _layer, _args, _output) -> None:
+        if self._trace is not None:
+            self.groups += self._trace.close()
+            self._trace = None
+
+    def close(self) -> None:
+        """Remove the hooks (a call cut short still contributes what it traced)."""
+        for handle in self.handles:
+            handle.remove()
+        self._finish(None, None, None)
+
+    def warn_unseen(self) -> None:
+        unseen = set(self.linears) - self.grouped
+        if unseen:
+            logger.warning("no calibration batch reached %s; they are left as max calibration set them",
+                           sorted(unseen))
 
 
 class GroupTrace:
