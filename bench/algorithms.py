@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 import lowbit
 from lowbit.eval import format_table
-from lowbit.report import Measurement, Workload, measure_baseline, run_context
+from lowbit.report import Measurement, Workload, measure_baseline, run_context, time_quantize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import (  # noqa: E402  (bench/ is not a package)
@@ -162,15 +161,15 @@ CASES: list[Case] = [
 
 
 def forward_loop_seconds(workload: Workload) -> float:
-    """Wall time of one bare run of the calibration forward loop on the float model (no_grad, eval): the
-    floor of any calibration that needs the activations, lowbit's and ModelOpt's alike."""
-    model = copy.deepcopy(workload.model).eval()
-    start = time.perf_counter()
-    with torch.no_grad():
-        workload.forward_loop()(model)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Wall time of one bare run of the calibration forward loop on a copy of the float model (no_grad, eval;
+    ``time_quantize``'s clock): the floor of any calibration that needs the activations, lowbit's and
+    ModelOpt's alike."""
+
+    def run_loop(model: nn.Module) -> nn.Module:
+        workload.forward_loop()(model.eval())
+        return model
+
+    return time_quantize(workload.model, run_loop)[1]
 
 
 def rows_and_verdicts(cases: list[Case], results: list[Measurement], baseline: Measurement,
