@@ -1,7 +1,7 @@
 """Benchmark lowbit's matmul kernels against bf16 cuBLAS, torch's tinygemm and torch._scaled_mm.
 
-    python bench/kernels.py --out bench/results/kernels_h100.md          # the table
-    python bench/kernels.py --explore --out explore.md                   # launch configurations
+    python bench/kernel_speed.py --out bench/results/kernels_h100.md          # the table
+    python bench/kernel_speed.py --explore --out explore.md                   # launch configurations
 
 For each weight K x N (a Linear with in_features K, out_features N) and each M (rows of x): fresh random
 bf16 data (normal, 0.1% of weights x20 outliers), the GPU time of the call (captured once in a CUDA graph,
@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="launch configurations on one shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+        raise SystemExit("bench/kernel_speed.py needs a CUDA GPU")
     generator = torch.Generator(device="cuda").manual_seed(0)
     env = environment("python " + " ".join(sys.argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
