@@ -1,0 +1,60 @@
+"""Atomic writing of output directories.
+
+Every writer (``save``, ``save_compressed``, ``hf.save_quantized``, the exporters) fills a temporary directory
+beside its target and renames it into place in one step, so a failure halfway leaves nothing behind and a reader
+never sees half a checkpoint. A directory that lowbit wrote carries the marker file ``MARKER``; writing over a
+non-empty directory without it is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MARKER = ".lowbit-written"
+
+
+def written_by_lowbit(directory: Path) -> bool:
+    """Whether ``directory`` holds the marker that lowbit's writers leave."""
+    return (directory / MARKER).is_file()
+
+
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """The target as a Path, after refusing a file, or a non-empty directory lowbit did not write."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"path={str(target)!r} is a file; a writer needs a directory path")
+    if target.is_dir() and any(target.iterdir()) and not written_by_lowbit(target) and not overwrite:
+        raise FileExistsError(
+            f"path={str(target)!r} is a non-empty directory that lowbit did not write (no {MARKER}); "
+            "pass overwrite=True to replace it or choose an empty or new directory")
+    return target
+
+
+@contextmanager
+def atomic_directory(path: str | Path, writer: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` whole.
+
+    ``writer`` names the function that writes (recorded in the marker). On an exception the temporary
+    directory is removed and ``path`` is left exactly as it was.
+    """
+    target = check_writable(path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        (staging / MARKER).write_text(json.dumps({"writer": writer}) + "\n")
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(retired / target.name)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
