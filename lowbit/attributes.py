@@ -23,26 +23,66 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.calib.calibrators import make_calibrator
+
 FLOAT_BITS = {(4, 3): "e4m3", (5, 2): "e5m2", (2, 1): "e2m1"}
 BLOCK_SCALE_BITS = {(4, 3): "e4m3", (8, 0): "e8m0"}
 BLOCK_SPECIAL_KEYS = ("type", "scale_bits", "scale_block_sizes")
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 HIGH_PRECISION_DTYPES = ("Half", "BFloat16", "Float")
+FLAGS = ("unsigned", "narrow_range", "asymmetric", "enable", "fake_quant", "learn_amax")
+TYPE_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a string", dict: "a dict"}
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (``isinstance(True, int)`` holds in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_type(name: str, value: Any, expected: type) -> Any:
+    """``value`` unchanged when it has the ``expected`` type, else TypeError naming ``name``, the value and the type.
+
+    Strict where Python is loose: a bool is neither an int nor a number, a float is not an int, and an int
+    is a number (``float``).
+    """
+    if expected is int:
+        ok = is_int(value)
+    elif expected is float:
+        ok = is_int(value) or isinstance(value, float)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise TypeError(f"{name}={value!r}: expected {TYPE_NAMES[expected]}, got {type(value).__name__}")
+    return value
+
+
+def _int_pair(value: Any) -> tuple[int, int] | None:
+    """``(a, b)`` from a 2-tuple or 2-list of ints, else None."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
+        return int(value[0]), int(value[1])
+    return None
 
 
 def _as_bits(value: Any, name: str) -> int | tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name}={value!r}: expected an int 2..8 or a tuple in {sorted(FLOAT_BITS)}")
-    if isinstance(value, int):
+    allowed = f"expected an int 2..8 or a pair (exponent_bits, mantissa_bits) in {sorted(FLOAT_BITS)}"
+    if is_int(value):
         if not 2 <= value <= 8:
             raise ValueError(f"{name}={value}: integer bit width must be in 2..8")
         return value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        bits = (int(value[0]), int(value[1]))
-        if bits not in FLOAT_BITS:
-            raise ValueError(f"{name}={value!r}: float formats allowed are {sorted(FLOAT_BITS)}")
-        return bits
-    raise ValueError(f"{name}={value!r}: expected an int 2..8 or a tuple in {sorted(FLOAT_BITS)}")
+    bits = _int_pair(value)
+    if bits is None:
+        raise TypeError(f"{name}={value!r}: {allowed}")
+    if bits not in FLOAT_BITS:
+        raise ValueError(f"{name}={value!r}: float formats allowed are {sorted(FLOAT_BITS)}")
+    return bits
+
+
+def _as_axis(axis: Any) -> int | tuple[int, ...] | None:
+    if axis is None or is_int(axis):
+        return axis
+    if isinstance(axis, (tuple, list)) and axis and all(is_int(a) for a in axis):
+        return tuple(axis)
+    raise TypeError(f"axis={axis!r}: expected None, an int or a non-empty tuple of ints")
 
 
 def _check_block_sizes(block_sizes: dict | None) -> dict | None:
@@ -56,24 +96,39 @@ def _check_block_sizes(block_sizes: dict | None) -> dict | None:
             if value not in ("static", "dynamic"):
                 raise ValueError(f"block_sizes['type']={value!r}: allowed are 'static', 'dynamic'")
         elif key == "scale_bits":
-            value = tuple(value) if value is not None else None
-            if value is not None and value not in BLOCK_SCALE_BITS:
+            if value is not None and _int_pair(value) not in BLOCK_SCALE_BITS:
                 raise ValueError(
                     f"block_sizes['scale_bits']={value!r}: allowed are {sorted(BLOCK_SCALE_BITS)} or None"
                 )
+            value = None if value is None else _int_pair(value)
         elif key == "scale_block_sizes":
-            pass  # accepted for ModelOpt compatibility; lowbit keeps block scales unquantized twice
-        elif isinstance(key, int) and not isinstance(key, bool):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            # accepted for ModelOpt compatibility; lowbit keeps block scales unquantized twice
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"block_sizes['scale_block_sizes']={value!r}: expected a dict or None")
+        elif is_int(key):
+            if value is not None and not is_int(value):
+                raise TypeError(f"block_sizes[{key}]={value!r}: a block size must be a positive int or None")
+            if value is not None and value < 1:
                 raise ValueError(f"block_sizes[{key}]={value!r}: a block size must be a positive int or None")
         else:
             raise ValueError(
                 f"block_sizes key {key!r}: allowed are integer axes and {list(BLOCK_SPECIAL_KEYS)}"
             )
         out[key] = value
-    if not any(isinstance(k, int) for k in out):
+    if not any(is_int(k) for k in out):
         raise ValueError(f"block_sizes={block_sizes!r}: name at least one axis, e.g. {{-1: 128}}")
     return out
+
+
+def _check_calibrator(calibrator: Any, num_bits: int | tuple[int, int], unsigned: bool) -> None:
+    """Build the calibrator once, unused, so its method, option names and option values are checked now."""
+    def identity(x, amax):
+        return x
+
+    try:
+        make_calibrator(calibrator, None, identity, num_bits, unsigned)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"calibrator={calibrator!r}: {error}; methods are {list(CALIBRATORS)}") from None
 
 
 @dataclass(frozen=True)
@@ -96,17 +151,14 @@ class QuantizerAttributeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_bits", _as_bits(self.num_bits, "num_bits"))
         object.__setattr__(self, "block_sizes", _check_block_sizes(self.block_sizes))
-        axis = self.axis
-        if isinstance(axis, list):
-            axis = tuple(axis)
-        if axis is not None and not isinstance(axis, (int, tuple)):
-            raise TypeError(f"axis={axis!r}: expected None, an int or a tuple of ints")
-        object.__setattr__(self, "axis", axis)
-        if axis is not None and self.block_sizes is not None:
-            raise ValueError(f"axis={axis!r} and block_sizes={self.block_sizes!r}: give one granularity, not both")
-        method = self.calibrator["method"] if isinstance(self.calibrator, dict) else self.calibrator
-        if method not in CALIBRATORS:
-            raise ValueError(f"calibrator={self.calibrator!r}: allowed are {list(CALIBRATORS)}")
+        object.__setattr__(self, "axis", _as_axis(self.axis))
+        for flag in FLAGS:
+            check_type(flag, getattr(self, flag), bool)
+        if self.axis is not None and self.block_sizes is not None:
+            raise ValueError(
+                f"axis={self.axis!r} and block_sizes={self.block_sizes!r}: give one granularity, not both")
+        _check_calibrator(self.calibrator, self.num_bits, self.unsigned)
+        check_type("trt_high_precision_dtype", self.trt_high_precision_dtype, str)
         if self.trt_high_precision_dtype not in HIGH_PRECISION_DTYPES:
             raise ValueError(
                 f"trt_high_precision_dtype={self.trt_high_precision_dtype!r}: allowed are "

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.attributes import QuantizerAttributeConfig, check_type
+from lowbit.calib.algorithms import ALGORITHMS, check_options
 
 Pattern = str | Callable[[str], bool]
-ALGORITHM_METHODS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "scale_estimation")
+ALGORITHM_METHODS = tuple(ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,20 @@ def _class_name(key: str) -> str:
 
 
 def _check_attributes(where: str, attributes: Any) -> dict | list:
+    """``attributes`` (a bool means ``{"enable": bool}``) after validating every entry as a full attribute set,
+    with ``quant_cfg[where]`` in front of any error."""
     if isinstance(attributes, bool):
         return {"enable": attributes}
     entries = attributes if isinstance(attributes, list) else [attributes]
     for entry in entries:
         if not isinstance(entry, dict):
             raise TypeError(f"quant_cfg[{where!r}]={attributes!r}: expected a dict of quantizer attributes")
-        if entry.get("enable", True) and set(entry) - {"enable"}:
-            QuantizerAttributeConfig.from_dict(entry)  # validate now, name the key on error
-        elif set(entry) - {"enable"}:
-            QuantizerAttributeConfig.from_dict({**entry, "enable": True})
+        try:
+            check_type("enable", entry.get("enable", True), bool)
+            if set(entry) - {"enable"}:  # an enable-only entry toggles; anything else must be complete
+                QuantizerAttributeConfig.from_dict({**entry, "enable": True})
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"quant_cfg[{where!r}]: {error}") from None
     return attributes
 
 
@@ -115,6 +120,8 @@ def _rules_from_dict(quant_cfg: dict) -> list[QuantizeRule]:
             if not isinstance(value, dict):
                 raise TypeError(f"quant_cfg[{key!r}]: a module-class key takes a dict of wildcard rules")
             for pattern, attributes in value.items():
+                if not (isinstance(pattern, str) or callable(pattern)):
+                    raise TypeError(f"quant_cfg[{key!r}] key {pattern!r}: expected a wildcard string or a callable")
                 rules.append(QuantizeRule(pattern, _check_attributes(f"{key}/{pattern}", attributes),
                                           _class_name(key)))
         elif isinstance(key, str) or callable(key):
@@ -135,15 +142,18 @@ def _rules_from_list(quant_cfg: list) -> list[QuantizeRule]:
                 f"quant_cfg[{index}] has unknown key(s) {sorted(unknown)}; allowed are "
                 "quantizer_name, cfg, enable, parent_class"
             )
-        attributes = copy.deepcopy(entry.get("cfg", {}))
+        name, parent = entry["quantizer_name"], entry.get("parent_class")
+        if not (isinstance(name, str) or callable(name)):
+            raise TypeError(f"quant_cfg[{index}]['quantizer_name']={name!r}: expected a wildcard string or a callable")
+        if not (parent is None or isinstance(parent, str)):
+            raise TypeError(f"quant_cfg[{index}]['parent_class']={parent!r}: expected a class name such as 'nn.Linear'")
+        attributes = _check_attributes(str(index), copy.deepcopy(entry.get("cfg", {})))
         if "enable" in entry:
-            if isinstance(attributes, list):
-                attributes = [{**a, "enable": entry["enable"]} for a in attributes]
-            else:
-                attributes["enable"] = entry["enable"]
-        parent = entry.get("parent_class")
+            enable = check_type(f"quant_cfg[{index}]['enable']", entry["enable"], bool)
+            attributes = ([{**a, "enable": enable} for a in attributes] if isinstance(attributes, list)
+                          else {**attributes, "enable": enable})
         parent = _class_name(parent) if parent and parent.startswith("nn.") else parent
-        rules.append(QuantizeRule(entry["quantizer_name"], _check_attributes(str(index), attributes), parent))
+        rules.append(QuantizeRule(name, attributes, parent))
     return rules
 
 
@@ -161,6 +171,7 @@ def _parse_algorithm(algorithm: Any) -> tuple[str | None, dict]:
         raise TypeError(f"algorithm={algorithm!r}: expected a method name, a dict with 'method', or None")
     if method not in ALGORITHM_METHODS:
         raise ValueError(f"algorithm method {method!r} is unknown; allowed are {list(ALGORITHM_METHODS)}")
+    check_options(method, options)
     return method, options
 
 

@@ -44,6 +44,7 @@ from functools import partial
 
 from torch import nn
 
+from lowbit.attributes import check_type
 from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
 from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
 from lowbit.calib.layerwise import (
@@ -177,23 +178,23 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
 def run_algorithm(name: str, model: nn.Module, forward_loop: ForwardLoop | None,
                   options: dict | None = None) -> list[LayerReport] | None:
     """Run algorithm ``name`` with ``options`` (see the table above); returns the per-layer report."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown calibration algorithm {name!r}; allowed: {sorted(ALGORITHMS)}")
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS[name]))
-    if unknown:
-        raise ValueError(f"algorithm {name!r} got unknown options {unknown}; allowed: {sorted(DEFAULT_OPTIONS[name])}")
-    options = {**DEFAULT_OPTIONS[name], **options}
+    options = check_options(name, dict(options or {}))
     _validate(name, model, forward_loop, options)
     return ALGORITHMS[name](model, forward_loop, **options)
 
 
-def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, options: dict) -> None:
-    """Every check that can fail, before anything runs."""
-    if name == "max":
-        return
-    if forward_loop is None:
-        raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
+def check_options(name: str, options: dict) -> dict:
+    """``options`` over ``name``'s defaults, after checking their names, types and ranges (no model needed).
+
+    An option's type is its default's: a bool option takes True or False, an int option an int (not a bool,
+    not a float), a float option any int or float (not a bool), a string option a string; ``scale_estimation``
+    takes a bool or a dict of scale estimation's options, checked the same way. ``lowbit.parse_config`` calls
+    this, so a bad option fails before the model is touched.
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown calibration algorithm {name!r}; allowed: {sorted(ALGORITHMS)}")
+    _check_names_and_types(f"algorithm {name!r}", options, DEFAULT_OPTIONS[name])
+    options = {**DEFAULT_OPTIONS[name], **options}
     if "alpha" in options:
         check_alpha(options["alpha"])
     if "layer_inputs" in options:
@@ -203,13 +204,9 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
     if "min_clip_ratio" in options:
         clip_ratios(options["min_clip_ratio"], options["shrink_step"])
     for key in ("max_tokens", "max_clip_tokens", "block_size"):
-        value = options.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"algorithm {name!r}: {key}={value!r} must be a positive int")
-    for key in ("scale_per_linear", "act_order", "static_groups", "report"):
-        if not isinstance(options.get(key, False), bool):
-            raise TypeError(f"algorithm {name!r}: {key}={options[key]!r} must be True or False")
-    if name == "gptq" and not (isinstance(options["percdamp"], (int, float)) and options["percdamp"] > 0):
+        if options.get(key, 1) < 1:
+            raise ValueError(f"algorithm {name!r}: {key}={options[key]!r} must be a positive int")
+    if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
     if estimation is not None:
@@ -217,6 +214,28 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         check_steps(estimation["steps"])
         if estimation["objective"] not in OBJECTIVES:
             raise ValueError(f"scale_estimation: objective={estimation['objective']!r}; allowed: {list(OBJECTIVES)}")
+    return options
+
+
+def _check_names_and_types(where: str, options: dict, defaults: dict) -> None:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where} got unknown options {unknown}; allowed: {sorted(defaults)}")
+    for key, value in options.items():
+        if key == "scale_estimation" and isinstance(value, dict):
+            _check_names_and_types(f"{where}: scale_estimation", value, SCALE_ESTIMATION_OPTIONS)
+        else:
+            check_type(f"{where}: {key}", value, type(defaults[key]))
+
+
+def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, options: dict) -> None:
+    """The checks that need the model and the data (``check_options`` has checked the options), before
+    anything runs."""
+    if name == "max":
+        return
+    if forward_loop is None:
+        raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
+    estimation = _scale_estimation_options(name, options)
     layers_name, layers = find_decoder_layers(model)
     for index, layer in enumerate(layers):
         for linear_name, linear in quantized_linears(layer).items():
@@ -234,13 +253,6 @@ def _scale_estimation_options(name: str, options: dict) -> dict | None:
         return None
     if chained is True:
         return dict(SCALE_ESTIMATION_OPTIONS)
-    if not isinstance(chained, dict):
-        raise TypeError(f"algorithm {name!r}: scale_estimation={chained!r} must be True, False or a dict of "
-                        f"scale estimation's options {sorted(SCALE_ESTIMATION_OPTIONS)}")
-    unknown = sorted(set(chained) - set(SCALE_ESTIMATION_OPTIONS))
-    if unknown:
-        raise ValueError(f"algorithm {name!r}: scale_estimation got unknown options {unknown}; allowed: "
-                         f"{sorted(SCALE_ESTIMATION_OPTIONS)}")
     return {**SCALE_ESTIMATION_OPTIONS, **chained}
 
 
