@@ -7,20 +7,27 @@
 ``restore(model_or_factory, path)`` rebuilds the quantized modules on an unquantized model of the same
 architecture (or a factory that makes one) and loads the tensors; the restored model's outputs are
 identical to the saved one's.
+
+``save`` writes through ``lowbit.files.atomic_directory`` (all or nothing). ``restore`` reads both files and
+checks them against each other and the model (names, shapes, kinds of dtype) before it changes any module;
+a missing, corrupt or mismatched file raises an error that names the file and the problem.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import save_model
+from torch import Tensor, nn
 
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.files import atomic_directory, origin, read_json, read_tensors
 from lowbit.modules import convert_module, is_quantized
-from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
+from lowbit.quantizer import STATE_BUFFERS, SequentialQuantizer, TensorQuantizer
+
+Quantizers = dict[str, dict[str, TensorQuantizer | SequentialQuantizer]]
 
 STATE_FILE = "lowbit_quant_state.json"
 TENSOR_FILE = "model.safetensors"
@@ -61,17 +68,40 @@ def load_quantizer(state: dict | list[dict]) -> TensorQuantizer | SequentialQuan
     return quantizer
 
 
-def apply_quant_state(modules: dict[str, nn.Module], entries: dict[str, dict]) -> None:
-    """Convert the named modules (``quant_state()["modules"]``) and give them their saved quantizers."""
-    missing = [name for name in entries if name not in modules]
+def quantizers_from_state(entries: dict, source: str) -> Quantizers:
+    """``{module name: {slot: quantizer}}`` from ``quant_state()["modules"]``, without touching any model.
+
+    ValueError naming ``source`` (the JSON file) and the entry when an entry lacks a key or holds bad attributes.
+    """
+    if not isinstance(entries, dict):
+        raise ValueError(f"{source}: expected a JSON object of modules, found {type(entries).__name__}")
+    quantizers: Quantizers = {}
+    for name, entry in entries.items():
+        try:
+            quantizers[name] = {slot: load_quantizer(saved) for slot, saved in entry["quantizers"].items()}
+        except KeyError as error:
+            raise ValueError(f"{source}: module {name!r} lacks the key {error}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{source}: module {name!r} has a bad quantizer state: {error}") from None
+    return quantizers
+
+
+def install_quantizers(modules: dict[str, nn.Module], quantizers: Quantizers) -> None:
+    """Convert the named modules and give them ``quantizers`` (from :func:`quantizers_from_state`)."""
+    missing = [name for name in quantizers if name not in modules]
     if missing:
         raise ValueError(f"the model has no module(s) {missing[:5]} that were saved: a different architecture?")
-    for name, entry in entries.items():
+    for name, slots in quantizers.items():
         module = modules[name]
         if not is_quantized(module):
             convert_module(module)
-        for slot, saved in entry["quantizers"].items():
-            setattr(module, slot, load_quantizer(saved))
+        for slot, quantizer in slots.items():
+            setattr(module, slot, quantizer)
+
+
+def apply_quant_state(modules: dict[str, nn.Module], entries: dict[str, dict]) -> None:
+    """Convert the named modules (``quant_state()["modules"]``) and give them their saved quantizers."""
+    install_quantizers(modules, quantizers_from_state(entries, "the saved quantizer state"))
 
 
 def quant_state(model: nn.Module) -> dict:
@@ -85,27 +115,70 @@ def quant_state(model: nn.Module) -> dict:
     return {"format_version": FORMAT_VERSION, "modules": modules}
 
 
-def save(model: nn.Module, path: str | Path) -> Path:
-    """Write ``path/lowbit_quant_state.json`` and ``path/model.safetensors``; returns the directory."""
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(model: nn.Module, directory: Path) -> None:
+    """``save``'s two files into the existing ``directory`` (not atomic: callers write into a staging directory)."""
     state = quant_state(model)
     if not state["modules"]:
         raise ValueError("model has no quantized module: call lowbit.quantize(model, config) first")
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
-    return directory
 
 
-def read_state(path: str | Path, state_name: str, format_version: int, writer: str) -> dict:
-    """The JSON state ``path/state_name`` written by ``writer``, checked for its format version."""
-    state_file = Path(path) / state_name
-    if not state_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {state_name}; was it written by {writer}?")
-    state = json.loads(state_file.read_text())
+def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``path/lowbit_quant_state.json`` and ``path/model.safetensors`` all at once; returns the directory.
+
+    A non-empty ``path`` that lowbit did not write is refused unless ``overwrite=True`` (``lowbit.files``).
+    """
+    with atomic_directory(path, "lowbit.save", overwrite) as staging:
+        write_checkpoint(model, staging)
+    return Path(path)
+
+
+def read_state(path: str | Path, state_name: str, format_version: int, writer: str,
+               keys: Iterable[str] = ()) -> dict:
+    """The JSON state ``path/state_name`` written by ``writer``, checked for its format version and ``keys``.
+
+    Errors name the file, the problem (missing, not JSON, unknown format_version, missing key) and the writer.
+    """
+    directory = Path(path)
+    state_file = directory / state_name
+    state = read_json(state_file, writer)
     if state.get("format_version") != format_version:
-        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not {format_version}")
+        raise ValueError(f"{state_file}: format_version {state.get('format_version')!r} is not {format_version}, "
+                         f"the only one this lowbit reads ({origin(directory, writer)})")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{state_file}: missing key(s) {missing}, truncated or not a lowbit state? "
+                         f"({origin(directory, writer)})")
     return state
+
+
+def check_tensors(tensor_file: Path, tensors: dict[str, Tensor], expected: dict[str, Tensor],
+                  quantizer_slots: Iterable[str], exact_dtypes: bool) -> None:
+    """ValueError naming ``tensor_file`` unless its ``tensors`` fit ``expected`` (a state dict, meta tensors welcome).
+
+    Every expected name is in the file (a tied copy of a tensor that is there aside); shapes are equal; dtypes are
+    equal (``exact_dtypes``) or of the same kind, floating or not (loading casts between float dtypes). A name not
+    expected must be a quantizer buffer (``amax``, ``amin``, ``pre_quant_scale``) under one of
+    ``quantizer_slots`` (``"module.slot"``), whose shapes only calibration decides.
+    """
+    present = {t.data_ptr() for name, t in expected.items() if name in tensors and t.device.type != "meta"}
+    missing = [name for name, t in expected.items()
+               if name not in tensors and (t.device.type == "meta" or t.data_ptr() not in present)]
+    slots = tuple(f"{slot}." for slot in quantizer_slots)
+    unexpected = [name for name in tensors if name not in expected
+                  and not (name.startswith(slots) and name.rsplit(".", 1)[-1] in STATE_BUFFERS)]
+    if missing or unexpected:
+        raise ValueError(f"{tensor_file}: tensors the model expects are missing {sorted(missing)[:5]}, tensors it "
+                         f"does not have {sorted(unexpected)[:5]}: a different architecture or a damaged file?")
+    for name, want in expected.items():
+        have = tensors.get(name)
+        if have is None:
+            continue
+        same_dtype = have.dtype == want.dtype if exact_dtypes else have.is_floating_point() == want.is_floating_point()
+        if have.shape != want.shape or not same_dtype:
+            raise ValueError(f"{tensor_file}: tensor {name!r} is {have.dtype} {tuple(have.shape)}, expected "
+                             f"{want.dtype} {tuple(want.shape)}")
 
 
 def build_model(model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Module:
@@ -114,22 +187,24 @@ def build_model(model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Mod
 
 
 def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
-    """Rebuild the quantizers saved at ``path`` on a fresh model and load all tensors (strict)."""
+    """Rebuild the quantizers saved at ``path`` on a fresh model and load all tensors (strict).
+
+    Both files are read and checked against each other and the model before any module changes.
+    """
     directory = Path(path)
-    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "lowbit.save")
+    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "lowbit.save", keys=("modules",))
+    quantizers = quantizers_from_state(state["modules"], str(directory / STATE_FILE))
+    tensors = read_tensors(directory / TENSOR_FILE, "lowbit.save")
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
-    apply_quant_state(modules, state["modules"])
-    missing_keys, unexpected = load_model(model, str(directory / TENSOR_FILE), strict=False)
-    for name in state["modules"]:
+    slots = [f"{name}.{slot}" for name, entry in quantizers.items() for slot in entry]
+    check_tensors(directory / TENSOR_FILE, tensors, model.state_dict(), slots, exact_dtypes=False)
+    install_quantizers(modules, quantizers)
+    model.load_state_dict(tensors, strict=False)
+    for name in quantizers:
         module = modules[name]
         device = next((p.device for p in module.parameters(recurse=False)), None)
         if device is not None:
             for slot in module.quantizer_names:
                 getattr(module, slot).to(device)
-    if unexpected or missing_keys:
-        raise ValueError(
-            f"restoring {path}: tensors not in the model {sorted(unexpected)[:5]}, "
-            f"model tensors not saved {sorted(missing_keys)[:5]}"
-        )
     return model

@@ -22,6 +22,7 @@ from torch import nn
 from lowbit.convert import quantize
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
 from lowbit.eval import format_table, model_size, perplexity
+from lowbit.files import check_writable
 from lowbit.hf import load_causal_lm, save_quantized, saved_kind
 from lowbit.presets import get_preset
 from lowbit.report import packed_weight_bytes
@@ -93,9 +94,10 @@ def show_layer_reports() -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     config = quantize_config(args.preset, args.config, args.algorithm)  # validated before any loading
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"--output {args.output!r} exists and is not empty")
+    try:  # refuse before the long part, as the writer itself would at the end
+        output = check_writable(args.output, args.overwrite)
+    except FileExistsError as error:
+        raise FileExistsError(f"--output: {error} (here: --overwrite)") from None
     show_layer_reports()
     dtype = DTYPES[args.dtype]
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=args.device)
@@ -116,7 +118,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize(model, config, forward_loop)
     evaluate(args.preset or Path(args.config).name, time.perf_counter() - start)
-    save_quantized(model, tokenizer, output, packed=args.packed)
+    save_quantized(model, tokenizer, output, packed=args.packed, overwrite=args.overwrite)
     difference = check_reload(model, output, batches[0], dtype)
     print(format_table(rows))
     print(f"saved {saved_kind(output)} checkpoint to {output} ({model_size(model) / MEGABYTE:.2f} MB in memory); "
@@ -158,7 +160,9 @@ def add_quantize_parser(commands, positive_int) -> None:
     parser.add_argument("--preset", help="a preset name such as INT4_AWQ_CFG or int4_awq (see lowbit.PRESETS)")
     parser.add_argument("--config", help="a JSON file with a ModelOpt-style config ('quant_cfg', 'algorithm')")
     parser.add_argument("--algorithm", help="replace the config's algorithm: a name or a JSON object")
-    parser.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("--output", required=True,
+                        help="directory to write (new, empty, or written by lowbit; else add --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output lowbit did not write")
     parser.add_argument("--packed", action="store_true", help="store packed low-bit weights (lowbit.compress)")
     parser.add_argument("--calib-text", help=".txt or .jsonl calibration text (default: the bundled one)")
     parser.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default: 128)")

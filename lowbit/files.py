@@ -1,9 +1,12 @@
-"""Atomic writing of output directories.
+"""Atomic writing of output directories, and reading their files back with errors that name the file.
 
 Every writer (``save``, ``save_compressed``, ``hf.save_quantized``, the exporters) fills a temporary directory
 beside its target and renames it into place in one step, so a failure halfway leaves nothing behind and a reader
 never sees half a checkpoint. A directory that lowbit wrote carries the marker file ``MARKER``; writing over a
 non-empty directory without it is refused unless ``overwrite=True``.
+
+Every loader reads its JSON with :func:`read_json` and its tensors with :func:`read_tensors`: a missing, truncated
+or corrupt file raises an error naming the file, the problem and the writer (from the marker, when there is one).
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 MARKER = ".lowbit-written"
 
@@ -58,3 +66,39 @@ def atomic_directory(path: str | Path, writer: str, overwrite: bool = False) -> 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def origin(directory: Path, expected_writer: str) -> str:
+    """Who wrote ``directory``, as its marker says, for error messages; else that ``expected_writer`` should have."""
+    try:
+        writer = json.loads((directory / MARKER).read_text())["writer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"expected a directory written by {expected_writer}; it has no readable {MARKER} marker"
+    return f"the {MARKER} marker says {writer} wrote it"
+
+
+def read_json(file: Path, expected_writer: str) -> dict[str, Any]:
+    """The JSON object in ``file``; FileNotFoundError or ValueError naming the file, the problem and the writer."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file ({origin(file.parent, expected_writer)})")
+    try:
+        state = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not JSON, truncated or corrupt ({error}; "
+                         f"{origin(file.parent, expected_writer)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(state).__name__} "
+                         f"({origin(file.parent, expected_writer)})")
+    return state
+
+
+def read_tensors(file: Path, expected_writer: str) -> dict[str, Tensor]:
+    """Every tensor in the safetensors ``file`` (on CPU); FileNotFoundError or ValueError naming the file, the
+    problem (safetensors' own words: truncated, bad header ...) and the writer."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file ({origin(file.parent, expected_writer)})")
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({error}; "
+                         f"{origin(file.parent, expected_writer)})") from None

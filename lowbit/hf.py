@@ -16,10 +16,11 @@ from torch import nn
 
 from lowbit.assets import load_default_model
 from lowbit.checkpoint import STATE_FILE as FAKE_QUANT_STATE
-from lowbit.checkpoint import restore, save
+from lowbit.checkpoint import restore, write_checkpoint
 from lowbit.compress import compress
 from lowbit.compress.serialization import STATE_FILE as PACKED_STATE
-from lowbit.compress.serialization import load_compressed, save_compressed
+from lowbit.compress.serialization import load_compressed, write_compressed
+from lowbit.files import atomic_directory
 
 DEFAULT_SOURCE = "default"
 
@@ -64,18 +65,20 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, devic
     return model.to(device).eval(), tokenizer
 
 
-def save_quantized(model: nn.Module, tokenizer, path: str | Path, packed: bool = False) -> Path:
-    """Write ``model`` (already quantized) with its config and tokenizer to ``path``.
+def save_quantized(model: nn.Module, tokenizer, path: str | Path, packed: bool = False,
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` (already quantized) with its config and tokenizer to ``path``, all at once.
 
     ``packed=True`` first replaces the quantized linears by packed storage (``lowbit.compress``, in
     place) and writes ``save_compressed``'s layout; otherwise ``lowbit.save``'s (float weights plus the
-    quantizer states). Returns the directory.
+    quantizer states). A non-empty ``path`` that lowbit did not write is refused unless ``overwrite=True``
+    (``lowbit.files.atomic_directory``). Returns the directory.
     """
-    directory = Path(path)
-    if packed:
-        save_compressed(compress(model), directory)
-    else:
-        save(model, directory)
-    model.config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    with atomic_directory(path, "lowbit.hf.save_quantized", overwrite) as staging:
+        if packed:
+            write_compressed(compress(model), staging)
+        else:
+            write_checkpoint(model, staging)
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return Path(path)

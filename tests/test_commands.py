@@ -90,7 +90,7 @@ def test_algorithm_option_replaces_the_presets_algorithm(tmp_path):
      "exactly one of --preset"),
     (["quantize", "default", "--preset", "int9", "--output", "{out}"], "preset 'int9' is unknown"),
     (["quantize", "default", "--config", "{missing}", "--output", "{out}"], "no such file"),
-    (["quantize", "default", "--preset", "int8_default", "--output", "{full}"], "exists and is not empty"),
+    (["quantize", "default", "--preset", "int8_default", "--output", "{full}"], "--overwrite"),
     (["eval", "{missing}"], "not a local Hugging Face model directory"),
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, argv, message):

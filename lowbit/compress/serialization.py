@@ -8,6 +8,10 @@
 ``load_compressed(model_or_factory, path)`` rebuilds those modules on a fresh model of the same
 architecture and assigns the saved tensors (``load_state_dict(assign=True)``): nothing dense is
 materialised for the compressed layers, and outputs equal the saved model's.
+
+``save_compressed`` writes through ``lowbit.files.atomic_directory`` (all or nothing). ``load_compressed``
+rebuilds every module from the JSON on the meta device and checks each tensor's name, shape and dtype against
+that description (and the model's) before it changes any module.
 """
 
 from __future__ import annotations
@@ -17,24 +21,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from lowbit.checkpoint import (
-    apply_quant_state,
     build_model,
+    check_tensors,
+    install_quantizers,
     load_quantizer,
     quant_state,
     quantizer_state,
+    quantizers_from_state,
     read_state,
 )
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
+from lowbit.files import atomic_directory, read_tensors
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 QUANTIZER_SLOTS = ("input_quantizer", "output_quantizer")
+WRITER = "lowbit.save_compressed"
 
 
 def _describe(module: CompressedLinear) -> dict:
@@ -50,17 +58,25 @@ def _describe(module: CompressedLinear) -> dict:
     }
 
 
-def save_compressed(model: nn.Module, path: str | Path) -> Path:
-    """Write ``path/lowbit_compressed.json`` and ``path/model.safetensors``; returns the directory."""
+def write_compressed(model: nn.Module, directory: Path) -> None:
+    """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
+    directory)."""
     compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     if not compressed:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {"format_version": FORMAT_VERSION, "compressed": compressed, "quantized": quant_state(model)["modules"]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
-    return directory
+
+
+def save_compressed(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``path/lowbit_compressed.json`` and ``path/model.safetensors`` all at once; returns the directory.
+
+    A non-empty ``path`` that lowbit did not write is refused unless ``overwrite=True`` (``lowbit.files``).
+    """
+    with atomic_directory(path, WRITER, overwrite) as staging:
+        write_compressed(model, staging)
+    return Path(path)
 
 
 def _rebuild(entry: dict) -> CompressedLinear:
@@ -75,20 +91,55 @@ def _rebuild(entry: dict) -> CompressedLinear:
     return module
 
 
+def _qualified(module_name: str, key: str) -> str:
+    """``module_name.key``, or ``key`` for the root module (name "")."""
+    return f"{module_name}.{key}" if module_name else key
+
+
+def _rebuild_all(entries: dict, source: str) -> dict[str, CompressedLinear]:
+    """Every described CompressedLinear, on the meta device; ValueError naming ``source`` and the entry."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"{source}: 'compressed' should be a JSON object, found {type(entries).__name__}")
+    rebuilt = {}
+    for name, entry in entries.items():
+        try:
+            rebuilt[name] = _rebuild(entry)
+        except KeyError as error:
+            raise ValueError(f"{source}: compressed module {name!r} lacks the key {error}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{source}: compressed module {name!r} has a bad description: {error}") from None
+    return rebuilt
+
+
 def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
-    """Rebuild the compressed (and fake-quantized) modules saved at ``path`` and load every tensor (strict)."""
+    """Rebuild the compressed (and fake-quantized) modules saved at ``path`` and load every tensor (strict).
+
+    Both files are read, and each tensor checked against the JSON's description and the model, before any module
+    changes.
+    """
     directory = Path(path)
-    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "save_compressed")
+    state_file, tensor_file = directory / STATE_FILE, directory / TENSOR_FILE
+    state = read_state(directory, STATE_FILE, FORMAT_VERSION, WRITER, keys=("compressed", "quantized"))
+    rebuilt = _rebuild_all(state["compressed"], str(state_file))
+    quantizers = quantizers_from_state(state["quantized"], str(state_file))
+    tensors = read_tensors(tensor_file, WRITER)
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
-    missing = [name for name in state["compressed"] if name not in modules]
+    missing = [name for name in rebuilt if name not in modules]
     if missing:
         raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
-    apply_quant_state(modules, state["quantized"])
-    for name, entry in state["compressed"].items():
+    prefixes = tuple(_qualified(name, "") for name in rebuilt)  # "" (the model is one CompressedLinear) covers all
+    expected = {key: t for key, t in model.state_dict().items() if not key.startswith(prefixes)}
+    for name, module in rebuilt.items():
+        expected.update({_qualified(name, key): t for key, t in module.state_dict().items()})
+    slots = [_qualified(name, slot) for name in rebuilt for slot in QUANTIZER_SLOTS]
+    slots += [_qualified(name, slot) for name, entry in quantizers.items() for slot in entry]
+    check_tensors(tensor_file, tensors, expected, slots, exact_dtypes=True)
+    install_quantizers(modules, quantizers)
+    for name, module in rebuilt.items():
         if name:
-            model.set_submodule(name, _rebuild(entry))
+            model.set_submodule(name, module)
         else:
-            model = _rebuild(entry)
-    model.load_state_dict(load_file(str(directory / TENSOR_FILE)), strict=True, assign=True)
+            model = module
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model
