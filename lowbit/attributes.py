@@ -29,6 +29,7 @@ FLOAT_BITS = {(4, 3): "e4m3", (5, 2): "e5m2", (2, 1): "e2m1"}
 BLOCK_SCALE_BITS = {(4, 3): "e4m3", (8, 0): "e8m0"}
 BLOCK_SPECIAL_KEYS = ("type", "scale_bits", "scale_block_sizes")
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
+PER_TENSOR_CALIBRATORS = ("percentile", "entropy")  # histogram calibrators: one amax per tensor
 HIGH_PRECISION_DTYPES = ("Half", "BFloat16", "Float")
 FLAGS = ("unsigned", "narrow_range", "asymmetric", "enable", "fake_quant", "learn_amax")
 TYPE_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a string", dict: "a dict"}
@@ -158,6 +159,12 @@ class QuantizerAttributeConfig:
             raise ValueError(
                 f"axis={self.axis!r} and block_sizes={self.block_sizes!r}: give one granularity, not both")
         _check_calibrator(self.calibrator, self.num_bits, self.unsigned)
+        method = self.calibrator["method"] if isinstance(self.calibrator, dict) else self.calibrator
+        per_tensor = self.axis is None and (not self.block_axes or self.block_scale_bits == (4, 3))
+        if method in PER_TENSOR_CALIBRATORS and not per_tensor and not self.is_dynamic:
+            raise ValueError(
+                f"calibrator={self.calibrator!r} is per-tensor only, but axis={self.axis!r}, "
+                f"block_sizes={self.block_sizes!r}: use 'max' or 'mse' for per-channel or per-block amax")
         check_type("trt_high_precision_dtype", self.trt_high_precision_dtype, str)
         if self.trt_high_precision_dtype not in HIGH_PRECISION_DTYPES:
             raise ValueError(
