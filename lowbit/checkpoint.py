@@ -32,6 +32,7 @@ Quantizers = dict[str, dict[str, TensorQuantizer | SequentialQuantizer]]
 STATE_FILE = "lowbit_quant_state.json"
 TENSOR_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+WRITER = "lowbit.save"
 
 
 def _attributes_to_json(config: QuantizerAttributeConfig) -> dict:
@@ -129,7 +130,7 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
 
     A non-empty ``path`` that lowbit did not write is refused unless ``overwrite=True`` (``lowbit.files``).
     """
-    with atomic_directory(path, "lowbit.save", overwrite) as staging:
+    with atomic_directory(path, WRITER, overwrite) as staging:
         write_checkpoint(model, staging)
     return Path(path)
 
@@ -154,8 +155,10 @@ def read_state(path: str | Path, state_name: str, format_version: int, writer: s
 
 
 def check_tensors(tensor_file: Path, tensors: dict[str, Tensor], expected: dict[str, Tensor],
-                  quantizer_slots: Iterable[str], exact_dtypes: bool) -> None:
-    """ValueError naming ``tensor_file`` unless its ``tensors`` fit ``expected`` (a state dict, meta tensors welcome).
+                  quantizer_slots: Iterable[str], exact_dtypes: bool, writer: str,
+                  described_by: str = "the model") -> None:
+    """ValueError naming ``tensor_file`` and its ``writer`` unless its ``tensors`` fit ``expected`` (a state dict,
+    meta tensors welcome, from what ``described_by`` names).
 
     Every expected name is in the file (a tied copy of a tensor that is there aside); shapes are equal; dtypes are
     equal (``exact_dtypes``) or of the same kind, floating or not (loading casts between float dtypes). A name not
@@ -170,15 +173,17 @@ def check_tensors(tensor_file: Path, tensors: dict[str, Tensor], expected: dict[
                   and not (name.startswith(slots) and name.rsplit(".", 1)[-1] in STATE_BUFFERS)]
     if missing or unexpected:
         raise ValueError(f"{tensor_file}: tensors the model expects are missing {sorted(missing)[:5]}, tensors it "
-                         f"does not have {sorted(unexpected)[:5]}: a different architecture or a damaged file?")
+                         f"does not have {sorted(unexpected)[:5]}: a different architecture or a damaged file? "
+                         f"({origin(tensor_file.parent, writer)})")
     for name, want in expected.items():
         have = tensors.get(name)
         if have is None:
             continue
         same_dtype = have.dtype == want.dtype if exact_dtypes else have.is_floating_point() == want.is_floating_point()
         if have.shape != want.shape or not same_dtype:
-            raise ValueError(f"{tensor_file}: tensor {name!r} is {have.dtype} {tuple(have.shape)}, expected "
-                             f"{want.dtype} {tuple(want.shape)}")
+            raise ValueError(f"{tensor_file}: tensor {name!r} is {have.dtype} {tuple(have.shape)}, but "
+                             f"{described_by} expects {want.dtype} {tuple(want.shape)} "
+                             f"({origin(tensor_file.parent, writer)})")
 
 
 def build_model(model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Module:
@@ -192,13 +197,13 @@ def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | P
     Both files are read and checked against each other and the model before any module changes.
     """
     directory = Path(path)
-    state = read_state(directory, STATE_FILE, FORMAT_VERSION, "lowbit.save", keys=("modules",))
-    quantizers = quantizers_from_state(state["modules"], str(directory / STATE_FILE))
-    tensors = read_tensors(directory / TENSOR_FILE, "lowbit.save")
+    state = read_state(directory, STATE_FILE, FORMAT_VERSION, WRITER, keys=("modules",))
+    quantizers = quantizers_from_state(state["modules"], f"{directory / STATE_FILE} ({origin(directory, WRITER)})")
+    tensors = read_tensors(directory / TENSOR_FILE, WRITER)
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
     slots = [f"{name}.{slot}" for name, entry in quantizers.items() for slot in entry]
-    check_tensors(directory / TENSOR_FILE, tensors, model.state_dict(), slots, exact_dtypes=False)
+    check_tensors(directory / TENSOR_FILE, tensors, model.state_dict(), slots, exact_dtypes=False, writer=WRITER)
     install_quantizers(modules, quantizers)
     model.load_state_dict(tensors, strict=False)
     for name in quantizers:

@@ -36,7 +36,7 @@ from lowbit.checkpoint import (
 )
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
-from lowbit.files import atomic_directory, read_tensors
+from lowbit.files import atomic_directory, origin, read_tensors
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
@@ -120,8 +120,9 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     directory = Path(path)
     state_file, tensor_file = directory / STATE_FILE, directory / TENSOR_FILE
     state = read_state(directory, STATE_FILE, FORMAT_VERSION, WRITER, keys=("compressed", "quantized"))
-    rebuilt = _rebuild_all(state["compressed"], str(state_file))
-    quantizers = quantizers_from_state(state["quantized"], str(state_file))
+    source = f"{state_file} ({origin(directory, WRITER)})"
+    rebuilt = _rebuild_all(state["compressed"], source)
+    quantizers = quantizers_from_state(state["quantized"], source)
     tensors = read_tensors(tensor_file, WRITER)
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
@@ -134,7 +135,8 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
         expected.update({_qualified(name, key): t for key, t in module.state_dict().items()})
     slots = [_qualified(name, slot) for name in rebuilt for slot in QUANTIZER_SLOTS]
     slots += [_qualified(name, slot) for name, entry in quantizers.items() for slot in entry]
-    check_tensors(tensor_file, tensors, expected, slots, exact_dtypes=True)
+    check_tensors(tensor_file, tensors, expected, slots, exact_dtypes=True, writer=WRITER,
+                  described_by=f"{state_file} (or the model)")
     install_quantizers(modules, quantizers)
     for name, module in rebuilt.items():
         if name:
