@@ -102,3 +102,12 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_a_foreign_output_directory(tmp_path):
+    output = tmp_path / "full"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    run_cli(["quantize", "default", "--preset", "INT8_WEIGHT_ONLY_CFG", "--output", str(output), "--overwrite", *SMALL])
+    assert saved_kind(output) == "fake_quant" and not (output / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no staging directory left
