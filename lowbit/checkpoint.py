@@ -100,11 +100,6 @@ def install_quantizers(modules: dict[str, nn.Module], quantizers: Quantizers) ->
             setattr(module, slot, quantizer)
 
 
-def apply_quant_state(modules: dict[str, nn.Module], entries: dict[str, dict]) -> None:
-    """Convert the named modules (``quant_state()["modules"]``) and give them their saved quantizers."""
-    install_quantizers(modules, quantizers_from_state(entries, "the saved quantizer state"))
-
-
 def quant_state(model: nn.Module) -> dict:
     """JSON-ready description of every quantized module and its quantizers."""
     modules = {}
