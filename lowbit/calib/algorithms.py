@@ -224,6 +224,9 @@ def _check_names_and_types(where: str, options: dict, defaults: dict) -> None:
     for key, value in options.items():
         if key == "scale_estimation" and isinstance(value, dict):
             _check_names_and_types(f"{where}: scale_estimation", value, SCALE_ESTIMATION_OPTIONS)
+        elif key == "scale_estimation" and not isinstance(value, bool):
+            raise TypeError(f"{where}: scale_estimation={value!r}: expected True, False or a dict of scale "
+                            f"estimation's options {sorted(SCALE_ESTIMATION_OPTIONS)}")
         else:
             check_type(f"{where}: {key}", value, type(defaults[key]))
 
