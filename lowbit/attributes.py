@@ -15,6 +15,10 @@ The attribute names are ModelOpt's, so a ModelOpt ``quant_cfg`` entry works unch
 - ``asymmetric``: integer codes with a zero point, from running min/max (lowbit's addition).
 - ``calibrator``: ``"max" | "percentile" | "mse" | "entropy"`` or a dict with its options.
 - ``learn_amax``: ``amax`` becomes a trainable parameter (clip-aware straight-through gradient).
+
+Types are checked strictly (:func:`check_type`): the switches are bools (not ``"yes"``, not ``1``), sizes, axes and
+bit widths are ints (not floats, not bools), float formats are pairs of ints (a tuple or a list). Every error names
+the attribute, the value and what is allowed.
 """
 
 from __future__ import annotations
