@@ -186,3 +186,13 @@ def test_bad_requests_write_nothing(quantized_models, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_tensorrt_llm_checkpoint(model, "llama", torch.float16, target)
     assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_registry_dispatches_the_three_targets(quantized_models, tmp_path):
+    from lowbit.export import export, export_formats, get_exporter
+
+    assert {"gguf", "onnx", "trtllm"} <= set(export_formats())
+    assert get_exporter("gguf").__name__ == "export_gguf"
+    assert get_exporter("onnx").__name__ == "export_onnx_dir"
+    directory = export(quantized_models["w8a16"], tmp_path / "trt", "trtllm", inference_tensor_parallel=2)
+    assert sorted(p.name for p in directory.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
