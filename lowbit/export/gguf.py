@@ -192,7 +192,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     }
 
 
-def _write(path: Path, model: nn.Module, tokenizer, planned: list, tokens: dict) -> None:
+def _write(path: Path, model: nn.Module, planned: list, tokens: dict) -> None:
     gguf = _gguf()
     config, rope_theta = _check_llama(model)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -254,5 +254,5 @@ def export_gguf(model: nn.Module, export_dir: str | Path, *, tokenizer=None, ove
     planned = plan_tensors(model)
     tokens = tokenizer_metadata(tokenizer, model.config.vocab_size)
     with atomic_directory(export_dir, writer="export_gguf", overwrite=overwrite) as staging:
-        _write(staging / file_name, model, tokenizer, planned, tokens)
+        _write(staging / file_name, model, planned, tokens)
     return Path(export_dir) / file_name

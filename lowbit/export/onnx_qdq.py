@@ -216,12 +216,13 @@ def _as_int4(proto, names: list[str]) -> None:
         raise RuntimeError(f"torch.onnx did not keep the INT4 code initializers {sorted(missing)}")
 
 
-def _write(model: nn.Module, sample_input, path: Path) -> None:
+def _write(model: nn.Module, sample_input, path: Path, dynamic_shapes=None) -> None:
     exported, int4 = export_copy(model)
     args, kwargs = (sample_input, None) if isinstance(sample_input, tuple) else (
         ((), sample_input) if isinstance(sample_input, dict) else ((sample_input,), None))
     program = torch.onnx.export(exported, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
-                                custom_translation_table=TRANSLATIONS, external_data=False, verbose=False)
+                                dynamic_shapes=dynamic_shapes, custom_translation_table=TRANSLATIONS,
+                                external_data=False, verbose=False)
     proto = program.model_proto
     _as_int4(proto, int4)
     import onnx
@@ -237,30 +238,36 @@ def _require_onnx() -> None:
             raise ImportError(f"ONNX export needs {package!r}: pip install 'lowbit[onnx]'") from error
 
 
-def export_onnx(model: nn.Module, sample_input, path: str | Path, *, overwrite: bool = False) -> Path:
+def export_onnx(model: nn.Module, sample_input, path: str | Path, *, overwrite: bool = False,
+                dynamic_shapes=None) -> Path:
     """Write ``model`` (quantized by lowbit) as one ONNX file with Q/DQ nodes (module docstring).
 
-    ``sample_input``: a tensor, a tuple of positional tensors or a dict of keyword tensors, traced once.
+    ``sample_input``: a tensor, a tuple of positional tensors or a dict of keyword tensors, traced once;
+    ``dynamic_shapes`` is torch.onnx.export's (e.g. ``{"input_ids": {0: "batch", 1: "sequence"}}``), else
+    every shape is the sample's.
     The layers are checked before exporting; the file is written beside ``path`` and renamed into place
     (an existing file is refused unless ``overwrite``). Returns ``path``.
     """
     _require_onnx()
     with atomic_file(path, overwrite) as staging:
-        _write(model, sample_input, staging)
+        _write(model, sample_input, staging, dynamic_shapes)
     return Path(path)
 
 
 def export_onnx_dir(model: nn.Module, export_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
                     sample_input=None, sample_text: str = "Hello, world", file_name: str = "model.onnx") -> Path:
     """``export_onnx`` in the registry's call shape: ``export_dir/file_name`` (plus the tokenizer files);
-    the sample input is ``sample_input`` or ``tokenizer(sample_text)``'s input_ids."""
+    the sample input is ``sample_input`` or ``tokenizer(sample_text)``'s input_ids, whose batch and sequence
+    dims are then left dynamic."""
+    dynamic_shapes = None
     if sample_input is None:
         if tokenizer is None:
             raise ValueError("sample_input=None and tokenizer=None: ONNX export traces the model once; pass one")
         sample_input = {"input_ids": tokenizer(sample_text, return_tensors="pt")["input_ids"]}
+        dynamic_shapes = {"input_ids": {0: "batch", 1: "sequence"}}
     _require_onnx()
     with atomic_directory(export_dir, writer="export_onnx", overwrite=overwrite) as staging:
-        _write(model, sample_input, staging / file_name)
+        _write(model, sample_input, staging / file_name, dynamic_shapes)
         if tokenizer is not None:
             from lowbit.export.model_files import save_tokenizer
 

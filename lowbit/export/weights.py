@@ -60,12 +60,6 @@ class QuantizedWeight:
             return None
         return _repeat_groups(self.zero_point, self.group_size, group, self.name)
 
-    def dequantize(self) -> torch.Tensor:
-        """``(codes - zero_point) * step`` in float32, (N, K)."""
-        step = self.steps_per(1)
-        zero = 0.0 if self.zero_point is None else self.zero_points_per(1)
-        return (self.codes - zero) * step
-
 
 def _repeat_groups(values: torch.Tensor, have: int, want: int, name: str) -> torch.Tensor:
     """Per-``have`` entries as per-``want`` entries; ``want`` must divide ``have`` (or the row)."""

@@ -78,3 +78,25 @@ def test_existing_file_is_kept_unless_overwrite(tmp_path):
     export_onnx(model, x, target, overwrite=True)
     assert np.linalg.norm(run(target, x) - model(x).detach().numpy()) <= 1e-2 * np.linalg.norm(model(x).detach())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary file left
+
+
+def test_registry_onnx_target_traces_from_the_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.export import export
+
+    _, tokenizer = lowbit.assets.load_default_model()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    quantized_model = lowbit.quantize(model, copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG))
+    path = export(quantized_model, tmp_path / "onnx", "onnx", tokenizer=tokenizer)
+    assert path.name == "model.onnx" and (path.parent / "tokenizer.json").is_file()
+    ids = tokenizer(["An unrelated sentence, longer than the traced one."] * 2, return_tensors="pt").input_ids
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    result = session.run(None, {"input_ids": ids.numpy()})[0].astype(np.float64)
+    with torch.no_grad():
+        reference = quantized_model(ids).logits.double().numpy()
+    assert np.linalg.norm(result - reference) <= 1e-2 * np.linalg.norm(reference)
