@@ -43,6 +43,7 @@ multiple of tp rows first; everything else is replicated. Pipeline stage p holds
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,12 @@ def _qkv_weights(names: list[str], modules: list[nn.Module], algorithm: str | No
         return [m.weight.detach() for m in modules]
     if algorithm != "FP8":
         return [quantized_weight(n, m) for n, m in zip(names, modules, strict=True)]
-    shared = torch.stack([m.weight_quantizer.amax.detach().float().reshape(()) for m in modules]).amax()
+    amaxes = torch.stack([m.weight_quantizer.amax.detach().float().reshape(()) for m in modules])
+    shared = amaxes.amax()
+    if not torch.all(amaxes == shared):
+        warnings.warn(f"{names[0].rpartition('.')[0]}: q, k and v weights re-quantized to FP8 with their largest amax "
+                      f"{shared.item():.6g} (amaxes {amaxes.tolist()}): TensorRT-LLM's fused qkv has one weight scale",
+                      stacklevel=3)
     out = []
     for name, module in zip(names, modules, strict=True):
         packed = quantize_weight(module.weight.detach(), quantized_weight(name, module).format, amax=shared)
