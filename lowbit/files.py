@@ -12,6 +12,7 @@ or corrupt file raises an error naming the file, the problem and the writer (fro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -102,3 +103,26 @@ def read_tensors(file: Path, expected_writer: str) -> dict[str, Tensor]:
     except SafetensorError as error:
         raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({error}; "
                          f"{origin(file.parent, expected_writer)})") from None
+
+
+@contextmanager
+def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path`` in one rename.
+
+    An existing file is refused unless ``overwrite``, a directory always. On an exception the temporary
+    file is removed and ``path`` is left exactly as it was.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"path={str(target)!r} is a directory; a single-file writer needs a file path")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"path={str(target)!r} exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
