@@ -27,6 +27,9 @@ def _register_hf_conv1d() -> None:
         """GPT-2's Conv1D stores the weight ``(in, out)``; its quantizer sees ``weight.T`` so that axis 0
         is the output channel and ``block_sizes={-1: g}`` groups the input dim, as for nn.Linear."""
 
+        def weight_slots(self) -> dict[str, torch.Tensor]:
+            return {"weight_quantizer": self.weight.t()}
+
         def quantized_weight(self) -> torch.Tensor:
             return self.weight_quantizer(self.weight.t()).t()
 
