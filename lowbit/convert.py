@@ -29,6 +29,7 @@ from lowbit.quantizer import (
     quantization_off,
     reusing_outputs,
 )
+from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
 from lowbit.structure.weights import weights_by_slot
 
 logger = logging.getLogger("lowbit")
@@ -140,7 +141,16 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
         for module in converted:
             revert_module(module)
         raise
+    report_coverage(model)
     return model
+
+
+def report_coverage(model: nn.Module) -> None:
+    """Log what stayed float, by kind and bytes (``lowbit.structure.coverage``), and warn when more than
+    20 % of the weight bytes stayed float with no rule saying so."""
+    coverage = weight_coverage(model)
+    logger.info("weights quantized, by kind:\n%s", coverage_summary(coverage))
+    warn_uncovered(coverage, stacklevel=4)
 
 
 def _module_device(module: nn.Module) -> torch.device:
