@@ -29,6 +29,7 @@ from lowbit.quantizer import (
     quantization_off,
     reusing_outputs,
 )
+from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
 from lowbit.structure.weights import weights_by_slot
 
@@ -124,6 +125,8 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
             "use a weight-only or dynamic config"
         )
 
+    _check_blocks(model, plan, config.algorithm)
+
     converted, replaced = [], []
     try:
         for module in {id(module): module for _, module, *_ in plan}.values():
@@ -151,6 +154,16 @@ def report_coverage(model: nn.Module) -> None:
     coverage = weight_coverage(model)
     logger.info("weights quantized, by kind:\n%s", coverage_summary(coverage))
     warn_uncovered(coverage, stacklevel=4)
+
+
+def _check_blocks(model: nn.Module, plan, algorithm) -> None:
+    """Block-wise algorithms need repeated blocks holding planned quantizers: a clear error before conversion."""
+    name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    if name in (None, "max"):
+        return
+    planned = {id(module) for _, module, _, _, _, attributes in plan if attributes is not None}
+    require_block_stacks(model, f"algorithm {name!r}",
+                         holds=lambda block: any(id(m) in planned for m in block.modules()))
 
 
 def _module_device(module: nn.Module) -> torch.device:

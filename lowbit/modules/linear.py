@@ -41,5 +41,15 @@ def _register_hf_conv1d() -> None:
     register(original_cls=Conv1D, quantized_cls=QuantConv1D)
 
 
+def _register_hf_linear_subclasses() -> None:
+    """transformers' nn.Linear subclasses whose forward is ``x @ W^T + b`` (the registry matches exact
+    classes, so each is named here): Falcon's ``FalconLinear``."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    register(original_cls=FalconLinear,
+             quantized_cls=type("QuantFalconLinear", (QuantLinear, FalconLinear), {"__module__": __name__}))
+
+
 register(original_cls=nn.Linear, quantized_cls=QuantLinear)
 _register_hf_conv1d()
+_register_hf_linear_subclasses()

@@ -44,8 +44,8 @@ def require_block_stacks(model: nn.Module, description: str,
     stacks = find_block_stacks(model, holds)
     if not stacks:
         raise ValueError(
-            f"{description} works block by block, and {type(model).__name__} has no repeated blocks (decoder layers): no "
-            "nn.ModuleList whose every entry is a block holding quantized weights (was the model quantized? "
-            "a model without such blocks, e.g. a CNN, takes max calibration)"
+            f"{description} works block by block, and {type(model).__name__} has no repeated blocks (decoder "
+            "layers): no nn.ModuleList whose every entry is a block holding quantized weights (was the model "
+            "quantized? a model without such blocks, e.g. a CNN, takes max calibration)"
         )
     return stacks
