@@ -102,7 +102,7 @@ def register_weight_kind(matches: Callable[[nn.Module], bool],
     WEIGHT_KINDS.insert(0, WeightKind(matches, records))
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
                for cls in type(module).__mro__)
 
@@ -110,7 +110,7 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 register_weight_kind(lambda m: isinstance(m, nn.Linear), lambda name, m: [QuantizableWeight(name, m)])
 register_weight_kind(lambda m: isinstance(m, _CONVS), lambda name, m: [ConvWeight(name, m)])
-register_weight_kind(_is_hf_conv1d, lambda name, m: [TransposedWeight(name, m)])
+register_weight_kind(is_hf_conv1d, lambda name, m: [TransposedWeight(name, m)])
 
 
 def weight_records(name: str, module: nn.Module) -> list[QuantizableWeight]:
