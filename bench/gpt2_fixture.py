@@ -12,7 +12,16 @@ for ``quantize()``. Variants:
   estimation (INT4 g128 static blocks); lm_head (tied to the embedding) float, as the presets keep it;
 - compress_weights INT4_SYM g128 ratio 1.0 data-free: lowbit, and NNCF with the same arguments.
 
-Usage: python bench/gpt2_fixture.py [--max-tokens 16384] [--out bench/results]   (needs nncf for its rows)
+``--grid-study`` adds where the INT4_SYM difference comes from, on the same windows: every Conv1D
+rounded in float (groups of 128 along the input dim of its ``(out, in)`` view; embeddings INT8 asymmetric
+per row as both libraries store them) with lowbit's grid (``amax = m * max|w|``, step ``amax / 7``, codes
+-8..7) for ``m`` chosen per group by least squared weight error over ``m`` in ``[floor, 1]`` (steps of
+1/32; floor 0.5 is what compress_weights searches), and with NNCF's signed scale (step ``max|w| / 8``,
+the group's largest magnitude mapped to code -8 whatever its sign: a negative scale, which lowbit's
+``amax >= 0`` cannot express).
+
+Usage: python bench/gpt2_fixture.py [--max-tokens 16384] [--grid-study] [--model default] [--out bench/results]
+(needs nncf for its rows; ``--model default`` runs the same rows on the bundled Llama, for comparison)
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit.assets import load_gpt2_model
+from lowbit.assets import load_default_model, load_gpt2_model
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, token_stream
 from lowbit.eval.table import format_table
 from lowbit.presets import get_preset
@@ -77,6 +86,47 @@ QUANTIZE_VARIANTS = {
 COMPRESS_ARGS = {"mode": "int4_sym", "group_size": 128, "ratio": 1.0}
 
 
+def lowbit_grid(weight: torch.Tensor, floor: float) -> torch.Tensor:
+    """Groups of 128 of ``weight`` (out, in) on lowbit's INT4 grid, ``m`` in ``[floor, 1]`` by weight error."""
+    groups = weight.reshape(weight.shape[0], -1, 128)
+    candidates = []
+    for m in [i / 32 for i in range(round(floor * 32), 33)]:
+        step = m * groups.abs().amax(-1, keepdim=True) / 7
+        candidates.append(torch.clamp(torch.round(groups / step), -8, 7) * step)
+    candidates = torch.stack(candidates)
+    best = (candidates - groups).square().sum(-1, keepdim=True).argmin(0, keepdim=True)
+    return candidates.gather(0, best.expand(1, *groups.shape))[0].reshape(weight.shape)
+
+
+def nncf_signed_grid(weight: torch.Tensor) -> torch.Tensor:
+    """Groups of 128 of ``weight`` (out, in) with NNCF's signed scale ``s = -w_max / 8`` (``w_max``: the
+    group's weight of largest magnitude), codes clamp(round(w / s), -8, 7)."""
+    groups = weight.reshape(weight.shape[0], -1, 128)
+    step = -groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / 8
+    return (torch.clamp(torch.round(groups / step), -8, 7) * step).reshape(weight.shape)
+
+
+def int8_asymmetric_rows(weight: torch.Tensor) -> torch.Tensor:
+    low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    step = (high - low) / 255
+    zero = torch.round(-low / step)
+    return (torch.clamp(torch.round(weight / step) + zero, 0, 255) - zero) * step
+
+
+def rounded_in_float(model: nn.Module, int4) -> nn.Module:
+    """Every Conv1D's ``(out, in)`` view and Linear but lm_head through ``int4``; the embeddings and lm_head
+    INT8 asymmetric per row (compress_weights' backup for them)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__ == "Conv1D":
+                module.weight.copy_(int4(module.weight.t()).t())
+            elif isinstance(module, nn.Embedding) or name == "lm_head":
+                module.weight.copy_(int8_asymmetric_rows(module.weight))
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(int4(module.weight))
+    return model
+
+
 def nncf_compress(model: nn.Module, dataset: list) -> nn.Module:
     import nncf
 
@@ -91,9 +141,12 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder for the results file")
+    parser.add_argument("--grid-study", action="store_true", help="add the INT4_SYM grid rows (docstring)")
+    parser.add_argument("--model", choices=("gpt2", "default"), default="gpt2",
+                        help="default: the bundled Llama instead, for the same rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base, tokenizer = load_gpt2_model(torch.float32)
+    base, tokenizer = (load_gpt2_model if args.model == "gpt2" else load_default_model)(torch.float32)
     inputs = windows(tokenizer, args.max_tokens)
     reference = log_probs(base, inputs)
     float_ppl, _ = score(base, inputs, reference)
@@ -118,14 +171,26 @@ def main() -> None:
         add("compress_weights int4_sym g128 r1.0 (nncf)", lambda m: nncf_compress(m, calibration))
     except ImportError as error:
         print(f"nncf rows skipped: {error}")
+    if args.grid_study:
+        for floor in (0.5, 0.75, 0.8125, 0.875, 1.0):
+            add(f"study: lowbit grid, m in [{floor}, 1]", lambda m, f=floor: rounded_in_float(
+                m, lambda w: lowbit_grid(w, f)))
+        add("study: NNCF signed-scale grid", lambda m: rounded_in_float(m, nncf_signed_grid))
     context = run_context(["python", "bench/gpt2_fixture.py", *sys.argv[1:]])
-    text = (f"# GPT-2 fixture, INT4 ({len(inputs)} windows of {SEQ_LEN} held-out tokens, "
+    context["transformers"] = __import__("transformers").__version__
+    try:
+        context["nncf"] = __import__("nncf").__version__
+    except ImportError:
+        context["nncf"] = "not installed"
+    title = "GPT-2 fixture" if args.model == "gpt2" else "default model (Llama)"
+    text = (f"# {title}, INT4 ({len(inputs)} windows of {SEQ_LEN} held-out tokens, "
             f"{args.calibration_samples} calibration windows)\n\n" + format_table(rows) + "\n\n"
             + "\n".join(f"- {key}: {value}" for key, value in context.items()) + "\n")
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"gpt2_fixture_{date.today().isoformat()}.md").write_text(text, encoding="utf-8")
+        name = "gpt2_fixture" if args.model == "gpt2" else "gpt2_fixture_llama_rows"
+        (args.out / f"{name}_{date.today().isoformat()}.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

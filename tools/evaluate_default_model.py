@@ -48,7 +48,8 @@ def main() -> None:
     model_ppl = perplexity(model, tokenizer, text, seq_len=256, stride=128)
     unigram_ppl = unigram_perplexity(np.load(args.train_tokens), heldout[1:], len(tokenizer))
     rows = [
-        {"model": f"{args.model} model (fp32, CPU)", "heldout_tokens_scored": len(heldout) - 1, "perplexity": model_ppl},
+        {"model": f"{args.model} model (fp32, CPU)", "heldout_tokens_scored": len(heldout) - 1,
+         "perplexity": model_ppl},
         {"model": "unigram, add-one (train split)", "heldout_tokens_scored": len(heldout) - 1,
          "perplexity": unigram_ppl},
     ]

@@ -2,8 +2,9 @@
 
 ``default_model/`` holds a small trained Llama (8.4 M parameters, bf16 safetensors) and its byte-level
 BPE tokenizer; ``gpt2_model/`` a small trained GPT-2 (3.8 M parameters: ``Conv1D`` layers, tied
-embeddings) on the same corpus and tokenizer; ``text/`` holds a held-out evaluation text and a calibration text. Provenance,
-licences and measured figures: README.md in this folder. Everything loads offline.
+embeddings) on the same corpus and tokenizer; ``text/`` holds a held-out evaluation text and a
+calibration text. Provenance, licences and measured figures: README.md in this folder. Everything
+loads offline.
 """
 
 from __future__ import annotations

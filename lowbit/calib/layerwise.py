@@ -1,4 +1,4 @@
-"""Layer-by-layer execution of calibration algorithms over a model's decoder layers.
+"""Layer-by-layer execution of calibration algorithms over a model's repeated blocks (``lowbit.structure``).
 
 1. The weights are max-calibrated, and ``forward_loop`` records, with a forward pre-hook, the inputs of
    the first decoder layer for each batch. It runs through the whole model (``max_calibrate``: every

@@ -20,8 +20,9 @@ One pass of the calibration data, as ModelOpt's ``smoothquant``:
    exactly what max calibration of the smoothed inputs gives, with no second pass. Other static
    calibrators (percentile, mse, entropy, asymmetric, per-channel) are run in one more pass.
 
-Decoder layers only; linears outside them keep max calibration. With ``alpha=1`` (ModelOpt's default)
-``s_j = max|X_j|``: every smoothed channel has range 1 and the weight scales take the whole activation range.
+Repeated blocks only (``lowbit.structure.blocks``); weights outside them keep max calibration. With
+``alpha=1`` (ModelOpt's default) ``s_j = max|X_j|``: every smoothed channel has range 1 and the weight
+scales take the whole activation range.
 """
 
 from __future__ import annotations
