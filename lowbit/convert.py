@@ -29,6 +29,9 @@ from lowbit.quantizer import (
     quantization_off,
     reusing_outputs,
 )
+from lowbit.structure.blocks import require_block_stacks
+from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
+from lowbit.structure.weights import weights_by_slot
 
 logger = logging.getLogger("lowbit")
 ForwardLoop = Callable[[nn.Module], None]
@@ -56,22 +59,17 @@ def _plan(model: nn.Module, config: QuantizeConfig):
         if quantized_cls is None:
             continue
         parents = _parent_classes(module)
+        weights = weights_by_slot(module, quantized_cls)
         for slot in quantized_cls.quantizer_names:
             full_name = f"{name}.{slot}" if name else slot
             attributes = config.attributes_for(full_name, parents)
-            if slot == "weight_quantizer" and attributes is not None:
-                _check_weight_shape(module, full_name, attributes)
+            if slot in weights and attributes is not None:
+                _check_weight_shape(weights[slot], full_name, attributes)
             plan.append((name, module, slot, full_name, parents, attributes))
     return plan
 
 
-def _weight_for_quantizer(module: nn.Module) -> torch.Tensor:
-    # GPT-2 Conv1D stores (in, out); its quantizer sees the transpose (lowbit.modules.linear).
-    return module.weight.t() if type(module).__name__ in {"Conv1D", "QuantConv1D"} else module.weight
-
-
-def _check_weight_shape(module: nn.Module, full_name: str, attributes) -> None:
-    weight = _weight_for_quantizer(module)
+def _check_weight_shape(weight: torch.Tensor, full_name: str, attributes) -> None:
     for config in attributes if isinstance(attributes, list) else [attributes]:
         try:
             BlockView(config, weight.shape)
@@ -127,6 +125,8 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
             "use a weight-only or dynamic config"
         )
 
+    _check_blocks(model, plan, config.algorithm)
+
     converted, replaced = [], []
     try:
         for module in {id(module): module for _, module, *_ in plan}.values():
@@ -144,7 +144,26 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
         for module in converted:
             revert_module(module)
         raise
+    report_coverage(model)
     return model
+
+
+def report_coverage(model: nn.Module) -> None:
+    """Log what stayed float, by kind and bytes (``lowbit.structure.coverage``), and warn when more than
+    20 % of the weight bytes stayed float with no rule saying so."""
+    coverage = weight_coverage(model)
+    logger.info("weights quantized, by kind:\n%s", coverage_summary(coverage))
+    warn_uncovered(coverage, stacklevel=4)
+
+
+def _check_blocks(model: nn.Module, plan, algorithm) -> None:
+    """Block-wise algorithms need repeated blocks holding planned quantizers: a clear error before conversion."""
+    name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    if name in (None, "max"):
+        return
+    planned = {id(module) for _, module, _, _, _, attributes in plan if attributes is not None}
+    require_block_stacks(model, f"algorithm {name!r}",
+                         holds=lambda block: any(id(m) in planned for m in block.modules()))
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -156,18 +175,24 @@ def _module_device(module: nn.Module) -> torch.device:
 def calibrate_weights(model: nn.Module) -> None:
     """Static weight scales straight from the weights (no data needed); sequential quantizers chain."""
     for module in model.modules():
-        if not is_quantized(module) or not hasattr(module, "weight_quantizer"):
+        if not is_quantized(module):
             continue
-        quantizer = module.weight_quantizer
-        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
-        weight = _weight_for_quantizer(module).detach()
-        with torch.no_grad():
-            for index, stage in enumerate(stages):
-                if stage.is_enabled and not stage.config.is_dynamic:
-                    with collecting_statistics([stage]):
-                        stage(weight)
-                if index + 1 < len(stages):  # the next stage calibrates on this one's output
-                    weight = stage(weight)
+        for slot, weight in weights_by_slot(module).items():
+            quantizer = getattr(module, slot, None)
+            if quantizer is not None:
+                calibrate_weight(quantizer, weight.detach())
+
+
+def calibrate_weight(quantizer: Quantizer, weight: torch.Tensor) -> None:
+    """Static scales of ``quantizer`` from ``weight`` (the tensor it sees); sequential stages chain."""
+    stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+    with torch.no_grad():
+        for index, stage in enumerate(stages):
+            if stage.is_enabled and not stage.config.is_dynamic:
+                with collecting_statistics([stage]):
+                    stage(weight)
+            if index + 1 < len(stages):  # the next stage calibrates on this one's output
+                weight = stage(weight)
 
 
 def static_activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
@@ -269,9 +294,11 @@ def fold_weight(model: nn.Module) -> nn.Module:
     """Write each fake-quantized weight into the module and disable its weight quantizer."""
     with torch.no_grad():
         for module in model.modules():
-            if is_quantized(module) and hasattr(module, "quantized_weight") and module.weight_quantizer.is_enabled:
-                module.weight.copy_(module.quantized_weight())
-                module.weight_quantizer.disable()
+            for slot, weight in (weights_by_slot(module) if is_quantized(module) else {}).items():
+                quantizer = getattr(module, slot, None)
+                if quantizer is not None and quantizer.is_enabled:
+                    weight.copy_(quantizer(weight))  # a view (Conv1D's transpose) writes the parameter
+                    quantizer.disable()
     return model
 
 

@@ -37,6 +37,7 @@ from lowbit.data import calibration_batches, default_calibration_text, default_e
 from lowbit.eval import perplexity as text_perplexity
 from lowbit.modules import is_quantized
 from lowbit.quantizer import BlockView, SequentialQuantizer
+from lowbit.structure.weights import weights_by_slot
 
 SEQ_LEN = 256
 EVAL_STRIDE = 128
@@ -84,8 +85,7 @@ def packed_weight_bits(configs: Sequence[QuantizerAttributeConfig], weight_shape
     return bits
 
 
-def _enabled_weight_configs(module: nn.Module) -> list[QuantizerAttributeConfig]:
-    quantizer = getattr(module, "weight_quantizer", None) if is_quantized(module) else None
+def _enabled_weight_configs(quantizer: nn.Module | None) -> list[QuantizerAttributeConfig]:
     if quantizer is None or not quantizer.is_enabled:
         return []
     stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
@@ -103,11 +103,12 @@ def packed_weight_bytes(model: nn.Module, high_precision_bytes: int = 2) -> int:
         raise ValueError(f"high_precision_bytes={high_precision_bytes!r}: allowed are 1, 2, 4, 8")
     total, counted = 0, set()
     for module in model.modules():
-        configs = _enabled_weight_configs(module)
-        if configs and id(module.weight) not in counted:
-            weight = module.weight.t() if type(module).__name__ == "QuantConv1D" else module.weight
-            total += math.ceil(packed_weight_bits(configs, weight.shape) / 8)
-            counted.add(id(module.weight))
+        for slot, weight in (weights_by_slot(module) if is_quantized(module) else {}).items():
+            configs = _enabled_weight_configs(getattr(module, slot, None))
+            parameter = weight if weight._base is None else weight._base  # Conv1D's slot is a transpose view
+            if configs and id(parameter) not in counted:
+                total += math.ceil(packed_weight_bits(configs, weight.shape) / 8)
+                counted.add(id(parameter))
     for parameter in model.parameters():
         if id(parameter) in counted:
             continue

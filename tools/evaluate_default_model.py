@@ -5,7 +5,8 @@
 2. Unigram baseline on the same scored tokens: p(t) = (count_t + 1) / (N + V), counts over the N train
    tokens (``.carry/corpus/train.npy`` from ``tools/train_tokenizer.py``), V = 4096 (add-one smoothing).
 
-Usage: python tools/evaluate_default_model.py      (a few minutes on 2 CPU cores)
+Usage: python tools/evaluate_default_model.py [--model gpt2]     (a few minutes on 2 CPU cores)
+``--model gpt2`` measures the GPT-2 fixture (``lowbit.assets.load_gpt2_model``) the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from lowbit.assets import load_default_model
+from lowbit.assets import load_default_model, load_gpt2_model
 from lowbit.data import default_eval_text, token_stream
 from lowbit.eval import format_table, model_size, perplexity
 
@@ -37,15 +38,18 @@ def unigram_perplexity(train_tokens: np.ndarray, scored_tokens: np.ndarray, voca
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-tokens", type=Path, default=REPO_ROOT / ".carry" / "corpus" / "train.npy")
+    parser.add_argument("--model", choices=("default", "gpt2"), default="default")
     args = parser.parse_args()
 
-    model, tokenizer = load_default_model(dtype=torch.float32, device="cpu")
+    load = load_gpt2_model if args.model == "gpt2" else load_default_model
+    model, tokenizer = load(dtype=torch.float32, device="cpu")
     text = default_eval_text()
     heldout = token_stream(tokenizer, text).numpy()
     model_ppl = perplexity(model, tokenizer, text, seq_len=256, stride=128)
     unigram_ppl = unigram_perplexity(np.load(args.train_tokens), heldout[1:], len(tokenizer))
     rows = [
-        {"model": "default model (fp32, CPU)", "heldout_tokens_scored": len(heldout) - 1, "perplexity": model_ppl},
+        {"model": f"{args.model} model (fp32, CPU)", "heldout_tokens_scored": len(heldout) - 1,
+         "perplexity": model_ppl},
         {"model": "unigram, add-one (train split)", "heldout_tokens_scored": len(heldout) - 1,
          "perplexity": unigram_ppl},
     ]

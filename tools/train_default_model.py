@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 SEQ_LEN = 256
 
@@ -93,14 +93,14 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, generator: torch.Generat
     return tokens[starts[:, None] + torch.arange(SEQ_LEN + 1, device=tokens.device)].long()
 
 
-def next_token_loss(model: LlamaForCausalLM, windows: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: PreTrainedModel, windows: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting ``windows[:, 1:]`` from ``windows[:, :-1]``."""
     logits = model(input_ids=windows[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
-def validation_loss(model: LlamaForCausalLM, tokens: torch.Tensor, batch_size: int = 64) -> float:
+def validation_loss(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 64) -> float:
     """Mean next-token NLL (nats) over non-overlapping ``SEQ_LEN + 1``-token windows of ``tokens``."""
     model.eval()
     count = (len(tokens) - 1) // SEQ_LEN
@@ -113,7 +113,7 @@ def validation_loss(model: LlamaForCausalLM, tokens: torch.Tensor, batch_size: i
     return total / count
 
 
-def make_optimizer(model: LlamaForCausalLM, run: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(model: PreTrainedModel, run: RunConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings (ndim >= 2) and none on norm weights."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -122,11 +122,13 @@ def make_optimizer(model: LlamaForCausalLM, run: RunConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=run.peak_lr, betas=(0.9, 0.95), fused=fused)
 
 
-def train_run(run: RunConfig, train_tokens: torch.Tensor, valid_tokens: torch.Tensor) -> tuple:
-    """Train one model from scratch; returns (model, log dict with validation loss and timings)."""
+def train_run(run: RunConfig, train_tokens: torch.Tensor, valid_tokens: torch.Tensor,
+              model_config: PretrainedConfig | None = None) -> tuple:
+    """Train one model (``model_config``, default :func:`default_model_config`) from scratch; returns
+    (model, log dict with validation loss and timings)."""
     device = train_tokens.device
     torch.manual_seed(run.seed)
-    model = LlamaForCausalLM(default_model_config()).to(device)
+    model = AutoModelForCausalLM.from_config(model_config or default_model_config()).to(device)
     optimizer = make_optimizer(model, run)
     generator = torch.Generator(device=device).manual_seed(run.seed)
     total_steps = max(1, round(run.epochs * len(train_tokens) / (run.batch_size * SEQ_LEN)))
@@ -153,15 +155,21 @@ def train_run(run: RunConfig, train_tokens: torch.Tensor, valid_tokens: torch.Te
     return model, log
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(model_config: PretrainedConfig | None = None, description: str = __doc__) -> None:
+    """Sweep the training length of ``model_config`` (default: the default model's) and save the best run."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--tokens", type=Path, default=Path(".carry/corpus"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--epochs", type=float, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-budget-s", type=float, default=420.0)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup-steps", type=int, default=RunConfig.warmup_steps)
+    parser.add_argument("--peak-lr", type=float, default=RunConfig.peak_lr)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     train_tokens = torch.from_numpy(np.load(args.tokens / "train.npy").astype(np.int32)).to(device)
@@ -173,14 +181,15 @@ def main() -> None:
 
     started, logs, best = time.perf_counter(), [], None
     for epochs in sorted(args.epochs):
-        run = RunConfig(epochs=epochs, batch_size=args.batch_size)
+        run = RunConfig(epochs=epochs, batch_size=args.batch_size, peak_lr=args.peak_lr,
+                        warmup_steps=args.warmup_steps)
         if logs:
             tokens = epochs * len(train_tokens)
             estimate = tokens / logs[-1]["tokens_per_second"] * 1.1 + 5
             if time.perf_counter() - started + estimate > args.time_budget_s:
                 print(f"skipping epochs={epochs:g}: ~{estimate:.0f} s would exceed the time budget")
                 continue
-        model, log = train_run(run, train_tokens, valid_tokens)
+        model, log = train_run(run, train_tokens, valid_tokens, model_config)
         logs.append(log)
         if best is None or log["validation_loss"] < best[1]["validation_loss"]:
             best = (model.cpu(), log)

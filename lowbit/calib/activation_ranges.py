@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.weights import QuantizableWeight
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +47,17 @@ def smoothed_amax(activation_amax: Tensor, scale: Tensor) -> Tensor:
 
 
 class ChannelMaxima:
-    """Forward pre-hooks recording ``max|x_j|`` over all calls of each linear's raw input (float32,
-    ``(in,)``) until :meth:`close`. Linears called one after another on the same tensor (q, k, v) share
-    one reduction."""
+    """Input observers (``QuantizableWeight.observe_inputs``) recording ``max|x_j|`` over all calls of each
+    weight's raw input (float32, ``(in,)``) until :meth:`close`. Weights called one after another on the
+    same tensor (q, k, v) share one reduction."""
 
-    def __init__(self, linears: Iterable[nn.Linear]) -> None:
-        self.amax: dict[nn.Linear, Tensor] = {}
+    def __init__(self, linears: Iterable[QuantizableWeight]) -> None:
+        self.amax: dict[QuantizableWeight, Tensor] = {}
         self._last: tuple[Tensor, Tensor] | None = None
-        self.handles = [linear.register_forward_pre_hook(self._record) for linear in linears]
+        self.handles = [linear.observe_inputs(lambda x, linear=linear: self._record(linear, x))
+                        for linear in linears]
 
-    def _record(self, linear: nn.Linear, args: tuple) -> None:
-        x = args[0]
+    def _record(self, linear: QuantizableWeight, x: Tensor) -> None:
         if self._last is not None and self._last[0] is x:
             amax = self._last[1]
         else:
@@ -75,9 +76,9 @@ class InputRanges:
     analytic (module docstring): :meth:`recording` measures them in a pass, :meth:`rescale` follows an
     input scaling, :meth:`apply` sets each quantizer's amax to ``max_j e_j``."""
 
-    def __init__(self, linears: Iterable[nn.Linear]) -> None:
+    def __init__(self, linears: Iterable[QuantizableWeight]) -> None:
         self.linears = [linear for linear in linears if is_analytic(linear.input_quantizer)]
-        self.effective: dict[nn.Linear, Tensor] = {}
+        self.effective: dict[QuantizableWeight, Tensor] = {}
 
     @property
     def quantizers(self) -> list[TensorQuantizer]:
@@ -96,7 +97,7 @@ class InputRanges:
             scale = linear.input_quantizer.pre_quant_scale
             self.effective[linear] = raw if scale is None else raw * scale.float().to(raw.device)
 
-    def rescale(self, linears: Iterable[nn.Linear], scale: Tensor) -> None:
+    def rescale(self, linears: Iterable[QuantizableWeight], scale: Tensor) -> None:
         """The inputs of ``linears`` became ``x / scale`` (per input channel): ``e_j /= scale_j``."""
         for linear in linears:
             if linear in self.effective:

@@ -51,8 +51,6 @@ from lowbit.calib.layerwise import (
     LayerInputs,
     LayerReport,
     check_layer_inputs,
-    find_decoder_layers,
-    quantized_linears,
     run_layerwise,
 )
 from lowbit.calib.scale_estimation import (
@@ -64,6 +62,9 @@ from lowbit.calib.scale_estimation import (
 )
 from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
 from lowbit.calib.weights import weight_group_size
+from lowbit.structure.blocks import require_block_stacks
+from lowbit.structure.groups import row_weights
+from lowbit.structure.weights import QuantizableWeight
 
 ForwardLoop = Callable[[nn.Module], None]
 
@@ -239,12 +240,12 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
     if forward_loop is None:
         raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
     estimation = _scale_estimation_options(name, options)
-    layers_name, layers = find_decoder_layers(model)
-    for index, layer in enumerate(layers):
-        for linear_name, linear in quantized_linears(layer).items():
-            if linear.weight_quantizer.is_enabled:
-                _check_weight_quantizer(name, options, estimation is not None, linear,
-                                        f"{layers_name}.{index}.{linear_name}.weight_quantizer")
+    for stack_name, layers in require_block_stacks(model, f"algorithm {name!r}"):
+        for index, layer in enumerate(layers):
+            for weight_name, weight in row_weights(layer).items():
+                if weight.weight_quantizer.is_enabled:
+                    _check_weight_quantizer(name, options, estimation is not None, weight,
+                                            f"{stack_name}.{index}.{weight_name}.weight_quantizer")
 
 
 def _scale_estimation_options(name: str, options: dict) -> dict | None:
@@ -259,7 +260,8 @@ def _scale_estimation_options(name: str, options: dict) -> dict | None:
     return {**SCALE_ESTIMATION_OPTIONS, **chained}
 
 
-def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: nn.Linear, full_name: str) -> None:
+def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: QuantizableWeight,
+                            full_name: str) -> None:
     """ValueError if the algorithm cannot work on this linear's (enabled) weight quantizer."""
     if estimates:
         estimation_group_size(linear, full_name)

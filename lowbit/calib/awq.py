@@ -25,9 +25,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, quantized_linears, quantizers_disabled, recalibrate_weights
+from lowbit.calib.layerwise import LayerInputs, quantizers_disabled, recalibrate_weights
 from lowbit.calib.scale_estimation import IntGrid
-from lowbit.calib.scaling import GroupTracer, InputGroup, apply_input_scale, same_tensor
+from lowbit.calib.scaling import apply_input_scale
 from lowbit.calib.weights import (
     effective_input,
     quantize_with_amax,
@@ -37,6 +37,8 @@ from lowbit.calib.weights import (
     weight_group_size,
 )
 from lowbit.quantizer import SequentialQuantizer
+from lowbit.structure.groups import GroupTracer, InputGroup, row_weights, same_tensor
+from lowbit.structure.weights import QuantizableWeight
 
 FakeQuantWeight = Callable[[Tensor], Tensor]  # weight -> fake-quantized weight (its own amax)
 ERROR_CHUNK_ELEMENTS = 2**26  # bound on the (tokens, rows, groups) error tensor of the clip search
@@ -152,7 +154,7 @@ def alpha_grid(alpha_step: float) -> list[float]:
 # ---- layer passes ---------------------------------------------------------------------------------------
 
 
-def _weight_fake_quant(linear: nn.Linear) -> FakeQuantWeight:
+def _weight_fake_quant(linear: QuantizableWeight) -> FakeQuantWeight:
     """The weight quantizer with ranges from the weight it is given, as ModelOpt's search quantizes:
     max |w| per group (min/max if asymmetric); a SequentialQuantizer (W4A8: INT4 then FP8) chains its
     stages, each with the range of what it receives, so the FP8 stage follows the scaled weight."""
@@ -208,7 +210,7 @@ class AwqInputStatistics:
 
         self.tracer = GroupTracer(layer)
         handles = [layer.register_forward_pre_hook(new_call), layer.register_forward_hook(new_call)]
-        handles += [linear.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+        handles += [linear.observe_inputs(lambda x, name=name: record(name, x))
                     for name, linear in self.tracer.linears.items()]
         try:
             yield
@@ -266,7 +268,7 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
                 recalibrate_weights(linear)
 
 
-def _scale_group_size(linear: nn.Linear) -> int:
+def _scale_group_size(linear: QuantizableWeight) -> int:
     """Input columns sharing one weight scale: the block along the input dim of the (first) weight
     quantizer, else the whole row."""
     quantizer = linear.weight_quantizer
@@ -278,7 +280,7 @@ def _scale_group_size(linear: nn.Linear) -> int:
 def awq_clip_layer(layer: nn.Module, inputs: LayerInputs, min_clip_ratio: float = 0.5,
                    shrink_step: float = 0.05, max_clip_tokens: int = 512) -> None:
     """Clip search for every linear with an enabled weight quantizer in ``layer``; sets its amax."""
-    linears = {n: w for n, w in quantized_linears(layer).items() if w.weight_quantizer.is_enabled}
+    linears = {n: w for n, w in row_weights(layer).items() if w.weight_quantizer.is_enabled}
     per_batch = -(-max_clip_tokens // len(inputs))
     samples: dict[str, list[Tensor]] = {}
 

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from lowbit.calib.layerwise import LayerInputs, weights_reused
 from lowbit.calib.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
-from lowbit.calib.scaling import find_input_groups
 from lowbit.calib.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.groups import find_input_groups
+from lowbit.structure.weights import QuantizableWeight
 
 GroupAmax = Callable[[Tensor], Tensor]  # (out, group_size) slab -> amax for that group
 ColumnQuantizer = Callable[[Tensor, Tensor], Tensor]  # (column (out,), group amax) -> quantized column
@@ -169,10 +170,10 @@ def _check_options(hessian, columns, group_size, block_size, percdamp, act_order
 
 # ---- layer pass ---------------------------------------------------------------------------------------
 
-RangeEstimator = Callable[[nn.Linear, str, Tensor], None]  # (linear, name, its input Hessian): sets its range
+RangeEstimator = Callable[[QuantizableWeight, str, Tensor], None]  # (linear, name, its input Hessian): sets its range
 
 
-def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tuple[str, QuantizableWeight, Tensor]]:
     """``(name, linear, H)`` for every linear with an enabled weight quantizer in ``layer``, one input group
     at a time: the group's Hessian ``input_hessian`` is accumulated over all batches after the previous
     groups were processed (so later groups see their already quantized outputs), and freed after it."""
@@ -225,7 +226,7 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
     return losses
 
 
-def gptq_group_size(linear: nn.Linear, name: str) -> int:
+def gptq_group_size(linear: QuantizableWeight, name: str) -> int:
     """Columns sharing one grid; ValueError if GPTQ cannot handle the weight quantizer (``weights`` module,
     plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them)."""
     if getattr(getattr(linear.weight_quantizer, "config", None), "asymmetric", False):
@@ -256,7 +257,7 @@ def _quantize_column(quantizer: TensorQuantizer, column: Tensor, grid: Tensor) -
     return IntGrid.of(quantizer).fake_quant(column[:, None], amin, amax)[:, 0]
 
 
-def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: nn.Linear) -> Tensor:
+def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: QuantizableWeight) -> Tensor:
     """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped);
     each weight on the way is fake-quantized once for all batches (``weights_reused``)."""
     accumulator = HessianAccumulator(linear.in_features, linear.weight.device)

@@ -1,4 +1,4 @@
-"""Layer-by-layer execution of calibration algorithms over a model's decoder layers.
+"""Layer-by-layer execution of calibration algorithms over a model's repeated blocks (``lowbit.structure``).
 
 1. The weights are max-calibrated, and ``forward_loop`` records, with a forward pre-hook, the inputs of
    the first decoder layer for each batch. It runs through the whole model (``max_calibrate``: every
@@ -41,11 +41,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.calib.activation_ranges import InputRanges
+from lowbit.modules.registry import is_quantized
 from lowbit.quantizer import TensorQuantizer, collecting_statistics, reusing_outputs
+from lowbit.structure.blocks import require_block_stacks
+from lowbit.structure.groups import row_weights
+from lowbit.structure.inputs import LayerInputs, StopForward, replayable_call
+from lowbit.structure.weights import QuantizableWeight, quantizable_weights, weights_by_slot
 
 logger = logging.getLogger(__name__)
 
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # replayed calls use no cache
 ForwardLoop = Callable[[nn.Module], None]
 
 
@@ -63,96 +67,10 @@ class LayerReport:
         return f"{algorithm} layer {self.index} ({self.name}): output MSE {before}{self.mse_after:.4g}"
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the rest of a layer's forward once the wanted input was seen."""
-
-
-class LayerInputs:
-    """The calls of one decoder layer, one per calibration batch: hidden states plus the other arguments."""
-
-    def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
-        self.calls = calls
-        self.ranges: InputRanges | None = None  # the layer's measured input ranges, while the runner works on it
-
-    def __len__(self) -> int:
-        return len(self.calls)
-
-    def hidden_states(self, index: int) -> Tensor:
-        args, kwargs = self.calls[index]
-        return args[0] if args else kwargs["hidden_states"]
-
-    def forward(self, layer: nn.Module) -> Iterator[Tensor]:
-        """The layer's output (hidden states) for each batch, computed lazily, under no_grad."""
-        for args, kwargs in self.calls:
-            with torch.no_grad():
-                output = layer(*args, **kwargs)
-            yield output[0] if isinstance(output, (tuple, list)) else output
-
-    def replaced(self, hidden: list[Tensor]) -> LayerInputs:
-        """The same calls with new hidden states (the previous layer's outputs)."""
-        calls = []
-        for (args, kwargs), states in zip(self.calls, hidden, strict=True):
-            if args:
-                calls.append(((states, *args[1:]), kwargs))
-            else:
-                calls.append((args, {**kwargs, "hidden_states": states}))
-        return LayerInputs(calls)
-
-    def feed(self, layer: nn.Module, modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None],
-             stop_after: nn.Module | None = None) -> None:
-        """Run every batch through ``layer``; ``on_input(name, x)`` gets the input of every call of ``modules``.
-
-        With ``stop_after``, the rest of the layer is skipped once that module's input was seen.
-        """
-        def hook_for(name: str, module: nn.Module):
-            def hook(_module, args):
-                on_input(name, args[0].detach())
-                if module is stop_after:
-                    raise _StopForward
-
-            return hook
-
-        handles = [module.register_forward_pre_hook(hook_for(name, module)) for name, module in modules.items()]
-        try:
-            for args, kwargs in self.calls:
-                try:
-                    with torch.no_grad():
-                        layer(*args, **kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def quantized_linears(module: nn.Module) -> dict[str, nn.Linear]:
-    """The quantized nn.Linear modules inside ``module``, by name relative to it, in definition order."""
-    return {
-        name: child
-        for name, child in module.named_modules()
-        if isinstance(child, nn.Linear) and isinstance(getattr(child, "weight_quantizer", None), nn.Module)
-    }
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the outermost nn.ModuleList whose every entry holds quantized linears."""
-    candidates = [
-        (name, modules)
-        for name, modules in model.named_modules()
-        if isinstance(modules, nn.ModuleList) and len(modules) and all(quantized_linears(m) for m in modules)
-    ]
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__}: layer-wise algorithms need the decoder layers in an nn.ModuleList whose "
-            "every entry holds quantized nn.Linear modules; none was found (was the model quantized?)"
-        )
-    # the outermost list (MoE experts are a deeper ModuleList inside each layer), then the longest
-    return min(candidates, key=lambda item: (item[0].count("."), -len(item[1])))
-
-
 def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop: ForwardLoop,
-                         full_pass: bool = True) -> LayerInputs:
-    """Max-calibrate the weights, and record ``first_layer``'s call arguments for each batch.
+                         full_pass: bool = True, calibrate: bool = True) -> LayerInputs:
+    """Max-calibrate the weights (unless ``calibrate`` is False), and record ``first_layer``'s call
+    arguments for each batch.
 
     ``full_pass``: ``forward_loop`` runs through the whole model to max-calibrate its activation
     quantizers too; otherwise (or when there are none) it runs only up to ``first_layer``.
@@ -165,7 +83,7 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop:
     try:
         if full_pass:
             max_calibrate(model, forward_loop)
-        else:
+        elif calibrate:
             calibrate_weights(model)
         if not calls:  # no forward ran (weight-only, or no full pass asked)
             _run_until(first_layer, model, forward_loop, calls)
@@ -194,7 +112,7 @@ def _run_until(first_layer: nn.Module, model: nn.Module, forward_loop: ForwardLo
 
 
 def _raise_stop(_module, _args):
-    raise _StopForward
+    raise StopForward
 
 
 class _UpToLayer(nn.Module):
@@ -208,7 +126,7 @@ class _UpToLayer(nn.Module):
     def forward(self, *args, **kwargs) -> None:
         try:
             self.model(*args, **kwargs)
-        except _StopForward:
+        except StopForward:
             pass
 
     def __getattr__(self, name: str):
@@ -216,18 +134,6 @@ class _UpToLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
-
-
-def replayable_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A decoder layer's call arguments, detached, with its KV cache dropped (a replay must not append to it)."""
-    kwargs = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
-    if "use_cache" in kwargs:
-        kwargs["use_cache"] = False
-    return tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}
-
-
-def _detached(value):
-    return value.detach() if isinstance(value, Tensor) else value
 
 
 def tensor_quantizers(module: nn.Module) -> list[TensorQuantizer]:
@@ -249,7 +155,8 @@ def quantizers_disabled(module: nn.Module):
 
 def weights_reused(module: nn.Module):
     """Within the block, each weight inside ``module`` is fake-quantized once (``reusing_outputs``)."""
-    return reusing_outputs([linear.weight_quantizer for linear in quantized_linears(module).values()])
+    return reusing_outputs([getattr(m, slot) for m in module.modules() if is_quantized(m)
+                            for slot in weights_by_slot(m)])
 
 
 def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: Iterable[TensorQuantizer] = ()) -> None:
@@ -258,10 +165,10 @@ def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: Iterable[
     skipped = {id(q) for q in skip}
     quantizers = [
         q
-        for linear in quantized_linears(layer).values()
-        for slot in linear.quantizer_names
-        if slot != "weight_quantizer"
-        for q in tensor_quantizers(getattr(linear, slot))
+        for module in layer.modules() if is_quantized(module)
+        for slot in module.quantizer_names
+        if slot not in weights_by_slot(module)
+        for q in tensor_quantizers(getattr(module, slot))
         if q.is_enabled and not q.config.is_dynamic and id(q) not in skipped
     ]
     if not quantizers:
@@ -287,49 +194,60 @@ LayerWatch = Callable[[nn.Module, LayerInputs], AbstractContextManager]
 
 def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform, description: str,
                   watch: LayerWatch | None = None, layer_inputs: str = "float") -> list[LayerReport]:
-    """Apply ``transform(layer, inputs)`` to each decoder layer in turn (see the module docstring);
-    ``watch(layer, inputs)``, when given, is entered around the layer's float reference pass;
-    ``layer_inputs`` ("float" or "quantized") says which outputs feed the next layer."""
+    """Apply ``transform(layer, inputs)`` to each block of each block stack in turn (see the module
+    docstring); ``watch(layer, inputs)``, when given, is entered around the block's float reference pass;
+    ``layer_inputs`` ("float" or "quantized") says which outputs feed the next block."""
     if forward_loop is None:
         raise ValueError(f"{description} needs calibration data: forward_loop is None")
     check_layer_inputs(layer_inputs)
-    layers_name, layers = find_decoder_layers(model)
+    stacks = require_block_stacks(model, description)
     was_training = model.training
     model.eval()
     report = []
     try:
-        _warn_outside(model, layers, description)
-        full_pass = not _ranges_measured_per_layer(model, layers)
-        inputs = capture_layer_inputs(model, layers[0], forward_loop, full_pass)
-        progress = tqdm(layers, desc=description, unit="layer")
-        for index, layer in enumerate(progress):
-            ranges = InputRanges(quantized_linears(layer).values())
-            with ExitStack() as float_pass:
-                float_pass.enter_context(quantizers_disabled(layer))
-                if watch is not None:
-                    float_pass.enter_context(watch(layer, inputs))
-                if not full_pass:
-                    float_pass.enter_context(ranges.recording())
-                reference = list(inputs.forward(layer))
-            if not full_pass:
-                ranges.apply()  # max calibration of the inputs, from the float layer's
-            with weights_reused(layer), ranges.recording():
-                mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
-            inputs.ranges = ranges
-            transform(layer, inputs)
-            ranges.apply()
-            calibrate_activations(layer, inputs, skip=ranges.quantizers)
-            with weights_reused(layer):
-                mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
-            entry = LayerReport(index, f"{layers_name}.{index}", mse_max, mse_after)
-            report.append(entry)
-            progress.set_postfix(mse_max=f"{mse_max:.3g}", mse_after=f"{mse_after:.3g}")
-            logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", description,
-                        entry.name, mse_max, mse_after)
-            inputs = inputs.replaced(reference if layer_inputs == "float" else outputs)
-            del reference, outputs
+        _warn_outside(model, stacks, description)
+        full_pass = not _ranges_measured_per_layer(model, stacks)
+        for position, (stack_name, layers) in enumerate(stacks):
+            # the first stack's inputs come with max calibration; a later stack's (T5's decoder) follow
+            # the stacks before it, already transformed
+            inputs = capture_layer_inputs(model, layers[0], forward_loop, full_pass and position == 0,
+                                          calibrate=position == 0)
+            report += _run_stack(stack_name, layers, inputs, transform, description, watch, layer_inputs, full_pass)
     finally:
         model.train(was_training)
+    return report
+
+
+def _run_stack(stack_name: str, layers: nn.ModuleList, inputs: LayerInputs, transform: LayerTransform,
+               description: str, watch: LayerWatch | None, layer_inputs: str, full_pass: bool) -> list[LayerReport]:
+    report = []
+    progress = tqdm(layers, desc=description, unit="layer")
+    for index, layer in enumerate(progress):
+        ranges = InputRanges(row_weights(layer).values())
+        with ExitStack() as float_pass:
+            float_pass.enter_context(quantizers_disabled(layer))
+            if watch is not None:
+                float_pass.enter_context(watch(layer, inputs))
+            if not full_pass:
+                float_pass.enter_context(ranges.recording())
+            reference = list(inputs.forward(layer))
+        if not full_pass:
+            ranges.apply()  # max calibration of the inputs, from the float layer's
+        with weights_reused(layer), ranges.recording():
+            mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
+        inputs.ranges = ranges
+        transform(layer, inputs)
+        ranges.apply()
+        calibrate_activations(layer, inputs, skip=ranges.quantizers)
+        with weights_reused(layer):
+            mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
+        entry = LayerReport(index, f"{stack_name}.{index}", mse_max, mse_after)
+        report.append(entry)
+        progress.set_postfix(mse_max=f"{mse_max:.3g}", mse_after=f"{mse_after:.3g}")
+        logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", description,
+                    entry.name, mse_max, mse_after)
+        inputs = inputs.replaced(reference if layer_inputs == "float" else outputs)
+        del reference, outputs
     return report
 
 
@@ -342,21 +260,24 @@ def check_layer_inputs(layer_inputs: str) -> str:
     return layer_inputs
 
 
-def _ranges_measured_per_layer(model: nn.Module, layers: nn.ModuleList) -> bool:
+def _ranges_measured_per_layer(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> bool:
     """True when every static activation quantizer of ``model`` is an analytic input quantizer of a linear
-    inside ``layers`` (``lowbit.calib.activation_ranges``): the runner then measures each from its layer's
+    inside the block stacks (``lowbit.calib.activation_ranges``): the runner then measures each from its layer's
     inputs and no full max-calibration pass is needed."""
     from lowbit.convert import static_activation_quantizers
 
-    covered = {id(q) for layer in layers for q in InputRanges(quantized_linears(layer).values()).quantizers}
+    covered = {id(q) for _, layers in stacks for layer in layers
+               for q in InputRanges(row_weights(layer).values()).quantizers}
     return all(id(q) in covered for q in static_activation_quantizers(model))
 
 
 def layer_errors(model: nn.Module, forward_loop: ForwardLoop) -> list[LayerReport]:
-    """Each decoder layer's output MSE (float64) against its float output on the same inputs, in one run of
-    ``forward_loop``: every layer call is replayed with its quantizers disabled. The inputs are the
+    """Each block's output MSE (float64) against its float output on the same inputs, in one run of
+    ``forward_loop``: every block call is replayed with its quantizers disabled. The inputs are the
     quantized model's (errors propagate as at inference). ``mse_max`` is None (not measured)."""
-    layers_name, layers = find_decoder_layers(model)
+    named = [(f"{stack}.{index}", layer) for stack, layers in require_block_stacks(model, "layer_errors")
+             for index, layer in enumerate(layers)]
+    layers = [layer for _, layer in named]
     totals = [[0.0, 0] for _ in layers]
     replaying = False
 
@@ -389,20 +310,20 @@ def layer_errors(model: nn.Module, forward_loop: ForwardLoop) -> list[LayerRepor
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [LayerReport(index, f"{layers_name}.{index}", None, total / max(count, 1))
-            for index, (total, count) in enumerate(totals)]
+    return [LayerReport(index, name, None, total / max(count, 1))
+            for index, ((name, _), (total, count)) in enumerate(zip(named, totals, strict=True))]
 
 
-def recalibrate_weights(module: nn.Module) -> None:
-    """Recompute the static weight scales of the quantized modules in ``module`` from their weights."""
-    from lowbit.convert import calibrate_weights
+def recalibrate_weights(weight: QuantizableWeight) -> None:
+    """Recompute the static scales of ``weight``'s quantizer from the weight (after an algorithm changed it)."""
+    from lowbit.convert import calibrate_weight
 
-    calibrate_weights(module)
+    calibrate_weight(weight.weight_quantizer, weight.weight.detach())
 
 
-def _warn_outside(model: nn.Module, layers: nn.ModuleList, description: str) -> None:
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    outside = [n for n, w in quantized_linears(model).items() if id(w) not in inside and w.weight_quantizer.is_enabled]
+def _warn_outside(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]], description: str) -> None:
+    inside = {id(m) for _, layers in stacks for m in layers.modules()}
+    outside = [n for n, w in quantizable_weights(model, enabled_only=True).items() if id(w.module) not in inside]
     if outside:
-        logger.warning("%s works on the decoder layers only; %d quantized linear(s) outside them keep max "
+        logger.warning("%s works on the repeated blocks only; %d quantized weight(s) outside them keep max "
                        "calibration: %s", description, len(outside), ", ".join(outside[:5]))

@@ -29,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lowbit import formats
 from lowbit.calib.weights import shrink_ratios, weight_group_size
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.weights import QuantizableWeight
 
 OBJECTIVES = ("block", "diagonal")
 TINY = torch.finfo(torch.float32).tiny
@@ -222,7 +223,7 @@ def hessian_blocks(hessian: Tensor, group_size: int, objective: str = "block") -
 # ---- the weight quantizer as an integer grid ---------------------------------------------------------------
 
 
-def estimation_group_size(linear: nn.Linear, name: str) -> int:
+def estimation_group_size(linear: QuantizableWeight, name: str) -> int:
     """Columns sharing one scale; ValueError unless the weight quantizer is a static integer one with
     per-channel (axis=0) or ``block_sizes={-1: g}`` scales, symmetric or asymmetric."""
     quantizer = linear.weight_quantizer
@@ -251,7 +252,7 @@ def store_range(quantizer: TensorQuantizer, weight: Tensor, amin: Tensor | None,
         quantizer.amin = amin.detach().float().reshape(shape).contiguous()
 
 
-def estimate_linear_range(linear: nn.Linear, name: str, hessian: Tensor, ratios: list[float], steps: int,
+def estimate_linear_range(linear: QuantizableWeight, name: str, hessian: Tensor, ratios: list[float], steps: int,
                           objective: str) -> float:
     """Scale estimation of one linear's weight quantizer against ``hessian`` ``(in, in)`` of its input;
     stores the range and returns the summed error ``sum e`` of the result."""

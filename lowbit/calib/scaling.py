@@ -1,10 +1,9 @@
 """Per-input-channel scaling shared by SmoothQuant and AWQ: ``y = (x / s) @ (W * s)^T = x @ W^T``.
 
-A *group* is the quantized linears that read the same input tensor (Llama: q, k, v read
-``input_layernorm``'s output; gate, up read ``post_attention_layernorm``'s). Groups are found by
-running one call of the layer with hooks (:class:`GroupTrace`) and matching tensors by storage. For a
-group, ``s`` (per input channel) multiplies every weight's columns, and ``1/s`` is applied to the input
-either
+A *group* is the quantizable weights that read the same input tensor (Llama: q, k, v read
+``input_layernorm``'s output; gate, up read ``post_attention_layernorm``'s), found by tracing
+(``lowbit.structure.groups``). For a group, ``s`` (per input channel) multiplies every weight's
+columns, and ``1/s`` is applied to the input either
 
 - folded into the producing norm (``norm.weight /= s``, ``norm.bias /= s``) when the norm's output goes
   to this group only; the fold is checked on up to ``FOLD_CHECK_ROWS`` rows of the norm's traced input
@@ -16,150 +15,14 @@ either
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from lowbit.calib.activation_ranges import InputRanges
-from lowbit.calib.layerwise import LayerInputs, quantized_linears, tensor_quantizers
+from lowbit.calib.layerwise import tensor_quantizers
+from lowbit.structure.groups import InputGroup
 
 FOLD_TOLERANCE = 0.05
-FOLD_CHECK_ROWS = 64
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InputGroup:
-    """Quantized linears sharing one input; ``norm`` is the module that produced it, if a norm did, and
-    ``norm_rows`` up to ``FOLD_CHECK_ROWS`` rows of that norm's traced (input, output), ``(1, rows, dim)``."""
-
-    linears: dict[str, nn.Linear]
-    norm: nn.Module | None
-    norm_rows: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def first(self) -> nn.Linear:
-        return next(iter(self.linears.values()))
-
-
-def is_norm(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return "Norm" in type(module).__name__ and isinstance(weight, Tensor) and weight.dim() == 1
-
-
-def find_input_groups(layer: nn.Module, inputs: LayerInputs) -> list[InputGroup]:
-    """The layer's quantized linears grouped by shared input, in execution order.
-
-    Batches are traced one at a time until every linear was called (MoE experts may skip a batch);
-    a linear no batch reaches is in no group.
-    """
-    tracer = GroupTracer(layer)
-    try:
-        for call in inputs.calls:
-            if tracer.complete:
-                break
-            LayerInputs([call]).feed(layer, {}, lambda *_: None)
-    finally:
-        tracer.close()
-    tracer.warn_unseen()
-    return tracer.groups
-
-
-class GroupTracer:
-    """Hooks on ``layer`` that trace each of its calls (a :class:`GroupTrace` of the quantized linears not
-    grouped yet) until every one is in a group, or until :meth:`close`; ``groups`` in execution order."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-        self.linears = quantized_linears(layer)
-        self.groups: list[InputGroup] = []
-        self._trace: GroupTrace | None = None
-        self.handles = [layer.register_forward_pre_hook(self._start), layer.register_forward_hook(self._finish)]
-
-    @property
-    def grouped(self) -> set[str]:
-        return {name for group in self.groups for name in group.linears}
-
-    @property
-    def complete(self) -> bool:
-        return len(self.grouped) == len(self.linears)
-
-    def _start(self, _layer, _args) -> None:
-        if not self.complete:
-            grouped = self.grouped
-            self._trace = GroupTrace(self.layer, {n: w for n, w in self.linears.items() if n not in grouped})
-
-    def _finish(self, _layer, _args, _output) -> None:
-        if self._trace is not None:
-            self.groups += self._trace.close()
-            self._trace = None
-
-    def close(self) -> None:
-        """Remove the hooks (a call cut short still contributes what it traced)."""
-        for handle in self.handles:
-            handle.remove()
-        self._finish(None, None, None)
-
-    def warn_unseen(self) -> None:
-        unseen = set(self.linears) - self.grouped
-        if unseen:
-            logger.warning("no calibration batch reached %s; they are left as max calibration set them",
-                           sorted(unseen))
-
-
-class GroupTrace:
-    """Hooks that watch calls of ``layer`` until :meth:`close`, which groups ``linears`` by input tensor
-    and finds each group's norm. The traced tensors stay alive until then (so that storages are not
-    reused); trace one call. Lets a caller trace inside a pass it runs anyway (SmoothQuant's)."""
-
-    def __init__(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> None:
-        self.linears = linears
-        self.seen_inputs: list[tuple[str, Tensor]] = []  # (name, input) for every leaf module and linear call
-        self.norm_calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (norm, input, output)
-        inside_linear = {id(m) for linear in quantized_linears(layer).values() for m in linear.modules()}
-        self.handles = []
-        for name, module in layer.named_modules():
-            is_leaf = not any(True for _ in module.children())
-            if name in linears or (is_leaf and id(module) not in inside_linear):
-                self.handles.append(module.register_forward_pre_hook(
-                    lambda _m, args, name=name: self.seen_inputs.append((name, args[0])) if args else None))
-            if is_norm(module):
-                self.handles.append(module.register_forward_hook(
-                    lambda m, args, output: self.norm_calls.append((m, args[0], output)) if args else None))
-
-    def close(self) -> list[InputGroup]:
-        """Remove the hooks and return the groups of what was seen (empty if nothing ran)."""
-        for handle in self.handles:
-            handle.remove()
-        groups: list[tuple[Tensor, InputGroup]] = []
-        for name, x in self.seen_inputs:
-            if name not in self.linears or any(name in group.linears for _, group in groups):
-                continue
-            shared = next((group for key, group in groups if same_tensor(key, x)), None)
-            if shared is None:
-                groups.append((x, InputGroup({name: self.linears[name]}, None)))
-            else:
-                shared.linears[name] = self.linears[name]
-        for key, group in groups:
-            producers = [(norm, x, output) for norm, x, output in self.norm_calls if same_tensor(output, key)]
-            other_readers = [n for n, x in self.seen_inputs if n not in group.linears and same_tensor(x, key)]
-            if len(producers) == 1 and not other_readers:
-                norm, x, output = producers[0]
-                group.norm, group.norm_rows = norm, (_first_rows(x), _first_rows(output))
-        self.seen_inputs, self.norm_calls = [], []
-        return [group for _, group in groups]
-
-
-def _first_rows(x: Tensor) -> Tensor:
-    """Up to ``FOLD_CHECK_ROWS`` rows (vectors along the last dim) of ``x``, as ``(1, rows, dim)``: the
-    shape of one short sequence, which norms written for ``(batch, tokens, dim)`` accept too."""
-    return x.detach().reshape(-1, x.shape[-1])[:FOLD_CHECK_ROWS].unsqueeze(0).clone()
-
-
-def same_tensor(a: Tensor, b: Tensor) -> bool:
-    return isinstance(a, Tensor) and isinstance(b, Tensor) and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def check_unscaled(group: InputGroup, name_prefix: str = "") -> None:

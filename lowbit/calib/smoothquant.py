@@ -20,8 +20,9 @@ One pass of the calibration data, as ModelOpt's ``smoothquant``:
    exactly what max calibration of the smoothed inputs gives, with no second pass. Other static
    calibrators (percentile, mse, entropy, asymmetric, per-channel) are run in one more pass.
 
-Decoder layers only; linears outside them keep max calibration. With ``alpha=1`` (ModelOpt's default)
-``s_j = max|X_j|``: every smoothed channel has range 1 and the weight scales take the whole activation range.
+Repeated blocks only (``lowbit.structure.blocks``); weights outside them keep max calibration. With
+``alpha=1`` (ModelOpt's default) ``s_j = max|X_j|``: every smoothed channel has range 1 and the weight
+scales take the whole activation range.
 """
 
 from __future__ import annotations
@@ -33,16 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.calib.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
-from lowbit.calib.layerwise import (
-    LayerReport,
-    find_decoder_layers,
-    layer_errors,
-    quantized_linears,
-    recalibrate_weights,
-    tensor_quantizers,
-)
-from lowbit.calib.scaling import GroupTrace, InputGroup, apply_input_scale
+from lowbit.calib.layerwise import LayerReport, layer_errors, recalibrate_weights, tensor_quantizers
+from lowbit.calib.scaling import apply_input_scale
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.blocks import require_block_stacks
+from lowbit.structure.groups import GroupTrace, InputGroup, row_weights
+from lowbit.structure.weights import QuantizableWeight
 
 logger = logging.getLogger(__name__)
 SCALE_RANGE = (1e-4, 1e4)  # ModelOpt's clamp of the smoothing factor
@@ -70,7 +67,7 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _input_quantizer(linear: nn.Linear) -> TensorQuantizer:
+def _input_quantizer(linear: QuantizableWeight) -> TensorQuantizer:
     return tensor_quantizers(linear.input_quantizer)[0]
 
 
@@ -78,7 +75,7 @@ class _FirstCallTraces:
     """Per decoder layer, the input groups traced in its first call (which linears share an input, which
     norm made it, rows of that norm's input and output)."""
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: list[nn.Module]) -> None:
         self.groups: dict[int, list[InputGroup]] = {}
         self._traces: dict[int, GroupTrace] = {}
         self.handles = []
@@ -90,7 +87,7 @@ class _FirstCallTraces:
 
     def _start(self, index: int, layer: nn.Module) -> None:
         if index not in self.groups and index not in self._traces:
-            self._traces[index] = GroupTrace(layer, quantized_linears(layer))
+            self._traces[index] = GroupTrace(layer, row_weights(layer))
 
     def _finish(self, index: int) -> None:
         trace = self._traces.pop(index, None)
@@ -112,10 +109,12 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
     from lowbit.convert import calibrate_weights, calibration_pass, iter_quantizers
 
     check_alpha(alpha)
-    layers_name, layers = find_decoder_layers(model)
-    targets = [linear for layer in layers for linear in quantized_linears(layer).values()
+    named_layers = [(f"{stack}.{index}", layer) for stack, layers in require_block_stacks(model, "smoothquant")
+                    for index, layer in enumerate(layers)]
+    layers = [layer for _, layer in named_layers]
+    targets = [linear for layer in layers for linear in row_weights(layer).values()
                if linear.input_quantizer.is_enabled]
-    for name, linear in quantized_linears(model).items():
+    for name, linear in row_weights(model).items():
         if linear in targets and _input_quantizer(linear).pre_quant_scale is not None:
             raise ValueError(f"{name}: input_quantizer already has a pre_quant_scale; smooth a model once")
     smoothed_inputs = {_input_quantizer(linear) for linear in targets}
@@ -137,15 +136,15 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
 
     target_set = set(targets)
     to_recalibrate = []
-    for index, layer in enumerate(layers):
+    for index, (layer_name, layer) in enumerate(named_layers):
         groups = [g for g in first_calls.groups.get(index, []) if set(g.linears.values()) <= target_set]
         grouped = {linear for group in groups for linear in group.linears.values()}
-        groups += [InputGroup({name: linear}, None) for name, linear in quantized_linears(layer).items()
+        groups += [InputGroup({name: linear}, None) for name, linear in row_weights(layer).items()
                    if linear in target_set and linear not in grouped]  # not reached by the first call
         for group in groups:
             if group.first not in maxima.amax:
-                logger.warning("smoothquant: %s.%d.%s saw no calibration data; left unsmoothed", layers_name,
-                               index, next(iter(group.linears)))
+                logger.warning("smoothquant: %s.%s saw no calibration data; left unsmoothed", layer_name,
+                               next(iter(group.linears)))
                 continue
             activation_amax = maxima.amax[group.first]
             weight_amax = torch.stack([w.weight.detach().abs().amax(dim=0).float() for w in group.linears.values()])

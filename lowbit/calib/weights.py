@@ -12,12 +12,13 @@ Shapes, for a weight ``(out, in)`` with ``n = in / g`` groups: the quantizer's a
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.weights import QuantizableWeight
 
 
-def weight_group_size(linear: nn.Linear, name: str = "weight_quantizer", per_row: bool = False,
+def weight_group_size(linear: QuantizableWeight, name: str = "weight_quantizer", per_row: bool = False,
                       asymmetric: bool = False) -> int:
     """Columns sharing one scale (``in_features`` unless block-wise); ValueError if unsupported.
 
@@ -68,7 +69,7 @@ def set_weight_amax(quantizer: TensorQuantizer, weight: Tensor, amax: Tensor) ->
     quantizer.amax = amax.detach().float().reshape(quantizer.compute_amax(weight).shape).contiguous()
 
 
-def effective_input(linear: nn.Linear, x: Tensor) -> Tensor:
+def effective_input(linear: QuantizableWeight, x: Tensor) -> Tensor:
     """What the weight multiplies: ``x`` times the input quantizer's pre_quant_scale, if it has one."""
     scales = [m.pre_quant_scale for m in linear.input_quantizer.modules()
               if isinstance(m, TensorQuantizer) and m.pre_quant_scale is not None]

@@ -15,14 +15,13 @@ from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, PackedWeight, WeightFormat, quantize_weight
 from lowbit.modules import is_quantized
 from lowbit.quantizer import TensorQuantizer
+from lowbit.structure.weights import is_hf_conv1d, weights_by_slot
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
     """The (out, in) weight of a quantized Linear (GPT-2 Conv1D stores it transposed), else None."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "QuantConv1D":
-        return module.weight.t()
+    if is_quantized(module) and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
+        return weights_by_slot(module)["weight_quantizer"]
     return None
 
 

@@ -13,6 +13,7 @@ through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen, GPT-2, ... in transfo
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from lowbit.modules.registry import QUANT_MODULE_REGISTRY, QuantModuleMixin, register
 
 IMPLEMENTATION_NAME = "lowbit"
+_INNER_IMPLEMENTATION: dict[int, tuple[weakref.ref, str]] = {}  # id(config) -> (config, its own implementation)
 
 
 class QuantAttentionMixin(QuantModuleMixin):
@@ -29,9 +31,13 @@ class QuantAttentionMixin(QuantModuleMixin):
 
     def _setup(self) -> None:
         super()._setup()
-        if self.config._attn_implementation != IMPLEMENTATION_NAME:
-            self.inner_attn_implementation = self.config._attn_implementation
-            self.config._attn_implementation = IMPLEMENTATION_NAME
+        config = self.config
+        if config._attn_implementation != IMPLEMENTATION_NAME:
+            _INNER_IMPLEMENTATION[id(config)] = (weakref.ref(config), config._attn_implementation)
+            config._attn_implementation = IMPLEMENTATION_NAME
+        # every attention module of a model shares its config: the later ones find it switched already
+        reference, inner = _INNER_IMPLEMENTATION.get(id(config), (None, "sdpa"))
+        self.inner_attn_implementation = inner if reference is not None and reference() is config else "sdpa"
 
 
 def _inner_attention(module: nn.Module):

@@ -27,6 +27,9 @@ def _register_hf_conv1d() -> None:
         """GPT-2's Conv1D stores the weight ``(in, out)``; its quantizer sees ``weight.T`` so that axis 0
         is the output channel and ``block_sizes={-1: g}`` groups the input dim, as for nn.Linear."""
 
+        def weight_slots(self) -> dict[str, torch.Tensor]:
+            return {"weight_quantizer": self.weight.t()}
+
         def quantized_weight(self) -> torch.Tensor:
             return self.weight_quantizer(self.weight.t()).t()
 
@@ -38,5 +41,15 @@ def _register_hf_conv1d() -> None:
     register(original_cls=Conv1D, quantized_cls=QuantConv1D)
 
 
+def _register_hf_linear_subclasses() -> None:
+    """transformers' nn.Linear subclasses whose forward is ``x @ W^T + b`` (the registry matches exact
+    classes, so each is named here): Falcon's ``FalconLinear``."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    register(original_cls=FalconLinear,
+             quantized_cls=type("QuantFalconLinear", (QuantLinear, FalconLinear), {"__module__": __name__}))
+
+
 register(original_cls=nn.Linear, quantized_cls=QuantLinear)
 _register_hf_conv1d()
+_register_hf_linear_subclasses()

@@ -6,6 +6,7 @@ creates the quantizers; parameters, buffers and hooks stay where they are (no co
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 QUANT_MODULE_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
@@ -25,6 +26,12 @@ class QuantModuleMixin:
             if name == "output_quantizer":
                 quantizer.disable()
             setattr(self, name, quantizer)
+
+    def weight_slots(self) -> dict[str, torch.Tensor]:
+        """{weight quantizer slot: the tensor that quantizer sees}: here ``weight_quantizer`` sees ``weight``
+        as stored. Classes that quantize a view (a transpose, a stack of experts) override this; it is also
+        called unbound on the original module before conversion."""
+        return {"weight_quantizer": self.weight} if isinstance(getattr(self, "weight", None), torch.Tensor) else {}
 
 
 def register(original_cls: type[nn.Module], quantized_cls: type[nn.Module]) -> None:

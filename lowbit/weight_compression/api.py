@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.convert import report_coverage
 from lowbit.weight_compression.apply import apply_plan
 from lowbit.weight_compression.data import materialize
 from lowbit.weight_compression.layers import IgnoredScope
@@ -72,4 +73,6 @@ def compress_weights(
                             scale_estimation, gptq, backup_mode)
     plan = plan_compression(model, options, items, ignored_scope)
     logger.info("weight compression plan:\n%s", plan.summary().table())
-    return apply_plan(model, plan, items, packed)
+    compressed = apply_plan(model, plan, items, packed)
+    report_coverage(compressed)
+    return compressed

@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.modules import QuantModuleMixin, register, unregister
 from lowbit.modules.registry import QUANT_MODULE_REGISTRY, is_quantized, quantized_class_for
+from lowbit.structure.weights import is_hf_conv1d, weights_by_slot
 
 MATMUL, EMBEDDING, CONVOLUTION = "matmul", "embedding", "convolution"
 IgnoredScope = Iterable[str] | Callable[[str], bool] | None
@@ -62,7 +63,7 @@ def _kind(module: nn.Module) -> str | None:
         return EMBEDDING
     if not (is_quantized(module) or quantized_class_for(module) is not None):
         return None
-    if original is nn.Linear or original.__name__ == "Conv1D":
+    if issubclass(original, nn.Linear) or is_hf_conv1d(module):
         return MATMUL
     if original in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return CONVOLUTION
@@ -84,10 +85,7 @@ class WeightLayer:
 
     @property
     def shape(self) -> tuple[int, int]:
-        weight = self.module.weight
-        if self._is_hf_conv1d():  # GPT-2 stores (in, out)
-            return weight.shape[1], weight.shape[0]
-        return weight.shape[0], weight[0].numel()
+        return tuple(self._seen_by_quantizer().flatten(1).shape)
 
     @property
     def num_weights(self) -> int:
@@ -95,11 +93,12 @@ class WeightLayer:
 
     def matrix(self) -> torch.Tensor:
         """The weight as the quantizer sees it, ``(out, in)``, detached float32."""
-        weight = self.module.weight.detach().float()
-        return weight.t() if self._is_hf_conv1d() else weight.reshape(weight.shape[0], -1)
+        return self._seen_by_quantizer().detach().float().flatten(1)
 
-    def _is_hf_conv1d(self) -> bool:
-        return type(self.module).__name__ in {"Conv1D", "QuantConv1D"}
+    def _seen_by_quantizer(self) -> torch.Tensor:
+        """The weight as its quantized class's weight quantizer sees it (GPT-2's Conv1D: the transpose)."""
+        cls = type(self.module) if is_quantized(self.module) else quantized_class_for(self.module)
+        return weights_by_slot(self.module, cls)["weight_quantizer"]
 
 
 def ignored_names(names: list[str], ignored_scope: IgnoredScope) -> set[str]:

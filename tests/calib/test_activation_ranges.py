@@ -9,6 +9,7 @@ from torch import nn
 import lowbit.convert as convert
 from lowbit.calib.activation_ranges import InputRanges, channel_maxima, is_analytic
 from lowbit.quantizer import collecting_statistics
+from lowbit.structure import quantizable_weights
 
 
 def quantized_linears(input_cfg, count=3, seed=0):
@@ -46,14 +47,15 @@ def test_amax_is_max_calibration_of_the_scaled_effective_input(input_cfg):
     generator = torch.Generator().manual_seed(2)
     prior = torch.rand(16, generator=generator) + 0.5  # a pre_quant_scale already in place on linear 1
     linears[1].input_quantizer.pre_quant_scale = prior
-    ranges = InputRanges(linears)
+    records = list(quantizable_weights(linears).values())
+    ranges = InputRanges(records)
     batches = batches_with_outliers()
     with torch.no_grad(), ranges.recording():
         for x in batches:
             for linear in linears:
                 linear(x)
     scale = torch.rand(16, generator=generator) * 3 + 0.25
-    ranges.rescale([linears[0], linears[1]], scale)  # linear 2 keeps its input
+    ranges.rescale([records[0], records[1]], scale)  # linear 2 keeps its input
     ranges.apply()
 
     x64 = torch.cat([x.reshape(-1, 16) for x in batches]).double()
@@ -81,14 +83,14 @@ def test_amax_is_max_calibration_of_the_scaled_effective_input(input_cfg):
 def test_only_static_symmetric_per_tensor_max_quantizers_are_analytic(input_cfg):
     linears = quantized_linears(input_cfg, count=1)
     assert not is_analytic(linears[0].input_quantizer)
-    assert InputRanges(linears).linears == []
+    assert InputRanges(quantizable_weights(linears).values()).linears == []
     assert is_analytic(quantized_linears({"num_bits": 8}, count=1)[0].input_quantizer)
     assert is_analytic(quantized_linears(NVFP4, count=1)[0].input_quantizer)
 
 
 def test_a_linear_no_call_reached_keeps_its_amax_and_is_reported(caplog):
     linears = quantized_linears({"num_bits": 8}, count=2)
-    ranges = InputRanges(linears)
+    ranges = InputRanges(quantizable_weights(linears).values())
     with torch.no_grad(), ranges.recording():
         linears[0](batches_with_outliers()[0])
     with caplog.at_level(logging.WARNING, logger="lowbit"):

@@ -6,7 +6,8 @@ from torch import nn
 
 import lowbit.convert as convert
 from lowbit.calib.layerwise import LayerInputs, quantizers_disabled
-from lowbit.calib.scaling import apply_input_scale, find_input_groups
+from lowbit.calib.scaling import apply_input_scale
+from lowbit.structure.groups import find_input_groups
 
 INT8 = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 0}, "*input_quantizer": {"num_bits": 8}},
         "algorithm": None}
