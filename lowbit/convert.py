@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.config import QuantizeConfig, parse_config
+from lowbit.config import QuantizeConfig, check_calibrate_all_experts, parse_config
 from lowbit.modules import convert_module, is_quantized, revert_module
+from lowbit.modules.experts import routing_all_tokens, warn_starved_experts
 from lowbit.modules.registry import quantized_class_for
 from lowbit.quantizer import (
     BlockView,
@@ -56,11 +57,14 @@ def _plan(model: nn.Module, config: QuantizeConfig):
         if quantized_cls is None:
             continue
         parents = _parent_classes(module)
+        weights = weights_by_slot(module, quantized_cls)
         for slot in quantized_cls.quantizer_names:
             full_name = f"{name}.{slot}" if name else slot
             attributes = config.attributes_for(full_name, parents)
-            if slot == "weight_quantizer" and attributes is not None:
-                _check_weight_shape(module, full_name, attributes)
+            if slot in weights and attributes is not None:
+                shape = weights[slot].shape  # stacked expert weights: each expert is quantized alone
+                _check_weight_shape(shape[1:] if getattr(quantized_cls, "stacked_weights", False) else shape,
+                                    full_name, attributes)
             plan.append((name, module, slot, full_name, parents, attributes))
     return plan
 
@@ -70,18 +74,31 @@ def _weight_for_quantizer(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if type(module).__name__ in {"Conv1D", "QuantConv1D"} else module.weight
 
 
-def _check_weight_shape(module: nn.Module, full_name: str, attributes) -> None:
-    weight = _weight_for_quantizer(module)
+def weights_by_slot(module: nn.Module, quantized_cls: type[nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """{weight quantizer slot: the weight as that quantizer sees it} of a (to be) quantized module.
+
+    Classes with several weights define ``weight_slots()`` (fused MoE experts, whose ``stacked_weights``
+    are ``(E, out, in)``); otherwise it is ``weight_quantizer`` over ``weight`` (transposed for GPT-2 Conv1D)."""
+    quantized_cls = quantized_cls or type(module)
+    if hasattr(quantized_cls, "weight_slots"):
+        return quantized_cls.weight_slots(module)
+    if "weight_quantizer" in quantized_cls.quantizer_names and isinstance(getattr(module, "weight", None),
+                                                                           torch.Tensor):
+        return {"weight_quantizer": _weight_for_quantizer(module)}
+    return {}
+
+
+def _check_weight_shape(shape: torch.Size, full_name: str, attributes) -> None:
     for config in attributes if isinstance(attributes, list) else [attributes]:
         try:
-            BlockView(config, weight.shape)
+            BlockView(config, shape)
         except ValueError as error:
             raise ValueError(f"{full_name}: {error}") from None
 
 
 def _needs_activation_data(plan) -> bool:
     for *_, slot, _, _, attributes in plan:
-        if slot == "weight_quantizer" or attributes is None:
+        if slot.endswith("weight_quantizer") or attributes is None:
             continue
         configs = attributes if isinstance(attributes, list) else [attributes]
         if any(not c.is_dynamic for c in configs):
@@ -156,18 +173,21 @@ def _module_device(module: nn.Module) -> torch.device:
 def calibrate_weights(model: nn.Module) -> None:
     """Static weight scales straight from the weights (no data needed); sequential quantizers chain."""
     for module in model.modules():
-        if not is_quantized(module) or not hasattr(module, "weight_quantizer"):
+        if not is_quantized(module):
             continue
-        quantizer = module.weight_quantizer
-        stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
-        weight = _weight_for_quantizer(module).detach()
-        with torch.no_grad():
-            for index, stage in enumerate(stages):
-                if stage.is_enabled and not stage.config.is_dynamic:
-                    with collecting_statistics([stage]):
-                        stage(weight)
-                if index + 1 < len(stages):  # the next stage calibrates on this one's output
-                    weight = stage(weight)
+        for slot, weight in weights_by_slot(module).items():
+            _calibrate_weight(getattr(module, slot), weight.detach())
+
+
+def _calibrate_weight(quantizer: Quantizer, weight: torch.Tensor) -> None:
+    stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+    with torch.no_grad():
+        for index, stage in enumerate(stages):
+            if stage.is_enabled and not stage.config.is_dynamic:
+                with collecting_statistics([stage]):
+                    stage(weight)
+            if index + 1 < len(stages):  # the next stage calibrates on this one's output
+                weight = stage(weight)
 
 
 def static_activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
@@ -226,22 +246,33 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
               **options) -> nn.Module:
     """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...).
 
-    Layer-wise algorithms log each decoder layer's output MSE before and after on the ``lowbit`` logger.
+    Every method takes ``calibrate_all_experts`` (default False): fused MoE experts then see every calibration
+    token for their statistics, outputs unchanged (``lowbit.modules.experts``). Experts that saw no token
+    are named in a warning at the end. Layer-wise algorithms log each decoder layer's output MSE before and
+    after on the ``lowbit`` logger.
     """
     if isinstance(algorithm, dict):
         options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
         algorithm = algorithm.get("method")
     if algorithm is None:
         return model
+    all_experts = options.pop("calibrate_all_experts", False)
+    check_calibrate_all_experts(all_experts)
+    with routing_all_tokens(model, all_experts):
+        _run_calibration(model, algorithm, forward_loop, options)
+    warn_starved_experts(model)
+    return model
+
+
+def _run_calibration(model: nn.Module, algorithm: str, forward_loop: ForwardLoop | None, options: dict) -> None:
     if algorithm == "max":
         max_calibrate(model, forward_loop)
-        return model
+        return
     from lowbit.calib.algorithms import run_algorithm  # imports lowbit.convert: import here
 
     report = run_algorithm(algorithm, model, forward_loop, options) or []
     for layer in report:
         logger.info("%s", layer.describe(algorithm))
-    return model
 
 
 def _select(model: nn.Module, pattern: str | Callable[[str], bool]) -> list[Quantizer]:
