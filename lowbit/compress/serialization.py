@@ -2,7 +2,8 @@
 
 ``save_compressed(model, path)`` writes the directory ``path`` with
 - ``lowbit_compressed.json``: each CompressedLinear's shape, storage format, scale dtype, LoRA rank and
-  quantizer states, and ``lowbit.checkpoint.quant_state`` for modules still fake-quantized;
+  quantizer states, each compressed fused-experts module's (``lowbit.compress.experts``), and
+  ``lowbit.checkpoint.quant_state`` for modules still fake-quantized;
 - ``model.safetensors``: the state dict (packed codes, scales, zero points, biases, amax ...).
 
 ``load_compressed(model_or_factory, path)`` rebuilds those modules on a fresh model of the same
@@ -28,6 +29,7 @@ from lowbit.checkpoint import (
     quantizer_state,
     read_state,
 )
+from lowbit.compress.experts import CompressedExpertsMixin, describe_experts, rebuild_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 
@@ -53,11 +55,13 @@ def _describe(module: CompressedLinear) -> dict:
 def save_compressed(model: nn.Module, path: str | Path) -> Path:
     """Write ``path/lowbit_compressed.json`` and ``path/model.safetensors``; returns the directory."""
     compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    if not compressed:
+    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
+    if not compressed and not experts:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "quantized": quant_state(model)["modules"]}
+    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
+             "quantized": quant_state(model)["modules"]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
     return directory
@@ -81,10 +85,13 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     state = read_state(directory, STATE_FILE, FORMAT_VERSION, "save_compressed")
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
-    missing = [name for name in state["compressed"] if name not in modules]
+    experts = state.get("compressed_experts", {})
+    missing = [name for name in [*state["compressed"], *experts] if name not in modules]
     if missing:
         raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
     apply_quant_state(modules, state["quantized"])
+    for name, entry in experts.items():
+        rebuild_experts(modules[name], entry)
     for name, entry in state["compressed"].items():
         if name:
             model.set_submodule(name, _rebuild(entry))

@@ -50,10 +50,49 @@ def _projections(has_gate: bool) -> tuple[str, str]:
     return ("gate_up_proj" if has_gate else "up_proj", "down_proj")
 
 
-class QuantExpertsMixin(QuantModuleMixin):
-    """Per-expert quantizers and the quantized routed forward (see the module docstring)."""
+class RoutedExpertsMixin:
+    """transformers' eager experts loop over ``_weights()`` and ``_linear()``, which subclasses define: fake
+    quantization here, packed storage in ``lowbit.compress.experts``."""
 
     projections: tuple[str, str]
+
+    def _weights(self) -> dict:
+        raise NotImplementedError
+
+    def _linear(self, projection: str, expert: int, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bias(self, projection: str, expert: int) -> torch.Tensor | None:
+        return getattr(self, f"{projection}_bias")[expert] if self.has_bias else None
+
+    def _expert_mlp(self, expert: int, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        """One expert on its tokens ``x`` (tokens_e, H), before the routing weight."""
+        first, down = self.projections
+        hidden = self._linear(first, expert, x, weights)
+        hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
+        out = self._linear(down, expert, hidden, weights)
+        return self.post_expert_norm(out) if self.has_post_expert_norm else out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self._routed(hidden_states, top_k_index, top_k_weights, self._weights())
+
+    def _routed(self, hidden_states, top_k_index, top_k_weights, weights) -> torch.Tensor:
+        """transformers' eager loop: experts in index order, tokens ordered by (top-k slot, token)."""
+        final = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            if expert >= self.num_experts:  # expert-parallel sentinel
+                continue
+            top_k_pos, token_idx = torch.where(top_k_index.t() == expert)
+            out = self._expert_mlp(expert, hidden_states[token_idx], weights)
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+class QuantExpertsMixin(QuantModuleMixin, RoutedExpertsMixin):
+    """Per-expert quantizers and the quantized routed forward (see the module docstring)."""
+
     stacked_weights = True  # weight_slots() are (E, out, in); each expert is quantized alone
 
     def _setup(self) -> None:
@@ -99,17 +138,9 @@ class QuantExpertsMixin(QuantModuleMixin):
         return quantize_expert_input(getattr(self, f"{projection}_input_quantizer"), x, expert)
 
     # ---- forward ------------------------------------------------------------------------------------
-    def _expert_mlp(self, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One expert on its tokens ``x`` (tokens_e, H), before the routing weight."""
-        first, down = self.projections
-        hidden = self._linear(first, expert, x, weights[first])
-        hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
-        out = self._linear(down, expert, hidden, weights[down])
-        return self.post_expert_norm(out) if self.has_post_expert_norm else out
-
-    def _linear(self, projection: str, expert: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self, f"{projection}_bias")[expert] if self.has_bias else None
-        return F.linear(self._expert_input(projection, expert, x), weight[expert], bias)
+    def _linear(self, projection: str, expert: int, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        x = self._expert_input(projection, expert, x)
+        return F.linear(x, weights[projection][expert], self._bias(projection, expert))
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {projection: self.quantized_expert_weight(projection) for projection in self.projections}
@@ -124,18 +155,6 @@ class QuantExpertsMixin(QuantModuleMixin):
             with self._statistics_paused():
                 return self._routed(hidden_states, top_k_index, top_k_weights, weights)
         return self._routed(hidden_states, top_k_index, top_k_weights, weights)
-
-    def _routed(self, hidden_states, top_k_index, top_k_weights, weights) -> torch.Tensor:
-        """transformers' eager loop: experts in index order, tokens ordered by (top-k slot, token)."""
-        final = torch.zeros_like(hidden_states)
-        for expert in top_k_index.unique().tolist():
-            if expert >= self.num_experts:  # expert-parallel sentinel
-                continue
-            top_k_pos, token_idx = torch.where(top_k_index.t() == expert)
-            out = self._expert_mlp(expert, hidden_states[token_idx], weights)
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
 
     @contextmanager
     def _statistics_paused(self) -> Iterator[None]:

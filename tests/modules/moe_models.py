@@ -1,7 +1,7 @@
 """Tiny fused-expert MoE models (transformers 5 configs, seeded weights) for the MoE tests and the family matrix.
 
 Each builder returns a CausalLM in eval mode whose expert dims are multiples of 128 (INT4 g128 applies):
-hidden 128, 2 layers, 4 experts, top-2; Mixtral's expert intermediate 256, Qwen's 128; Qwen2-MoE has a
+hidden 128, 2 layers, 8 experts (Mixtral's count), top-2; Mixtral's expert intermediate 256, Qwen's 128; Qwen2-MoE has a
 shared expert (a plain MLP, nn.Linear) with a sigmoid gate.
 """
 
@@ -13,7 +13,7 @@ from torch import nn
 from tests.core.helpers import fill_seeded
 
 HIDDEN = 128
-NUM_EXPERTS = 4
+NUM_EXPERTS = 8
 COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
               max_position_embeddings=128, tie_word_embeddings=False, num_experts_per_tok=2)
 
