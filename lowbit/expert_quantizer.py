@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
@@ -153,6 +154,95 @@ class ExpertQuantizer(TensorQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()} x{self.num_experts} experts"
+
+    def expert(self, index: int) -> ExpertQuantizerView:
+        """This quantizer as seen by expert ``index``: a TensorQuantizer over that expert's 2-D tensor whose
+        state is slice ``index`` of the stacked state (reads and writes go through)."""
+        if not 0 <= index < self.num_experts:
+            raise IndexError(f"expert={index}: this quantizer has {self.num_experts} experts")
+        return ExpertQuantizerView(self, index)
+
+
+def _stacked_state(name: str):
+    """A property reading slice ``index`` of the parent's stacked buffer ``name`` and writing into it. Writing
+    to a parent without that state creates it with the written value for every expert (pre_quant_scale: ones
+    for the others), so no expert is left without a defined value."""
+
+    def get(view: ExpertQuantizerView) -> torch.Tensor | None:
+        stacked = getattr(view.parent, name)
+        return None if stacked is None else stacked[view.index]
+
+    def set_(view: ExpertQuantizerView, value: torch.Tensor | None) -> None:
+        parent = view.parent
+        stacked = getattr(parent, name)
+        if value is None:  # TensorQuantizer.set_amax clears amin of a symmetric quantizer: nothing to do
+            if stacked is not None:
+                raise ValueError(f"cannot clear one expert's {name}; reset the ExpertQuantizer itself")
+            return
+        value = value.detach().float()
+        if stacked is None:
+            fill = torch.ones_like(value) if name == "pre_quant_scale" else value
+            stacked = fill.unsqueeze(0).repeat(parent.num_experts, *[1] * value.dim()).contiguous()
+        elif value.numel() == stacked[view.index].numel():
+            value = value.reshape(stacked[view.index].shape)
+        stacked = stacked.clone() if isinstance(stacked, torch.nn.Parameter) else stacked
+        with torch.no_grad():
+            stacked[view.index] = value.to(stacked.device)
+        setattr(parent, name, stacked)
+
+    return property(get, set_)
+
+
+class ExpertQuantizerView(TensorQuantizer):
+    """One expert's share of an ExpertQuantizer, with the TensorQuantizer API (``ExpertQuantizer.expert``).
+
+    ``config``, the switches, ``amax`` / ``amin`` / ``pre_quant_scale`` are the parent's (state: slice
+    ``index``); ``compute_amax``, ``fake_quant``, ``fake_quant_view`` and ``set_amax`` run TensorQuantizer's
+    code on that state; calling it quantizes the expert's tensor through the parent (its calibration
+    included). For algorithms written for one ``(out, in)`` weight and its quantizer (AWQ, GPTQ, ...).
+    """
+
+    amax = _stacked_state("amax")
+    amin = _stacked_state("amin")
+    pre_quant_scale = _stacked_state("pre_quant_scale")
+
+    def __init__(self, parent: ExpertQuantizer, index: int):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "parent", parent)  # not a submodule: the view owns nothing
+        self.index = index
+
+    @property
+    def config(self) -> QuantizerAttributeConfig:
+        return self.parent.config
+
+    @property
+    def _enabled(self) -> bool:
+        return self.parent._enabled
+
+    @_enabled.setter
+    def _enabled(self, value: bool) -> None:
+        self.parent._enabled = value
+
+    @property
+    def _calib(self) -> bool:
+        return self.parent._calib
+
+    @property
+    def _quant(self) -> bool:
+        return self.parent._quant
+
+    @_quant.setter
+    def _quant(self, value: bool) -> None:
+        self.parent._quant = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parent(x, expert=self.index)
+
+    def enable_calib(self) -> None:
+        raise NotImplementedError("calibrate the ExpertQuantizer itself (one calibrator per expert)")
+
+    def extra_repr(self) -> str:
+        return f"expert {self.index} of {self.parent.extra_repr()}"
 
 
 def per_expert(quantizer: TensorQuantizer | SequentialQuantizer, num_experts: int):

@@ -15,7 +15,8 @@ with ``T_e`` its routed tokens and ``p`` their routing weights::
 ``act_gate`` is the class's ``_apply_gate`` (or ``act_fn`` without a gate); the optional post-expert
 norm applies before ``p``. Each weight is fake-quantized once per forward, all experts together.
 
-Observers (``observing_inputs``) see every expert's routed input, for AWQ / GPTQ per expert. With
+Observers (``add_input_observer``) see every expert's routed input, for AWQ / GPTQ per expert; the
+structure layer's records of the experts are :class:`ExpertWeight` (one per projection and expert). With
 ``calibrate_all_experts`` on (``routing_all_tokens``), a forward first runs every expert on every token
 for statistics only (input quantizers in calibration mode and observers see them), then computes the
 routed output with statistics paused: the output is the one the router chose.
@@ -24,12 +25,15 @@ routed output with statistics paused: the output is the one the router chose.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lowbit.expert_quantizer import ExpertQuantizer, per_expert, quantize_expert_input
 from lowbit.modules.registry import QUANT_MODULE_REGISTRY, QuantModuleMixin, register
@@ -96,7 +100,7 @@ class QuantExpertsMixin(QuantModuleMixin, RoutedExpertsMixin):
     stacked_weights = True  # weight_slots() are (E, out, in); each expert is quantized alone
 
     def _setup(self) -> None:
-        self._input_observers: list[InputObserver] = []
+        self._input_observers: OrderedDict[int, InputObserver] = OrderedDict()  # weakref-able, for the handles
         self.calibrate_all_experts = False
         super()._setup()
 
@@ -123,17 +127,15 @@ class QuantExpertsMixin(QuantModuleMixin, RoutedExpertsMixin):
         return getattr(self, f"{projection}_weight_quantizer")(self.expert_weight(projection))
 
     # ---- inputs -------------------------------------------------------------------------------------
-    @contextmanager
-    def observing_inputs(self, observer: InputObserver) -> Iterator[None]:
-        """``observer(projection, expert, x)`` sees each expert's routed input ``x`` (tokens_e, in)."""
-        self._input_observers.append(observer)
-        try:
-            yield
-        finally:
-            self._input_observers.remove(observer)
+    def add_input_observer(self, observer: InputObserver) -> RemovableHandle:
+        """``observer(projection, expert, x)`` sees each expert's routed input ``x`` (tokens_e, in), raw (before
+        the input quantizer), until the returned handle's ``remove()``; its exceptions propagate."""
+        handle = RemovableHandle(self._input_observers)
+        self._input_observers[handle.id] = observer
+        return handle
 
     def _expert_input(self, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        for observer in self._input_observers:
+        for observer in list(self._input_observers.values()):
             observer(projection, expert, x)
         return quantize_expert_input(getattr(self, f"{projection}_input_quantizer"), x, expert)
 
@@ -161,19 +163,79 @@ class QuantExpertsMixin(QuantModuleMixin, RoutedExpertsMixin):
         """Input quantizers stop collecting and observers stop seeing inputs while the block runs."""
         stages = [s for p in self.projections for s in _stages(getattr(self, f"{p}_input_quantizer"))]
         collecting = [stage._calib for stage in stages]
-        observers, self._input_observers = self._input_observers, []
+        observers = dict(self._input_observers)
+        self._input_observers.clear()
         for stage in stages:
             stage._calib = False
         try:
             yield
         finally:
-            self._input_observers = observers
+            self._input_observers.update(observers)
             for stage, was in zip(stages, collecting, strict=True):
                 stage._calib = was
 
 
 def _stages(quantizer) -> list[TensorQuantizer]:
     return list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+
+
+def _expert_view(quantizer, expert: int):
+    if isinstance(quantizer, SequentialQuantizer):
+        return SequentialQuantizer(*(stage.expert(expert) for stage in quantizer))
+    return quantizer.expert(expert)
+
+
+@dataclass(frozen=True, eq=True)
+class ExpertWeight:
+    """One expert's projection as the structure layer's record of a quantizable weight (the interface of
+    ``lowbit.structure.QuantizableWeight``): ``key = (projection, expert)``, ``weight`` the ``(out, in)``
+    view of the fused Parameter (``copy_`` writes it), the quantizers the per-expert views
+    (``ExpertQuantizer.expert``), inputs the tokens routed to that expert."""
+
+    name: str = field(compare=False)
+    module: nn.Module
+    key: tuple = ()
+    kind = "experts"
+    reads_rows = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        projection, expert = self.key
+        return self.module.expert_weight(projection)[expert]
+
+    @property
+    def weight_quantizer(self) -> nn.Module:
+        projection, expert = self.key
+        return _expert_view(getattr(self.module, f"{projection}_weight_quantizer"), expert)
+
+    @property
+    def input_quantizer(self) -> nn.Module:
+        projection, expert = self.key
+        return _expert_view(getattr(self.module, f"{projection}_input_quantizer"), expert)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def observe_inputs(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """``callback(x)`` with the tokens routed to this expert's projection, raw, on every forward."""
+        def observer(projection: str, expert: int, x: torch.Tensor) -> None:
+            if (projection, expert) == self.key:
+                callback(x)
+
+        return self.module.add_input_observer(observer)
+
+
+def expert_weights(name: str, module: QuantExpertsMixin) -> list[ExpertWeight]:
+    """The records of a quantized experts module: one per (projection, expert), named ``{name}.{projection}.{e}``;
+    for ``lowbit.structure.register_weight_kind(lambda m: isinstance(m, QuantExpertsMixin), expert_weights)``."""
+    prefix = f"{name}." if name else ""
+    return [ExpertWeight(f"{prefix}{projection}.{expert}", module, (projection, expert))
+            for projection in module.projections for expert in range(module.num_experts)]
 
 
 def register_fused_experts(module: nn.Module) -> bool:

@@ -280,3 +280,93 @@ def test_expert_quantizer_checks_its_input():
         quantizer(torch.ones(2, 4), expert=3)
     with pytest.raises(ValueError, match="num_experts=0"):
         ExpertQuantizer({"num_bits": 8}, num_experts=0)
+
+
+# ---- per-expert records for the structure layer (AWQ / GPTQ per expert) -------------------------------
+def _int4_experts(seed: int = 21):
+    model = tiny_mixtral()
+    experts = _first_experts(model)
+    lowbit.quantize(experts, {"quant_cfg": {"*weight_quantizer": INT4_G128, "*input_quantizer": {"num_bits": 8},
+                                            **OFF}, "algorithm": None})
+    lowbit.calibrate(experts, None)
+    from lowbit.convert import calibrate_weights
+
+    calibrate_weights(experts)
+    generator = torch.Generator().manual_seed(seed)
+    hidden = random_with_outliers((48, 128), generator)
+    top_k_index = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:2] for _ in range(48)])
+    return experts, hidden, top_k_index, torch.full((48, 2), 0.5)
+
+
+def test_expert_quantizer_view_reads_and_writes_one_slice():
+    experts, *_ = _int4_experts()
+    parent = experts.gate_up_proj_weight_quantizer
+    view = parent.expert(2)
+    weight = experts.gate_up_proj[2].detach()
+    expected = group_reduce(weight, "absmax", block_sizes={-1: 128})
+    assert torch.equal(_expand_like(view.compute_amax(weight), expected), expected)
+    assert torch.equal(view.amax, parent.amax[2]) and view.config is parent.config
+    assert torch.equal(view.fake_quant(weight), parent(experts.gate_up_proj)[2])
+    before = parent.amax.clone()
+    view.set_amax(view.amax * 0.5)  # TensorQuantizer's own code, through the view
+    assert torch.equal(parent.amax[2], before[2] * 0.5)
+    assert torch.equal(parent.amax[[0, 1, 3]], before[[0, 1, 3]])
+    assert_matches(view.fake_quant(weight), int_reference(weight, _expand_like(parent.amax[2], expected), 4))
+    scale = torch.rand(128, generator=torch.Generator().manual_seed(2)) + 0.5
+    experts.gate_up_proj_input_quantizer.expert(1).pre_quant_scale = scale
+    stacked = experts.gate_up_proj_input_quantizer.pre_quant_scale
+    assert torch.equal(stacked[1], scale) and torch.equal(stacked[[0, 2]], torch.ones(2, 128))
+
+
+def test_expert_records_see_their_routed_tokens_and_write_the_fused_weight():
+    from lowbit.modules.experts import expert_weights
+
+    experts, hidden, top_k_index, top_k_weights = _int4_experts()
+    records = expert_weights("mlp.experts", experts)
+    assert [r.name for r in records[:2]] == ["mlp.experts.gate_up_proj.0", "mlp.experts.gate_up_proj.1"]
+    assert len(records) == 2 * NUM_EXPERTS and len(set(records)) == len(records)
+    seen = {}
+    handles = [r.observe_inputs(lambda x, r=r: seen.setdefault(r, []).append(x)) for r in records]
+    with torch.no_grad():
+        experts(hidden, top_k_index, top_k_weights)
+    for handle in handles:
+        handle.remove()
+    for record in records[:NUM_EXPERTS]:  # gate_up: the raw routed rows, in the router's order
+        expert = record.key[1]
+        top_k_pos, token_idx = torch.where(top_k_index.t() == expert)
+        assert torch.equal(torch.cat(seen[record]), hidden[token_idx])
+    with torch.no_grad():
+        experts(hidden, top_k_index, top_k_weights)
+    assert sum(len(v) for v in seen.values()) == 2 * NUM_EXPERTS  # removed handles see nothing more
+    record = records[NUM_EXPERTS + 3]  # down_proj of expert 3
+    with torch.no_grad():
+        record.weight.copy_(torch.zeros_like(record.weight))
+    assert experts.down_proj[3].abs().sum() == 0 and experts.down_proj[2].abs().sum() > 0
+
+
+def test_gptq_per_expert_on_routed_tokens_beats_rounding():
+    """GPTQ's core (lowbit.calib.gptq) run through the records: each expert's Hessian from its own routed
+    tokens; each expert's output error on those tokens is at most plain rounding's (float64 check)."""
+    from lowbit.calib.gptq import gptq_quantize
+    from lowbit.calib.weights import quantize_column
+    from lowbit.modules.experts import expert_weights
+
+    experts, hidden, top_k_index, top_k_weights = _int4_experts()
+    records = [r for r in expert_weights("", experts) if r.key[0] == "gate_up_proj"]
+    inputs = {}
+    handles = [r.observe_inputs(lambda x, r=r: inputs.setdefault(r, []).append(x)) for r in records]
+    with torch.no_grad():
+        experts(hidden, top_k_index, top_k_weights)
+    for handle in handles:
+        handle.remove()
+    for record in records:
+        x = torch.cat(inputs[record]).double()
+        quantizer = record.weight_quantizer
+        original = record.weight.detach().clone()
+        rounded = quantizer.fake_quant(original)
+        hessian = 2 * x.t() @ x / len(x)
+        result = gptq_quantize(original, hessian.float(), quantizer.compute_amax,
+                               lambda column, amax, q=quantizer: quantize_column(q, column, amax), group_size=128)
+        error_gptq = ((x @ (result.weight.double() - original.double()).t()) ** 2).mean()
+        error_rtn = ((x @ (rounded.double() - original.double()).t()) ** 2).mean()
+        assert error_gptq <= error_rtn, (record.name, error_gptq.item(), error_rtn.item())
