@@ -166,11 +166,15 @@ class ExpertQuantizer(TensorQuantizer):
 def _stacked_state(name: str):
     """A property reading slice ``index`` of the parent's stacked buffer ``name`` and writing into it. Writing
     to a parent without that state creates it with the written value for every expert (pre_quant_scale: ones
-    for the others), so no expert is left without a defined value."""
+    for the others, and an expert whose pre_quant_scale is all ones reads as None: unscaled), so no expert is
+    left without a defined value."""
 
     def get(view: ExpertQuantizerView) -> torch.Tensor | None:
         stacked = getattr(view.parent, name)
-        return None if stacked is None else stacked[view.index]
+        if stacked is None:
+            return None
+        mine = stacked[view.index]
+        return None if name == "pre_quant_scale" and bool((mine == 1).all()) else mine
 
     def set_(view: ExpertQuantizerView, value: torch.Tensor | None) -> None:
         parent = view.parent
@@ -198,8 +202,9 @@ class ExpertQuantizerView(TensorQuantizer):
 
     ``config``, the switches, ``amax`` / ``amin`` / ``pre_quant_scale`` are the parent's (state: slice
     ``index``); ``compute_amax``, ``fake_quant``, ``fake_quant_view`` and ``set_amax`` run TensorQuantizer's
-    code on that state; calling it quantizes the expert's tensor through the parent (its calibration
-    included). For algorithms written for one ``(out, in)`` weight and its quantizer (AWQ, GPTQ, ...).
+    code on that state; calling it quantizes the expert's tensor through the parent; calibrating it collects
+    into the parent's calibrator of that expert and loads that expert's slice. For algorithms written for one
+    ``(out, in)`` weight and its quantizer (AWQ, GPTQ, ...).
     """
 
     amax = _stacked_state("amax")
@@ -239,7 +244,17 @@ class ExpertQuantizerView(TensorQuantizer):
         return self.parent(x, expert=self.index)
 
     def enable_calib(self) -> None:
-        raise NotImplementedError("calibrate the ExpertQuantizer itself (one calibrator per expert)")
+        """Calibrate this expert alone: the parent collects (its other experts' statistics are kept)."""
+        self.parent._calib = True
+        self.parent._calibrators[self.index] = None
+
+    def disable_calib(self) -> None:
+        self.parent._calib = False
+
+    def load_calib_amax(self) -> None:
+        calibrated = self.parent._calibrated_range(self.parent._calibrators[self.index])
+        if calibrated is not None:
+            self.set_amax(*calibrated)
 
     def extra_repr(self) -> str:
         return f"expert {self.index} of {self.parent.extra_repr()}"

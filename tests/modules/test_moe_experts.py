@@ -370,3 +370,19 @@ def test_gptq_per_expert_on_routed_tokens_beats_rounding():
         error_gptq = ((x @ (result.weight.double() - original.double()).t()) ** 2).mean()
         error_rtn = ((x @ (rounded.double() - original.double()).t()) ** 2).mean()
         assert error_gptq <= error_rtn, (record.name, error_gptq.item(), error_rtn.item())
+
+
+def test_calibrating_a_view_calibrates_that_expert_only():
+    from lowbit.quantizer import collecting_statistics
+
+    experts, *_ = _int4_experts()
+    parent = experts.down_proj_weight_quantizer
+    before = parent.amax.clone()
+    view = parent.expert(5)
+    scaled = experts.down_proj[5].detach() * 3.0
+    with torch.no_grad(), collecting_statistics([view]):
+        view(scaled)
+    expected = group_reduce(scaled, "absmax", block_sizes={-1: 128})
+    assert torch.equal(_expand_like(parent.amax[5], expected), expected)
+    others = [e for e in range(NUM_EXPERTS) if e != 5]
+    assert torch.equal(parent.amax[others], before[others]) and not parent._calib
