@@ -36,6 +36,7 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
 from lowbit.eval import perplexity as text_perplexity
 from lowbit.modules import is_quantized
+from lowbit.modules.experts import QuantExpertsMixin
 from lowbit.quantizer import BlockView, SequentialQuantizer
 
 SEQ_LEN = 256
@@ -84,8 +85,8 @@ def packed_weight_bits(configs: Sequence[QuantizerAttributeConfig], weight_shape
     return bits
 
 
-def _enabled_weight_configs(module: nn.Module) -> list[QuantizerAttributeConfig]:
-    quantizer = getattr(module, "weight_quantizer", None) if is_quantized(module) else None
+def _enabled_weight_configs(module: nn.Module, slot: str = "weight_quantizer") -> list[QuantizerAttributeConfig]:
+    quantizer = getattr(module, slot, None) if is_quantized(module) else None
     if quantizer is None or not quantizer.is_enabled:
         return []
     stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
@@ -108,6 +109,13 @@ def packed_weight_bytes(model: nn.Module, high_precision_bytes: int = 2) -> int:
             weight = module.weight.t() if type(module).__name__ == "QuantConv1D" else module.weight
             total += math.ceil(packed_weight_bits(configs, weight.shape) / 8)
             counted.add(id(module.weight))
+        if isinstance(module, QuantExpertsMixin):  # fused experts: each (out, in) expert packed alone
+            for projection in module.projections:
+                configs = _enabled_weight_configs(module, f"{projection}_weight_quantizer")
+                weight = module.expert_weight(projection)
+                if configs:
+                    total += weight.shape[0] * math.ceil(packed_weight_bits(configs, weight.shape[1:]) / 8)
+                    counted.add(id(getattr(module, projection)))
     for parameter in model.parameters():
         if id(parameter) in counted:
             continue

@@ -109,3 +109,16 @@ def test_unsupported_expert_format_is_refused_before_anything_changes():
         compress(model)
     assert [type(m) for m in model.modules()] == before
     assert all(isinstance(p, nn.Parameter) for p in model.model.layers[0].mlp.experts.parameters())
+
+
+def test_packed_weight_bytes_estimate_counts_experts_as_compress_stores_them():
+    """lowbit.report's estimate from the quantizer attributes (16-bit block scales, bf16 elsewhere) equals the
+    bytes compress(scale_dtype=float16) really stores plus the float parameters at 2 bytes."""
+    from lowbit.report import packed_weight_bytes
+
+    model = _quantized(tiny_qwen3_moe, FORMATS["int4_g128"])
+    estimate = packed_weight_bytes(model)
+    compress(model, scale_dtype=torch.float16)
+    packed, _ = compressed_weight_bytes(model)
+    floats = sum(p.numel() * 2 for p in model.parameters())
+    assert estimate == packed + floats
