@@ -176,10 +176,11 @@ def calibrate_weights(model: nn.Module) -> None:
         if not is_quantized(module):
             continue
         for slot, weight in weights_by_slot(module).items():
-            _calibrate_weight(getattr(module, slot), weight.detach())
+            calibrate_weight(getattr(module, slot), weight.detach())
 
 
-def _calibrate_weight(quantizer: Quantizer, weight: torch.Tensor) -> None:
+def calibrate_weight(quantizer: Quantizer, weight: torch.Tensor) -> None:
+    """Static scales of ``quantizer`` from ``weight`` (the tensor it sees); sequential stages chain."""
     stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
     with torch.no_grad():
         for index, stage in enumerate(stages):

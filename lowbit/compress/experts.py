@@ -115,20 +115,25 @@ def check_experts_format(module: QuantExpertsMixin) -> None:
 
 def compress_experts(module: QuantExpertsMixin, scale_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Pack ``module``'s expert weights and make it a ``Compressed<Experts>`` (in place; returns it)."""
-    projections = module.projections
     packed = {p: pack_experts(module.expert_weight(p), getattr(module, f"{p}_weight_quantizer"), scale_dtype)
-              for p in projections}
-    inputs = {p: getattr(module, f"{p}_input_quantizer") for p in projections}
+              for p in module.projections}
+    inputs = {p: getattr(module, f"{p}_input_quantizer") for p in module.projections}
     original = type(module).original_class
     revert_module(module)
-    _become_compressed(module, original, projections, {p: (pk.format, pk.shape) for p, pk in packed.items()},
+    install_packed_experts(module, original, packed, inputs, scale_dtype)
+    return module
+
+
+def install_packed_experts(module: nn.Module, original: type[nn.Module], packed: dict[str, PackedExperts],
+                           input_quantizers: dict[str, nn.Module], scale_dtype: torch.dtype) -> None:
+    """Make an original-class experts ``module`` the compressed one over ``packed`` {projection: storage}."""
+    _become_compressed(module, original, tuple(packed), {p: (pk.format, pk.shape) for p, pk in packed.items()},
                        scale_dtype)
     for projection, packed_experts in packed.items():
         for name, tensor in packed_experts.tensors.items():
             setattr(module, f"{projection}_{name}", tensor)
-    for projection, quantizer in inputs.items():
-        setattr(module, f"{projection}_input_quantizer", quantizer)
-    return module
+    for projection, quantizer in input_quantizers.items():
+        setattr(module, f"{projection}_input_quantizer", per_expert(quantizer, module.num_experts))
 
 
 def _become_compressed(module: nn.Module, original: type[nn.Module], projections: tuple[str, str],

@@ -54,6 +54,11 @@ def _projections(has_gate: bool) -> tuple[str, str]:
     return ("gate_up_proj" if has_gate else "up_proj", "down_proj")
 
 
+def expert_projections(module: nn.Module) -> tuple[str, str]:
+    """The names of a fused-experts module's 3-D weights: (``gate_up_proj`` or ``up_proj``, ``down_proj``)."""
+    return _projections(module.has_gate)
+
+
 class RoutedExpertsMixin:
     """transformers' eager experts loop over ``_weights()`` and ``_linear()``, which subclasses define: fake
     quantization here, packed storage in ``lowbit.compress.experts``."""

@@ -122,3 +122,26 @@ def test_packed_weight_bytes_estimate_counts_experts_as_compress_stores_them():
     packed, _ = compressed_weight_bytes(model)
     floats = sum(p.numel() * 2 for p in model.parameters())
     assert estimate == packed + floats
+
+
+def test_init_quantized_weights_packs_fused_experts_as_compress_does(tmp_path):
+    """Loading straight into packed storage gives the experts compress(quantize(model)) gives, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compress import init_quantized_weights
+
+    tiny_mixtral().to(torch.bfloat16).save_pretrained(tmp_path / "mixtral")
+    preset = lowbit.presets.INT4_BLOCKWISE_WEIGHT_ONLY_CFG
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype=torch.bfloat16)
+    names = list(experts_modules(expected))
+    assert len(names) == 2
+    lowbit.quantize(expected, preset)
+    compress(expected)
+    with init_quantized_weights(preset):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype=torch.bfloat16)
+    assert [n for n, p in loaded.named_parameters() if p.dim() == 3] == []
+    for name in names:
+        assert isinstance(loaded.get_submodule(name), CompressedExpertsMixin), name
+    ids = _ids(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
