@@ -145,3 +145,24 @@ def test_init_quantized_weights_packs_fused_experts_as_compress_does(tmp_path):
     ids = _ids(3)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG"])
+def test_compressed_experts_match_fake_quant_on_cuda(preset):
+    """On CUDA the experts run lowbit.kernels (Triton W4 for INT4) on each expert's packed slice: the
+    weights equal the fake-quantized ones bit for bit, the bf16 logits agree within 2 % (relative norm;
+    different accumulation orders, as tests/compress/test_compress_gpu.py allows)."""
+    model = tiny_mixtral().to("cuda", torch.bfloat16)
+    ids = _ids().cuda()
+    lowbit.quantize(model, getattr(lowbit.presets, preset), lambda m: m(ids))
+    experts = model.model.layers[0].mlp.experts
+    weight = experts.quantized_expert_weight("down_proj").detach()
+    with torch.no_grad():
+        expected = model(ids).logits.double()
+        compress(model)
+        actual = model(ids).logits.double()
+    assert torch.equal(model.model.layers[0].mlp.experts.dequantized_expert_weight("down_proj", torch.bfloat16),
+                       weight)
+    assert ((actual - expected).norm() / expected.norm()).item() < 2e-2
