@@ -293,7 +293,6 @@ def _int4_experts(seed: int = 21):
     experts = _first_experts(model)
     lowbit.quantize(experts, {"quant_cfg": {"*weight_quantizer": INT4_G128, "*input_quantizer": {"num_bits": 8},
                                             **OFF}, "algorithm": None})
-    lowbit.calibrate(experts, None)
     from lowbit.convert import calibrate_weights
 
     calibrate_weights(experts)
