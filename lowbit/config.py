@@ -13,7 +13,8 @@ Accepted shapes (validated here, once, into a ``QuantizeConfig``):
 3. A ``QuantizeConfig`` built in code.
 
 lowbit differs from ModelOpt in one place, on purpose: a quantizer that no rule names stays disabled.
-``algorithm`` is a method name or ``{"method": name, **options}``; ``None`` skips calibration.
+``algorithm`` is a method name or ``{"method": name, **options}``; ``None`` skips calibration. Every
+method takes ``calibrate_all_experts`` (bool, default False): fused MoE experts see every calibration token.
 """
 
 from __future__ import annotations
@@ -171,8 +172,15 @@ def _parse_algorithm(algorithm: Any) -> tuple[str | None, dict]:
         raise TypeError(f"algorithm={algorithm!r}: expected a method name, a dict with 'method', or None")
     if method not in ALGORITHM_METHODS:
         raise ValueError(f"algorithm method {method!r} is unknown; allowed are {list(ALGORITHM_METHODS)}")
-    check_options(method, options)
+    check_calibrate_all_experts(options.get("calibrate_all_experts", False))
+    check_options(method, {key: value for key, value in options.items() if key != "calibrate_all_experts"})
     return method, options
+
+
+def check_calibrate_all_experts(value: Any) -> None:
+    """The ``calibrate_all_experts`` algorithm option (every method takes it; ``lowbit.modules.experts``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"algorithm option calibrate_all_experts={value!r}: expected True or False")
 
 
 def parse_config(config: dict | QuantizeConfig) -> QuantizeConfig:

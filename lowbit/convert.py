@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.config import QuantizeConfig, parse_config
+from lowbit.config import QuantizeConfig, check_calibrate_all_experts, parse_config
 from lowbit.modules import convert_module, is_quantized, revert_module
+from lowbit.modules.experts import routing_all_tokens, warn_starved_experts
 from lowbit.modules.registry import quantized_class_for
 from lowbit.quantizer import (
     BlockView,
@@ -64,7 +65,9 @@ def _plan(model: nn.Module, config: QuantizeConfig):
             full_name = f"{name}.{slot}" if name else slot
             attributes = config.attributes_for(full_name, parents)
             if slot in weights and attributes is not None:
-                _check_weight_shape(weights[slot], full_name, attributes)
+                weight = weights[slot]  # stacked expert weights (E, out, in): each expert is quantized alone
+                _check_weight_shape(weight[0] if getattr(quantized_cls, "stacked_weights", False) else weight,
+                                    full_name, attributes)
             plan.append((name, module, slot, full_name, parents, attributes))
     return plan
 
@@ -79,7 +82,7 @@ def _check_weight_shape(weight: torch.Tensor, full_name: str, attributes) -> Non
 
 def _needs_activation_data(plan) -> bool:
     for *_, slot, _, _, attributes in plan:
-        if slot == "weight_quantizer" or attributes is None:
+        if slot.endswith("weight_quantizer") or attributes is None:
             continue
         configs = attributes if isinstance(attributes, list) else [attributes]
         if any(not c.is_dynamic for c in configs):
@@ -251,22 +254,33 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
               **options) -> nn.Module:
     """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...).
 
-    Layer-wise algorithms log each decoder layer's output MSE before and after on the ``lowbit`` logger.
+    Every method takes ``calibrate_all_experts`` (default False): fused MoE experts then see every calibration
+    token for their statistics, outputs unchanged (``lowbit.modules.experts``). Experts that saw no token
+    are named in a warning at the end. Layer-wise algorithms log each decoder layer's output MSE before and
+    after on the ``lowbit`` logger.
     """
     if isinstance(algorithm, dict):
         options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
         algorithm = algorithm.get("method")
     if algorithm is None:
         return model
+    all_experts = options.pop("calibrate_all_experts", False)
+    check_calibrate_all_experts(all_experts)
+    with routing_all_tokens(model, all_experts):
+        _run_calibration(model, algorithm, forward_loop, options)
+    warn_starved_experts(model)
+    return model
+
+
+def _run_calibration(model: nn.Module, algorithm: str, forward_loop: ForwardLoop | None, options: dict) -> None:
     if algorithm == "max":
         max_calibrate(model, forward_loop)
-        return model
+        return
     from lowbit.calib.algorithms import run_algorithm  # imports lowbit.convert: import here
 
     report = run_algorithm(algorithm, model, forward_loop, options) or []
     for layer in report:
         logger.info("%s", layer.describe(algorithm))
-    return model
 
 
 def _select(model: nn.Module, pattern: str | Callable[[str], bool]) -> list[Quantizer]:

@@ -194,18 +194,24 @@ class TensorQuantizer(nn.Module):
 
         The calibration method and its options come from the ``calibrator`` attribute, not from here.
         """
-        calibrator = self._calibrator
+        calibrated = self._calibrated_range(self._calibrator)
+        if calibrated is not None:
+            self.set_amax(*calibrated)
+
+    def _calibrated_range(self, calibrator) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(amax, amin)`` from one calibrator's statistics (``amin`` None unless asymmetric); None when it
+        saw nothing. ValueError on a non-finite amax."""
         if calibrator is None:
-            return
+            return None
         if self.config.asymmetric:
             amin, amax = calibrator
-            self.set_amax(amax, amin)
-            return
+            return amax, amin
         amax = calibrator.compute_amax()
-        if amax is not None:
-            if not torch.isfinite(amax).all():
-                raise ValueError(f"calibration produced a non-finite amax for {self.config.format_name}")
-            self.set_amax(amax)
+        if amax is None:
+            return None
+        if not torch.isfinite(amax).all():
+            raise ValueError(f"calibration produced a non-finite amax for {self.config.format_name}")
+        return amax, None
 
     # ---- forward ----------------------------------------------------------------------------------
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,16 +258,17 @@ class TensorQuantizer(nn.Module):
         """``x * pre_quant_scale`` quantize-dequantized with ``amax`` (or the quantizer's own / a dynamic one)."""
         return self._quantize(self._scaled(x), amax)
 
-    def _quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None,
+                  amin: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         amax = self.amax if amax is None else amax
+        amin = self.amin if amin is None else amin
         if cfg.block_scale_bits == (4, 3):
             return formats.fake_quant_nvfp4(x, global_amax=amax)
         if cfg.block_scale_bits == (8, 0):
             return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1])
         view = BlockView(cfg, x.shape)
         data = view.to_view(x)
-        amin = self.amin
         if amax is None or cfg.is_dynamic:
             detached = data.detach()
             amax = detached.abs().amax(dim=view.reduce_dims, keepdim=True)

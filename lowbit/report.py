@@ -103,11 +103,14 @@ def packed_weight_bytes(model: nn.Module, high_precision_bytes: int = 2) -> int:
         raise ValueError(f"high_precision_bytes={high_precision_bytes!r}: allowed are 1, 2, 4, 8")
     total, counted = 0, set()
     for module in model.modules():
+        stacked = getattr(type(module), "stacked_weights", False)  # fused experts: each (out, in) packed alone
         for slot, weight in (weights_by_slot(module) if is_quantized(module) else {}).items():
             configs = _enabled_weight_configs(getattr(module, slot, None))
             parameter = weight if weight._base is None else weight._base  # Conv1D's slot is a transpose view
             if configs and id(parameter) not in counted:
-                total += math.ceil(packed_weight_bits(configs, weight.shape) / 8)
+                bits = (weight.shape[0] * packed_weight_bits(configs, weight.shape[1:]) if stacked
+                        else packed_weight_bits(configs, weight.shape))
+                total += math.ceil(bits / 8)
                 counted.add(id(parameter))
     for parameter in model.parameters():
         if id(parameter) in counted:

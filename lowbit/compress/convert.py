@@ -8,9 +8,12 @@ fake-quantized weight (``CompressedLinear.dequantized_weight() == weight_quantiz
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from lowbit.compress.experts import CompressedExpertsMixin, check_experts_format, compress_experts, compressible_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, PackedWeight, WeightFormat, quantize_weight
 from lowbit.modules import is_quantized
@@ -54,6 +57,7 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
     Formats: INT2-8 (symmetric, unsigned, asymmetric) per tensor / per channel / blocks along the input
     dim, FP8 E4M3/E5M2 and FP4 E2M1 with float scales, NVFP4, MXFP4/MXFP8. ``scale_dtype`` stores INT
     and float scales in float32 (bit-exact, the default) or float16/bfloat16 (smaller, rounded scale).
+    Fused MoE experts are packed per expert (``lowbit.compress.experts``), in place.
     Layers with a disabled or sequential (W4A8) weight quantizer keep fake quantization. Returns the
     model (the new module when ``model`` itself is a quantized Linear). Raises ValueError, before
     changing anything, when no layer can be compressed or a format is unsupported.
@@ -63,13 +67,21 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
     targets = _compressible(model)
-    if not targets:
+    experts = [(name, m) for name, m in model.named_modules() if compressible_experts(m)]
+    if not targets and not experts:
         raise ValueError("model has no quantized Linear with an enabled weight quantizer: call lowbit.quantize first")
     for name, module in targets:
         try:
             WeightFormat.from_config(module.weight_quantizer.config, tuple(linear_weight(module).shape))
         except ValueError as error:
             raise ValueError(f"{name or type(module).__name__}.weight_quantizer: {error}") from None
+    for name, module in experts:
+        try:
+            check_experts_format(module)
+        except ValueError as error:
+            raise ValueError(f"{name or type(module).__name__} (fused experts): {error}") from None
+    for _, module in experts:  # in place: the module keeps its name and place
+        compress_experts(module, scale_dtype)
     for name, module in targets:
         compressed = CompressedLinear.from_packed(
             pack_module_weight(module, scale_dtype), module.bias, module.input_quantizer, module.output_quantizer
@@ -81,10 +93,15 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
 
 
 def compressed_weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the packed weights, bytes the same weights take in bfloat16) over all CompressedLinears."""
+    """(bytes of the packed weights, bytes the same weights take in bfloat16) over all CompressedLinears and
+    compressed fused experts."""
     packed = dense = 0
     for module in model.modules():
         if isinstance(module, CompressedLinear):
             packed += module.packed.nbytes
             dense += module.in_features * module.out_features * 2
+        elif isinstance(module, CompressedExpertsMixin):
+            for projection in module.projections:
+                packed += module.packed_experts(projection).nbytes
+                dense += math.prod(module.expert_shapes[projection]) * 2
     return packed, dense

@@ -1,5 +1,8 @@
 """init_quantized_weights(config): load a model with its Linear weights going straight to packed storage.
 
+Fused MoE experts (3-D ``gate_up_proj`` / ``down_proj``, ``lowbit.modules.experts``) are packed per expert
+the same way, one fused tensor (one layer's experts) dense at a time, and become compressed experts.
+
     with init_quantized_weights(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     # the quantized nn.Linear layers are CompressedLinear now
@@ -42,9 +45,13 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from lowbit.compress.experts import PackedExperts, install_packed_experts, pack_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, TENSOR_NAMES, PackedWeight, WeightFormat, quantize_weight, storage_spec
 from lowbit.config import QuantizeConfig, parse_config
+from lowbit.convert import calibrate_weight
+from lowbit.expert_quantizer import ExpertQuantizer
+from lowbit.modules.experts import expert_projections, is_fused_experts
 from lowbit.quantizer import TensorQuantizer
 
 # transformers >= 5 reads tensors ahead in worker threads unless this is set; sequential loading lets
@@ -61,6 +68,7 @@ class _Loader:
         self.scale_dtype = scale_dtype
         self.parents: dict[int, tuple[nn.Module, str]] = {}
         self.packed: dict[int, tuple[nn.Module, PackedWeight]] = {}
+        self.experts: dict[int, tuple[nn.Module, dict[str, PackedExperts]]] = {}  # fused experts, per projection
 
     def on_module(self, parent: nn.Module, name: str, child: nn.Module | None) -> None:
         if child is not None:
@@ -78,6 +86,8 @@ class _Loader:
         return self.config.attributes_for(f"{self.full_name(module)}.{slot}", parents)
 
     def on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None):
+        if is_fused_experts(module) and name in expert_projections(module) and param is not None:
+            return self.on_experts_parameter(module, name, param)
         if name != "weight" or type(module) is not nn.Linear or param is None or param.device.type == "meta":
             return None
         if id(module) not in self.parents:
@@ -93,6 +103,22 @@ class _Loader:
             _return_freed_host_memory()
         return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
 
+    def on_experts_parameter(self, module: nn.Module, projection: str, param: nn.Parameter):
+        """A fused (E, out, in) expert weight: packed per expert (``lowbit.compress.experts``) when the config
+        quantizes both projections' weights with one stage each; the module becomes compressed in ``finish``."""
+        if param.device.type == "meta" or id(module) not in self.parents:
+            return None
+        slots = [self.attributes(module, f"{p}_weight_quantizer") for p in expert_projections(module)]
+        if any(a is None or isinstance(a, list) for a in slots):
+            return None  # not quantized, or sequential (W4A8): left dense, as quantize + compress leaves it
+        quantizer = ExpertQuantizer(self.attributes(module, f"{projection}_weight_quantizer"), module.num_experts)
+        weight = param.detach()
+        view = weight.transpose(-1, -2) if module.is_transposed else weight
+        calibrate_weight(quantizer.to(weight.device), view)
+        packed = pack_experts(view, quantizer, self.scale_dtype)
+        self.experts.setdefault(id(module), (module, {}))[1][projection] = packed
+        return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+
     def quantizer(self, module: nn.Module, slot: str) -> TensorQuantizer:
         attributes = self.attributes(module, slot)
         if attributes is None or isinstance(attributes, list):
@@ -102,7 +128,12 @@ class _Loader:
         return TensorQuantizer(attributes)
 
     def finish(self) -> None:
-        if not self.packed:
+        for module, packed in self.experts.values():
+            if set(packed) != set(expert_projections(module)):
+                raise ValueError(f"init_quantized_weights: {type(module).__name__} got only {sorted(packed)} packed")
+            inputs = {p: self.quantizer(module, f"{p}_input_quantizer") for p in packed}
+            install_packed_experts(module, type(module), packed, inputs, self.scale_dtype)
+        if not self.packed and not self.experts:
             warnings.warn(
                 "init_quantized_weights packed no weight: none was assigned to a quantized nn.Linear inside the "
                 "block (load_state_dict copies into existing tensors unless assign=True)",

@@ -2,7 +2,8 @@
 
 ``save_compressed(model, path)`` writes the directory ``path`` with
 - ``lowbit_compressed.json``: each CompressedLinear's shape, storage format, scale dtype, LoRA rank and
-  quantizer states, and ``lowbit.checkpoint.quant_state`` for modules still fake-quantized;
+  quantizer states, each compressed fused-experts module's (``lowbit.compress.experts``), and
+  ``lowbit.checkpoint.quant_state`` for modules still fake-quantized;
 - ``model.safetensors``: the state dict (packed codes, scales, zero points, biases, amax ...).
 
 ``load_compressed(model_or_factory, path)`` rebuilds those modules on a fresh model of the same
@@ -16,6 +17,7 @@ that description (and the model's) before it changes any module.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,7 @@ from lowbit.checkpoint import (
     quantizers_from_state,
     read_state,
 )
+from lowbit.compress.experts import CompressedExpertsMixin, describe_experts, rebuild_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 from lowbit.files import atomic_directory, origin, read_tensors
@@ -62,9 +65,11 @@ def write_compressed(model: nn.Module, directory: Path) -> None:
     """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
     directory)."""
     compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    if not compressed:
+    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
+    if not compressed and not experts:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
-    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "quantized": quant_state(model)["modules"]}
+    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
+             "quantized": quant_state(model)["modules"]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
 
@@ -111,6 +116,20 @@ def _rebuild_all(entries: dict, source: str) -> dict[str, CompressedLinear]:
     return rebuilt
 
 
+def _rebuilt_experts_on_meta(module: nn.Module, entry: dict, source: str) -> nn.Module:
+    """A meta-device copy of the experts ``module`` rebuilt as ``entry`` describes (no real memory): what its
+    state dict will be, known before the model's own module changes."""
+    meta = {id(t): torch.empty_like(t, device="meta") for t in [*module.parameters(), *module.buffers()]}
+    shadow = copy.deepcopy(module, meta)
+    try:
+        rebuild_experts(shadow, entry)
+    except KeyError as error:
+        raise ValueError(f"{source}: compressed experts lack the key {error}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{source}: compressed experts have a bad description: {error}") from None
+    return shadow
+
+
 def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
     """Rebuild the compressed (and fake-quantized) modules saved at ``path`` and load every tensor (strict).
 
@@ -126,18 +145,23 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     tensors = read_tensors(tensor_file, WRITER)
     model = build_model(model_or_factory)
     modules = dict(model.named_modules())
-    missing = [name for name in rebuilt if name not in modules]
+    experts = state.get("compressed_experts", {})
+    missing = [name for name in [*rebuilt, *experts] if name not in modules]
     if missing:
         raise ValueError(f"the model has no module(s) {missing[:5]} saved at {path}: a different architecture?")
-    prefixes = tuple(_qualified(name, "") for name in rebuilt)  # "" (the model is one CompressedLinear) covers all
+    shadows = {name: _rebuilt_experts_on_meta(modules[name], entry, source) for name, entry in experts.items()}
+    prefixes = tuple(_qualified(name, "") for name in [*rebuilt, *shadows])  # "" (one root module) covers all
     expected = {key: t for key, t in model.state_dict().items() if not key.startswith(prefixes)}
-    for name, module in rebuilt.items():
+    for name, module in [*rebuilt.items(), *shadows.items()]:
         expected.update({_qualified(name, key): t for key, t in module.state_dict().items()})
     slots = [_qualified(name, slot) for name in rebuilt for slot in QUANTIZER_SLOTS]
     slots += [_qualified(name, slot) for name, entry in quantizers.items() for slot in entry]
+    slots += [_qualified(name, slot) for name, entry in experts.items() for slot in entry["quantizers"]]
     check_tensors(tensor_file, tensors, expected, slots, exact_dtypes=True, writer=WRITER,
                   described_by=f"{state_file} (or the model)")
     install_quantizers(modules, quantizers)
+    for name, entry in experts.items():
+        rebuild_experts(modules[name], entry)
     for name, module in rebuilt.items():
         if name:
             model.set_submodule(name, module)

@@ -1,6 +1,6 @@
 """Quantized module classes and the registry that maps original classes to them."""
 
-from lowbit.modules import attention, conv, linear  # noqa: F401  (registers the built-in classes)
+from lowbit.modules import attention, conv, experts, linear  # noqa: F401  (registers the built-in classes)
 from lowbit.modules.conv import (
     QuantConv1d,
     QuantConv2d,

@@ -66,12 +66,14 @@ def is_quantized(module: nn.Module) -> bool:
 def quantized_class_for(module: nn.Module) -> type[nn.Module] | None:
     """The registered quantized class for this exact module type (subclasses are not guessed).
 
-    Hugging Face attention classes register themselves on first sight (lowbit.modules.attention).
+    Hugging Face attention and fused-experts classes register themselves on first sight
+    (lowbit.modules.attention, lowbit.modules.experts).
     """
     from lowbit.modules.attention import register_hf_attention
+    from lowbit.modules.experts import register_fused_experts
 
     if type(module) not in QUANT_MODULE_REGISTRY:
-        register_hf_attention(module)
+        register_hf_attention(module) or register_fused_experts(module)
     return QUANT_MODULE_REGISTRY.get(type(module))
 
 

@@ -107,7 +107,14 @@ FAMILIES = {family.name: family for family in [
 
 # Fused-expert families (Mixtral, Qwen2-MoE, Qwen3-MoE) are added here by the MoE experts work: each a
 # Family whose ``skipped`` lists its routers.
-MOE_FAMILIES: list[Family] = []
+MOE = {"num_experts_per_tok": 2, "tie_word_embeddings": False}
+MOE_FAMILIES: list[Family] = [
+    Family("mixtral", causal_lm("MixtralConfig", num_local_experts=8, **MOE), token_inputs),
+    Family("qwen2_moe", causal_lm("Qwen2MoeConfig", num_experts=8, moe_intermediate_size=128,
+                                  shared_expert_intermediate_size=MLP, decoder_sparse_step=1, **MOE), token_inputs),
+    Family("qwen3_moe", causal_lm("Qwen3MoeConfig", num_experts=8, moe_intermediate_size=128, head_dim=HEAD_DIM,
+                                  decoder_sparse_step=1, norm_topk_prob=True, **MOE), token_inputs),
+]
 for _family in MOE_FAMILIES:
     FAMILIES[_family.name] = _family
 
