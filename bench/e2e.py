@@ -163,21 +163,35 @@ def host_microseconds(fmt: str, device: str) -> float | None:
 def run_model(model_name: str, args) -> list[dict]:
     formats = args.formats
     generator = torch.Generator().manual_seed(SEED + 1)
-    models, peaks = {}, {}
+    models, peaks, failed = {}, {}, []
+    vocab = None
     for fmt in formats:
-        models[fmt] = build(model_name, fmt, args)
+        try:
+            models[fmt] = build(model_name, fmt, args)
+        except Exception as error:  # a format that cannot build is a row saying why, not a lost run
+            failed.append({"model": model_name, "format": fmt, "tok/s": f"failed: {type(error).__name__}: {error}"})
+            print(failed[-1], flush=True)
+            continue
+        vocab = models[fmt].config.vocab_size
         print(f"built {model_name} {fmt}", flush=True)
-    vocab = models["bf16"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator).to(args.device)
     long_prompt = torch.randint(0, vocab, (1, args.prefill), generator=generator).to(args.device)
-    for fmt, model in models.items():  # warm-up (compilation), peak memory
+    for fmt, model in list(models.items()):  # warm-up (compilation), peak memory
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        generate_seconds(model, prompt, args)
-        prefill_seconds(model, long_prompt, args.device)
+        try:
+            generate_seconds(model, prompt, args)
+            prefill_seconds(model, long_prompt, args.device)
+        except Exception as error:
+            failed.append({"model": model_name, "format": fmt,
+                           "tok/s": f"failed: {type(error).__name__}: {str(error)[:300]}"})
+            print(failed[-1], flush=True)
+            del models[fmt]
+            continue
         if args.device == "cuda":
             peaks[fmt] = torch.cuda.max_memory_allocated() / 2**30
         print(f"warmed up {fmt}", flush=True)
+    formats = list(models)
     speed = {fmt: [] for fmt in formats}
     prefill = {fmt: [] for fmt in formats}
     for repeat in range(args.repeats):
@@ -204,7 +218,7 @@ def run_model(model_name: str, args) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     del models
-    return rows
+    return rows + failed
 
 
 def environment(args) -> list[str]:
@@ -240,6 +254,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--formats: unknown {unknown}; allowed are {list(PRESETS)}")
     args.formats = formats
+    if args.compile:  # one compiled decode step per model: more cache entries than dynamo's default of 8
+        torch._dynamo.config.cache_size_limit = 64
     rows = []
     for model_name in args.models:
         for layers in (args.layers if model_name == "random" else [None]):

@@ -46,3 +46,22 @@ def test_custom_op_fake_implementations_give_the_output_shape():
         out = torch.ops.lowbit.fp8_linear(x, weight.codes, weight.inverse_scale, weight.inverse_scale_row, None,
                                           None, torch.float16)
         assert out.shape == (5, 384) and out.dtype == torch.float16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG"])
+def test_compressed_model_compiles_with_inductor_on_cuda(preset):
+    """Inductor and CUDA graphs (mode reduce-overhead, as HF's static cache compiles) around the lowbit:: ops:
+    the compiled output equals the eager one to the output's rounding (Inductor may fuse the bias and GELU)."""
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 256, bias=False)).to("cuda", torch.bfloat16)
+    x = torch.randn(1, 512, generator=generator, device="cuda").to(torch.bfloat16)
+    model = compress(lowbit.quantize(model, copy.deepcopy(getattr(lowbit, preset)), lambda m: m(x)))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    with torch.inference_mode():
+        expected = model(x).double()
+        for _ in range(3):  # warm-up, capture, replay
+            out = compiled(x).double()
+    assert ((out - expected).norm() / expected.norm()).item() <= 1e-2
