@@ -245,6 +245,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU intra-op threads")
     parser.add_argument("--compile", action="store_true", help="static cache: transformers compiles the decode step")
     parser.add_argument("--stem", default=None, help="results file stem (default e2e_<device>)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -254,6 +255,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--formats: unknown {unknown}; allowed are {list(PRESETS)}")
     args.formats = formats
+    torch.set_num_threads(args.threads)
     if args.compile:  # one compiled decode step per model: more cache entries than dynamo's default of 8
         torch._dynamo.config.cache_size_limit = 64
     rows = []
