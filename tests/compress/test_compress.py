@@ -56,8 +56,8 @@ def test_outputs_equal_fake_quant_bitwise(preset):
 @pytest.mark.parametrize("preset", sorted(CPU_KERNEL))
 def test_int4_int8_weight_only_run_torch_cpu_kernels_close_to_float64(preset):
     """CPU INT4 / INT8 weight-only: compress() prepares torch's kernel once; outputs within bf16 rounding of the
-    float64 product of the fake-quant weights (relative Frobenius 6e-3: scales rounded to bf16 (2**-9), output
-    rounding (2**-9), twice), no further from it than 1.5x the fake-quant model itself."""
+    float64 product of the fake-quant weights (relative Frobenius 6e-3, about twice what bf16's roundings of the
+    scales and of the outputs give here), no further from it than 1.5x the fake-quant model itself."""
     model, x = _quantized(preset)
     with torch.no_grad():
         expected = model(x)
