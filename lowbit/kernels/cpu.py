@@ -12,7 +12,7 @@ not lowbit's low-nibble-first rows). lowbit's formats map onto it exactly in rea
 - symmetric ``int`` (codes stored ``q + 8``, ``w = q / scale``): ``S = 1 / scale``, ``Z = 0``;
 - asymmetric ``int_asym`` (``w = (c - zero_point) * scale``): ``S = scale``, ``Z = (8 - zero_point) * scale``.
 
-Only ``S`` and ``Z`` round (once, to the activation dtype: a relative 2**-9 in bfloat16, per group); a
+``S`` and ``Z`` round once to the activation dtype (at most 2**-8 relative in bfloat16, its unit roundoff); a
 lowbit block of ``b`` elements that is a multiple of a kernel group (per channel: ``b = K``) repeats its
 scale over ``b / g`` groups. INT8 per channel (``torch.ops.aten._weight_int8pack_mm``) reads lowbit's int8
 codes (N, K) as they are stored, with ``scales[n] = 1 / scale[n]`` in the activation dtype:
@@ -22,15 +22,20 @@ codes (N, K) as they are stored, with ``scales[n] = 1 / scale[n]`` in the activa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from lowbit.compress.packed import PackedWeight, WeightFormat
 
 INT4_GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, largest first (fewest scales)
 INT4_ROW_MULTIPLE = 16
 INT4_ZERO_CODE = 8
-INNER_K_TILES = 2  # the CPU kernel ignores it; torch's API asks for one
+INNER_K_TILES = 2  # torch's API asks for one; the CPU layout is the same for 1, 2, 4 and 8
 
 
-def int4_group_size(fmt, shape: tuple[int, int]) -> int | None:
+def int4_group_size(fmt: WeightFormat, shape: tuple[int, int]) -> int | None:
     """The kernel group for a 4-bit ``int`` / ``int_asym`` weight of ``shape``, or None if none fits."""
     n, k = shape
     if fmt.kind not in ("int", "int_asym") or fmt.num_bits != 4 or fmt.unsigned or n % INT4_ROW_MULTIPLE:
@@ -39,7 +44,7 @@ def int4_group_size(fmt, shape: tuple[int, int]) -> int | None:
     return next((group for group in INT4_GROUPS if block % group == 0 and k % group == 0), None)
 
 
-def int4_operands(packed, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+def int4_operands(packed: PackedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(kernel codes uint8 (N, K / 2), scale_and_zero (K / g, N, 2) in ``dtype``, g) for a weight that
     ``int4_group_size`` accepts. The kernel codes are a new tensor as large as ``packed.codes``."""
     fmt = packed.format
@@ -64,12 +69,12 @@ def int4_linear(x: torch.Tensor, kernel_codes: torch.Tensor, scale_and_zero: tor
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_codes, group_size, scale_and_zero)
 
 
-def int8_accepts(fmt) -> bool:
+def int8_accepts(fmt: WeightFormat) -> bool:
     """Signed INT8 with one scale per output row (or per tensor, repeated)."""
     return fmt.kind == "int" and fmt.num_bits == 8 and not fmt.unsigned and fmt.block_size is None
 
 
-def int8_scales(packed, dtype: torch.dtype) -> torch.Tensor:
+def int8_scales(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """(N,) multipliers ``1 / scale`` in ``dtype`` for ``_weight_int8pack_mm``."""
     return packed.scale.float().reciprocal().reshape(-1).expand(packed.shape[0]).contiguous().to(dtype)
 
