@@ -84,7 +84,8 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
         compress_experts(module, scale_dtype)
     for name, module in targets:
         compressed = CompressedLinear.from_packed(
-            pack_module_weight(module, scale_dtype), module.bias, module.input_quantizer, module.output_quantizer
+            pack_module_weight(module, scale_dtype), module.bias, module.input_quantizer, module.output_quantizer,
+            dtype=linear_weight(module).dtype,
         )
         if not name:
             return compressed

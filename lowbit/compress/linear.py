@@ -2,10 +2,17 @@
 
     out = output_quantizer(kernel(input_quantizer(x), W_packed) + bias)
 
-``kernel`` is ``lowbit.kernels.weight_only_linear`` (Triton W4A16 on CUDA, else dequantize + F.linear)
-or, when both activations and weights are 8-bit and no gradient is needed, a true W8A8 matmul on the
-very codes fake quantization would round to: ``int8_matmul`` (``torch._int_mm``) for INT8 on any device,
-``fp8_linear`` (Triton activation quantization + ``torch._scaled_mm``) for FP8 E4M3 on CUDA >= sm89.
+``kernel`` is ``lowbit.kernels.weight_only_linear`` (Triton W4A16 on CUDA, torch's INT4 / INT8 kernels on the
+CPU, else dequantize + F.linear) or, when both activations and weights are 8-bit and no gradient is needed, a
+true W8A8 matmul on the very codes fake quantization would round to: ``int8_matmul`` (``torch._int_mm``) for
+INT8 on any device, ``fp8_linear`` (Triton activation quantization + ``torch._scaled_mm``) for FP8 E4M3 on
+CUDA >= sm89.
+
+Thin forward: ``prepare(dtype)`` (called by ``compress``, and on the first call after a move to another
+device) decides the kernel once for the device and activation dtype (``lowbit.kernels.prepare_linear``) and
+derives its operands, for weight-only layers (input and output quantizers disabled, no LoRA) and for FP8
+W8A8 on CUDA; a call then checks the input's dtype, device and gradient and runs that one op. The derived
+operands are not buffers: the state dict holds the canonical packed tensors only.
 The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
 instead of keeping it (QLoRA style).
@@ -16,8 +23,6 @@ Buffers: ``weight_codes``, ``weight_scale`` and, by format, ``weight_zero_point`
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
@@ -25,7 +30,9 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
-from lowbit.kernels import Fp8Weight, fp8_linear, int8_matmul, weight_only_linear
+from lowbit.kernels import Fp8Weight, PreparedLinear, int8_matmul, prepare_linear, weight_only_linear
+from lowbit.kernels.dispatch import has_triton
+from lowbit.kernels.ops import fp8_linear
 from lowbit.quantizer import TensorQuantizer
 
 BUFFER_PREFIX = "weight_"
@@ -76,11 +83,14 @@ class CompressedLinear(nn.Module):
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         self.lora_scale = 0.0
+        self._prepared: PreparedLinear | None = None
+        self._prepared_on: torch.device | None = None  # the buffers' device when prepare last ran
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: nn.Parameter | None, input_quantizer: nn.Module,
-                    output_quantizer: nn.Module) -> CompressedLinear:
-        """Wrap ``packed`` (its tensors become the buffers, no copy) with these bias and quantizers."""
+                    output_quantizer: nn.Module, dtype: torch.dtype | None = None) -> CompressedLinear:
+        """Wrap ``packed`` (its tensors become the buffers, no copy) with these bias and quantizers; ``dtype``:
+        prepare the kernel for activations of that dtype (see ``prepare``)."""
         out_features, in_features = packed.shape
         module = cls(in_features, out_features, packed.format, bias=False, device="meta")
         for name, tensor in packed.tensors().items():
@@ -88,7 +98,24 @@ class CompressedLinear(nn.Module):
         module.bias = bias
         module.input_quantizer = input_quantizer
         module.output_quantizer = output_quantizer
+        if dtype is not None:
+            module.prepare(dtype)
         return module
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Choose the kernel for activations of ``dtype`` on the buffers' device and derive its operands once
+        (``lowbit.kernels.prepare_linear``), if this layer's forward is one kernel call: weight-only (input and
+        output quantizers disabled) without LoRA, or FP8 W8A8 on CUDA. Call it again after changing the
+        quantizers; ``add_lora`` and moves to another device re-decide by themselves."""
+        packed = self.packed
+        self._prepared = None
+        self._prepared_on = packed.codes.device
+        if self.lora_a is not None or _is_enabled(self.output_quantizer):
+            return
+        if not _is_enabled(self.input_quantizer):
+            self._prepared = prepare_linear(packed, packed.codes.device, dtype)
+        elif _w8a8_kind(self.input_quantizer, self.weight_format, packed.codes) == "fp8":
+            self._prepared = _prepare_fp8(self.input_quantizer, packed, dtype)
 
     @property
     def packed(self) -> PackedWeight:
@@ -114,8 +141,15 @@ class CompressedLinear(nn.Module):
         self.lora_a = nn.Parameter(a.to(dtype))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.lora_scale = (alpha if alpha is not None else rank) / rank
+        self._prepared = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prepared = self._prepared
+        if prepared is not None and prepared.serves(x) and not (x.requires_grad and torch.is_grad_enabled()):
+            return prepared(x, self.bias)
+        if self._should_prepare(x):
+            self.prepare(x.dtype)
+            return self.forward(x)
         out = self._w8a8(x)
         if out is None:
             x_quantized = self.input_quantizer(x)
@@ -127,6 +161,14 @@ class CompressedLinear(nn.Module):
         if self.lora_a is not None:
             out = out + (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.lora_scale
         return self.output_quantizer(out)
+
+    def _should_prepare(self, x: torch.Tensor) -> bool:
+        """In eager mode, a layer never prepared, or moved to another device since, prepares on its first call
+        (under torch.compile a preparation would be traced into the graph: ``prepare`` before compiling)."""
+        if torch.compiler.is_compiling() or x.requires_grad:
+            return False
+        device = self.weight_codes.device
+        return self._prepared_on != device and x.device == device
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor | None:
         """W8A8 on codes when the input quantizer and the weight are both INT8 or both FP8 E4M3, else None.
@@ -168,6 +210,31 @@ class CompressedLinear(nn.Module):
                 f"weight={fmt.kind} {fmt.num_bits} {granularity}")
 
 
+def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, bias=None) -> torch.Tensor:
+    return fp8_linear(rows, weight, bias, activation_amax, dtype)
+
+
+def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.dtype) -> PreparedLinear | None:
+    """FP8 W8A8 with the activation amax fixed at preparation: static per tensor (calibrated), or dynamic per
+    row; None for the other activation configs (pre_quant_scale, dynamic per tensor), which stay per call."""
+    config = quantizer.config
+    if quantizer.pre_quant_scale is not None:
+        return None
+    if quantizer.amax is not None and not config.is_dynamic:
+        amax = quantizer.amax.detach().float().reshape(1)
+    elif config.block_sizes is not None:
+        amax = None
+    else:
+        return None
+    operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype)
+    return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
+
+
+def _is_enabled(quantizer: nn.Module) -> bool:
+    """Whether a quantizer slot changes its tensor (a TensorQuantizer switched on, or any other module)."""
+    return not isinstance(quantizer, TensorQuantizer) or quantizer.is_enabled
+
+
 def _disabled_quantizer() -> TensorQuantizer:
     quantizer = TensorQuantizer()
     quantizer.disable()
@@ -190,13 +257,7 @@ def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tenso
     if config.num_bits == 8 and not config.asymmetric and weight_format.kind == "int" and weight_format.num_bits == 8:
         if not weight_format.unsigned and not config.unsigned:
             return "int8"
-    fp8_device = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and _has_triton()
+    fp8_device = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and has_triton()
     if config.num_bits == (4, 3) and weight_format.kind == "float" and weight_format.num_bits == (4, 3) and fp8_device:
         return "fp8"
     return None
-
-
-@functools.cache
-def _has_triton() -> bool:
-    """``fp8_linear`` quantizes activations with a Triton kernel."""
-    return importlib.util.find_spec("triton") is not None

@@ -5,21 +5,35 @@
 | CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | 1, long K (prefers_gemv) | Triton GEMV on CUDA cores        |
 |        | K % 128 == 0; bf16 / fp16 activations         | other rows < 128         | Triton W4A16 on tensor cores     |
 |        |                                               | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS   |
+| CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
+|        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
+| CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
 | any    | anything else                                 | any                      | formats dequantize, F.linear     |
 
+``prepare_linear`` makes this choice once, for one device and activation dtype, and returns a
+``PreparedLinear``: the kernel with its operands already derived (the CPU INT4 kernel's own code layout and
+scale-and-zero table, INT8 multipliers, Triton arguments), so a call is one op plus two reshapes.
+``weight_only_linear`` decides on every call (the path of modules not prepared, and of gradients).
+
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
-``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused kernel multiplies the
-same weight values (exactly: codes times scales) but rounds only its float32 sums, so it matches a
-float64 product to the output's rounding. Triton is imported on first CUDA use only.
+``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused Triton kernels multiply the
+same weight values (exactly: codes times scales) but round only their float32 sums, so they match a float64
+product to the output's rounding; torch's CPU kernels take scales rounded once to the activation dtype
+(``kernels.cpu``). The Triton kernels run as custom ops (``kernels.ops``), imported on first CUDA use.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from lowbit.kernels import cpu
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -27,11 +41,8 @@ if TYPE_CHECKING:
 KERNEL_K_MULTIPLE = 128
 NVFP4_BLOCK = 16
 SMALLEST_GROUP = 16
-# bench/results/kernels_h100.md: up to 64 rows the fused kernel's decode tiles win everywhere; at 256 rows
-# dequantize + cuBLAS win on 3 of the 4 shapes (fused 0.39-0.52x of bf16, dequantize-first 0.45-0.64x), at
-# 2048 rows on all (0.80-0.90x against 0.41-0.51x).
-DEQUANTIZE_FIRST_ROWS = 128
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache
@@ -42,6 +53,12 @@ def triton_w4():
     except ImportError:
         return None
     return module
+
+
+@functools.cache
+def has_triton() -> bool:
+    """The ``lowbit::`` custom ops (``kernels.ops``) run Triton kernels."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def triton_arguments(packed: PackedWeight) -> dict | None:
@@ -64,18 +81,70 @@ def triton_arguments(packed: PackedWeight) -> dict | None:
     return None
 
 
+def _w4_operands(packed: PackedWeight) -> tuple:
+    """``lowbit::w4_linear``'s arguments after x (bias excepted) for a weight ``triton_arguments`` accepts."""
+    arguments = triton_arguments(packed)
+    return (packed.codes, packed.scale, arguments.get("zero_point"), arguments.get("global_scale"),
+            arguments["kind"], arguments["group_size"], arguments.get("zero_offset", 0))
+
+
+def _cuda_w4(x: torch.Tensor, codes, scale, zero_point, global_scale, kind, group_size, zero_offset, bias=None):
+    return torch.ops.lowbit.w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset)
+
+
+def _cpu_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, bias=None):
+    out = cpu.int4_linear(x, kernel_codes, scale_and_zero, group_size)
+    return out if bias is None else out + bias
+
+
+def _cpu_int8(x: torch.Tensor, codes, scales, bias=None):
+    out = cpu.int8_linear(x, codes, scales)
+    return out if bias is None else out + bias
+
+
+def _dequantize_first(x: torch.Tensor, packed: PackedWeight, bias=None):
+    return F.linear(x, packed.dequantize(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class PreparedLinear:
+    """``x (..., K) -> (..., N)``: ``function(rows (M, K), *operands, bias=bias)`` for activations of
+    ``dtype`` on ``device`` (``serves``); the operands were derived once by ``prepare_linear``."""
+
+    function: Callable[..., torch.Tensor]
+    operands: tuple
+    device: torch.device
+    dtype: torch.dtype
+    out_features: int
+
+    def serves(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.device == self.device
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = self.function(x.reshape(-1, x.shape[-1]), *self.operands, bias=bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtype) -> PreparedLinear:
+    """The kernel of the module docstring's table for activations of ``dtype`` on ``device``, with its operands
+    derived from ``packed`` (which must be on ``device``). On the CPU the INT4 kernel's codes are a second copy
+    of the packed codes (as many bytes), kept beside the canonical ones that save and export read."""
+    device = torch.device(device)
+    n = packed.shape[0]
+    if device.type == "cuda" and dtype in ACTIVATION_DTYPES and triton_arguments(packed) and has_triton():
+        return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n)
+    if device.type == "cpu" and dtype in CPU_DTYPES:
+        if cpu.int4_group_size(packed.format, packed.shape):
+            return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
+        if cpu.int8_accepts(packed.format):
+            return PreparedLinear(_cpu_int8, (packed.codes, cpu.int8_scales(packed, dtype)), device, dtype, n)
+    return PreparedLinear(_dequantize_first, (packed,), device, dtype, n)
+
+
 def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x (..., K) @ packed.dequantize(x.dtype).T + bias`` -> (..., N) by the table above."""
-    arguments = triton_arguments(packed) if x.is_cuda and x.dtype in ACTIVATION_DTYPES else None
-    kernels = triton_w4() if arguments is not None else None
-    if kernels is None:
-        return F.linear(x, packed.dequantize(x.dtype), bias)
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and kernels.prefers_gemv(*packed.shape):
-        out = kernels.w4_gemv(rows, packed.codes, packed.scale, bias=bias, **arguments)
-    elif rows.shape[0] >= DEQUANTIZE_FIRST_ROWS:
-        weight = kernels.w4_dequantize(packed.codes, packed.scale, dtype=x.dtype, **arguments)
-        out = F.linear(rows, weight, bias)
-    else:
-        out = kernels.w4_matmul(rows, packed.codes, packed.scale, bias=bias, **arguments)
-    return out.reshape(*x.shape[:-1], packed.shape[0])
+    """``x (..., K) @ packed.dequantize(x.dtype).T + bias`` -> (..., N): CUDA rows of the table above (Triton),
+    else dequantize and ``F.linear``."""
+    if x.is_cuda and x.dtype in ACTIVATION_DTYPES and triton_arguments(packed) and has_triton():
+        rows = _cuda_w4(x.reshape(-1, x.shape[-1]), *_w4_operands(packed), bias=bias)
+        return rows.reshape(*x.shape[:-1], packed.shape[0])
+    return _dequantize_first(x, packed, bias)

@@ -15,8 +15,9 @@ from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat, quantize_weight, storage_spec
 from lowbit.eval.size import model_size
 
-WEIGHT_ONLY = ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_NVFP4_CFG", "INT8_WEIGHT_ONLY_CFG", "MXFP4_DEFAULT_CFG",
-               "NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "MXFP8_DEFAULT_CFG"]
+WEIGHT_ONLY = ["W4A16_NVFP4_CFG", "MXFP4_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG",
+               "FP8_PER_CHANNEL_PER_TOKEN_CFG", "MXFP8_DEFAULT_CFG"]
+CPU_KERNEL = {"INT4_BLOCKWISE_WEIGHT_ONLY_CFG": "_cpu_int4", "INT8_WEIGHT_ONLY_CFG": "_cpu_int8"}
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -37,7 +38,8 @@ def _quantized(preset: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("preset", WEIGHT_ONLY)
 def test_outputs_equal_fake_quant_bitwise(preset):
-    """CPU: weight-only and FP8 configs (no CPU FP8 kernel) run dequantize + F.linear: bit-exact."""
+    """CPU: weight-only formats without a torch CPU kernel, and FP8 configs (no CPU FP8 kernel), run
+    dequantize + F.linear: bit-exact."""
     model, x = _quantized(preset)
     with torch.no_grad():
         expected = model(x)
@@ -49,6 +51,31 @@ def test_outputs_equal_fake_quant_bitwise(preset):
         assert torch.equal(layer.dequantized_weight(torch.bfloat16), weight)
     with torch.no_grad():
         assert torch.equal(compressed(x), expected)
+
+
+@pytest.mark.parametrize("preset", sorted(CPU_KERNEL))
+def test_int4_int8_weight_only_run_torch_cpu_kernels_close_to_float64(preset):
+    """CPU INT4 / INT8 weight-only: compress() prepares torch's kernel once; outputs within bf16 rounding of the
+    float64 product of the fake-quant weights (relative Frobenius 6e-3, about twice what bf16's roundings of the
+    scales and of the outputs give here), no further from it than 1.5x the fake-quant model itself."""
+    model, x = _quantized(preset)
+    with torch.no_grad():
+        expected = model(x)
+        weights = [m.weight_quantizer(m.weight) for m in model.modules() if hasattr(m, "weight_quantizer")]
+        reference = x.double()
+        reference = torch.nn.functional.gelu(reference @ weights[0].double().T + model[0].bias.double())
+        reference = reference.to(torch.bfloat16).double() @ weights[1].double().T
+    compressed = compress(model)
+    layers = [m for m in compressed.modules() if isinstance(m, CompressedLinear)]
+    assert [layer._prepared.function.__name__ for layer in layers] == [CPU_KERNEL[preset]] * 2
+    with torch.no_grad():
+        out = compressed(x).double()
+
+    def error(tensor):
+        return ((tensor.double() - reference).norm() / reference.norm()).item()
+
+    assert error(out) <= 6e-3
+    assert error(out) <= 1.5 * error(expected)
 
 
 def test_int8_w8a8_uses_integer_matmul_and_matches_float64():
@@ -187,7 +214,7 @@ def test_compress_errors_leave_the_model_untouched():
 
 
 def test_compress_a_single_quantized_linear_returns_the_new_module():
-    layer = lowbit.quantize(_model()[0], copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG))
+    layer = lowbit.quantize(_model()[0], copy.deepcopy(lowbit.W4A16_NVFP4_CFG))
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     with torch.no_grad():
         expected = layer(x)
