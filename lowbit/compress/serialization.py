@@ -53,6 +53,7 @@ def _describe(module: CompressedLinear) -> dict:
         "in_features": module.in_features,
         "out_features": module.out_features,
         "bias": module.bias is not None,
+        "bias_dtype": None if module.bias is None else str(module.bias.dtype).removeprefix("torch."),
         "weight_format": module.weight_format.to_dict(),
         "scale_dtype": str(module.weight_scale.dtype).removeprefix("torch."),
         "lora_rank": 0 if module.lora_a is None else module.lora_a.shape[0],
@@ -86,7 +87,9 @@ def save_compressed(model: nn.Module, path: str | Path, overwrite: bool = False)
 
 def _rebuild(entry: dict) -> CompressedLinear:
     fmt = WeightFormat.from_dict(entry["weight_format"])
+    bias_dtype = entry.get("bias_dtype")  # absent in files written before 2026-12-07: float32, as then
     module = CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=entry["bias"], device="meta",
+                              dtype=getattr(torch, bias_dtype) if bias_dtype else None,
                               scale_dtype=getattr(torch, entry["scale_dtype"]))
     for slot, saved in entry["quantizers"].items():
         setattr(module, slot, load_quantizer(saved))
