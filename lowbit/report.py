@@ -128,9 +128,8 @@ class Measurement:
     ``kl`` and ``kl_p99`` are the mean and 99th percentile of the per-token KL(original || quantized) in nats,
     ``top1`` the share of positions where both models' most likely next token agree (``lowbit.eval.Divergence``;
     None when only perplexity was measured). ``seconds`` is wall time, ``cpu_seconds`` the process's CPU time
-    over the same span (all threads;
-    steadier than wall time on a shared machine). ``error`` holds why a configuration could not run
-    (then the numbers are None).
+    over the same span (all threads; steadier than wall time on a shared machine). ``error`` holds why a
+    configuration could not run (then the numbers are None).
     """
 
     library: str
