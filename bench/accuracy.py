@@ -176,12 +176,17 @@ def accuracy_cells(result: Measurement, baseline: Measurement) -> dict:
             "ppl": _round(row["perplexity"], 3), "d ppl": _round(row["delta"], 3)}
 
 
+def unquantized_cells(baseline: Measurement) -> dict:
+    """The float model's cells: empty KL columns (it is the reference), then its perplexity."""
+    return {"KL": None, "KL p99": None, "top-1 %": None, "ppl": round(baseline.perplexity, 3)}
+
+
 def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Measurement) -> list[dict]:
     """One row per case, ranked by KL within its format: KL, top-1, perplexity delta vs ``baseline`` and wall
     time as a ratio to lowbit's, same format."""
     lowbit_seconds = {case.format: result.seconds for case, result in zip(cases, results, strict=True)
                       if case.library == "lowbit"}
-    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
+    rows = [{"format": "unquantized", "library": "-", "config": "-", **unquantized_cells(baseline)}]
     for index in kl_order(cases, results):
         case, result = cases[index], results[index]
         row = result.as_row(baseline)
@@ -206,7 +211,7 @@ def ranked_by_kl(cases: list[Case], results: list[Measurement], baseline: Measur
     """Rows of every case sorted by KL alone (failures last), and ``{label: (perplexity delta, KL)}`` of those
     that ran, for ``opposite_order_lines``."""
     order = sorted(range(len(cases)), key=lambda i: (results[i].kl is None, results[i].kl or 0.0))
-    rows = [{"config": "unquantized", "ppl": round(baseline.perplexity, 3)}]
+    rows = [{"rank": None, "config": "unquantized", **unquantized_cells(baseline)}]
     scores = {}
     for rank, index in enumerate(order, start=1):
         case, result = cases[index], results[index]

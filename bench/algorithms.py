@@ -53,6 +53,7 @@ from accuracy import (  # noqa: E402  (bench/ is not a package)
     ranked_by_kl,
     retime,
     run_case,
+    unquantized_cells,
     write_report,
 )
 
@@ -183,7 +184,7 @@ def rows_and_verdicts(cases: list[Case], results: list[Measurement], baseline: M
                       floor: float) -> tuple[list, list]:
     """Table rows (one per case, ranked by KL within each format) and the verdict lines (accuracy per format by
     KL, speed per shared config, with each time as a multiple of the bare forward loop's ``floor`` seconds)."""
-    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
+    rows = [{"format": "unquantized", "library": "-", "config": "-", **unquantized_cells(baseline)}]
     best: dict[tuple[str, str], tuple[float, float]] = {}  # (format, library) -> (KL, delta) of its lowest KL
     seconds: dict[tuple[str, str], float] = {}
     for index in kl_order(cases, results):
