@@ -303,7 +303,8 @@ def _model_name(name: str) -> str:
 
 
 def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], repeats: int,
-                     repeats_help: str, eval_tokens: int = 16384) -> tuple[argparse.Namespace, list[Case]]:
+                     repeats_help: str, eval_tokens: int = 16384, jobs: bool = False
+                     ) -> tuple[argparse.Namespace, list[Case]]:
     """The options the side-by-side benches share, parsed, and the cases ``--libraries`` / ``--formats`` keep."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", type=_model_name, default="default",
@@ -316,6 +317,8 @@ def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], r
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    if jobs:
+        parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running a share of the cases")
     args = parser.parse_args(argv)
     try:
         return args, select(all_cases, args.libraries, args.formats)
