@@ -7,8 +7,9 @@ the quantized model alone (perplexity only) and against the float model run besi
 Setup (untimed, in this process): the bundled model quantized with ``--preset`` and saved with
 ``lowbit.hf.save_quantized`` (fake-quantized weights), and the float model's top-k reference file written by
 ``lowbit.eval.save_topk_reference`` on the same held-out tokens. Then each command runs in its own fresh
-subprocess, which reports its own peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) and the
-resident size after importing torch, transformers and lowbit (the floor every run shares):
+subprocess, which reports the resident size after importing torch, transformers and lowbit (the floor every
+run shares) and its peak resident set size over the command (Linux ``VmHWM``, reset to the floor with
+``/proc/self/clear_refs`` once the imports are done, so a transient peak while importing does not count):
 
 - ``alone``:     ``lowbit eval DIR``                          (perplexity of the quantized model)
 - ``top-k``:     ``lowbit eval DIR --reference FILE``          (the second pass of the two-pass mode)
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,14 @@ TARGET_RATIO = 1.3
 MEGABYTE = 1e6
 
 
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: this bench needs Linux")
+
+
 def child(argv: list[str]) -> None:
     """Run ``lowbit`` with ``argv`` in this process; print a JSON line with the peak and the import floor."""
     import torch  # noqa: F401  (the floor: what every run imports)
@@ -39,10 +47,10 @@ def child(argv: list[str]) -> None:
 
     from lowbit.cli import main
 
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    floor = _status_bytes("VmRSS")
     main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("MEMORY " + json.dumps({"floor": floor, "peak": peak}))
+    print("MEMORY " + json.dumps({"floor": floor, "peak": _status_bytes("VmHWM")}))
 
 
 def run_child(argv: list[str]) -> dict:
