@@ -94,7 +94,8 @@ def main() -> int:
     measured = {name: run_child(["eval", *argv]) for name, argv in runs.items()}
     alone = measured["alone"]
     rows = [{
-        "run": name, "command": " ".join(["lowbit eval DIR", *runs[name][len(common):]]),
+        "run": name, "command": " ".join(["lowbit eval DIR", *runs[name][len(common):]]).replace(str(reference),
+                                                                                                 "FILE"),
         "peak MB": round(m["peak"] / MEGABYTE, 1), "import floor MB": round(m["floor"] / MEGABYTE, 1),
         "peak / alone": round(m["peak"] / alone["peak"], 3),
         "above floor / alone's": round((m["peak"] - m["floor"]) / (alone["peak"] - alone["floor"]), 3),
@@ -113,8 +114,8 @@ def main() -> int:
         f"- workload: the bundled model quantized with {args.preset} (fake-quantized, float32), "
         f"{args.eval_tokens} held-out tokens in windows of 256, stride 128; reference file: top-{stored.k} of "
         f"{stored.positions} positions, {stored.nbytes / MEGABYTE:.2f} MB",
-        "- peak: the subprocess's peak resident set size (ru_maxrss); import floor: its resident size after "
-        "importing torch, transformers and lowbit",
+        "- peak: the subprocess's peak resident set size over the command (VmHWM, reset after the imports); "
+        "import floor: its resident size after importing torch, transformers and lowbit",
         "",
         "```",
         format_table(rows),
