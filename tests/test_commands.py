@@ -77,17 +77,17 @@ def test_quantize_then_eval_reproduces_the_in_process_result(tmp_path, preset, p
 def test_eval_against_the_float_model_and_against_a_saved_topk_reference(tmp_path):
     output, reference = tmp_path / "out", tmp_path / "reference.safetensors"
     run_cli(["quantize", "default", "--preset", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "--output", str(output), *SMALL])
-    window = ["--seq-len", "64", "--eval-tokens", "512", "--no-progress"]
+    window = ["--seq-len", "64", "--eval-tokens", "256", "--no-progress"]
     quantized, tokenizer = quantized_in_process("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
     expected = divergence(quantized, load_default_model()[0], tokenizer, default_eval_text(), seq_len=64, stride=32,
-                          max_tokens=512, progress=False)
+                          max_tokens=256, progress=False)
     full = run_cli(["eval", str(output), "--reference", "float", *window])
     assert printed_column(full, "KL") == pytest.approx(expected.mean_kl, abs=1e-5)  # printed with 5 decimals
     assert printed_column(full, "top-1 %") == pytest.approx(100 * expected.top1, abs=0.01)
     assert printed_column(full, "d ppl") == pytest.approx(expected.perplexity_delta, abs=PPL_TOLERANCE)
 
     saved = run_cli(["eval", "default", "--save-reference", str(reference), "--top-k", "64", *window])
-    assert printed_column(saved, "top-k") == 64 and printed_column(saved, "positions") == 511
+    assert printed_column(saved, "top-k") == 64 and printed_column(saved, "positions") == 255
     from_file = run_cli(["eval", str(output), "--reference", str(reference), *window])
     lower, bound = printed_column(from_file, "KL"), printed_column(from_file, "KL tail bound")
     assert lower - 1e-5 <= expected.mean_kl <= lower + bound + 2e-5
