@@ -1,12 +1,16 @@
 """Accuracy and wall time of lowbit next to NVIDIA ModelOpt and NNCF, on lowbit's bundled model (CPU).
 
-    python bench/accuracy.py [--eval-tokens 16384] [--calib-samples 32] [--libraries lowbit,modelopt,nncf]
-                             [--formats "INT4 weight-only g128"] [--out bench/results]
+    python bench/accuracy.py [--model default] [--eval-tokens 16384] [--calib-samples 32]
+                             [--libraries lowbit,modelopt,nncf] [--formats "INT4 weight-only g128"]
+                             [--out bench/results]
 
 Every case quantizes a fresh copy of the same model with the same calibration windows (bundled
-calibration text, seed 0) and is scored on the same held-out tokens (``lowbit.report.Workload``).
-The table gives, per case: perplexity, its change vs the unquantized model (absolute and %), the
-wall time of calibration + quantization and that time as a ratio to lowbit's for the same format.
+calibration text, seed 0) and is scored on the same held-out tokens (``lowbit.report.Workload``) against
+the float model, the two run window by window side by side (``lowbit.eval.divergence``). The table ranks
+the cases of each format by the mean per-token KL(float || quantized) and gives, per case: KL, its 99th
+percentile, the top-1 agreement, perplexity and its change vs the unquantized model (absolute and %), the
+wall time of calibration + quantization and that time as a ratio to lowbit's for the same format. Under
+the table: each pair of cases that the perplexity delta and KL rank in opposite order.
 A case that fails (a format a peer does not run on CPU, a library not installed) records why.
 The table is printed and written to ``<out>/accuracy_<date>.md`` with versions, command, machine and date.
 
@@ -33,13 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lowbit
-from lowbit.eval import format_table
+from lowbit.eval import format_table, opposite_order_pairs
 from lowbit.report import (
     Measurement,
     Workload,
     available_cpus,
     measure,
     measure_baseline,
+    model_loader,
     run_context,
     time_quantize,
 )
@@ -139,7 +144,7 @@ def run_case(case: Case, workload: Workload) -> Measurement:
         package = LIBRARY_PACKAGES[case.library]
         return Measurement(case.library, case.config, error=f"not installed (pip install {package})")
     return measure(case.library, case.config, workload.model, functools.partial(case.apply, workload=workload),
-                   lambda model: workload.perplexity(case.prepare_eval(model)), lambda model: None)
+                   lambda model: workload.divergence(case.prepare_eval(model)), lambda model: None)
 
 
 def retime(cases: list[Case], results: list[Measurement], workload: Workload) -> list[Measurement]:
@@ -156,12 +161,34 @@ def retime(cases: list[Case], results: list[Measurement], workload: Workload) ->
     return retimed
 
 
+def kl_order(cases: list[Case], results: list[Measurement]) -> list[int]:
+    """Indices of the cases grouped by format (first-seen order), each group sorted by KL; failures last."""
+    formats = list(dict.fromkeys(case.format for case in cases))
+    return sorted(range(len(cases)), key=lambda i: (formats.index(cases[i].format), results[i].kl is None,
+                                                    results[i].kl or 0.0))
+
+
+def accuracy_cells(result: Measurement, baseline: Measurement) -> dict:
+    """KL, its 99th percentile, top-1 % and the perplexity change, rounded for a table (KL first: it ranks)."""
+    row = result.as_row(baseline)
+    return {"KL": _round(row["kl"], 5), "KL p99": _round(row["kl_p99"], 4),
+            "top-1 %": _round(None if row["top1"] is None else 100 * row["top1"], 2),
+            "ppl": _round(row["perplexity"], 3), "d ppl": _round(row["delta"], 3)}
+
+
+def unquantized_cells(baseline: Measurement) -> dict:
+    """The float model's cells: empty KL columns (it is the reference), then its perplexity."""
+    return {"KL": None, "KL p99": None, "top-1 %": None, "ppl": round(baseline.perplexity, 3)}
+
+
 def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Measurement) -> list[dict]:
-    """One row per case: perplexity delta vs ``baseline`` and wall time as a ratio to lowbit's, same format."""
+    """One row per case, ranked by KL within its format: KL, top-1, perplexity delta vs ``baseline`` and wall
+    time as a ratio to lowbit's, same format."""
     lowbit_seconds = {case.format: result.seconds for case, result in zip(cases, results, strict=True)
                       if case.library == "lowbit"}
-    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
-    for case, result in zip(cases, results, strict=True):
+    rows = [{"format": "unquantized", "library": "-", "config": "-", **unquantized_cells(baseline)}]
+    for index in kl_order(cases, results):
+        case, result = cases[index], results[index]
         row = result.as_row(baseline)
         reference = lowbit_seconds.get(case.format)
         ratio = result.seconds / reference if result.seconds is not None and reference else None
@@ -169,8 +196,7 @@ def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Mea
             "format": case.format,
             "library": case.library,
             "config": case.config,
-            "ppl": _round(row["perplexity"], 3),
-            "d ppl": _round(row["delta"], 3),
+            **accuracy_cells(result, baseline),
             "d %": _round(row["delta_pct"], 2),
             "quant s": _round(row["seconds"], 2),
             "cpu s": _round(row["cpu_seconds"], 2),
@@ -178,6 +204,33 @@ def comparison_rows(cases: list[Case], results: list[Measurement], baseline: Mea
             "note": _shorten(row["error"] or "", NOTE_WIDTH),
         })
     return rows
+
+
+def ranked_by_kl(cases: list[Case], results: list[Measurement], baseline: Measurement
+                 ) -> tuple[list[dict], dict[str, tuple[float, float]]]:
+    """Rows of every case sorted by KL alone (failures last), and ``{label: (perplexity delta, KL)}`` of those
+    that ran, for ``opposite_order_lines``."""
+    order = sorted(range(len(cases)), key=lambda i: (results[i].kl is None, results[i].kl or 0.0))
+    rows = [{"rank": None, "config": "unquantized", **unquantized_cells(baseline)}]
+    scores = {}
+    for rank, index in enumerate(order, start=1):
+        case, result = cases[index], results[index]
+        label = case.config if case.library == "lowbit" else f"{case.library} {case.config}"
+        rows.append({"rank": rank if result.kl is not None else None, "config": label,
+                     **accuracy_cells(result, baseline), "quant s": _round(result.seconds, 2),
+                     "note": _shorten(result.error or "", NOTE_WIDTH)})
+        if result.kl is not None:
+            scores[label] = (result.as_row(baseline)["delta"], result.kl)
+    return rows, scores
+
+
+def opposite_order_lines(scores: dict[str, tuple[float, float]]) -> list[str]:
+    """Markdown lines naming each pair that the perplexity delta and KL rank in opposite order."""
+    pairs = opposite_order_pairs(scores)
+    head = (f"Pairs that perplexity delta and KL rank in opposite order ({len(pairs)} of "
+            f"{len(scores) * (len(scores) - 1) // 2}; first the one with the lower delta):")
+    return [head, "", *(f"- {a} (d ppl {scores[a][0]:+.3f}, KL {scores[a][1]:.5f}) vs {b} (d ppl "
+                         f"{scores[b][0]:+.3f}, KL {scores[b][1]:.5f})" for a, b in pairs)]
 
 
 def _shorten(text: str, width: int) -> str:
@@ -199,7 +252,8 @@ def select(cases: list[Case], libraries: list[str] | None, formats: list[str] | 
             and (formats is None or c.format in formats)]
 
 
-def report(rows: list[dict], context: dict, workload: Workload, repeats: int) -> str:
+def report(rows: list[dict], context: dict, workload: Workload, repeats: int, model: str,
+           pairs: list[str]) -> str:
     versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
     return "\n".join([
         f"# Accuracy vs peers, {context['date'][:10]}",
@@ -208,9 +262,11 @@ def report(rows: list[dict], context: dict, workload: Workload, repeats: int) ->
         f"- machine: {context['machine']}; load average at the end: {context['load_average']}",
         f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
         f"- date: {context['date']}",
-        f"- workload: lowbit's bundled model, {len(workload.calibration)} calibration batches "
-        f"({sum(len(b['input_ids']) for b in workload.calibration)} windows), perplexity on the first "
-        f"{workload.eval_tokens} held-out tokens",
+        f"- workload: model `{model}`, {len(workload.calibration)} calibration batches "
+        f"({sum(len(b['input_ids']) for b in workload.calibration)} windows), scored on the first "
+        f"{workload.eval_tokens} held-out tokens against the float model",
+        "- ranked by `KL` within each format: mean per-token KL(float || quantized), nats; `KL p99`: its 99th "
+        "percentile; `top-1 %`: positions where both models' most likely next token agree",
         f"- `d %`: perplexity change vs unquantized; `quant s`: calibration + quantization wall time, "
         f"fastest of {repeats} passes; `cpu s`: the process's CPU time over that span (all threads; about "
         "threads x wall when the machine is idle); `time vs lowbit`: wall time over lowbit's for the same format",
@@ -218,6 +274,8 @@ def report(rows: list[dict], context: dict, workload: Workload, repeats: int) ->
         "```",
         format_table(rows),
         "```",
+        "",
+        *pairs,
         "",
     ])
 
@@ -236,11 +294,22 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _model_name(name: str) -> str:
+    try:
+        model_loader(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], repeats: int,
-                     repeats_help: str) -> tuple[argparse.Namespace, list[Case]]:
+                     repeats_help: str, eval_tokens: int = 16384, jobs: bool = False
+                     ) -> tuple[argparse.Namespace, list[Case]]:
     """The options the side-by-side benches share, parsed, and the cases ``--libraries`` / ``--formats`` keep."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--model", type=_model_name, default="default",
+                        help="'default' (the bundled model) or NAME for lowbit.assets.load_NAME_model")
+    parser.add_argument("--eval-tokens", type=int, default=eval_tokens)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--libraries", type=_names, help=f"comma-separated, of {sorted(LIBRARY_PACKAGES)}")
     parser.add_argument("--formats", type=_names, help="comma-separated format names of CASES")
@@ -248,6 +317,8 @@ def parse_bench_args(description: str, argv: list[str], all_cases: list[Case], r
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    if jobs:
+        parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running a share of the cases")
     args = parser.parse_args(argv)
     try:
         return args, select(all_cases, args.libraries, args.formats)
@@ -262,16 +333,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="modelopt")
-    workload = Workload.default(args.calib_samples, args.eval_tokens)
+    workload = Workload.default(args.calib_samples, args.eval_tokens, model=args.model)
     workload.model.to(args.device)
     baseline = measure_baseline(workload)
     results = [run_case(case, workload) for case in tqdm(cases, desc="cases")]
     for _ in tqdm(range(args.repeats - 1), desc="re-timing passes"):
         results = retime(cases, results, workload)
     rows = comparison_rows(cases, results, baseline)
+    pairs = opposite_order_lines(ranked_by_kl(cases, results, baseline)[1])
     context = run_context(["python", "bench/accuracy.py", *argv])
-    write_report(report(rows, context, workload, args.repeats), args.out,
-                 "accuracy" if args.device == "cpu" else f"accuracy_{args.device}")
+    stem = "accuracy" + ("" if args.device == "cpu" else f"_{args.device}") + ("" if args.model == "default"
+                                                                                else f"_{args.model}")
+    write_report(report(rows, context, workload, args.repeats, args.model, pairs), args.out, stem)
     return 0
 
 

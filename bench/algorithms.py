@@ -1,18 +1,21 @@
 """Calibration algorithms side by side: lowbit vs NVIDIA ModelOpt vs NNCF, on lowbit's bundled model (CPU).
 
-    python bench/algorithms.py [--eval-tokens 16384] [--calib-samples 32] [--repeats 2]
+    python bench/algorithms.py [--model default] [--eval-tokens 16384] [--calib-samples 32] [--repeats 2]
                                [--libraries lowbit,modelopt,nncf] [--formats "INT8 W8A8"] [--out bench/results]
 
 Every case quantizes a fresh copy of the same float32 model with the same calibration windows (bundled
 calibration text, 32 windows of 256 tokens, seed 0; NNCF gets the same windows one per item) and is scored
-on the same held-out tokens (``lowbit.report.Workload``: seq_len 256, stride 128). Per case the table gives
-perplexity, its change vs the unquantized model, the wall time of calibration + quantization (fastest of
+on the same held-out tokens (``lowbit.report.Workload``: seq_len 256, stride 128) against the float model,
+run beside it window by window (``lowbit.eval.divergence``). The cases of each format are ranked by the mean
+per-token KL(float || quantized); per case the table gives KL, its 99th percentile, the top-1 agreement,
+perplexity and its change vs the unquantized model, the wall time of calibration + quantization (fastest of
 ``--repeats`` whole passes, ``bench/accuracy.retime``) and the process CPU time of that run. A case a
 library cannot run on CPU records why.
 
-Two verdicts per format, printed under the table and written with it:
+Two verdicts per format, printed under the table and written with it, then the pairs of cases that the
+perplexity delta and KL rank in opposite order:
 
-- accuracy: lowbit's best perplexity delta at the format <= the best peer's delta at the format;
+- accuracy: lowbit's best KL at the format <= the best peer's KL at the format (the deltas beside);
 - speed: for each config both lowbit and ModelOpt run (same preset name), lowbit's wall time <= 0.5x
   ModelOpt's; each time is also given as a multiple of the bare calibration forward loop (fastest of
   ``--repeats``), the floor of any calibration that needs activations.
@@ -41,11 +44,16 @@ from accuracy import (  # noqa: E402  (bench/ is not a package)
     HIGH_PRECISION_LAYERS,
     LIBRARY_PACKAGES,
     Case,
+    accuracy_cells,
+    kl_order,
     library_version,
     modelopt_case,
+    opposite_order_lines,
     parse_bench_args,
+    ranked_by_kl,
     retime,
     run_case,
+    unquantized_cells,
     write_report,
 )
 
@@ -174,30 +182,32 @@ def forward_loop_seconds(workload: Workload) -> float:
 
 def rows_and_verdicts(cases: list[Case], results: list[Measurement], baseline: Measurement,
                       floor: float) -> tuple[list, list]:
-    """Table rows (one per case) and the verdict lines (accuracy per format, speed per shared config, with
-    each time as a multiple of the bare forward loop's ``floor`` seconds)."""
-    rows = [{"format": "unquantized", "library": "-", "config": "-", "ppl": round(baseline.perplexity, 3)}]
-    delta: dict[tuple[str, str], list[float]] = {}
+    """Table rows (one per case, ranked by KL within each format) and the verdict lines (accuracy per format by
+    KL, speed per shared config, with each time as a multiple of the bare forward loop's ``floor`` seconds)."""
+    rows = [{"format": "unquantized", "library": "-", "config": "-", **unquantized_cells(baseline)}]
+    best: dict[tuple[str, str], tuple[float, float]] = {}  # (format, library) -> (KL, delta) of its lowest KL
     seconds: dict[tuple[str, str], float] = {}
-    for case, result in zip(cases, results, strict=True):
+    for index in kl_order(cases, results):
+        case, result = cases[index], results[index]
         row = result.as_row(baseline)
-        if row["delta"] is not None:
-            delta.setdefault((case.format, case.library), []).append(row["delta"])
+        if result.kl is not None:
+            key = (case.format, case.library)
+            best[key] = min(best.get(key, (result.kl, row["delta"])), (result.kl, row["delta"]))
             seconds[(case.library, case.config)] = row["seconds"]
         rows.append({
             "format": case.format, "library": case.library, "config": case.config,
-            "ppl": _round(row["perplexity"], 3), "d ppl": _round(row["delta"], 3),
+            **accuracy_cells(result, baseline),
             "wall s": _round(row["seconds"], 2), "cpu s": _round(row["cpu_seconds"], 2),
             "note": (row["error"] or "")[:110],
         })
     verdicts = []
     for format in dict.fromkeys(case.format for case in cases):
-        ours = delta.get((format, "lowbit"))
-        peers = [min(d) for (f, library), d in delta.items() if f == format and library != "lowbit"]
+        ours = best.get((format, "lowbit"))
+        peers = [value for (f, library), value in best.items() if f == format and library != "lowbit"]
         if ours and peers:
-            ok = min(ours) <= min(peers)
-            verdicts.append(f"accuracy {format}: lowbit best d ppl {min(ours):.3f} vs best peer {min(peers):.3f}"
-                            f" -> {'met' if ok else 'NOT met'}")
+            peer = min(peers)
+            verdicts.append(f"accuracy {format}: lowbit best KL {ours[0]:.5f} (d ppl {ours[1]:.3f}) vs best peer "
+                            f"{peer[0]:.5f} (d ppl {peer[1]:.3f}) -> {'met' if ours[0] <= peer[0] else 'NOT met'}")
     for (library, config), peer_seconds in seconds.items():
         if library == "modelopt" and ("lowbit", config) in seconds:
             ours = seconds[("lowbit", config)]
@@ -212,7 +222,8 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workload, repeats: int) -> str:
+def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workload, repeats: int, model: str,
+           pairs: list[str]) -> str:
     versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
     windows = len(_windows(workload))
     device = next(workload.model.parameters()).device
@@ -224,8 +235,11 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
         + " / ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1 / 5 / 15 min)",
         f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
         f"- date: {context['date']}",
-        f"- workload: lowbit's bundled model (float32, on {device}), {windows} calibration windows x 256 tokens of the "
-        f"calibration text, perplexity on the first {workload.eval_tokens} held-out tokens (seq_len 256, stride 128)",
+        f"- workload: model `{model}` (float32, on {device}), {windows} calibration windows x 256 tokens of the "
+        f"calibration text, scored against the float model on the first {workload.eval_tokens} held-out tokens "
+        "(seq_len 256, stride 128)",
+        "- ranked by `KL` within each format: mean per-token KL(float || quantized), nats; `KL p99`: its 99th "
+        "percentile; `top-1 %`: positions where both models' most likely next token agree",
         f"- `d ppl`: perplexity change vs unquantized; `wall s`: calibration + quantization wall time, fastest of "
         f"{repeats}; `cpu s`: the process's CPU time over that run (all threads)",
         "",
@@ -233,10 +247,12 @@ def report(rows: list[dict], verdicts: list[str], context: dict, workload: Workl
         format_table(rows),
         "```",
         "",
-        "Verdicts (accuracy: lowbit's best delta at the format vs the best peer's; speed: same preset, "
+        "Verdicts (accuracy: lowbit's best KL at the format vs the best peer's; speed: same preset, "
         f"target lowbit <= {SPEED_RATIO}x ModelOpt's wall time):",
         "",
         *(f"- {line}" for line in verdicts),
+        "",
+        *pairs,
         "",
     ])
 
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False)
+    workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False, model=args.model)
     workload.model.to(args.device)
     baseline = measure_baseline(workload)
     floor = forward_loop_seconds(workload)
@@ -260,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         floor = min(floor, forward_loop_seconds(workload))
         results = retime(cases, results, workload)
     rows, verdicts = rows_and_verdicts(cases, results, baseline, floor)
-    text = report(rows, verdicts, run_context(["python", "bench/algorithms.py", *argv]), workload, args.repeats)
-    write_report(text, args.out, "algorithms" if args.device == "cpu" else f"algorithms_{args.device}")
+    pairs = opposite_order_lines(ranked_by_kl(cases, results, baseline)[1])
+    text = report(rows, verdicts, run_context(["python", "bench/algorithms.py", *argv]), workload, args.repeats,
+                  args.model, pairs)
+    stem = "algorithms" + ("" if args.device == "cpu" else f"_{args.device}") + ("" if args.model == "default"
+                                                                                  else f"_{args.model}")
+    write_report(text, args.out, stem)
     return 0
 
 

@@ -6,7 +6,9 @@
     lowbit eval MODEL [--text FILE] [--eval-tokens N]                                (lowbit.commands)
 
 ``demo`` loads the bundled default model on CPU, calibrates each preset on the bundled calibration
-text, and prints held-out perplexity, its change, the packed weight size and the quantization time.
+text, and prints, on held-out text, the mean per-token KL divergence to the float model and the top-1
+agreement with it (``lowbit.eval.divergence``), perplexity and its change, the packed weight size and the
+quantization time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.commands import add_eval_parser, add_quantize_parser
 from lowbit.convert import fold_weight, iter_quantizers, quantize
-from lowbit.eval import format_table
+from lowbit.eval import Divergence, format_table
 from lowbit.presets import get_preset
 from lowbit.quantizer import SequentialQuantizer
 from lowbit.report import (
@@ -97,10 +99,10 @@ def measure_preset(workload: Workload, name: str) -> tuple[Measurement, tuple[st
         formats[:] = quantized_formats(quantized)
         return quantized
 
-    def folded_perplexity(model: nn.Module) -> float:
-        return workload.perplexity(fold_weight(model))
+    def folded_divergence(model: nn.Module) -> Divergence:
+        return workload.divergence(fold_weight(model))
 
-    result = measure("lowbit", name, workload.model, apply, folded_perplexity, packed_weight_bytes)
+    result = measure("lowbit", name, workload.model, apply, folded_divergence, packed_weight_bytes)
     return result, (formats[0], formats[1])
 
 
@@ -120,6 +122,9 @@ def _demo_row(result: Measurement, baseline: Measurement, formats: tuple[str, st
         "format": row["config"].removesuffix("_CFG"),
         "weights": formats[0],
         "activations": formats[1],
+        "kl": row["kl"],
+        "kl_p99": row["kl_p99"],
+        "top1": row["top1"],
         "perplexity": row["perplexity"],
         "delta": row["delta"],
         "delta_pct": row["delta_pct"],
@@ -141,6 +146,8 @@ def format_demo_table(rows: list[dict]) -> str:
             "format": row["format"],
             "weights": row["weights"],
             "acts": row["activations"],
+            "KL": rounded(row["kl"], 5),
+            "top-1 %": rounded(None if row["top1"] is None else 100 * row["top1"], 2),
             "ppl": rounded(row["perplexity"], 3),
             "d ppl": rounded(row["delta"], 3),
             "d %": rounded(row["delta_pct"], 2),
@@ -184,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization for PyTorch models.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(
-        "demo", help="quantize the bundled model with several presets and compare perplexity",
-        description="Quantize the bundled default model with several presets on CPU and print held-out "
-                    "perplexity, its change, packed weight size and calibration+quantization time.",
+        "demo", help="quantize the bundled model with several presets and compare KL divergence and perplexity",
+        description="Quantize the bundled default model with several presets on CPU and print, on held-out text, "
+                    "the mean KL divergence to the float model, top-1 agreement, perplexity and its change, "
+                    "packed weight size and calibration+quantization time.",
     )
     demo_parser.add_argument("--presets", type=_presets, default=list(DEMO_PRESETS),
                              help=f"comma-separated preset names (default: {','.join(DEMO_PRESETS)})")

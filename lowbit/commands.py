@@ -1,11 +1,17 @@
 """``lowbit quantize`` and ``lowbit eval``: one command from a model directory to a saved quantized one.
 
     lowbit quantize MODEL --preset INT4_AWQ --output DIR [--packed] [--algorithm gptq]
-    lowbit eval MODEL [--eval-tokens 8192] [--text heldout.txt]
+    lowbit eval MODEL [--eval-tokens 8192] [--text heldout.txt] [--reference float|SOURCE|FILE.safetensors]
+    lowbit eval FLOAT_MODEL --save-reference FILE.safetensors [--top-k 256]
 
 MODEL is ``default`` (the bundled model), a local Hugging Face directory, or a directory written by
-``lowbit quantize``. After saving, ``quantize`` loads the directory back and checks that its logits on one
-calibration batch equal the in-memory model's (and are finite), so a broken export fails here.
+``lowbit quantize`` (which records the float model it came from in ``config.json``, key
+``lowbit_float_model``). ``eval --reference`` scores MODEL against a reference (``lowbit.eval.divergence``):
+``float`` (the float model MODEL came from; for a float MODEL, MODEL itself in float32), another model
+SOURCE (run beside MODEL, window by window), or a top-k file written by ``--save-reference`` (two passes,
+for when both models do not fit at once). After saving, ``quantize`` loads the directory back and checks
+that its logits on one calibration batch equal the in-memory model's (and are finite), so a broken export
+fails here.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ from torch import nn
 
 from lowbit.convert import quantize
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
-from lowbit.eval import format_table, model_size, perplexity
+from lowbit.eval import TopKReference, divergence, format_table, model_size, perplexity, save_topk_reference
 from lowbit.files import check_writable
 from lowbit.hf import load_causal_lm, save_quantized, saved_kind
 from lowbit.presets import get_preset
 from lowbit.report import packed_weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_SOURCE_KEY = "lowbit_float_model"  # in a quantized directory's config.json: the model it was made from
+DEFAULT_TOP_K = 256
 RELOAD_TOLERANCE = 1e-4  # max |logit difference| between the saved-and-loaded model and the in-memory one
 MEGABYTE = 1e6
 
@@ -115,6 +123,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                      "seconds": None if seconds is None else round(seconds, 2)})
 
     evaluate("original", None)
+    model.config.update({FLOAT_SOURCE_KEY: args.model if args.model == "default" else str(Path(args.model).resolve())})
     start = time.perf_counter()
     quantize(model, config, forward_loop)
     evaluate(args.preset or Path(args.config).name, time.perf_counter() - start)
@@ -126,17 +135,57 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def float_source(model: str) -> str:
+    """What ``--reference float`` loads for ``model``: a float model is its own reference (loaded in float32);
+    a quantized directory names its float model in ``config.json`` (``lowbit_float_model``)."""
+    if model == "default" or saved_kind(model) == "float":
+        return model
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    if FLOAT_SOURCE_KEY not in config:
+        raise ValueError(f"--reference float: {model!r} does not record its float model ({FLOAT_SOURCE_KEY!r} in "
+                         "config.json; `lowbit quantize` writes it); pass the float model's directory or 'default'")
+    return config[FLOAT_SOURCE_KEY]
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if args.reference is not None and args.save_reference is not None:
+        raise ValueError("pass --reference (score MODEL against a reference) or --save-reference (write MODEL's "
+                         "top-k as a reference), not both")
+    reference_file = (TopKReference(args.reference) if args.reference and args.reference.endswith(".safetensors")
+                      else None)  # opened (and checked) before any model is loaded
     model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype], device=args.device)
     text = _texts(args.text, default_eval_text())
+    window = {"seq_len": args.seq_len, "stride": stride(args), "max_tokens": args.eval_tokens,
+              "progress": not args.no_progress}
     start = time.perf_counter()
-    ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, stride=stride(args), max_tokens=args.eval_tokens,
-                     progress=not args.no_progress)
-    print(format_table([{
-        "model": args.model, "kind": "float" if args.model == "default" else saved_kind(args.model),
-        "perplexity": round(ppl, 3), "bytes in memory MB": round(model_size(model) / MEGABYTE, 2),
-        "seconds": round(time.perf_counter() - start, 2),
-    }]))
+    row = {"model": args.model, "kind": "float" if args.model == "default" else saved_kind(args.model)}
+    if args.save_reference is not None:
+        path = save_topk_reference(model, tokenizer, text, args.save_reference, args.top_k, **window)
+        saved = TopKReference(path)
+        row.update({"top-k": saved.k, "positions": saved.positions, "file MB": round(saved.nbytes / MEGABYTE, 2)})
+    elif args.reference is not None:
+        reference = reference_file
+        if reference is None:
+            source = float_source(args.model) if args.reference == "float" else args.reference
+            reference, _ = load_causal_lm(source, dtype=torch.float32, device=args.device)
+        scores = divergence(model, reference, tokenizer, text, **window)
+        row.update({"KL": round(scores.mean_kl, 5), "KL p99": round(scores.kl_p99, 4),
+                    "top-1 %": round(100 * scores.top1, 2), "perplexity": round(scores.perplexity, 3),
+                    "d ppl": round(scores.perplexity_delta, 3)})
+        if reference_file is not None:
+            row.update({"KL tail bound": round(scores.tail_bound, 5), "top-k": scores.top_k,
+                        "file MB": round(reference_file.nbytes / MEGABYTE, 2)})
+    else:
+        row["perplexity"] = round(perplexity(model, tokenizer, text, **window), 3)
+    row.update({"bytes in memory MB": round(model_size(model) / MEGABYTE, 2),
+                "seconds": round(time.perf_counter() - start, 2)})
+    print(format_table([row]))
+    if args.save_reference is not None:
+        print(f"saved the top-{args.top_k} log-probabilities of {row['positions']} positions to "
+              f"{args.save_reference}; score a model against it with --reference {args.save_reference}")
+    elif reference_file is not None:
+        print(f"KL from the top-{reference_file.k} reference is a lower bound; the full KL lies within "
+              f"+{scores.tail_bound:.3g} of it (worst case of the dropped tail)")
     return 0
 
 
@@ -171,8 +220,17 @@ def add_quantize_parser(commands, positive_int) -> None:
 
 
 def add_eval_parser(commands, positive_int) -> None:
-    parser = commands.add_parser("eval", help="perplexity and in-memory size of a model directory",
-                                 description="Score held-out text with a model and report its real size.")
+    parser = commands.add_parser(
+        "eval", help="KL divergence to a reference, perplexity and in-memory size of a model directory",
+        description="Score held-out text with a model (against a reference: mean and 99th-percentile KL "
+                    "divergence per token, top-1 agreement, perplexity and its change) and report its real size.")
     add_common_arguments(parser, positive_int)
     parser.add_argument("--text", help=".txt or .jsonl text to score (default: the bundled held-out one)")
+    parser.add_argument("--reference", metavar="float|SOURCE|FILE.safetensors",
+                        help="score against 'float' (the float model MODEL was quantized from), a model SOURCE "
+                             "(run beside MODEL), or a top-k file written by --save-reference")
+    parser.add_argument("--save-reference", metavar="FILE.safetensors",
+                        help="write MODEL's top-k next-token log-probabilities on the text, for --reference")
+    parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
+                        help=f"log-probabilities kept per position by --save-reference (default: {DEFAULT_TOP_K})")
     parser.set_defaults(handler=lambda args, argv: run_eval(args))

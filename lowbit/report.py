@@ -1,6 +1,8 @@
-"""Measure a quantized model against its original: perplexity delta, packed weight size, wall time.
+"""Measure a quantized model against its original: KL divergence to it, perplexity delta, packed weight size,
+wall time.
 
-Used by ``lowbit demo`` and ``bench/accuracy.py``. The size here is an *estimate from the quantizer
+Used by ``lowbit demo`` and ``bench/accuracy.py``; accuracy is ranked by the mean KL divergence to the float
+model (``lowbit.eval.divergence``), the perplexity delta beside it. The size here is an *estimate from the quantizer
 attributes* (fake quantization keeps float weights in memory): what the weights would take packed.
 
     packed bits of one weight tensor = numel * element_bits + n_scales * scale_bits (+ zero points)
@@ -31,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.assets import load_default_model
+from lowbit import assets
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
+from lowbit.eval import Divergence, divergence
 from lowbit.eval import perplexity as text_perplexity
 from lowbit.modules import is_quantized
 from lowbit.quantizer import BlockView, SequentialQuantizer
@@ -123,17 +126,23 @@ def packed_weight_bytes(model: nn.Module, high_precision_bytes: int = 2) -> int:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One quantized model measured: its perplexity, packed weight bytes and quantization time.
+    """One quantized model measured: its perplexity, KL divergence to the original, packed weight bytes and
+    quantization time.
 
-    ``seconds`` is wall time, ``cpu_seconds`` the process's CPU time over the same span (all threads;
-    steadier than wall time on a shared machine). ``error`` holds why a configuration could not run
-    (then the numbers are None).
+    ``kl`` and ``kl_p99`` are the mean and 99th percentile of the per-token KL(original || quantized) in nats,
+    ``top1`` the share of positions where both models' most likely next token agree (``lowbit.eval.Divergence``;
+    None when only perplexity was measured). ``seconds`` is wall time, ``cpu_seconds`` the process's CPU time
+    over the same span (all threads; steadier than wall time on a shared machine). ``error`` holds why a
+    configuration could not run (then the numbers are None).
     """
 
     library: str
     config: str
     perplexity: float | None = None
     weight_bytes: int | None = None
+    kl: float | None = None
+    kl_p99: float | None = None
+    top1: float | None = None
     seconds: float | None = None
     cpu_seconds: float | None = None
     error: str | None = None
@@ -164,9 +173,10 @@ def time_quantize(model: nn.Module, quantize: Callable[[nn.Module], nn.Module]) 
 
 
 def measure(library: str, config: str, model: nn.Module, quantize: Callable[[nn.Module], nn.Module],
-            perplexity: Callable[[nn.Module], float], size: Callable[[nn.Module], int | None]) -> Measurement:
+            evaluate: Callable[[nn.Module], Divergence | float],
+            size: Callable[[nn.Module], int | None]) -> Measurement:
     """Quantize a copy of ``model`` (``time_quantize``), then measure the result with ``size`` and then
-    ``perplexity`` (which may fold weights).
+    ``evaluate`` (which may fold weights): a ``Divergence`` against the original, or a perplexity alone.
 
     An exception from ``quantize`` or the measurements becomes ``Measurement(error=...)`` so that one
     failing configuration does not stop a comparison; KeyboardInterrupt still stops it.
@@ -174,7 +184,11 @@ def measure(library: str, config: str, model: nn.Module, quantize: Callable[[nn.
     try:
         quantized, seconds, cpu_seconds = time_quantize(model, quantize)
         weight_bytes = size(quantized)
-        return Measurement(library, config, perplexity(quantized), weight_bytes, seconds, cpu_seconds)
+        scores = evaluate(quantized)
+        if isinstance(scores, Divergence):
+            return Measurement(library, config, scores.perplexity, weight_bytes, scores.mean_kl, scores.kl_p99,
+                               scores.top1, seconds, cpu_seconds)
+        return Measurement(library, config, scores, weight_bytes, seconds=seconds, cpu_seconds=cpu_seconds)
     except Exception as error:  # recorded in the table, by design
         first_line = (str(error).strip().splitlines() or [""])[0]
         return Measurement(library, config, error=f"{type(error).__name__}: {first_line}"[:200])
@@ -192,9 +206,10 @@ class Workload:
     progress: bool = True
 
     @classmethod
-    def default(cls, calib_samples: int, eval_tokens: int, progress: bool = True) -> Workload:
-        """The bundled model (float32, CPU) with the bundled calibration and held-out texts."""
-        model, tokenizer = load_default_model()
+    def default(cls, calib_samples: int, eval_tokens: int, progress: bool = True, model: str = "default") -> Workload:
+        """The bundled model (or the fixture ``model`` names, ``model_loader``; float32, CPU) with the bundled
+        calibration and held-out texts."""
+        model, tokenizer = model_loader(model)()
         calibration = calibration_batches(tokenizer, default_calibration_text(), calib_samples, SEQ_LEN,
                                           CALIBRATION_BATCH_SIZE)
         return cls(model, tokenizer, calibration, default_eval_text(), eval_tokens, progress)
@@ -207,6 +222,23 @@ class Workload:
         scoring its last ``EVAL_STRIDE`` (so every token has at least ``SEQ_LEN - EVAL_STRIDE`` of context)."""
         return text_perplexity(model, self.tokenizer, self.eval_text, seq_len=SEQ_LEN, stride=EVAL_STRIDE,
                                max_tokens=self.eval_tokens, progress=self.progress)
+
+    def divergence(self, model: nn.Module) -> Divergence:
+        """``model`` against the workload's own (float) model on the tokens ``perplexity`` scores, the two run
+        window by window side by side (``lowbit.eval.divergence``)."""
+        return divergence(model, self.model, self.tokenizer, self.eval_text, seq_len=SEQ_LEN, stride=EVAL_STRIDE,
+                          max_tokens=self.eval_tokens, progress=self.progress)
+
+
+def model_loader(name: str) -> Callable[[], tuple[nn.Module, object]]:
+    """The loader of a bundled model by name: ``"default"`` -> ``lowbit.assets.load_default_model``, any other
+    name -> ``lowbit.assets.load_<name>_model``; ValueError naming the models lowbit.assets provides."""
+    loader = getattr(assets, f"load_{name}_model", None) if name.isidentifier() else None
+    if not callable(loader):
+        known = sorted(key[len("load_"):-len("_model")] for key in dir(assets)
+                       if key.startswith("load_") and key.endswith("_model"))
+        raise ValueError(f"model={name!r}: lowbit.assets has no load_{name}_model; allowed are {known}")
+    return loader
 
 
 def measure_baseline(workload: Workload) -> Measurement:

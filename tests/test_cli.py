@@ -35,6 +35,9 @@ def test_demo_rows_hold_real_numbers(demo_output):
         assert row["delta_pct"] >= -NOISE_PCT
         assert row["delta"] == pytest.approx(row["perplexity"] - original["perplexity"])
     assert int4["perplexity"] > fp8["perplexity"]
+    assert original["kl"] is None and original["top1"] is None  # the reference itself
+    assert 0 < fp8["kl"] < int4["kl"] and fp8["kl"] <= fp8["kl_p99"] and int4["kl"] <= int4["kl_p99"]
+    assert 0.5 < int4["top1"] <= fp8["top1"] < 1.0
     assert int4["weight_bytes"] < fp8["weight_bytes"] < original["weight_bytes"]
     assert fp8["seconds"] > 0 and int4["seconds"] > 0
     assert (fp8["weights"], fp8["activations"]) == ("e4m3/tensor", "e4m3/tensor")
@@ -48,10 +51,17 @@ def test_demo_json_records_the_run(demo_output):
 
 def test_demo_prints_the_table(demo_output):
     lines = demo_output["stdout"].splitlines()
-    assert lines[0].split()[:4] == ["format", "weights", "acts", "ppl"]
+    assert lines[0].split()[:6] == ["format", "weights", "acts", "KL", "top-1", "%"]
     assert [line.split()[0] for line in lines[2:]] == ["original", "FP8_DEFAULT", "INT4_BLOCKWISE_WEIGHT_ONLY"]
+
+    def column(name: str) -> list[str | None]:  # numbers are right-aligned: a cell ends where its header does
+        end = lines[0].index(name) + len(name)
+        return [line[:end].split()[-1] if line[end - 1] != " " else None for line in lines[2:]]
+
     perplexities = [row["perplexity"] for row in demo_output["rows"]]
-    assert [float(line.split()[3]) for line in lines[2:]] == pytest.approx(perplexities, rel=1e-3)  # 4 digits
+    assert [float(value) for value in column("ppl")] == pytest.approx(perplexities, rel=1e-3)  # 4 digits
+    kl = [row["kl"] for row in demo_output["rows"][1:]]
+    assert column("KL")[0] is None and [float(value) for value in column("KL")[1:]] == pytest.approx(kl, rel=1e-3)
 
 
 def test_preset_names_normalizes_and_rejects():

@@ -14,7 +14,7 @@ from lowbit.cli import main
 from lowbit.commands import check_reload, quantize_config
 from lowbit.convert import fold_weight
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
-from lowbit.eval import perplexity
+from lowbit.eval import divergence, perplexity
 from lowbit.hf import load_causal_lm, saved_kind
 from lowbit.presets import get_preset
 
@@ -36,13 +36,24 @@ def printed_perplexities(stdout: str) -> list[float]:
     return [float(line.split()[column]) for line in lines[2:] if line and not line.startswith("saved")]
 
 
-def reference_perplexity(preset: str) -> float:
-    """The same quantization done in this process, evaluated on the same tokens."""
+def printed_column(stdout: str, name: str) -> float:
+    """The number under header ``name`` in the first row of a printed table (numbers are right-aligned)."""
+    header, _, row = stdout.splitlines()[:3]
+    return float(row[: header.index(name) + len(name)].split()[-1])
+
+
+def quantized_in_process(preset: str):
+    """The same quantization done in this process: (folded quantized model, tokenizer)."""
     model, tokenizer = load_default_model()
     batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=4, seq_len=64)
     quantize(model, get_preset(preset), make_forward_loop(batches, progress=False))
-    return perplexity(fold_weight(model), tokenizer, default_eval_text(), seq_len=64, stride=32, max_tokens=512,
-                      progress=False)
+    return fold_weight(model), tokenizer
+
+
+def reference_perplexity(preset: str) -> float:
+    """The same quantization done in this process, evaluated on the same tokens."""
+    model, tokenizer = quantized_in_process(preset)
+    return perplexity(model, tokenizer, default_eval_text(), seq_len=64, stride=32, max_tokens=512, progress=False)
 
 
 @pytest.mark.parametrize(("preset", "packed", "kind"), [
@@ -61,6 +72,33 @@ def test_quantize_then_eval_reproduces_the_in_process_result(tmp_path, preset, p
     evaluated = printed_perplexities(run_cli(["eval", str(output), "--seq-len", "64", "--eval-tokens", "512",
                                               "--no-progress"]))
     assert evaluated == [pytest.approx(expected, abs=PPL_TOLERANCE)]
+
+
+def test_eval_against_the_float_model_and_against_a_saved_topk_reference(tmp_path):
+    output, reference = tmp_path / "out", tmp_path / "reference.safetensors"
+    run_cli(["quantize", "default", "--preset", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "--output", str(output), *SMALL])
+    window = ["--seq-len", "64", "--eval-tokens", "256", "--no-progress"]
+    quantized, tokenizer = quantized_in_process("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    expected = divergence(quantized, load_default_model()[0], tokenizer, default_eval_text(), seq_len=64, stride=32,
+                          max_tokens=256, progress=False)
+    full = run_cli(["eval", str(output), "--reference", "float", *window])
+    assert printed_column(full, "KL") == pytest.approx(expected.mean_kl, abs=1e-5)  # printed with 5 decimals
+    assert printed_column(full, "top-1 %") == pytest.approx(100 * expected.top1, abs=0.01)
+    assert printed_column(full, "d ppl") == pytest.approx(expected.perplexity_delta, abs=PPL_TOLERANCE)
+
+    saved = run_cli(["eval", "default", "--save-reference", str(reference), "--top-k", "64", *window])
+    assert printed_column(saved, "top-k") == 64 and printed_column(saved, "positions") == 255
+    from_file = run_cli(["eval", str(output), "--reference", str(reference), *window])
+    lower, bound = printed_column(from_file, "KL"), printed_column(from_file, "KL tail bound")
+    assert lower - 1e-5 <= expected.mean_kl <= lower + bound + 2e-5
+    assert printed_column(from_file, "top-1 %") == pytest.approx(100 * expected.top1, abs=0.01)
+
+    config = json.loads((output / "config.json").read_text())
+    del config["lowbit_float_model"]
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(output), "--reference", "float", *window])
+    assert exit_info.value.code == 2
 
 
 def test_check_reload_catches_a_model_that_differs_from_the_saved_one(tmp_path):
@@ -92,11 +130,14 @@ def test_algorithm_option_replaces_the_presets_algorithm(tmp_path):
     (["quantize", "default", "--config", "{missing}", "--output", "{out}"], "no such file"),
     (["quantize", "default", "--preset", "int8_default", "--output", "{full}"], "--overwrite"),
     (["eval", "{missing}"], "not a local Hugging Face model directory"),
+    (["eval", "default", "--reference", "{missing_reference}"], "missing.safetensors' does not exist"),
+    (["eval", "default", "--reference", "float", "--save-reference", "{missing_reference}"], "not both"),
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys, argv, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    paths = {"out": tmp_path / "out", "missing": tmp_path / "missing.json", "full": tmp_path / "full"}
+    paths = {"out": tmp_path / "out", "missing": tmp_path / "missing.json", "full": tmp_path / "full",
+             "missing_reference": tmp_path / "missing.safetensors"}
     with pytest.raises(SystemExit) as exit_info:
         main([part.format(**paths) for part in argv])
     assert exit_info.value.code == 2

@@ -1,8 +1,14 @@
-"""Perplexity of a causal language model on a text, by Hugging Face's sliding-window method."""
+"""Perplexity of a causal language model on a text, by Hugging Face's sliding-window method.
+
+``scored_windows`` is the one loop over the windows: it yields each window's next-token log-probabilities
+at the positions it scores, which ``perplexity`` here and ``lowbit.eval.divergence`` consume.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -33,10 +39,57 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[in
         begin += stride
 
 
+def text_tokens(tokenizer, text: str | os.PathLike, seq_len: int, stride: int, max_tokens: int | None) -> torch.Tensor:
+    """The token ids to score, after checking the window arguments: ``text`` (a str, or a .txt / .jsonl
+    path) tokenized without special tokens, its first ``max_tokens`` kept; int64, shape (n,), n >= 2."""
+    for name, value, least in (("seq_len", seq_len, 2), ("stride", stride, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if stride > seq_len:
+        raise ValueError(f"stride must be <= seq_len so that no token is skipped, got {stride} > {seq_len}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 2):
+        raise ValueError(f"max_tokens must be None or an int >= 2, got {max_tokens!r}")
+    if not isinstance(text, (str, os.PathLike)):
+        raise TypeError(f"text must be a str or a path to a .txt / .jsonl file, got {type(text).__name__}")
+    tokens = token_stream(tokenizer, text)[:max_tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"text has {len(tokens)} tokens; perplexity needs at least 2")
+    return tokens
+
+
+def scored_windows(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int, progress: bool = True,
+                   desc: str = "perplexity") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(log_probs, targets)`` for each window of ``sliding_windows(len(tokens), seq_len, stride)``, in order.
+
+    ``log_probs`` has shape ``(end - first_scored, vocab)``: ``log softmax(logits[t - 1])`` for each scored
+    token t, in the logits' dtype promoted to at least float32, on the model's device; ``targets`` holds
+    the tokens t (int64, same device). Only one forward's logits are alive at a time: full-length windows
+    go through the model ``WINDOWS_PER_FORWARD`` at a time. Runs under ``torch.no_grad()`` in eval mode
+    (the model's mode is restored when the generator finishes or is closed).
+    """
+    device = module_device(model)
+    windows = sliding_windows(len(tokens), seq_len, stride)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(windows), desc=desc, disable=not progress, leave=False) as bar:
+            for group in _group_equal_lengths(windows, WINDOWS_PER_FORWARD):
+                inputs = torch.stack([tokens[begin:end] for begin, end, _ in group]).to(device)
+                logits = model(input_ids=inputs, use_cache=False).logits
+                log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+                del logits
+                for row, (begin, end, first) in enumerate(group):
+                    yield log_probs[row, first - begin - 1 : end - begin - 1], inputs[row, first - begin :]
+                    bar.update(1)
+    finally:
+        model.train(was_training)
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
-    text: str,
+    text: str | os.PathLike,
     seq_len: int = 256,
     stride: int = 128,
     max_tokens: int | None = None,
@@ -46,46 +99,15 @@ def perplexity(
 
     The text is tokenized without special tokens (``max_tokens`` keeps only that many leading tokens)
     and scored with ``sliding_windows(n, seq_len, stride)``: the NLL of token t is
-    ``-log softmax(logits[t - 1])[token t]`` from the window that scores t. Log-probabilities are
-    computed in the logits' dtype promoted to at least float32 and summed in float64. Runs on the
-    model's device under ``torch.no_grad()``, in eval mode (the mode is restored afterwards); full-length
-    windows go through the model ``WINDOWS_PER_FORWARD`` at a time.
+    ``-log softmax(logits[t - 1])[token t]`` from the window that scores t (``scored_windows``).
+    Log-probabilities are computed in the logits' dtype promoted to at least float32 and summed in float64.
+    Runs on the model's device under ``torch.no_grad()``, in eval mode (the mode is restored afterwards).
     """
-    for name, value, least in (("seq_len", seq_len, 2), ("stride", stride, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if stride > seq_len:
-        raise ValueError(f"stride must be <= seq_len so that no token is skipped, got {stride} > {seq_len}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 2):
-        raise ValueError(f"max_tokens must be None or an int >= 2, got {max_tokens!r}")
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    tokens = token_stream(tokenizer, text)[:max_tokens]
-    if len(tokens) < 2:
-        raise ValueError(f"text has {len(tokens)} tokens; perplexity needs at least 2")
-
-    device = module_device(model)
-    windows = sliding_windows(len(tokens), seq_len, stride)
-    groups = _group_equal_lengths(windows, WINDOWS_PER_FORWARD)
-    was_training = model.training
-    model.eval()
+    tokens = text_tokens(tokenizer, text, seq_len, stride, max_tokens)
     total_nll, scored = 0.0, 0
-    try:
-        with torch.no_grad(), tqdm(total=len(windows), desc="perplexity", disable=not progress,
-                                   leave=False) as bar:
-            for group in groups:
-                inputs = torch.stack([tokens[begin:end] for begin, end, _ in group]).to(device)
-                logits = model(input_ids=inputs, use_cache=False).logits
-                log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-                for row, (begin, end, first) in enumerate(group):
-                    targets = inputs[row, first - begin :]
-                    predicted = log_probs[row, first - begin - 1 : end - begin - 1]
-                    total_nll -= predicted.gather(-1, targets[:, None]).double().sum().item()
-                    scored += end - first
-                bar.update(len(group))
-    finally:
-        model.train(was_training)
+    for log_probs, targets in scored_windows(model, tokens, seq_len, stride, progress):
+        total_nll -= log_probs.gather(-1, targets[:, None]).double().sum().item()
+        scored += len(targets)
     return math.exp(total_nll / scored)
 
 
