@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit import formats
 from lowbit.compress.convert import linear_weight
 from lowbit.compress.packed import PackedWeight, WeightFormat, quantize_weight
 from lowbit.modules import is_quantized
@@ -64,6 +65,27 @@ class QuantizedLinear:
         amax = None if stage.amax is None else stage.amax.detach()
         amin = None if stage.amin is None else stage.amin.detach()
         return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
+
+    def block_dims(self) -> tuple[int, int] | None:
+        """(rows, columns) of a 2-D weight block config ({-2: rows, -1: columns}), else None."""
+        blocks = {axis % 2: size for axis, size in self.config.block_axes.items()}
+        if set(blocks) != {0, 1} or None in blocks.values():
+            return None
+        return blocks[0], blocks[1]
+
+    def float8_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 E4M3 weight in 2-D blocks: (float8_e4m3fn codes (N, K), float32 divisors (N/r, K/c)).
+
+        ``codes = e4m3(w * 448 / amax_blk)`` (``formats.quantize_fp``), ``divisor = amax_blk / 448``."""
+        rows, columns = self.block_dims()
+        n, k = self.weight.shape
+        if n % rows or k % columns:
+            raise ValueError(f"{self.name}: weight ({n}, {k}) does not split into {rows}x{columns} blocks")
+        view = self.weight.detach().float().reshape(n // rows, rows, k // columns, columns)
+        amax = self.weight_amax().reshape(n // rows, 1, k // columns, 1)
+        values, _ = formats.quantize_fp(view, amax, formats.E4M3)
+        divisor = (amax / formats.E4M3.max_value).reshape(n // rows, k // columns)
+        return values.reshape(n, k).to(torch.float8_e4m3fn), divisor.contiguous()
 
     def weight_amax(self, stage: int = 0) -> torch.Tensor:
         """Float32 amax of a weight stage in its view shape: the calibrated one, else the weight's own."""

@@ -10,6 +10,7 @@ Tensor names are the original checkpoint's; each quantized linear ``L`` writes, 
 | W8A16                     | int8 (N, K)                            | (N,) = amax_n / 127                  |
 | W4A16_AWQ, W4A8_AWQ       | uint8 (N/2, K), see ``pack_int4_rows`` | (N, K/g) = block amax / 7            |
 | NVFP4, W4A16_NVFP4        | uint8 (N, K/2) E2M1, low nibble first  | float8_e4m3fn (N, K/16)              |
+| FP8_PB_WO                 | float8_e4m3fn (N, K)                   | (N/128, K/128) = block amax / 448    |
 | MXFP8                     | float8_e4m3fn (N, K)                   | uint8 E8M0 (N, K/32)                 |
 
 ``L.weight_scale_2`` (): W4A8_AWQ the FP8 stage's amax / 448, NVFP4 the global amax / (6 * 448).
@@ -44,7 +45,8 @@ TENSOR_FILE = "model.safetensors"
 PRODUCER = "lowbit"
 KV_CACHE_MAXBOUND = 448.0  # ModelOpt writes k/v scales as amax / 448 for FP8 and NVFP4 caches
 KV_CACHE_ALGOS = {(4, 3): "FP8", 8: "INT8", (2, 1): "NVFP4"}
-QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A16", "W4A16_AWQ", "W4A8_AWQ",
+QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16", "W4A16_AWQ",
+               "W4A8_AWQ",
                "NVFP4", "W4A16_NVFP4", "MXFP8")
 
 
@@ -91,6 +93,8 @@ def _weight_algo(layer: QuantizedLinear) -> str | None:
         return "W8A8_SQ_PER_CHANNEL"
     if first.num_bits == (4, 3) and _is_per_tensor(first):
         return "FP8"
+    if first.num_bits == (4, 3) and layer.block_dims() is not None:
+        return "FP8_PB_WO"
     if first.num_bits == (4, 3) and first.axis in (0, -2):
         return "FP8_PER_CHANNEL_PER_TOKEN"
     return None
@@ -109,7 +113,7 @@ def _input_fits(algo: str, config: QuantizerAttributeConfig | None) -> str | Non
         "W8A8_SQ_PER_CHANNEL": _is_signed_int(config, 8) and _is_per_tensor(config) and not config.is_dynamic,
         "NVFP4": config.block_scale_bits == (4, 3),
         "MXFP8": config.block_scale_bits == (8, 0) and config.num_bits == (4, 3),
-    }
+    }  # FP8_PB_WO, W4A16_AWQ: weight-only
     return algo if accepted.get(algo, False) else None
 
 
@@ -166,6 +170,8 @@ def layer_tensors(layer: QuantizedLinear, algo: str) -> dict[str, torch.Tensor]:
         tensors["weight"] = packed.codes
         tensors["weight_scale"] = packed.scale
         tensors["weight_scale_2"] = packed.global_scale.float().reshape(())
+    elif algo == "FP8_PB_WO":
+        tensors["weight"], tensors["weight_scale"] = layer.float8_blocks()
     elif algo == "MXFP8":
         tensors["weight"] = packed.codes
         tensors["weight_scale"] = packed.scale
@@ -189,6 +195,8 @@ def layer_config(layer: QuantizedLinear, algo: str) -> dict:
         fields.update(group_size=_k_blocks(layer.config), has_zero_point=False, pre_quant_scale=True)
     elif algo in ("NVFP4", "W4A16_NVFP4", "MXFP8"):
         fields["group_size"] = _k_blocks(layer.config)
+    elif algo == "FP8_PB_WO":
+        fields["group_size"] = layer.block_dims()[1]
     return fields
 
 
@@ -245,8 +253,9 @@ def build_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
     if not layers:
         raise ValueError("model has no quantized Linear with an enabled weight quantizer: call lowbit.quantize first")
     algos = {name: quant_algo(layer) for name, layer in layers.items()}
-    for layer in layers.values():
-        layer.weight_format()
+    for name, layer in layers.items():
+        if algos[name] != "FP8_PB_WO":  # 2-D blocks are written by float8_blocks, not lowbit.compress
+            layer.weight_format()
     kv_algo, kv_tensors = kv_cache_tensors(model)
     state = dense_state_dict(model, set(layers), dtype)
     for name, layer in layers.items():
