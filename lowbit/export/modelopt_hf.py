@@ -157,9 +157,9 @@ def _scale(amax: torch.Tensor, config: QuantizerAttributeConfig, shape: tuple[in
 
 def layer_tensors(layer: QuantizedLinear, algo: str) -> dict[str, torch.Tensor]:
     """{suffix: tensor} one quantized linear writes (the module docstring's table)."""
-    packed = layer.packed()
     n, k = layer.weight.shape
     config = layer.config
+    packed = None if algo == "FP8_PB_WO" else layer.packed()
     tensors: dict[str, torch.Tensor] = {}
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         tensors["weight"] = pack_int4_rows(packed.element_values())
