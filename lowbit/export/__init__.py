@@ -1,9 +1,18 @@
-"""Export a quantized model to what serving engines and runtimes load.
+"""Export a quantized model to what serving engines and runtimes load, and load lowbit's exports back.
 
 - ``export(model, export_dir, format, tokenizer=..., overwrite=...)``: dispatch by name (``export_formats()``);
   ``register_exporter(name, function)`` adds a target from outside lowbit (see ``registry``).
+- ``export_hf_checkpoint``: ModelOpt's unified Hugging Face checkpoint (``modelopt_hf``).
+- ``export_compressed_tensors``: llm-compressor's compressed-tensors checkpoint (``compressed_tensors``).
+- ``load_quantized(export_dir)``: a runnable compressed lowbit model from either (``load``).
 """
 
+from lowbit.export.compressed_tensors import export_compressed_tensors
+from lowbit.export.load import load_quantized
+from lowbit.export.modelopt_hf import export_hf_checkpoint
 from lowbit.export.registry import export, export_formats, get_exporter, register_exporter, unregister_exporter
 
-__all__ = ["export", "export_formats", "get_exporter", "register_exporter", "unregister_exporter"]
+__all__ = [
+    "export", "export_compressed_tensors", "export_formats", "export_hf_checkpoint", "get_exporter",
+    "load_quantized", "register_exporter", "unregister_exporter",
+]
