@@ -4,11 +4,14 @@ Protocol (fixed seed, the bundled model; lowbit's models in float32):
 1. Quantize the bundled model (``lowbit.assets.load_default_model``) with each case's config, calibrated on
    16 windows of 256 tokens of the bundled calibration text.
 2. Export it (ModelOpt unified HF or compressed-tensors) to a temporary directory.
-3. vLLM (``vllm.LLM(dir)``, float32; bfloat16 for ModelOpt checkpoints, the only dtypes its loader takes)
+3. vLLM (``vllm.LLM(dir)``, float32 where it runs; bfloat16 for ModelOpt checkpoints, the only dtypes its loader
+   takes, and for W4A16, whose CPU kernel "cpu_gemm_wna16" has no float32)
    generates 8 tokens greedily and reports ``prompt_logprobs`` for a
    prompt of the first 129 tokens of the bundled held-out text: the log-probabilities of 128 held-out tokens.
 4. The same 128 log-probabilities from lowbit's in-memory quantized model and from the float model.
-Reported: mean |vLLM - lowbit| (nats; must be <= 0.05) and mean |vLLM - float| (must be larger).
+Reported: mean |vLLM - lowbit| (nats; must be <= 0.05) and mean |vLLM - float| (must be larger); also
+mean |vLLM - lowbit run in vLLM's dtype| (bfloat16 rounding alone moves this model's logprobs) and mean
+|vLLM - lowbit with activation quantization off| (what an engine computes if it keeps activations in float).
 
     /work/venvs/<vllm venv>/bin/python bench/export_vllm.py [--case NAME ...] [--json out.json]
 
@@ -35,7 +38,6 @@ from lowbit.export import export
 PROMPT_TOKENS = 129  # 128 scored held-out tokens after the first
 TOLERANCE = 0.05
 MEMORY_FRACTION = 0.1  # of the CPU memory, for vLLM's KV cache (the CPU backend reads the GPU flag)
-DTYPES = {"hf": "bfloat16", "compressed-tensors": "float32"}  # vLLM's modelopt loader takes bf16 / fp16 only
 CALIB_SAMPLES, SEQ_LEN = 16, 256
 
 
@@ -46,19 +48,22 @@ def _preset(name: str, **changes) -> dict:
 
 
 def _mixed() -> dict:
-    """FP8 per-channel weights / per-token activations in attention, 128x128-block FP8 weight-only in the MLP."""
+    """FP8 per-channel weights / per-token activations in attention, MXFP8 in the MLP (vLLM CPU has no kernel
+    for 128x128-block FP8 weights: "Failed to find a kernel that can implement the ScaledMM linear layer")."""
     config = lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
-    config["quant_cfg"]["*mlp*weight_quantizer"] = {"num_bits": (4, 3), "block_sizes": {-1: 128, -2: 128}}
-    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
+    mx = lowbit.get_preset("MXFP8_DEFAULT_CFG")["quant_cfg"]
+    config["quant_cfg"]["*mlp*weight_quantizer"] = mx["*weight_quantizer"]
+    config["quant_cfg"]["*mlp*input_quantizer"] = mx["*input_quantizer"]
     return config
 
 
 def _smoothquant_w8a8() -> dict:
     """W8A8 INT8 SmoothQuant on the norm-fed linears (q/k/v, gate/up: the scale folds into the norm);
-    o_proj and down_proj W8A16 (their input has no norm to fold a smoothing scale into)."""
+    o_proj and down_proj stay float: their input has no norm to fold a smoothing scale into, a kept
+    pre_quant_scale has no compressed-tensors tensor, and vLLM CPU has no W8A16 channel kernel (measured)."""
     config = lowbit.get_preset("INT8_SMOOTHQUANT_CFG")
-    config["quant_cfg"]["*o_proj*input_quantizer"] = {"enable": False}
-    config["quant_cfg"]["*down_proj*input_quantizer"] = {"enable": False}
+    config["quant_cfg"]["*o_proj*"] = {"enable": False}
+    config["quant_cfg"]["*down_proj*"] = {"enable": False}
     return config
 
 
@@ -66,13 +71,13 @@ def _fp8_dynamic() -> dict:
     return lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
 
 
-CASES = {
-    "modelopt FP8_PER_CHANNEL_PER_TOKEN": (lambda: _preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"), "hf"),
-    "modelopt MIXED_PRECISION": (_mixed, "hf"),
-    "compressed-tensors W8A8 INT8 SmoothQuant": (_smoothquant_w8a8, "compressed-tensors"),
+CASES = {  # name: (config, export format, vLLM dtype)
+    "modelopt FP8_PER_CHANNEL_PER_TOKEN": (lambda: _preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"), "hf", "bfloat16"),
+    "modelopt MIXED_PRECISION": (_mixed, "hf", "bfloat16"),
+    "compressed-tensors W8A8 INT8 SmoothQuant": (_smoothquant_w8a8, "compressed-tensors", "float32"),
     "compressed-tensors W4A16 g128 GPTQ": (
-        lambda: _preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", algorithm="gptq"), "compressed-tensors"),
-    "compressed-tensors FP8": (_fp8_dynamic, "compressed-tensors"),
+        lambda: _preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", algorithm="gptq"), "compressed-tensors", "bfloat16"),
+    "compressed-tensors FP8": (_fp8_dynamic, "compressed-tensors", "float32"),
 }
 
 
@@ -80,8 +85,9 @@ def prompt_ids(tokenizer) -> list[int]:
     return tokenizer(default_eval_text())["input_ids"][:PROMPT_TOKENS]
 
 
-def lowbit_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """log p(token t | tokens < t) for t = 1..len(ids)-1, float64."""
+def lowbit_logprobs(model, ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..len(ids)-1 from ``model`` run in ``dtype``, as float64."""
+    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].double()
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
@@ -104,15 +110,22 @@ def vllm_logprobs(directory: Path, ids: list[int], dtype: str) -> tuple[torch.Te
 
 
 def run_case(name: str, float_model, tokenizer, forward_loop, ids: list[int], workdir: Path) -> dict:
-    make_config, target = CASES[name]
+    make_config, target, dtype = CASES[name]
     model = lowbit.quantize(copy.deepcopy(float_model), make_config(), forward_loop)
     directory = export(model, workdir / name.replace(" ", "_"), target, tokenizer=tokenizer)
     reference, float_reference = lowbit_logprobs(model, ids), lowbit_logprobs(float_model, ids)
-    scored, generated, seconds = vllm_logprobs(directory, ids, DTYPES[target])
+    scored, generated, seconds = vllm_logprobs(directory, ids, dtype)
+    same_dtype = lowbit_logprobs(model, ids, getattr(torch, dtype))
+    weights_only = copy.deepcopy(model)
+    for module in weights_only.modules():
+        if hasattr(module, "input_quantizer"):
+            module.input_quantizer.disable()
+    weights_only = lowbit_logprobs(weights_only, ids)
     to_lowbit = (scored - reference).abs().mean().item()
     to_float = (scored - float_reference).abs().mean().item()
-    return {"case": name, "format": target, "vllm_dtype": DTYPES[target], "generated": len(generated),
-            "vllm_vs_lowbit": to_lowbit,
+    return {"case": name, "format": target, "vllm_dtype": dtype, "generated": len(generated),
+            "vllm_vs_lowbit": to_lowbit, "vllm_vs_lowbit_same_dtype": (scored - same_dtype).abs().mean().item(),
+            "vllm_vs_lowbit_weights_only": (scored - weights_only).abs().mean().item(),
             "vllm_vs_float": to_float, "lowbit_vs_float": (reference - float_reference).abs().mean().item(),
             "holds": to_lowbit <= TOLERANCE and to_lowbit < to_float, "vllm_seconds": seconds, "error": None}
 

@@ -42,7 +42,7 @@ from lowbit.files import atomic_directory
 
 TENSOR_FILE = "model.safetensors"
 NVFP4_RANGE = formats.E2M1.max_value * formats.E4M3.max_value  # 6 * 448
-FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
+NVFP4_GROUPS = {"group_size": 16, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
 
 
 def pack_int32(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -86,7 +86,7 @@ def weight_args(layer: QuantizedLinear) -> dict:
     if len(layer.stages) > 1:
         raise ValueError(f"{layer.name}: a two-stage weight quantizer (W4A8) has no compressed-tensors format")
     if config.block_scale_bits == (4, 3):
-        return _args(config, "tensor_group", False, group_size=16)
+        return _args(config, "tensor_group", False, **NVFP4_GROUPS)
     blocks = layer.block_dims()
     if config.num_bits == (4, 3) and blocks is not None:
         return _args(config, "block", False, block_structure=list(blocks))
@@ -111,7 +111,7 @@ def input_args(layer: QuantizedLinear, weights: dict) -> dict | None:
     config = quantizer.config
     same_kind = ("float" if config.is_float else "int") == weights["type"]
     if config.block_scale_bits == (4, 3) and weights["strategy"] == "tensor_group":
-        return _args(config, "tensor_group", "local", group_size=16)
+        return _args(config, "tensor_group", "local", **NVFP4_GROUPS)
     if same_kind and config.num_bits in (8, (4, 3)) and not config.asymmetric and config.block_scale_bits is None:
         if config.block_sizes is None and config.axis is None and not config.is_dynamic:
             return _args(config, "tensor", False)
