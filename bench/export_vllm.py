@@ -48,12 +48,13 @@ def _preset(name: str, **changes) -> dict:
 
 
 def _mixed() -> dict:
-    """FP8 per-channel weights / per-token activations in attention, MXFP8 in the MLP (vLLM CPU has no kernel
-    for 128x128-block FP8 weights: "Failed to find a kernel that can implement the ScaledMM linear layer")."""
+    """FP8 per-channel weights / per-token activations in attention, W4A16 NVFP4 in the MLP. (vLLM 0.32 CPU
+    has no kernel for 128x128-block FP8 weights, "CPUFp8BlockScaledMMKernel requires AMX tile support", nor for
+    MXFP8, "Failed to find a kernel that can implement the MXFP8 linear layer": measured here.)"""
     config = lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
-    mx = lowbit.get_preset("MXFP8_DEFAULT_CFG")["quant_cfg"]
-    config["quant_cfg"]["*mlp*weight_quantizer"] = mx["*weight_quantizer"]
-    config["quant_cfg"]["*mlp*input_quantizer"] = mx["*input_quantizer"]
+    nvfp4 = lowbit.get_preset("W4A16_NVFP4_CFG")["quant_cfg"]
+    config["quant_cfg"]["*mlp*weight_quantizer"] = nvfp4["*weight_quantizer"]
+    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
     return config
 
 
