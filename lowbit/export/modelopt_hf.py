@@ -232,12 +232,42 @@ def hf_quant_config(layer_configs: dict[str, dict], excluded: list[str], kv_algo
     return {"producer": {"name": PRODUCER, "version": __version__}, "quantization": quantization}
 
 
+FLOAT8_ARGS = {"dynamic": False, "num_bits": 8, "type": "float"}
+
+
+def group_config(layer_fields: dict) -> dict | None:
+    """A compressed-tensors style ``config_groups`` entry describing one layer format (ModelOpt writes one for
+    FP8, NVFP4 and W4A16_NVFP4 checkpoints and for every format of a MIXED_PRECISION one), None for others."""
+    algo, size = layer_fields["quant_algo"], layer_fields.get("group_size")
+    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": size}
+    groups = {
+        "FP8": {"input_activations": FLOAT8_ARGS, "weights": FLOAT8_ARGS},
+        "FP8_PER_CHANNEL_PER_TOKEN": {"input_activations": FLOAT8_ARGS,
+                                      "weights": {**FLOAT8_ARGS, "strategy": "channel"}},
+        "NVFP4": {"input_activations": fp4, "weights": fp4},
+        "W4A16_NVFP4": {"weights": fp4},
+        "W4A16_AWQ": {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": size}},
+    }
+    return groups.get(algo)
+
+
 def config_json_quantization(quant_config: dict) -> dict:
-    """``quantization_config`` for config.json: the quantization fields, ``ignore`` for the excluded modules,
-    ``kv_cache_scheme`` and ``quant_method: "modelopt"`` (what transformers and vLLM dispatch on)."""
+    """``quantization_config`` for config.json: the quantization fields, ``config_groups`` (where ModelOpt writes
+    them), ``ignore`` for the excluded modules, ``kv_cache_scheme`` and ``quant_method: "modelopt"`` (what
+    transformers and vLLM dispatch on)."""
     details = quant_config["quantization"]
-    out = {key: value for key, value in details.items() if key not in ("exclude_modules", "kv_cache_quant_algo")}
+    out: dict = {}
+    if details["quant_algo"] == "MIXED_PRECISION":
+        by_format: dict[str, tuple[dict, list[str]]] = {}
+        for name, fields in details["quantized_layers"].items():
+            by_format.setdefault(json.dumps(fields, sort_keys=True), (fields, []))[1].append(name)
+        out["config_groups"] = {f"group_{i}": {**(group_config(fields) or {}), "targets": sorted(names)}
+                                for i, (fields, names) in enumerate(by_format.values())}
+        out["quantized_layers"] = details["quantized_layers"]
+    elif details["quant_algo"] in ("FP8", "NVFP4", "W4A16_NVFP4"):
+        out["config_groups"] = {"group_0": {**group_config(details), "targets": ["Linear"]}}
     out["ignore"] = details.get("exclude_modules", [])
+    out["quant_algo"] = details["quant_algo"]
     if details.get("kv_cache_quant_algo") == "FP8":
         out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
     elif details.get("kv_cache_quant_algo"):
