@@ -48,13 +48,14 @@ def _preset(name: str, **changes) -> dict:
 
 
 def _mixed() -> dict:
-    """FP8 per-channel weights / per-token activations in attention, W4A16 NVFP4 in the MLP. (vLLM 0.32 CPU
-    has no kernel for 128x128-block FP8 weights, "CPUFp8BlockScaledMMKernel requires AMX tile support", nor for
-    MXFP8, "Failed to find a kernel that can implement the MXFP8 linear layer": measured here.)"""
+    """FP8 per-channel weights / per-token activations in attention, NVFP4 (W4A4) in the MLP. (vLLM 0.32 CPU
+    has no kernel for 128x128-block FP8 weights, "CPUFp8BlockScaledMMKernel requires AMX tile support", for
+    MXFP8, "Failed to find a kernel that can implement the MXFP8 linear layer", nor for W4A16 NVFP4, "Forced
+    NVFP4 kernel MarlinNvFp4LinearKernel is not supported": measured here.)"""
     config = lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
-    nvfp4 = lowbit.get_preset("W4A16_NVFP4_CFG")["quant_cfg"]
+    nvfp4 = lowbit.get_preset("NVFP4_DEFAULT_CFG")["quant_cfg"]
     config["quant_cfg"]["*mlp*weight_quantizer"] = nvfp4["*weight_quantizer"]
-    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
+    config["quant_cfg"]["*mlp*input_quantizer"] = nvfp4["*input_quantizer"]
     return config
 
 
