@@ -165,3 +165,20 @@ def test_registry_dispatches_and_names_the_allowed_formats(model, tmp_path):
     finally:
         unregister_exporter("toy")
     assert "toy" not in export_formats()
+
+
+def test_kv_cache_scales_are_amax_over_448(model, tmp_path):
+    config = preset("FP8_DEFAULT_CFG", **{"*[kv]_bmm_quantizer": {"num_bits": (4, 3), "axis": None}})
+    quant = quantized(model, config)
+    attention = quant.model.layers[0].self_attn
+    k_amax, v_amax = attention.k_bmm_quantizer.amax.double(), attention.v_bmm_quantizer.amax.double()
+    hf = load_file(str(export(quant, tmp_path / "hf", "hf") / "model.safetensors"))
+    details = json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert details["kv_cache_quant_algo"] == "FP8"
+    ct = load_file(str(export(quant, tmp_path / "ct", "compressed-tensors") / "model.safetensors"))
+    prefix = "model.layers.0.self_attn."
+    for tensors, k_key, v_key in ((hf, "k_proj.k_scale", "v_proj.v_scale"), (ct, "k_scale", "v_scale")):
+        for key, amax in ((k_key, k_amax), (v_key, v_amax)):
+            assert abs(tensors[prefix + key].double().item() - (amax / 448).item()) <= 2 ** -23 * (amax / 448).item()
+    with pytest.raises(ValueError, match="KV cache"):
+        load_quantized(tmp_path / "hf")
