@@ -33,6 +33,9 @@ CASES = [  # (config, export format)
     (lambda: preset("INT8_SMOOTHQUANT_CFG"), "hf"),
     (lambda: preset("W4A16_NVFP4_CFG"), "compressed-tensors"),
     (lambda: preset("FP8_DEFAULT_CFG", **BLOCK_FP8), "hf"),
+    (lambda: preset("MXFP8_DEFAULT_CFG"), "hf"),
+    (lambda: preset("NVFP4_DEFAULT_CFG"), "hf"),
+    (lambda: {**preset("W4A8_AWQ_BETA_CFG"), "algorithm": "max"}, "hf"),
 ]
 
 
@@ -76,7 +79,9 @@ def test_round_trip_equals_the_in_memory_model(model, tmp_path, case):
     tolerance = ROUND_TRIP_RTOL["int8 matmul" if "smoothquant" in str(make_config()["algorithm"]) else "float"]
     assert ((actual - expected).norm() / expected.norm()).item() <= tolerance
     compressed = [m for m in reloaded.modules() if isinstance(m, CompressedLinear)]
-    assert len(compressed) == (0 if make_config()["quant_cfg"]["*weight_quantizer"] == BLOCK_FP8_WEIGHT else 7)
+    weight_config = make_config()["quant_cfg"]["*weight_quantizer"]
+    dense = weight_config == BLOCK_FP8_WEIGHT or isinstance(weight_config, list)  # 2-D blocks, W4A8's two stages
+    assert len(compressed) == (0 if dense else 7)
 
 
 def test_fp8_layout_is_the_codes_and_divisor_scales(model, tmp_path):
