@@ -243,7 +243,10 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
                        "storage for their format), e.g. %s", len(dense_layers), dense_layers[0])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     rebuilt = tuple(f"{name}.weight" for name in layers)  # dense: assigned above; compressed: buffers
-    missing = [key for key in missing if not key.startswith(rebuilt) and "_quantizer." not in key]
+    state = model.state_dict()
+    loaded = {state[key].data_ptr() for key in tensors if key in state}
+    missing = [key for key in missing if not key.startswith(rebuilt) and "_quantizer." not in key
+               and state[key].data_ptr() not in loaded]  # a tied tensor is written once, under its first name
     if missing or unexpected:
         raise ValueError(f"{directory}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     return model.to(device).eval()

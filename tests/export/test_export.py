@@ -84,6 +84,15 @@ def test_round_trip_equals_the_in_memory_model(model, tmp_path, case):
     assert len(compressed) == (0 if dense else 7)
 
 
+def test_tied_embeddings_are_written_once_and_reload(tmp_path):
+    quant = quantized(tiny_llama(tie_word_embeddings=True), preset("FP8_DEFAULT_CFG"))
+    directory = export(quant, tmp_path / "tied", "hf")
+    assert "lm_head.weight" not in load_file(str(directory / "model.safetensors"))
+    ids = token_batches(seed=7)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(directory)(ids).logits, quant(ids).logits)
+
+
 def test_fp8_layout_is_the_codes_and_divisor_scales(model, tmp_path):
     quant = quantized(model, preset("FP8_DEFAULT_CFG"))
     directory = export(quant, tmp_path / "fp8", "hf")

@@ -11,13 +11,14 @@ import lowbit
 VOCAB, TOKENS = 64, 16
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False):
     """A 1-layer Llama (hidden 256, 4 heads of 64, 2 KV heads, MLP 512) with seeded weights, a few columns x8."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, head_dim=64, architectures=["LlamaForCausalLM"])
+                         num_key_value_heads=2, vocab_size=VOCAB, head_dim=64, architectures=["LlamaForCausalLM"],
+                         tie_word_embeddings=tie_word_embeddings)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
