@@ -21,6 +21,7 @@ from lowbit.convert import (
     quantize,
 )
 from lowbit.eval import model_size
+from lowbit.export import export, export_compressed_tensors, export_hf_checkpoint, load_quantized
 from lowbit.modules import register, unregister
 from lowbit.presets import (
     FP8_DEFAULT_CFG,
@@ -51,8 +52,9 @@ __all__ = [
     "INT8_WEIGHT_ONLY_CFG", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG",
     "PRESETS", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig", "SensitivityMetric",
     "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG", "assets", "calibrate",
-    "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "fold_weight",
-    "get_preset", "init_quantized_weights", "iter_quantizers", "load_compressed", "model_size", "parse_config",
+    "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",
+    "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
+    "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",
     "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save", "save_compressed",
     "unregister",
 ]

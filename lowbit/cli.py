@@ -2,7 +2,8 @@
 
     lowbit demo [--presets FP8_DEFAULT,INT4_BLOCKWISE_WEIGHT_ONLY] [--eval-tokens 8192]
                 [--calib-samples 32] [--threads N] [--json rows.json] [--no-progress]
-    lowbit quantize MODEL --preset NAME --output DIR [--packed] [--algorithm NAME]   (lowbit.commands)
+    lowbit quantize MODEL --preset NAME --output DIR [--packed | --export-format FORMAT] [--algorithm NAME]
+                                                                                     (lowbit.commands)
     lowbit eval MODEL [--text FILE] [--eval-tokens N]                                (lowbit.commands)
 
 ``demo`` loads the bundled default model on CPU, calibrates each preset on the bundled calibration

@@ -24,7 +24,6 @@ Exporter = Callable[..., Path]
 TARGETS: dict[str, str] = {
     "hf": "lowbit.export.modelopt_hf:export_hf_checkpoint",
     "compressed-tensors": "lowbit.export.compressed_tensors:export_compressed_tensors",
-    # exportother
     "gguf": "lowbit.export.gguf:export_gguf",
     "onnx": "lowbit.export.onnx_qdq:export_onnx_dir",
     "trtllm": "lowbit.export.trtllm:export_tensorrt_llm_dir",

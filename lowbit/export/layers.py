@@ -1,0 +1,180 @@
+"""The quantized linears of a model as exporters see them: weight, quantizer stages, packed codes.
+
+``quantized_linears(model)`` walks the model once and returns, for every quantized Linear with an
+enabled weight quantizer, a :class:`QuantizedLinear`: the (out, in) float weight, the enabled weight
+quantizer stages (two for W4A8: INT4 blocks then FP8 per tensor), the enabled input quantizer, the
+``pre_quant_scale`` the input is multiplied by, and the first stage packed by ``lowbit.compress``
+(codes and scales computed by ``lowbit.formats``, exactly what fake quantization multiplies).
+Quantized linears whose weight quantizer is disabled, and plain ``nn.Linear`` modules, are listed as
+excluded (kept in high precision).
+
+Export scales are *divisors* (``x_hat = code * weight_scale``), the convention of ModelOpt's unified
+checkpoint, compressed-tensors and vLLM; lowbit's fake quantization multiplies by ``qmax / amax`` and
+divides, so ``weight_scale = amax / qmax`` in float32 reproduces its weights to the rounding of one
+float32 division (what "agree to 1 ulp of the scale dtype" measures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit import formats
+from lowbit.compress.convert import linear_weight
+from lowbit.compress.packed import PackedWeight, WeightFormat, quantize_weight
+from lowbit.modules import is_quantized
+from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One quantized Linear, ready to be written by an exporter (see the module docstring)."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor
+    stages: tuple[TensorQuantizer, ...]
+    input_quantizer: TensorQuantizer | None
+    pre_quant_scale: torch.Tensor | None
+
+    @property
+    def config(self):
+        """The first weight stage's QuantizerAttributeConfig."""
+        return self.stages[0].config
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def weight_format(self) -> WeightFormat:
+        """The lowbit storage format of the first stage; ValueError naming the layer when not storable."""
+        try:
+            return WeightFormat.from_config(self.config, tuple(self.weight.shape))
+        except ValueError as error:
+            raise ValueError(f"{self.name}.weight_quantizer: {error}") from None
+
+    def packed(self) -> PackedWeight:
+        """The first stage's codes and scales from its calibrated amax (or the weight's, when dynamic)."""
+        stage = self.stages[0]
+        amax = None if stage.amax is None else stage.amax.detach()
+        amin = None if stage.amin is None else stage.amin.detach()
+        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
+
+    def block_dims(self) -> tuple[int, int] | None:
+        """(rows, columns) of a 2-D weight block config ({-2: rows, -1: columns}), else None."""
+        blocks = {axis % 2: size for axis, size in self.config.block_axes.items()}
+        if set(blocks) != {0, 1} or None in blocks.values():
+            return None
+        return blocks[0], blocks[1]
+
+    def float8_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 E4M3 weight in 2-D blocks: (float8_e4m3fn codes (N, K), float32 divisors (N/r, K/c)).
+
+        ``codes = e4m3(w * 448 / amax_blk)`` (``formats.quantize_fp``), ``divisor = amax_blk / 448``."""
+        rows, columns = self.block_dims()
+        n, k = self.weight.shape
+        if n % rows or k % columns:
+            raise ValueError(f"{self.name}: weight ({n}, {k}) does not split into {rows}x{columns} blocks")
+        view = self.weight.detach().float().reshape(n // rows, rows, k // columns, columns)
+        amax = self.weight_amax().reshape(n // rows, 1, k // columns, 1)
+        values, _ = formats.quantize_fp(view, amax, formats.E4M3)
+        divisor = (amax / formats.E4M3.max_value).reshape(n // rows, k // columns)
+        return values.reshape(n, k).to(torch.float8_e4m3fn), divisor.contiguous()
+
+    def weight_amax(self, stage: int = 0) -> torch.Tensor:
+        """Float32 amax of a weight stage in its view shape: the calibrated one, else the weight's own."""
+        quantizer = self.stages[stage]
+        weight = self.weight.detach()
+        if stage == 1:
+            weight = self.stages[0].fake_quant(weight)
+        if quantizer.amax is not None and not quantizer.config.is_dynamic:
+            return quantizer.amax.detach().float()
+        return quantizer.compute_amax(weight)
+
+    def input_amax(self) -> torch.Tensor | None:
+        """The calibrated static input amax (float32), None for a dynamic or absent input quantizer."""
+        quantizer = self.input_quantizer
+        if quantizer is None or quantizer.config.is_dynamic or quantizer.amax is None:
+            return None
+        return quantizer.amax.detach().float()
+
+
+def _enabled_stages(quantizer: nn.Module | None) -> tuple[TensorQuantizer, ...]:
+    if isinstance(quantizer, SequentialQuantizer):
+        return tuple(q for q in quantizer if q.is_enabled)
+    if isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled:
+        return (quantizer,)
+    return ()
+
+
+def _input_quantizer(module: nn.Module) -> tuple[TensorQuantizer | None, torch.Tensor | None]:
+    """(the enabled input quantizer, the pre_quant_scale any input stage multiplies by)."""
+    quantizer = getattr(module, "input_quantizer", None)
+    stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
+    stages = [q for q in stages if isinstance(q, TensorQuantizer)]
+    scales = [q.pre_quant_scale for q in stages if q.pre_quant_scale is not None]
+    enabled = [q for q in stages if q.is_enabled]
+    if len(enabled) > 1:
+        name = type(module).__name__
+        raise ValueError(f"{name}: a sequential input quantizer ({len(enabled)} stages) has no export layout")
+    return (enabled[0] if enabled else None), (scales[0].detach().float().flatten() if scales else None)
+
+
+def quantized_linears(model: nn.Module) -> tuple[dict[str, QuantizedLinear], list[str]]:
+    """``({name: QuantizedLinear}, [names of Linear layers kept in high precision])``, in model order.
+
+    Raises ValueError naming the layer when a weight quantizer has a pre_quant_scale of its own (the
+    exported weight would not be the model's).
+    """
+    layers: dict[str, QuantizedLinear] = {}
+    excluded: list[str] = []
+    for name, module in model.named_modules():
+        weight = linear_weight(module) if is_quantized(module) else None
+        if weight is None:
+            if isinstance(module, nn.Linear) and name:
+                excluded.append(name)
+            continue
+        stages = _enabled_stages(getattr(module, "weight_quantizer", None))
+        if not stages:
+            excluded.append(name)
+            continue
+        if any(stage.pre_quant_scale is not None for stage in stages):
+            raise ValueError(f"{name}.weight_quantizer has a pre_quant_scale: fold it into the weight before export")
+        input_quantizer, pre_quant_scale = _input_quantizer(module)
+        layers[name] = QuantizedLinear(name, module, weight.detach(), stages, input_quantizer, pre_quant_scale)
+    return layers, excluded
+
+
+def kv_cache_quantizers(model: nn.Module) -> dict[str, tuple[TensorQuantizer, TensorQuantizer]]:
+    """{attention module name: (k_bmm_quantizer, v_bmm_quantizer)} for attention with both enabled."""
+    found = {}
+    for name, module in model.named_modules():
+        k, v = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
+        if isinstance(k, TensorQuantizer) and isinstance(v, TensorQuantizer) and k.is_enabled and v.is_enabled:
+            found[name] = (k, v)
+    return found
+
+
+def dense_state_dict(model: nn.Module, replaced: set[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers except quantizer state and the weights of ``replaced`` layers,
+    as contiguous tensors (floating ones cast to ``dtype`` when given); a tensor tied to an earlier one is
+    written once (the first name), as ``save_pretrained`` does."""
+    state = {}
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in model.state_dict().items():
+        if "_quantizer." in key or key.rpartition(".")[0] in replaced and key.endswith(".weight"):
+            continue
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if identity in seen:
+            continue
+        seen.add(identity)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.detach().contiguous()
+    return state
