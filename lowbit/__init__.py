@@ -42,9 +42,8 @@ from lowbit.presets import (
     get_preset,
 )
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
+from lowbit.version import __version__  # noqa: F401  (the package version)
 from lowbit.weight_compression import BackupMode, CompressWeightsMode, SensitivityMetric, compress_weights
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackupMode", "CompressWeightsMode", "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",

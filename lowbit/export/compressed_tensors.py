@@ -39,6 +39,7 @@ from lowbit.export.layers import QuantizedLinear, dense_state_dict, kv_cache_qua
 from lowbit.export.model_files import save_model_files
 from lowbit.export.modelopt_hf import maxbound
 from lowbit.files import atomic_directory
+from lowbit.version import __version__
 
 TENSOR_FILE = "model.safetensors"
 NVFP4_RANGE = formats.E2M1.max_value * formats.E4M3.max_value  # 6 * 448
@@ -196,8 +197,6 @@ def kv_cache_scheme(model: nn.Module) -> tuple[dict | None, dict[str, torch.Tens
 
 def quantization_config(schemes: dict[str, dict], excluded: list[str], kv_scheme: dict | None) -> dict:
     """config.json's ``quantization_config`` (see the module docstring)."""
-    from lowbit import __version__
-
     groups: dict[str, tuple[dict, list[str]]] = {}
     for name, scheme in schemes.items():
         key = json.dumps(scheme, sort_keys=True)

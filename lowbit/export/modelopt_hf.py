@@ -39,6 +39,7 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.export.layers import QuantizedLinear, dense_state_dict, kv_cache_quantizers, quantized_linears
 from lowbit.export.model_files import save_model_files
 from lowbit.files import atomic_directory
+from lowbit.version import __version__
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 TENSOR_FILE = "model.safetensors"
@@ -219,8 +220,6 @@ def kv_cache_tensors(model: nn.Module) -> tuple[str | None, dict[str, torch.Tens
 
 def hf_quant_config(layer_configs: dict[str, dict], excluded: list[str], kv_algo: str | None) -> dict:
     """``hf_quant_config.json``: one format at the top level, several as MIXED_PRECISION per layer."""
-    from lowbit import __version__
-
     quantization: dict = {"quant_algo": None, "kv_cache_quant_algo": kv_algo}
     distinct = {json.dumps(c, sort_keys=True) for c in layer_configs.values()}
     if len(distinct) > 1:

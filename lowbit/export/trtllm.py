@@ -50,11 +50,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit import __version__
 from lowbit.compress.packed import quantize_weight
 from lowbit.export.model_files import save_tokenizer
 from lowbit.export.weights import QuantizedWeight, active_activation_quantizers, quantized_weight, weight_quantizer
 from lowbit.files import atomic_directory
+from lowbit.version import __version__
 
 DECODERS = {"llama": "LlamaForCausalLM"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
