@@ -171,7 +171,7 @@ def kl_order(cases: list[Case], results: list[Measurement]) -> list[int]:
 def accuracy_cells(result: Measurement, baseline: Measurement) -> dict:
     """KL, its 99th percentile, top-1 % and the perplexity change, rounded for a table (KL first: it ranks)."""
     row = result.as_row(baseline)
-    return {"KL": _round(row["kl"], 5), "KL p99": _round(row["kl_p99"], 4),
+    return {"KL": _significant(row["kl"], 3), "KL p99": _significant(row["kl_p99"], 3),
             "top-1 %": _round(None if row["top1"] is None else 100 * row["top1"], 2),
             "ppl": _round(row["perplexity"], 3), "d ppl": _round(row["delta"], 3)}
 
@@ -239,6 +239,11 @@ def _shorten(text: str, width: int) -> str:
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _significant(value: float | None, digits: int) -> float | None:
+    """``value`` to ``digits`` significant digits: KL spans 1e-7 (8-bit on GPT-2) to 0.3 (3-bit)."""
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 def select(cases: list[Case], libraries: list[str] | None, formats: list[str] | None) -> list[Case]:
