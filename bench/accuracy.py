@@ -229,8 +229,8 @@ def opposite_order_lines(scores: dict[str, tuple[float, float]]) -> list[str]:
     pairs = opposite_order_pairs(scores)
     head = (f"Pairs that perplexity delta and KL rank in opposite order ({len(pairs)} of "
             f"{len(scores) * (len(scores) - 1) // 2}; first the one with the lower delta):")
-    return [head, "", *(f"- {a} (d ppl {scores[a][0]:+.3f}, KL {scores[a][1]:.5f}) vs {b} (d ppl "
-                         f"{scores[b][0]:+.3f}, KL {scores[b][1]:.5f})" for a, b in pairs)]
+    return [head, "", *(f"- {a} (d ppl {scores[a][0]:+.3f}, KL {scores[a][1]:.3g}) vs {b} (d ppl "
+                         f"{scores[b][0]:+.3f}, KL {scores[b][1]:.3g})" for a, b in pairs)]
 
 
 def _shorten(text: str, width: int) -> str:

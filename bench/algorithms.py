@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -95,9 +96,15 @@ def lowbit_compress_case(format: str, mode: str, **options) -> Case:
         from lowbit.weight_compression import compress_weights
 
         return compress_weights(model, mode=mode.lower(), group_size=128, ratio=1.0, dataset=dataset,
-                                       ignored_scope=["*lm_head*", "*embed_tokens*"], **options)
+                                       ignored_scope=_high_precision, **options)
 
     return Case(format, "lowbit", _label(f"compress_weights {mode}", options), apply)
+
+
+def _high_precision(name: str) -> bool:
+    """NNCF's ``IgnoredScope(patterns=HIGH_PRECISION_LAYERS, validate=False)`` for lowbit: a layer any pattern
+    matches whole, none required to match (GPT-2 has no ``embed_tokens``)."""
+    return any(re.fullmatch(pattern, name) for pattern in HIGH_PRECISION_LAYERS)
 
 
 def nncf_case(format: str, mode: str, **options) -> Case:
