@@ -35,7 +35,7 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.export.layers import QuantizedLinear, dense_state_dict, kv_cache_quantizers, quantized_linears
+from lowbit.export.layers import QuantizedLinear, export_state_dict, kv_cache_quantizers, quantized_linears
 from lowbit.export.model_files import save_model_files
 from lowbit.export.modelopt_hf import maxbound
 from lowbit.files import atomic_directory
@@ -230,10 +230,7 @@ def build_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
                          "(AWQ / SmoothQuant kept per linear), which compressed-tensors cannot store; use a scaling "
                          "that folds into the norms, or export_hf_checkpoint")
     kv_scheme, kv_tensors = kv_cache_scheme(model)
-    state = dense_state_dict(model, set(layers), None)
-    for name, layer in layers.items():
-        for suffix, tensor in layer_tensors(layer, schemes[name]).items():
-            state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
+    state = export_state_dict(model, layers, None, lambda name, layer: layer_tensors(layer, schemes[name]))
     state.update(kv_tensors)
     return state, quantization_config(schemes, excluded, kv_scheme)
 

@@ -16,6 +16,7 @@ float32 division (what "agree to 1 ulp of the scale dtype" measures).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -177,4 +178,15 @@ def dense_state_dict(model: nn.Module, replaced: set[str], dtype: torch.dtype | 
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor.detach().contiguous()
+    return state
+
+
+def export_state_dict(model: nn.Module, layers: dict[str, QuantizedLinear], dtype: torch.dtype | None,
+                      tensors_of: Callable[[str, QuantizedLinear], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``dense_state_dict`` with each quantized layer's float weight replaced by its export tensors
+    (``tensors_of(name, layer)``: suffix -> tensor, written as ``name.suffix``), all contiguous on the CPU."""
+    state = dense_state_dict(model, set(layers), dtype)
+    for name, layer in layers.items():
+        for suffix, tensor in tensors_of(name, layer).items():
+            state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
     return state

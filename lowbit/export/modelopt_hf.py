@@ -36,7 +36,7 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.export.layers import QuantizedLinear, dense_state_dict, kv_cache_quantizers, quantized_linears
+from lowbit.export.layers import QuantizedLinear, export_state_dict, kv_cache_quantizers, quantized_linears
 from lowbit.export.model_files import save_model_files
 from lowbit.files import atomic_directory
 from lowbit.version import __version__
@@ -286,10 +286,7 @@ def build_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         if algos[name] != "FP8_PB_WO":  # 2-D blocks are written by float8_blocks, not lowbit.compress
             layer.weight_format()
     kv_algo, kv_tensors = kv_cache_tensors(model)
-    state = dense_state_dict(model, set(layers), dtype)
-    for name, layer in layers.items():
-        for suffix, tensor in layer_tensors(layer, algos[name]).items():
-            state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
+    state = export_state_dict(model, layers, dtype, lambda name, layer: layer_tensors(layer, algos[name]))
     state.update(kv_tensors)
     configs = {name: layer_config(layer, algos[name]) for name, layer in layers.items()}
     return state, hf_quant_config(configs, excluded, kv_algo)
