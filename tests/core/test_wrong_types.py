@@ -123,3 +123,6 @@ def test_right_types_still_pass():
               "algorithm": {"method": "smoothquant", "alpha": 1}}
     parsed = lowbit.parse_config(config)
     assert parsed.algorithm_options == {"alpha": 1}
+    weight = parsed.attributes_for("fc1.weight_quantizer", ("Linear",))
+    assert (weight.num_bits, weight.axis) == ((4, 3), (0,))
+    assert parsed.attributes_for("fc1.input_quantizer", ("Linear",)).block_sizes == {-1: None, "type": "dynamic"}
