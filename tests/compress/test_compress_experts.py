@@ -18,7 +18,15 @@ import lowbit
 from lowbit.compress import compress, compressed_weight_bytes, load_compressed, save_compressed
 from lowbit.compress.experts import CompressedExpertsMixin
 from lowbit.eval.size import model_size
-from tests.modules.moe_models import MOE_FAMILIES, experts_modules, tiny_mixtral, tiny_qwen3_moe
+from tests.modules.moe_models import (
+    MOE_FAMILIES,
+    experts_modules,
+    needs_fused_experts,
+    tiny_mixtral,
+    tiny_qwen3_moe,
+)
+
+pytestmark = needs_fused_experts
 
 NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
 FORMATS = {

@@ -33,9 +33,12 @@ from tests.modules.moe_models import (
     NUM_EXPERTS,
     assert_every_expert_weight_quantized,
     experts_modules,
+    needs_fused_experts,
     tiny_mixtral,
     tiny_qwen3_moe,
 )
+
+pytestmark = needs_fused_experts
 
 INT4_G128 = {"num_bits": 4, "block_sizes": {-1: 128}}
 OFF = {"default": {"enable": False}}
