@@ -28,7 +28,6 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -182,65 +181,6 @@ class QuantExpertsMixin(QuantModuleMixin, RoutedExpertsMixin):
 
 def _stages(quantizer) -> list[TensorQuantizer]:
     return list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
-
-
-def _expert_view(quantizer, expert: int):
-    if isinstance(quantizer, SequentialQuantizer):
-        return SequentialQuantizer(*(stage.expert(expert) for stage in quantizer))
-    return quantizer.expert(expert)
-
-
-@dataclass(frozen=True, eq=True)
-class ExpertWeight:
-    """One expert's projection as the structure layer's record of a quantizable weight (the interface of
-    ``lowbit.structure.QuantizableWeight``): ``key = (projection, expert)``, ``weight`` the ``(out, in)``
-    view of the fused Parameter (``copy_`` writes it), the quantizers the per-expert views
-    (``ExpertQuantizer.expert``), inputs the tokens routed to that expert."""
-
-    name: str = field(compare=False)
-    module: nn.Module
-    key: tuple = ()
-    kind = "experts"
-    reads_rows = True
-
-    @property
-    def weight(self) -> torch.Tensor:
-        projection, expert = self.key
-        return self.module.expert_weight(projection)[expert]
-
-    @property
-    def weight_quantizer(self) -> nn.Module:
-        projection, expert = self.key
-        return _expert_view(getattr(self.module, f"{projection}_weight_quantizer"), expert)
-
-    @property
-    def input_quantizer(self) -> nn.Module:
-        projection, expert = self.key
-        return _expert_view(getattr(self.module, f"{projection}_input_quantizer"), expert)
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    def observe_inputs(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
-        """``callback(x)`` with the tokens routed to this expert's projection, raw, on every forward."""
-        def observer(projection: str, expert: int, x: torch.Tensor) -> None:
-            if (projection, expert) == self.key:
-                callback(x)
-
-        return self.module.add_input_observer(observer)
-
-
-def expert_weights(name: str, module: QuantExpertsMixin) -> list[ExpertWeight]:
-    """The records of a quantized experts module: one per (projection, expert), named ``{name}.{projection}.{e}``;
-    for ``lowbit.structure.register_weight_kind(lambda m: isinstance(m, QuantExpertsMixin), expert_weights)``."""
-    prefix = f"{name}." if name else ""
-    return [ExpertWeight(f"{prefix}{projection}.{expert}", module, (projection, expert))
-            for projection in module.projections for expert in range(module.num_experts)]
 
 
 def register_fused_experts(module: nn.Module) -> bool:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from lowbit.modules.experts import QuantExpertsMixin, expert_weights
 from lowbit.modules.registry import QuantModuleMixin, is_quantized, quantized_class_for
 
 InputCallback = Callable[[Tensor], None]
@@ -112,7 +111,6 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 register_weight_kind(lambda m: isinstance(m, nn.Linear), lambda name, m: [QuantizableWeight(name, m)])
 register_weight_kind(lambda m: isinstance(m, _CONVS), lambda name, m: [ConvWeight(name, m)])
 register_weight_kind(is_hf_conv1d, lambda name, m: [TransposedWeight(name, m)])
-register_weight_kind(lambda m: isinstance(m, QuantExpertsMixin), expert_weights)
 
 
 def weight_records(name: str, module: nn.Module) -> list[QuantizableWeight]:

@@ -326,7 +326,7 @@ def test_expert_quantizer_view_reads_and_writes_one_slice():
 
 
 def test_expert_records_see_their_routed_tokens_and_write_the_fused_weight():
-    from lowbit.modules.experts import expert_weights
+    from lowbit.structure.experts import expert_weights
 
     experts, hidden, top_k_index, top_k_weights = _int4_experts()
     records = expert_weights("mlp.experts", experts)
@@ -356,7 +356,7 @@ def test_gptq_per_expert_on_routed_tokens_beats_rounding():
     tokens; each expert's output error on those tokens is at most plain rounding's (float64 check)."""
     from lowbit.calib.gptq import gptq_quantize
     from lowbit.calib.weights import quantize_column
-    from lowbit.modules.experts import expert_weights
+    from lowbit.structure.experts import expert_weights
 
     experts, hidden, top_k_index, top_k_weights = _int4_experts()
     records = [r for r in expert_weights("", experts) if r.key[0] == "gate_up_proj"]
