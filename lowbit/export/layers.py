@@ -67,6 +67,14 @@ class QuantizedLinear:
         amin = None if stage.amin is None else stage.amin.detach()
         return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
 
+    def weight_step(self, maxbound: float) -> torch.Tensor:
+        """The first stage's float32 step per scale group in its view shape, as checkpoints store ``weight_scale``:
+        ``amax / maxbound``, or for a signed-scale integer grid the signed step ``1 / scale`` of its packed
+        storage (``formats.quantize_int_signed_scale``: negative where the group's larger end is positive)."""
+        if not self.config.signed_scale:
+            return self.weight_amax().float() / maxbound
+        return 1.0 / self.packed().scale.float()
+
     def block_dims(self) -> tuple[int, int] | None:
         """(rows, columns) of a 2-D weight block config ({-2: rows, -1: columns}), else None."""
         blocks = {axis % 2: size for axis, size in self.config.block_axes.items()}

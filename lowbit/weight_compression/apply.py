@@ -4,9 +4,8 @@ export share one formula per format:
 1. ``lowbit.quantize`` with one rule per layer (a filter function on the weight quantizer's exact
    name -> that layer's ``LayerFormat.attributes``; every other quantizer disabled), no calibration;
 2. NF4 layers get an ``NF4Quantizer`` (the table rounding) in place of their int4 weight quantizer;
-3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
-   INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
-   (``range_search``);
+3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (integer modes: min/max;
+   others: max |w|), then the 4-bit integer modes' range search (``range_search``);
 4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile), in NNCF's order
    AWQ, scale estimation, GPTQ:
@@ -14,7 +13,7 @@ export share one formula per format:
    grid fitted to the layer output) for the integer modes INT4_SYM / INT4_ASYM, chained after AWQ or
    run by GPTQ first (which keeps that grid); for NF4 / FP4 (not integer grids) -> ``awq_clip``
    (per-group clip search against the layer output, ``awq_full`` with ``awq``); ``gptq`` -> ``gptq``.
-   Layer-wise algorithms start from max calibration, so INT4_ASYM's range search runs again when
+   Layer-wise algorithms start from max calibration, so the 4-bit range search runs again when
    AWQ alone was the last step. Scale estimation and GPTQ see consecutive batch-1 items stacked into
    batches of up to ``STACKED_BATCH`` (``data.stacked_items``): their statistics are sums over token
    rows, so only float rounding changes, and a batched layer call is much cheaper than 8 single ones.
@@ -40,7 +39,7 @@ from lowbit.weight_compression.data import forward_loop, stacked_items
 from lowbit.weight_compression.layers import MATMUL, embeddings_registered
 from lowbit.weight_compression.nf4 import NF4Quantizer
 from lowbit.weight_compression.plan import SCALE_ESTIMATION_MODES, CompressionPlan, LayerPlan
-from lowbit.weight_compression.range_search import search_asymmetric_range
+from lowbit.weight_compression.range_search import search_range
 
 
 class QuantizerNamed:
@@ -65,7 +64,7 @@ def quantize_config(plan: CompressionPlan) -> dict:
     quant_cfg: dict[Any, dict] = {"default": {"enable": False}}
     for entry in plan.layers:
         if entry.format is not None:
-            attributes = entry.format.attributes(entry.layer.num_weights)
+            attributes = entry.format.attributes()
             quant_cfg[QuantizerNamed(_weight_quantizer_name(entry.layer.name))] = attributes.to_dict()
     return {"quant_cfg": quant_cfg, "algorithm": None}
 
@@ -94,11 +93,11 @@ def refinements(plan: CompressionPlan) -> list[Refinement]:
     return steps
 
 
-def search_asymmetric_ranges(plan: CompressionPlan) -> None:
-    """INT4_ASYM's data-free range search on every layer in that format (``range_search``)."""
+def search_ranges(plan: CompressionPlan) -> None:
+    """The data-free range search on every layer in a 4-bit integer format (``range_search``)."""
     for entry in plan.layers:
-        if entry.format is not None and entry.format.searches_asymmetric_range:
-            search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
+        if entry.format is not None and entry.format.searches_range:
+            search_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
 
 
 @contextmanager
@@ -156,7 +155,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
             if entry.format is not None and entry.format.is_nf4:
                 _install_nf4(entry)
         calibrate(model, "max")
-        search_asymmetric_ranges(plan)
+        search_ranges(plan)
         if steps:
             loops = {False: forward_loop(dataset), True: forward_loop(stacked_items(dataset, STACKED_BATCH))}
             others = [entry for entry in plan.layers if entry.format is not None and not entry.primary]
@@ -164,7 +163,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
                 for method, options in steps:
                     calibrate(model, method, loops[method in ROW_SUM_METHODS], **options)
             if steps[-1] == ("awq_lite", {}):  # its weights were recalibrated to min/max: search again
-                search_asymmetric_ranges(plan)
+                search_ranges(plan)
     except BaseException:
         converted = [m for m in model.modules() if is_quantized(m) and id(m) not in already_quantized]
         for module in converted:
