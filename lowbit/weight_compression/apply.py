@@ -66,6 +66,8 @@ def quantize_config(plan: CompressionPlan) -> dict:
         if entry.format is not None:
             attributes = entry.format.attributes()
             quant_cfg[QuantizerNamed(_weight_quantizer_name(entry.layer.name))] = attributes.to_dict()
+    for weights in plan.experts:
+        quant_cfg[QuantizerNamed(weights.quantizer_name)] = plan.options.primary_format.attributes().to_dict()
     return {"quant_cfg": quant_cfg, "algorithm": None}
 
 
@@ -124,7 +126,7 @@ def pack(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     from lowbit.compress import compress
 
     compressed = [entry for entry in plan.layers if entry.format is not None]
-    if not any(is_packable(entry) for entry in compressed):
+    if not plan.experts and not any(is_packable(entry) for entry in compressed):
         return model
     with weight_quantizers_disabled([entry for entry in compressed if not is_packable(entry)]):
         return compress(model, scale_dtype=torch.float16)
