@@ -224,8 +224,8 @@ class CompressionPlan:
         return CompressionSummary(tuple(rows), self.model_bytes)
 
 
-def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: set[str],
-                options: CompressionOptions, model_bytes: int, experts: tuple[ExpertsWeight, ...] = ()) -> CompressionPlan:
+def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: set[str], options: CompressionOptions,
+                model_bytes: int, experts: tuple[ExpertsWeight, ...] = ()) -> CompressionPlan:
     formats: dict[str, LayerFormat | None] = {}
     entries = []
     for layer in layers:

@@ -26,7 +26,8 @@ def test_every_expert_matches_the_float64_reference(mode):
     """Each expert's (out, in) weight, fake-quantized, equals the mode's definition per group of 128 (NNCF's
     signed-scale symmetric grid, or min/max asymmetric; experts get no range search), float32 rounding allowed."""
     model = tiny_mixtral()
-    originals = {name: m.gate_up_proj.detach().clone() for name, m in model.named_modules() if hasattr(m, "gate_up_proj")}
+    originals = {name: m.gate_up_proj.detach().clone() for name, m in model.named_modules()
+                 if hasattr(m, "gate_up_proj")}
     compress_weights(model, mode=mode, group_size=128, ratio=1.0, packed=False)
     expected = reference.int_sym if mode == "int4_sym" else reference.int_asym
     for name, original in originals.items():
