@@ -10,15 +10,17 @@ for ``quantize()``. Variants:
 
 - quantize(): RTN (INT4 g128 static blocks, max calibration), AWQ (INT4_AWQ_CFG), GPTQ, GPTQ + scale
   estimation (INT4 g128 static blocks); lm_head (tied to the embedding) float, as the presets keep it;
-- compress_weights INT4_SYM g128 ratio 1.0 data-free: lowbit, and NNCF with the same arguments.
+- compress_weights g128 ratio 1.0, lowbit and NNCF with the same arguments, each case side by side:
+  INT4_SYM data-free, INT4_ASYM data-free, INT4_ASYM with AWQ (the calibration windows as dataset).
+  ``--skip-quantize`` leaves out the quantize() rows (the results file is then ``gpt2_fixture_compress_*``).
 
 ``--grid-study`` adds where the INT4_SYM difference comes from, on the same windows: every Conv1D
 rounded in float (groups of 128 along the input dim of its ``(out, in)`` view; embeddings INT8 asymmetric
 per row as both libraries store them) with lowbit's grid (``amax = m * max|w|``, step ``amax / 7``, codes
 -8..7) for ``m`` chosen per group by least squared weight error over ``m`` in ``[floor, 1]`` (steps of
-1/32; floor 0.5 is what compress_weights searches), and with NNCF's signed scale (step ``max|w| / 8``,
-the group's largest magnitude mapped to code -8 whatever its sign: a negative scale, which lowbit's
-``amax >= 0`` cannot express).
+1/32), and with NNCF's signed scale (step ``max|w| / 8``, the group's largest magnitude mapped to code -8
+whatever its sign: a negative scale; compress_weights' INT4_SYM has used it since, through
+``lowbit.formats.quantize_int_signed_scale``).
 
 Usage: python bench/gpt2_fixture.py [--max-tokens 16384] [--grid-study] [--model default] [--out bench/results]
 (needs nncf for its rows; ``--model default`` runs the same rows on the bundled Llama, for comparison)
@@ -83,7 +85,11 @@ QUANTIZE_VARIANTS = {
     "GPTQ int4 g128": int4_static("gptq"),
     "GPTQ + scale estimation int4 g128": int4_static({"method": "gptq", "scale_estimation": True}),
 }
-COMPRESS_ARGS = {"mode": "int4_sym", "group_size": 128, "ratio": 1.0}
+COMPRESS_CASES = {  # label: (mode, awq)
+    "int4_sym g128 r1.0": ("int4_sym", False),
+    "int4_asym g128 r1.0": ("int4_asym", False),
+    "int4_asym g128 r1.0 awq": ("int4_asym", True),
+}
 
 
 def lowbit_grid(weight: torch.Tensor, floor: float) -> torch.Tensor:
@@ -127,10 +133,15 @@ def rounded_in_float(model: nn.Module, int4) -> nn.Module:
     return model
 
 
-def nncf_compress(model: nn.Module, dataset: list) -> nn.Module:
+def lowbit_compress(model: nn.Module, dataset: list, mode: str, awq: bool) -> nn.Module:
+    return lowbit.compress_weights(model, mode=mode, group_size=128, ratio=1.0, awq=awq,
+                                   dataset=dataset if awq else None)
+
+
+def nncf_compress(model: nn.Module, dataset: list, mode: str, awq: bool) -> nn.Module:
     import nncf
 
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=128, ratio=1.0,
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode(mode), group_size=128, ratio=1.0, awq=awq,
                                  dataset=nncf.Dataset(dataset), subset_size=len(dataset),
                                  sensitivity_metric=nncf.SensitivityMetric.WEIGHT_QUANTIZATION_ERROR)
 
@@ -142,6 +153,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder for the results file")
     parser.add_argument("--grid-study", action="store_true", help="add the INT4_SYM grid rows (docstring)")
+    parser.add_argument("--skip-quantize", action="store_true", help="compress_weights rows only")
     parser.add_argument("--model", choices=("gpt2", "default"), default="gpt2",
                         help="default: the bundled Llama instead, for the same rows")
     args = parser.parse_args()
@@ -164,13 +176,14 @@ def main() -> None:
         rows.append({"variant": name, "ppl": ppl, "d ppl": ppl - float_ppl, "KL": kl, "seconds": seconds})
         print(rows[-1], flush=True)
 
-    for name, config in QUANTIZE_VARIANTS.items():
+    for name, config in () if args.skip_quantize else QUANTIZE_VARIANTS.items():
         add(f"quantize: {name}", lambda m, c=config: lowbit.quantize(m, c, lambda mm: [mm(**b) for b in stacked]))
-    add("compress_weights int4_sym g128 r1.0 (lowbit)", lambda m: lowbit.compress_weights(m, **COMPRESS_ARGS))
-    try:
-        add("compress_weights int4_sym g128 r1.0 (nncf)", lambda m: nncf_compress(m, calibration))
-    except ImportError as error:
-        print(f"nncf rows skipped: {error}")
+    for label, case in COMPRESS_CASES.items():
+        for library, compress in (("lowbit", lowbit_compress), ("nncf", nncf_compress)):
+            try:
+                add(f"compress_weights {label} ({library})", lambda m, c=compress, k=case: c(m, calibration, *k))
+            except ImportError as error:
+                print(f"nncf rows skipped: {error}")
     if args.grid_study:
         for floor in (0.5, 0.75, 0.8125, 0.875, 1.0):
             add(f"study: lowbit grid, m in [{floor}, 1]", lambda m, f=floor: rounded_in_float(
@@ -190,6 +203,7 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         name = "gpt2_fixture" if args.model == "gpt2" else "gpt2_fixture_llama_rows"
+        name += "_compress" if args.skip_quantize else ""
         (args.out / f"{name}_{date.today().isoformat()}.md").write_text(text, encoding="utf-8")
 
 
