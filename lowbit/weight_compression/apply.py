@@ -98,8 +98,8 @@ def refinements(plan: CompressionPlan) -> list[Refinement]:
 def search_ranges(plan: CompressionPlan) -> None:
     """The data-free range search on every layer in a 4-bit integer format (``range_search``)."""
     for entry in plan.layers:
-        if entry.format is not None and entry.format.searches_range:
-            search_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
+        if entry.format is not None and entry.format.range_objective is not None:
+            search_range(entry.layer.module.weight_quantizer, entry.layer.matrix(), entry.format.range_objective)
 
 
 @contextmanager

@@ -53,18 +53,20 @@ def int_sym_scaled(w: torch.Tensor, bits: int, group_size: int, m: float) -> tor
 
 def int_sym_searched(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """:func:`int_sym` with, per group, the step ``m * step`` for the m in {0.5, 0.5 + 1/32, ..., 1} with the
-    least squared error (first on ties)."""
+    least largest absolute error (first on ties)."""
     g = groups(w, group_size)
-    return least_error_per_group(g, lambda m: int_sym_scaled(w, bits, group_size, m).reshape(g.shape)).reshape(w.shape)
+    return least_error_per_group(g, lambda m: int_sym_scaled(w, bits, group_size, m).reshape(g.shape),
+                                 lambda delta: delta.abs().amax(-1, keepdim=True)).reshape(w.shape)
 
 
-def least_error_per_group(g: torch.Tensor, candidate) -> torch.Tensor:
-    """Per group (last dim of ``g``), the ``candidate(m)`` with the least squared error to ``g`` over
-    m in {0.5, 0.5 + 1/32, ..., 1}; the first (smallest m) on ties."""
+def least_error_per_group(g: torch.Tensor, candidate, error_of=None) -> torch.Tensor:
+    """Per group (last dim of ``g``), the ``candidate(m)`` with the least error to ``g`` (``error_of(delta)``,
+    default the squared error) over m in {0.5, 0.5 + 1/32, ..., 1}; the first (smallest m) on ties."""
     best, best_error = None, None
     for k in range(17):
         values = candidate(0.5 + k / 32)
-        error = (values - g).square().sum(-1, keepdim=True)
+        delta = values - g
+        error = delta.square().sum(-1, keepdim=True) if error_of is None else error_of(delta)
         if best is None:
             best, best_error = values, error
         else:
