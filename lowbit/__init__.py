@@ -7,6 +7,7 @@
 
 from lowbit import assets, data, eval
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.calibration import iter_quantizers
 from lowbit.checkpoint import restore, save
 from lowbit.compress import compress, init_quantized_weights, load_compressed, save_compressed
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
@@ -15,7 +16,6 @@ from lowbit.convert import (
     disable_quantizer,
     enable_quantizer,
     fold_weight,
-    iter_quantizers,
     print_quant_summary,
     quant_summary,
     quantize,

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
-from lowbit.calib.algorithms import ALGORITHMS, check_options
 
 Pattern = str | Callable[[str], bool]
 ALGORITHM_METHODS = tuple(ALGORITHMS)

@@ -1,7 +1,7 @@
 """The calibration algorithms by name: ``run_algorithm(name, model, forward_loop, options)``.
 
-"max" is plain max calibration (``lowbit.convert.max_calibrate``); the others run layer by layer
-(``lowbit.calib.layerwise``) and return one :class:`LayerReport` per decoder layer.
+"max" is plain max calibration (``lowbit.calibration.max_calibrate``); the others run layer by layer
+(``lowbit.algorithms.layerwise``) and return one :class:`LayerReport` per decoder layer.
 
 ================  =======================================================================  ================
 name              options (defaults)                                                       module
@@ -20,7 +20,7 @@ scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"    
 
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
 layer calibrated on the float model's activations, as ModelOpt and NNCF do) or ``"quantized"`` (on the
-outputs of the already quantized layers before it); see ``lowbit.calib.layerwise``.
+outputs of the already quantized layers before it); see ``lowbit.algorithms.layerwise``.
 
 Chaining: ``scale_estimation`` = True (its defaults) or a dict of its options runs scale estimation on
 each layer after AWQ's scale (and clip) search, or before GPTQ, which then keeps the estimated grid as
@@ -44,29 +44,28 @@ from functools import partial
 
 from torch import nn
 
-from lowbit.attributes import check_type
-from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
-from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
-from lowbit.calib.layerwise import (
+from lowbit.algorithms.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.algorithms.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.algorithms.layerwise import (
     LayerInputs,
     LayerReport,
     check_layer_inputs,
     run_layerwise,
 )
-from lowbit.calib.scale_estimation import (
+from lowbit.algorithms.scale_estimation import (
     OBJECTIVES,
     check_steps,
     estimate_linear_range,
     estimation_group_size,
     start_ratios,
 )
-from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
-from lowbit.calib.weights import weight_group_size
+from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
+from lowbit.algorithms.weights import weight_group_size
+from lowbit.attributes import check_type
+from lowbit.calibration import ForwardLoop, max_calibrate
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
-
-ForwardLoop = Callable[[nn.Module], None]
 
 AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_per_linear": False, "scale_estimation": False}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
@@ -82,12 +81,6 @@ DEFAULT_OPTIONS: dict[str, dict] = {
              "scale_estimation": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
 }
-
-
-def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
-    from lowbit.convert import max_calibrate
-
-    max_calibrate(model, forward_loop)
 
 
 def _range_estimator(scale_estimation: bool | dict) -> RangeEstimator | None:
@@ -166,7 +159,7 @@ def _scale_estimation(model, forward_loop, layer_inputs, **options):
 
 
 ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
-    "max": _max,
+    "max": max_calibrate,
     "smoothquant": smoothquant,
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,

@@ -45,11 +45,11 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from lowbit.calibration import calibrate_weight
 from lowbit.compress.experts import PackedExperts, install_packed_experts, pack_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, TENSOR_NAMES, PackedWeight, WeightFormat, quantize_weight, storage_spec
 from lowbit.config import QuantizeConfig, parse_config
-from lowbit.convert import calibrate_weight
 from lowbit.expert_quantizer import ExpertQuantizer
 from lowbit.modules.experts import expert_projections, is_fused_experts
 from lowbit.quantizer import TensorQuantizer

@@ -7,7 +7,7 @@ export share one formula per format:
 3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
    INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
    (``range_search``);
-4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
+4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.algorithms.registry``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile), in NNCF's order
    AWQ, scale estimation, GPTQ:
    ``awq`` -> ``awq_lite`` (per-channel scales); ``scale_estimation`` -> ``scale_estimation`` (per-group

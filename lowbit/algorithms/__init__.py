@@ -1,0 +1,7 @@
+"""Calibration algorithms over whole models, one file each: SmoothQuant, AWQ, GPTQ, scale estimation.
+
+``registry`` maps an algorithm's name to its function and default options (``run_algorithm``); the
+algorithms share ``layerwise`` (the layer-by-layer runner), ``scaling`` (folding an input scale into the
+layer before) and ``weights`` (weight-quantizer helpers). They build on ``lowbit.calibration`` (a
+calibration pass, max calibration) and on the per-tensor calibrators of ``lowbit.calib``.
+"""
