@@ -9,7 +9,7 @@ from lowbit import assets, data, eval
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.calibration import iter_quantizers
 from lowbit.checkpoint import restore, save
-from lowbit.compress import compress, init_quantized_weights, load_compressed, save_compressed
+from lowbit.compress import LowbitConfig, compress, init_quantized_weights, load_compressed, save_compressed
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
 from lowbit.convert import (
     calibrate,
@@ -48,7 +48,8 @@ from lowbit.weight_compression import BackupMode, CompressWeightsMode, Sensitivi
 __all__ = [
     "BackupMode", "CompressWeightsMode", "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
     "INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG",
-    "INT8_WEIGHT_ONLY_CFG", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG",
+    "INT8_WEIGHT_ONLY_CFG", "LowbitConfig", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG",
+    "NVFP4_DEFAULT_CFG",
     "PRESETS", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig", "SensitivityMetric",
     "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG", "assets", "calibrate",
     "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",

@@ -15,12 +15,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowbit"
 ALLOWED_STORES = {"os.environ"}
-# (file relative to the repository, the patch as ``describe`` prints it) that are known and scheduled to go.
-KNOWN_PATCHES = {
-    # init_quantized_weights skips transformers' GPU caching-allocator warmup by replacing the function while
-    # loading; the structure issue (#18) replaces this with an HfQuantizer and removes the entry.
-    ("lowbit/compress/loading.py", "setattr(module, WARMUP_FUNCTION, ...)"),
-}
 
 
 def imported_names(tree: ast.AST) -> set[str]:
@@ -89,16 +83,9 @@ def find_patches(source: str) -> list[tuple[int, str]]:
 
 def test_lowbit_patches_no_other_module():
     repository = PACKAGE.parent
-    found, known = [], set()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(repository).as_posix()
-        for line, description in find_patches(path.read_text()):
-            if (relative, description) in KNOWN_PATCHES:
-                known.add((relative, description))
-            else:
-                found.append(f"{relative}:{line}: {description}")
+    found = [f"{path.relative_to(repository).as_posix()}:{line}: {description}"
+             for path in sorted(PACKAGE.rglob("*.py")) for line, description in find_patches(path.read_text())]
     assert not found, "assignments into other modules' attributes:\n" + "\n".join(found)
-    assert known == KNOWN_PATCHES, f"allow-list entries that no longer occur: {sorted(KNOWN_PATCHES - known)}"
 
 
 PLANTED = '''
