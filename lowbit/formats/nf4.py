@@ -1,21 +1,15 @@
 """NF4 (4-bit NormalFloat, Dettmers et al. 2023, "QLoRA"): 16 levels at normal quantiles in [-1, 1].
 
-    normalized = x / amax                                  (amax = max |x| of the group; <= 2**-24: 1)
-    code       = index of the NF4 value nearest to normalized  (a value exactly halfway between two
-                                                             levels takes the lower one, as NNCF's
-                                                             searchsorted on the midpoints)
-    x_hat      = NF4_VALUES[code] * amax
-
-The table is not a lowbit format yet (``lowbit.formats`` has none), so it lives here with the
-quantizer that applies it; the weight-compression modes use it for ``CompressWeightsMode.NF4``.
+A codebook format (``codebook.py``: code = nearest level of x / amax, a tie takes the lower level, as NNCF's
+searchsorted on the midpoints; x_hat = level * amax). Quantizers use it with ``codebook="nf4"`` over an int4
+block view; ``compress_weights`` does for ``CompressWeightsMode.NF4``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.formats._common import TINY_AMAX, as_float32, as_float32_like, check_integer
-from lowbit.quantizer import TensorQuantizer
+from lowbit.formats.codebook import dequantize_codebook, fake_quant_codebook, quantize_codebook, register_codebook
 
 NF4_VALUES = (
     -1.0,
@@ -35,50 +29,19 @@ NF4_VALUES = (
     0.7229568362236023,
     1.0,
 )
-
-
-def _table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+register_codebook("nf4", NF4_VALUES)
 
 
 def quantize_nf4(x: torch.Tensor, amax: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4 codes (uint8 0..15, same shape as ``x``) and the float32 scale (``amax``, tiny -> 1).
-
-    ``amax`` broadcasts against ``x`` (per group on a block view). Inputs beyond ``[-amax, amax]``
-    saturate to codes 0 / 15.
-    """
-    x32 = as_float32(x, "x")
-    scale = as_float32_like(amax, x32, "amax")
-    scale = torch.where(scale <= TINY_AMAX, 1.0, scale)
-    table = _table(x32.device)
-    midpoints = (table[1:] + table[:-1]) / 2
-    codes = torch.searchsorted(midpoints, (x32 / scale).contiguous(), side="left")
-    return codes.to(torch.uint8), scale
+    """NF4 codes (uint8 0..15, same shape as ``x``) and the float32 scale (``amax``, tiny -> 1)."""
+    return quantize_codebook(x, amax, "nf4")
 
 
 def dequantize_nf4(codes: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32):
     """``NF4_VALUES[codes] * scale`` in float32, returned as ``dtype``."""
-    check_integer(codes, "codes")
-    values = _table(codes.device)[codes.long()]
-    return (values * as_float32_like(scale, values, "scale")).to(dtype)
+    return dequantize_codebook(codes, scale, "nf4", dtype)
 
 
 def fake_quant_nf4(x: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
     """``dequantize_nf4(*quantize_nf4(x, amax))`` in ``x``'s dtype."""
-    codes, scale = quantize_nf4(x, amax)
-    return dequantize_nf4(codes, scale, x.dtype)
-
-
-class NF4Quantizer(TensorQuantizer):
-    """A TensorQuantizer whose 4-bit symmetric grid is replaced by the NF4 table.
-
-    Give it the int4 attributes of the granularity wanted (``num_bits=4, block_sizes={-1: 64}``):
-    calibration, the block view and ``amax`` (max |w| per group) are TensorQuantizer's; only the rounding
-    of a block view differs.
-    """
-
-    def fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
-        return fake_quant_nf4(view, amax)
-
-    def extra_repr(self) -> str:
-        return "nf4 " + super().extra_repr().removeprefix(self.config.format_name + " ")
+    return fake_quant_codebook(x, amax, "nf4")
