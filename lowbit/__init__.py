@@ -6,6 +6,7 @@
 """
 
 from lowbit import assets, data, eval
+from lowbit.algorithms import register_algorithm, unregister_algorithm
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.calibration import iter_quantizers
 from lowbit.checkpoint import restore, save
@@ -21,7 +22,15 @@ from lowbit.convert import (
     quantize,
 )
 from lowbit.eval import model_size
-from lowbit.export import export, export_compressed_tensors, export_hf_checkpoint, load_quantized
+from lowbit.export import (
+    export,
+    export_compressed_tensors,
+    export_hf_checkpoint,
+    load_quantized,
+    register_exporter,
+    unregister_exporter,
+)
+from lowbit.formats import register_codebook
 from lowbit.modules import register, unregister
 from lowbit.presets import (
     FP8_DEFAULT_CFG,
@@ -55,6 +64,7 @@ __all__ = [
     "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",
     "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
     "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",
-    "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save", "save_compressed",
-    "unregister",
+    "print_quant_summary", "quant_summary", "quantize", "register", "register_algorithm", "register_codebook",
+    "register_exporter", "restore", "save", "save_compressed", "unregister", "unregister_algorithm",
+    "unregister_exporter",
 ]

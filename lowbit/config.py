@@ -29,7 +29,7 @@ from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
 
 Pattern = str | Callable[[str], bool]
-ALGORITHM_METHODS = tuple(ALGORITHMS)
+ALGORITHM_METHODS = ALGORITHMS.keys()  # a live view: register_algorithm adds to it
 
 
 @dataclass(frozen=True)

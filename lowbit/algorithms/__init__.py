@@ -5,3 +5,7 @@ algorithms share ``layerwise`` (the layer-by-layer runner), ``scaling`` (folding
 layer before) and ``weights`` (weight-quantizer helpers). They build on ``lowbit.calibration`` (a
 calibration pass, max calibration) and on the per-tensor calibrators of ``lowbit.calib``.
 """
+
+from lowbit.algorithms.registry import register_algorithm, run_algorithm, unregister_algorithm
+
+__all__ = ["register_algorithm", "run_algorithm", "unregister_algorithm"]

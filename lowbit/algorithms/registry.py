@@ -35,6 +35,10 @@ awq_lite), instead of one scale per input group that folds into the norm. ``awq_
 take asymmetric integer weight quantizers too; ``awq_clip``/``awq_full`` symmetric ones only.
 
 Options are validated, and the weight quantizers checked, before the model is touched.
+
+Adding an algorithm is one file with its function ``(model, forward_loop, **options) -> list[LayerReport] | None``
+plus one line in ``ALGORITHMS`` and its defaults in ``DEFAULT_OPTIONS``; code outside lowbit calls
+``register_algorithm(name, function, defaults)``. Options are checked against the defaults' names and types.
 """
 
 from __future__ import annotations
@@ -167,6 +171,32 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
 }
+BUILT_IN = frozenset(ALGORITHMS)
+
+
+def register_algorithm(name: str, function: Callable[..., list[LayerReport] | None], defaults: dict,
+                       replace: bool = False) -> None:
+    """Make ``function(model, forward_loop, **options)`` the calibration algorithm ``name`` (for ``quantize``,
+    ``calibrate`` and configs' ``algorithm``), taking the options in ``defaults`` (each option's type is its
+    default's). It runs on a quantized model with calibration data, layer-wise or not as it likes."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r}: expected a non-empty string")
+    if not callable(function):
+        raise TypeError(f"algorithm {name!r}: function={function!r} is not callable")
+    if not isinstance(defaults, dict) or not all(isinstance(key, str) for key in defaults):
+        raise TypeError(f"algorithm {name!r}: defaults={defaults!r}: expected a dict of option names to defaults")
+    if name in ALGORITHMS and not replace:
+        raise ValueError(f"algorithm {name!r} is already registered; pass replace=True to replace it")
+    ALGORITHMS[name] = function
+    DEFAULT_OPTIONS[name] = dict(defaults)
+
+
+def unregister_algorithm(name: str) -> None:
+    """Remove an algorithm added with ``register_algorithm`` (built-in algorithms stay)."""
+    if name not in ALGORITHMS or name in BUILT_IN:
+        raise ValueError(f"algorithm {name!r} was not added with register_algorithm: "
+                         f"{sorted(set(ALGORITHMS) - BUILT_IN)}")
+    del ALGORITHMS[name], DEFAULT_OPTIONS[name]
 
 
 def run_algorithm(name: str, model: nn.Module, forward_loop: ForwardLoop | None,
