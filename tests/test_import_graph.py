@@ -152,6 +152,30 @@ def test_lowbit_has_no_import_cycle():
     assert not cycles, "import cycles in lowbit/:\n" + "\n".join(cycles)
 
 
+def package_graph(graph: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The module graph collapsed to ``lowbit``'s top-level packages and modules (``lowbit.calib.mse`` counts as
+    ``lowbit.calib``); edges inside one package are dropped."""
+    def top(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    collapsed: dict[str, dict[str, int]] = {top(name): {} for name in graph}
+    for name, imported in graph.items():
+        for target, line in imported.items():
+            if top(target) != top(name):
+                collapsed[top(name)].setdefault(top(target), line)
+    return collapsed
+
+
+def test_lowbit_packages_import_one_way():
+    """Layers, not only modules: no package imports one that imports it back (calib -> quantizer -> calib ...)."""
+    packages = package_graph(import_graph(PACKAGE))
+    assert {"lowbit.calib", "lowbit.algorithms", "lowbit.formats"} <= packages.keys()
+    cycles = [" -> ".join(cycle) for cycle in find_cycles(packages)]
+    assert not cycles, "import cycles between lowbit's packages:\n" + "\n".join(cycles)
+    assert package_graph({"p.a.x": {"p.b.y": 1}, "p.b.y": {"p.a.z": 2}, "p.a.z": {}}) == {
+        "p.a": {"p.b": 1}, "p.b": {"p.a": 2}}
+
+
 def test_the_known_layers_import_downwards():
     """Edges the structure rework removed stay removed (convert <-> algorithms, registry <-> attention)."""
     graph = import_graph(PACKAGE)

@@ -3,7 +3,7 @@
 1. The weights are max-calibrated, and ``forward_loop`` records, with a forward pre-hook, the inputs of
    the first decoder layer for each batch. It runs through the whole model (``max_calibrate``: every
    activation quantizer gets its max amax) only when some static activation quantizer is not an
-   analytic input quantizer of a linear in the decoder layers (``lowbit.calib.activation_ranges``);
+   analytic input quantizer of a linear in the decoder layers (``lowbit.algorithms.activation_ranges``);
    otherwise it stops at the first decoder layer.
 2. Then for each decoder layer, in order:
 
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.calib.activation_ranges import InputRanges
+from lowbit.algorithms.activation_ranges import InputRanges
 from lowbit.calibration import (
     calibrate_weight,
     calibrate_weights,
@@ -266,7 +266,7 @@ def check_layer_inputs(layer_inputs: str) -> str:
 
 def _ranges_measured_per_layer(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> bool:
     """True when every static activation quantizer of ``model`` is an analytic input quantizer of a linear
-    inside the block stacks (``lowbit.calib.activation_ranges``): the runner then measures each from its layer's
+    inside the block stacks (``lowbit.algorithms.activation_ranges``): the runner then measures each from its layer's
     inputs and no full max-calibration pass is needed."""
     covered = {id(q) for _, layers in stacks for layer in layers
                for q in InputRanges(row_weights(layer).values()).quantizers}

@@ -33,9 +33,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
 from lowbit.algorithms.layerwise import LayerReport, layer_errors, recalibrate_weights, tensor_quantizers
 from lowbit.algorithms.scaling import apply_input_scale
-from lowbit.calib.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
 from lowbit.calibration import calibrate_weights, calibration_pass, iter_quantizers
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.blocks import require_block_stacks
