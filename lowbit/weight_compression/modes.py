@@ -117,8 +117,7 @@ class LayerFormat:
     def attributes(self) -> QuantizerAttributeConfig:
         """The weight quantizer's attributes.
 
-        NF4 returns the int4 block view whose rounding ``lowbit.weight_compression.nf4.NF4Quantizer``
-        replaces with the NF4 table.
+        NF4 is the int4 block view rounded to the NF4 codebook (``lowbit.formats.nf4``).
         """
         num_bits = _NUM_BITS[self.mode]
         if self.mode == CompressWeightsMode.MXFP4:
@@ -126,8 +125,10 @@ class LayerFormat:
                 num_bits=num_bits, block_sizes={-1: MX_BLOCK_SIZE, "type": "dynamic", "scale_bits": (8, 0)}
             )
         granularity = {"axis": 0} if self.group_size == -1 else {"block_sizes": {-1: self.group_size}}
+        codebook = "nf4" if self.is_nf4 else None
         return QuantizerAttributeConfig(num_bits=num_bits, asymmetric=self.mode in ASYMMETRIC_MODES,
-                                        signed_scale=self.mode in SIGNED_SCALE_MODES, **granularity)
+                                        signed_scale=self.mode in SIGNED_SCALE_MODES, codebook=codebook,
+                                        **granularity)
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits to store an ``(out, in)`` weight: codes, plus each group's scale (and zero point).
