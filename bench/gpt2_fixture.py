@@ -16,11 +16,13 @@ for ``quantize()``. Variants:
 
 ``--grid-study`` adds where the INT4_SYM difference comes from, on the same windows: every Conv1D
 rounded in float (groups of 128 along the input dim of its ``(out, in)`` view; embeddings INT8 asymmetric
-per row as both libraries store them) with lowbit's grid (``amax = m * max|w|``, step ``amax / 7``, codes
+per row as both libraries store them) with lowbit's ModelOpt-style grid (``amax = m * max|w|``, step ``amax / 7``, codes
 -8..7) for ``m`` chosen per group by least squared weight error over ``m`` in ``[floor, 1]`` (steps of
 1/32), and with NNCF's signed scale (step ``max|w| / 8``, the group's largest magnitude mapped to code -8
 whatever its sign: a negative scale; compress_weights' INT4_SYM has used it since, through
-``lowbit.formats.quantize_int_signed_scale``).
+``lowbit.formats.quantize_int_signed_scale``), plain and with its step shrunk per group by ``m`` in ``[0.5, 1]``
+chosen by the least squared or the least largest absolute weight error (compress_weights' INT4_SYM takes the
+latter).
 
 Usage: python bench/gpt2_fixture.py [--max-tokens 16384] [--grid-study] [--model default] [--out bench/results]
 (needs nncf for its rows; ``--model default`` runs the same rows on the bundled Llama, for comparison)
@@ -112,6 +114,23 @@ def nncf_signed_grid(weight: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(groups / step), -8, 7) * step).reshape(weight.shape)
 
 
+def searched_signed_grid(weight: torch.Tensor, objective: str) -> torch.Tensor:
+    """:func:`nncf_signed_grid` with the step times ``m`` per group, ``m`` in ``[0.5, 1]`` (steps of 1/32) by the
+    least squared (``"squared"``) or least largest absolute (``"max_abs"``) weight error, smallest ``m`` on ties."""
+    groups = weight.reshape(weight.shape[0], -1, 128).double()
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    best, best_error = None, None
+    for m in [i / 32 for i in range(16, 33)]:
+        step = -extreme / 8 * m
+        candidate = torch.clamp(torch.round(groups / step), -8, 7) * step
+        delta = (candidate - groups).abs()
+        error = delta.square().sum(-1, keepdim=True) if objective == "squared" else delta.amax(-1, keepdim=True)
+        better = torch.ones_like(error, dtype=torch.bool) if best is None else error < best_error
+        best = candidate if best is None else torch.where(better, candidate, best)
+        best_error = error if best_error is None else torch.where(better, error, best_error)
+    return best.reshape(weight.shape).float()
+
+
 def int8_asymmetric_rows(weight: torch.Tensor) -> torch.Tensor:
     low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
     step = (high - low) / 255
@@ -189,6 +208,9 @@ def main() -> None:
             add(f"study: lowbit grid, m in [{floor}, 1]", lambda m, f=floor: rounded_in_float(
                 m, lambda w: lowbit_grid(w, f)))
         add("study: NNCF signed-scale grid", lambda m: rounded_in_float(m, nncf_signed_grid))
+        for objective in ("squared", "max_abs"):
+            add(f"study: signed grid, m in [0.5, 1] by {objective} error", lambda m, o=objective: rounded_in_float(
+                m, lambda w: searched_signed_grid(w, o)))
     context = run_context(["python", "bench/gpt2_fixture.py", *sys.argv[1:]])
     context["transformers"] = __import__("transformers").__version__
     try:
