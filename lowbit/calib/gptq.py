@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowbit import distributed
 from lowbit.calib.layerwise import LayerInputs, weights_reused
 from lowbit.calib.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.calib.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
@@ -258,10 +259,11 @@ def _quantize_column(quantizer: TensorQuantizer, column: Tensor, grid: Tensor) -
 
 
 def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: QuantizableWeight) -> Tensor:
-    """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped);
-    each weight on the way is fake-quantized once for all batches (``weights_reused``)."""
+    """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped) and
+    over all ranks (``lowbit.distributed``); each weight on the way is fake-quantized once for all batches
+    (``weights_reused``)."""
     accumulator = HessianAccumulator(linear.in_features, linear.weight.device)
     with weights_reused(layer):
         inputs.feed(layer, {name: linear}, lambda _n, x: accumulator.add(effective_input(linear, x)),
                     stop_after=linear)
-    return accumulator.hessian
+    return distributed.mean_over_rows(accumulator.hessian, accumulator.rows)[0]
