@@ -22,6 +22,8 @@ class HostBudget:
 
     def __init__(self, budget: int | None, directory: str | Path | None = None) -> None:
         self.left = budget
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         self.directory = Path(tempfile.mkdtemp(prefix="lowbit-activations-", dir=directory))
         self.peak_on_disk = 0
         self.on_disk = 0
