@@ -55,6 +55,16 @@ def is_active() -> bool:
     return _group.get() is not _NOT_ACTIVE
 
 
+def is_first_rank() -> bool:
+    """Whether this process is rank 0 of the calibration group, or calibration is not distributed: the one
+    that writes results."""
+    if not is_active():
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank(_group.get()) == 0
+
+
 def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
     """This rank's share of ``items``: every ``world_size``-th item from ``rank`` (default: the process
     group's). ValueError if some rank would get nothing."""

@@ -19,7 +19,8 @@ nor the host ever holds the whole model.
    with the source's config and tokenizer files (``lowbit.scale.output``).
 
 The quantizers equal the whole-model path's (same inputs, same operations, block by block). Distributed
-calibration (``lowbit.distributed.calibrating_across``) works here too: each rank passes its shard of the batches.
+calibration (``lowbit.distributed.calibrating_across``) works here too: each rank passes its shard of the batches,
+every rank calibrates every block, the first rank alone writes the output.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit import distributed
 from lowbit.calib.algorithms import layer_pass
 from lowbit.calib.layerwise import (
     LayerPass,
@@ -120,9 +123,10 @@ def quantize_layerwise(
     _check_outside(network, layers)
     budget = HostBudget(_activation_allowance(network, layers, host_memory_budget), offload_dir)
     result = LayerwiseResult(Path(output_dir))
+    writes = distributed.is_first_rank()  # distributed: every rank calibrates, the first writes
     try:
-        with atomic_directory(output_dir, WRITER, overwrite) as staging:
-            writer = PartWriter(staging)
+        with atomic_directory(output_dir, WRITER, overwrite) if writes else nullcontext() as staging:
+            writer = PartWriter(staging) if writes else None
             for name, module in _outside_modules(network, layers):
                 materialise(network, module, name, shards, device)
                 calibrate_weights(module)
@@ -133,11 +137,12 @@ def quantize_layerwise(
                 sweep.run(None, layer_inputs, full_pass, writer=None)
             result.layers = sweep.run(step, layer_inputs, full_pass, writer)
             first.hidden.close()
-            _write_outside(network, stack_name, writer)
-            writer.finish()
-            for file in SOURCE_FILES:
-                if (source / file).is_file():
-                    shutil.copy(source / file, staging / file)
+            if writer is not None:
+                _write_outside(network, stack_name, writer)
+                writer.finish()
+                for file in SOURCE_FILES:
+                    if (source / file).is_file():
+                        shutil.copy(source / file, staging / file)
     finally:
         result.activation_bytes_on_disk = budget.peak_on_disk
         budget.close()

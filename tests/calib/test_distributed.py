@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+import lowbit
 from lowbit import convert, distributed
 from lowbit.presets import get_preset
 
@@ -49,21 +51,34 @@ def _quantized_states(batches: list[torch.Tensor]) -> dict[str, dict[str, torch.
     return states
 
 
-def _rank(rank: int, rendezvous: str, output: str) -> None:
+def _layerwise(folder: str, batches: list[torch.Tensor], output: str) -> None:
+    """``quantize_layerwise`` of the checkpoint in ``folder`` with the AWQ config (block by block from the shards)."""
+    lowbit.quantize_layerwise(os.path.join(folder, "checkpoint"), _configs()["w4a8_awq_full"],
+                              [{"input_ids": batch} for batch in batches], output, dtype=torch.float32)
+
+
+def _rank(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     try:
         with distributed.calibrating_across():
             states = _quantized_states(distributed.shard(_batches()))
-        torch.save(states, os.path.join(output, f"rank{rank}.pt"))
+            _layerwise(folder, distributed.shard(_batches()), os.path.join(folder, "layerwise"))
+        torch.save(states, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def rank_states(tmp_path_factory):
+def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_rank, args=(str(folder / "rendezvous"), str(folder)), nprocs=WORLD, join=True)
+    tiny_llama(seed=3).save_pretrained(folder / "checkpoint")
+    mp.spawn(_rank, args=(str(folder),), nprocs=WORLD, join=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rank_states(folder):
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
@@ -105,6 +120,20 @@ def _assert_same_codes(states: dict, reference: dict) -> None:
         assert torch.equal(codes[0].round(), codes[1].round()), f"{weight_key}: GPTQ chose other codes"
         checked += 1
     assert checked == 14  # 7 linears in each of 2 layers
+
+
+def test_layerwise_two_ranks_write_what_one_process_writes_on_the_union(folder, tmp_path):
+    """The ranks run quantize_layerwise on their shards, the first writes; one process on the union writes the
+    same tensors (within 1e-6 relative, codes equal)."""
+    _layerwise(str(folder), _batches(), tmp_path / "union")
+    reference = load_file(tmp_path / "union" / "model.safetensors")
+    written = load_file(folder / "layerwise" / "model.safetensors")
+    assert written.keys() == reference.keys()
+    for key, value in reference.items():
+        if value.is_floating_point():
+            assert _relative_difference(written[key], value) <= 1e-6, key
+        else:
+            assert torch.equal(written[key], value), key
 
 
 def test_a_shard_alone_differs_from_the_union(rank_states):
