@@ -141,6 +141,7 @@ def main() -> None:
             raise SystemExit(f"{preset}: the run failed")
         line = next(line for line in result.stdout.splitlines() if line.startswith("MEMORY "))
         rows.append((preset, json.loads(line.removeprefix("MEMORY "))))
+        print(preset, rows[-1][1], flush=True)
     _report(args, presets, checkpoint, weight_bytes, budget, gpu_bytes, rows)
 
 

@@ -16,12 +16,12 @@ import shutil
 import struct
 from pathlib import Path
 
-from safetensors.torch import save_model
+import torch
 from torch import nn
 
 from lowbit.compress.serialization import STATE_FILE, TENSOR_FILE, compressed_state
 
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 16 << 20
 
 
 def _prefixed(prefix: str, name: str) -> str:
@@ -46,7 +46,7 @@ class PartWriter:
         for key in self.state:
             self.state[key].update({_prefixed(prefix, name): entry for name, entry in state[key].items()})
         file = self.parts_directory / f"part-{len(self.parts):05d}.safetensors"
-        save_model(module, str(file))
+        save_state(module.state_dict(), file)
         self.parts.append((prefix, file))
 
     def finish(self) -> int:
@@ -57,6 +57,49 @@ class PartWriter:
         size = join_safetensors(self.parts, self.directory / TENSOR_FILE)
         shutil.rmtree(self.parts_directory)
         return size
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
+                      torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_state(state: dict[str, torch.Tensor], file: Path) -> None:
+    """``state`` as a safetensors file, as ``safetensors.torch.save_model`` writes it (a tensor shared under
+    several names stored once, each dropped name mapped to the kept one in the metadata), but written tensor
+    by tensor from the tensors' own memory: no serialised copy of the whole part (a 368 MB embedding and
+    head then cost 368 MB, not twice that)."""
+    kept, metadata, seen = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            metadata[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = tensor.detach().cpu().contiguous()
+    header = {"__metadata__": metadata} if metadata else {}
+    names = sorted(kept, key=lambda n: -kept[n].element_size())  # largest elements first: every tensor aligned
+    offset = 0
+    for name in names:
+        tensor = kept[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors name")
+        length = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + length]}
+        offset += length
+    with open(file, "wb") as out:
+        _write_header(out, header)
+        for name in names:
+            if kept[name].numel():
+                out.write(kept[name].reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_header(out, header: dict) -> None:
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    out.write(struct.pack("<Q", len(encoded)))
+    out.write(encoded)
 
 
 def read_header(file: Path) -> tuple[dict, int]:
@@ -90,11 +133,8 @@ def join_safetensors(parts: list[tuple[str, Path]], target: Path) -> int:
         offset += length
     if metadata:
         header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     with open(target, "wb") as out:
-        out.write(struct.pack("<Q", len(encoded)))
-        out.write(encoded)
+        _write_header(out, header)
         for _, _, file, start, length in tensors:
             _copy_range(file, start, length, out)
     return target.stat().st_size

@@ -6,7 +6,8 @@ nor the host ever holds the whole model.
    norm, head, rotary embedding) get their weights on ``device``.
 2. Each calibration batch runs up to the first decoder block, whose call is recorded: its hidden states go to an
    activation store (host memory within the budget, disk beyond: ``lowbit.scale.activations``), the other
-   arguments (masks, position embeddings) stay on ``device``.
+   arguments (masks, position embeddings) stay on ``device``. The modules outside the blocks then move to the
+   host: the device holds one block (and its inputs) from here on.
 3. For each block in turn: its weights are read from the memory-mapped shards onto ``device``, weight-calibrated,
    and calibrated as the whole-model path does it (``max``: one pass with the activation quantizers collecting
    while the weights are fake-quantized, as ``lowbit.convert.max_calibrate``; a layer-wise algorithm:
@@ -127,10 +128,13 @@ def quantize_layerwise(
     try:
         with atomic_directory(output_dir, WRITER, overwrite) if writes else nullcontext() as staging:
             writer = PartWriter(staging) if writes else None
-            for name, module in _outside_modules(network, layers):
+            outside = _outside_modules(network, layers)
+            for name, module in outside:
                 materialise(network, module, name, shards, device)
                 calibrate_weights(module)
             first = _capture(network, layers[0], calib_data, ActivationStore(budget, device))
+            for _, module in outside:  # packed and written on the host at the end: the device keeps one block
+                module.to("cpu")
             sweep = _Sweep(network, stack_name, layers, first, shards, device, budget)
             full_pass = step is not None and not ranges_measured_per_layer(network, stacks)
             if full_pass:  # the whole model's max calibration first, as lowbit.quantize does
@@ -187,7 +191,7 @@ class _Sweep:
             if writer is not None:
                 _pack(layer)
                 writer.write(layer, prefix)
-                layer.to("meta")
+                self.layers[index] = nn.Module()  # written: dropped whole (packed layers keep kernel operands)
             else:
                 release(layer)
         if calls is not self.first:
