@@ -70,7 +70,7 @@ def save_state(state: dict[str, torch.Tensor], file: Path) -> None:
     by tensor from the tensors' own memory: no serialised copy of the whole part (a 368 MB embedding and
     head then cost 368 MB, not twice that)."""
     kept, metadata, seen = {}, {}, {}
-    for name, tensor in state.items():
+    for name, tensor in sorted(state.items()):  # of a shared tensor's names the first in order stays, as there
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if tensor.numel() and key in seen:
             metadata[name] = seen[key]

@@ -129,8 +129,8 @@ def quantize_layerwise(
         with atomic_directory(output_dir, WRITER, overwrite) if writes else nullcontext() as staging:
             writer = PartWriter(staging) if writes else None
             outside = _outside_modules(network, layers)
-            for name, module in outside:
-                materialise(network, module, name, shards, device)
+            materialise(network, network, "", shards, device, skip=layers)
+            for _, module in outside:
                 calibrate_weights(module)
             first = _capture(network, layers[0], calib_data, ActivationStore(budget, device))
             for _, module in outside:  # packed and written on the host at the end: the device keeps one block

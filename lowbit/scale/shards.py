@@ -3,9 +3,9 @@ Hugging Face directory.
 
 - :func:`meta_model`: the architecture of ``directory/config.json``, every parameter and buffer on the meta
   device (no memory);
-- :class:`SafetensorsShards`: which shard holds each tensor (``model.safetensors.index.json``, or the single
-  ``model.safetensors``); :meth:`SafetensorsShards.read` memory-maps the shards a part needs, copies its tensors
-  and closes them again, so the host holds the part's bytes only while they are copied;
+- :class:`SafetensorsShards`: where each tensor lies (the shards of ``model.safetensors.index.json``, or the
+  single ``model.safetensors``, from their headers); :meth:`SafetensorsShards.read` reads a part's tensors
+  straight into their own memory, so the host holds the part's bytes and nothing of the rest;
 - :func:`materialise`: a part's parameters (and persistent buffers) from the shards, on a device, in the
   parameter's dtype; non-persistent buffers (rotary ``inv_freq``) from the model's own ``_init_weights``;
 - :func:`release`: a part's parameters back on the meta device (its quantizers' calibrated state stays).
@@ -14,13 +14,16 @@ Hugging Face directory.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from lowbit.quantizer import TensorQuantizer
+from lowbit.scale.output import SAFETENSORS_DTYPES, read_header
+
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,33 +47,42 @@ class SafetensorsShards:
         index, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
         if index.is_file():
             try:
-                self.file_of = {name: self.directory / file for name, file in
-                                json.loads(index.read_text())["weight_map"].items()}
-            except (ValueError, KeyError, TypeError) as error:
+                files = sorted({self.directory / file for file in json.loads(index.read_text())["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
         elif single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                self.file_of = dict.fromkeys(handle.keys(), single)
+            files = [single]
         else:
             raise FileNotFoundError(f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE}: quantize_layerwise "
                                     "reads safetensors checkpoints")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, header entry)
+        for file in files:
+            try:
+                header, data_start = read_header(file)
+            except (OSError, ValueError, struct.error) as error:
+                raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
+            header.pop("__metadata__", None)
+            self.entries.update({name: (file, data_start, entry) for name, entry in header.items()})
 
     def __contains__(self, name: str) -> bool:
-        return name in self.file_of
+        return name in self.entries
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors (CPU, stored dtype), each shard memory-mapped only while its tensors are copied."""
-        missing = [name for name in names if name not in self.file_of]
+        """The named tensors (CPU, stored dtype), each read straight into its own memory: no mapping of the file,
+        whose pages would count as resident on top of the copy while it is made."""
+        missing = [name for name in names if name not in self.entries]
         if missing:
             raise KeyError(f"{self.directory}: the checkpoint has no tensor(s) {missing[:5]}")
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.file_of[name], []).append(name)
         tensors = {}
-        for file, wanted in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                for name in wanted:
-                    tensors[name] = handle.get_tensor(name).clone()  # a copy that outlives the mapping
+        for name in names:
+            file, data_start, entry = self.entries[name]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+            with open(file, "rb") as handle:
+                handle.seek(data_start + begin)
+                if tensor.numel() and handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise ValueError(f"{file}: truncated inside tensor {name!r}")
+            tensors[name] = tensor
         return tensors
 
 
@@ -78,48 +90,56 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def materialise(model: nn.Module, part: nn.Module, prefix: str, shards: SafetensorsShards,
-                device: torch.device) -> None:
-    """Give ``part`` (the module named ``prefix`` in ``model``, or a module outside the block stacks) its
-    parameters and persistent buffers from ``shards`` on ``device``, in place; tied parameters stay tied.
+def materialise(model: nn.Module, part: nn.Module, prefix: str, shards: SafetensorsShards, device: torch.device,
+                skip: nn.Module | None = None) -> None:
+    """Give ``part`` (the module named ``prefix`` in ``model``), less the modules inside ``skip``, its parameters
+    and persistent buffers from ``shards`` on ``device``, in place; tied parameters stay tied (a tensor stored
+    under one name, the head tied to the embedding, is read once).
 
     Non-persistent buffers still on the meta device come from ``model._init_weights`` (transformers computes
     rotary frequencies there). KeyError naming the tensor if the checkpoint lacks one.
     """
-    parameters = [(name, p) for name, p in part.named_parameters(remove_duplicate=False) if p.is_meta]
-    unique = {id(p): name for name, p in reversed(parameters)}  # first name of each tensor
-    loaded = shards.read([_qualified(prefix, name) for name in unique.values()])
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    modules = [(name, m) for name, m in part.named_modules(remove_duplicate=False) if id(m) not in skipped]
+    parameters = [(_qualified(owner, name), p) for owner, m in modules
+                  for name, p in m.named_parameters(recurse=False) if p.is_meta]
+    stored = {}  # id of each meta tensor -> a name of it the checkpoint holds
+    for name, parameter in parameters:
+        if id(parameter) not in stored or _qualified(prefix, name) in shards:
+            stored.setdefault(id(parameter), name)
+            if _qualified(prefix, name) in shards:
+                stored[id(parameter)] = name
+    loaded = shards.read([_qualified(prefix, name) for name in stored.values()])
     replacement = {}
-    for key, name in unique.items():
+    for key, name in stored.items():
         meta = dict(parameters)[name]
         value = loaded.pop(_qualified(prefix, name)).to(device=device, dtype=meta.dtype)
         replacement[key] = nn.Parameter(value, requires_grad=False)
     for name, parameter in parameters:
         owner, _, leaf = name.rpartition(".")
         setattr(part.get_submodule(owner), leaf, replacement[id(parameter)])
-    _materialise_buffers(model, part, prefix, shards, device)
+    for owner_name, owner in modules:
+        _materialise_buffers(model, owner, _qualified(prefix, owner_name), shards, device)
 
 
-def _materialise_buffers(model: nn.Module, part: nn.Module, prefix: str, shards: SafetensorsShards,
+def _materialise_buffers(model: nn.Module, owner: nn.Module, owner_name: str, shards: SafetensorsShards,
                          device: torch.device) -> None:
-    for owner_name, owner in part.named_modules():
-        meta = [name for name, b in owner.named_buffers(recurse=False) if b is not None and b.is_meta]
-        if not meta:
-            continue
-        stored = [name for name in meta if _qualified(prefix, _qualified(owner_name, name)) in shards]
-        values = shards.read([_qualified(prefix, _qualified(owner_name, name)) for name in stored])
-        for name in meta:
-            buffer = getattr(owner, name)
-            key = _qualified(prefix, _qualified(owner_name, name))
-            value = values[key].to(buffer.dtype) if key in values else torch.empty_like(buffer, device=device)
-            owner.register_buffer(name, value.to(device), persistent=name not in owner._non_persistent_buffers_set)
-        if len(stored) < len(meta):
-            initialise = getattr(model, "_init_weights", None)
-            if initialise is None or any(p.is_meta for p in owner.parameters(recurse=False)):
-                raise ValueError(f"{_qualified(prefix, owner_name)}: buffers {meta} are neither in the checkpoint "
-                                 "nor computed by the model's _init_weights")
-            with torch.no_grad():
-                initialise(owner)
+    """``owner``'s own meta buffers: from the checkpoint, else from ``model._init_weights(owner)``."""
+    meta = [name for name, b in owner.named_buffers(recurse=False) if b is not None and b.is_meta]
+    if not meta:
+        return
+    values = shards.read([_qualified(owner_name, name) for name in meta if _qualified(owner_name, name) in shards])
+    for name in meta:
+        buffer, key = getattr(owner, name), _qualified(owner_name, name)
+        value = values[key].to(buffer.dtype) if key in values else torch.empty_like(buffer, device=device)
+        owner.register_buffer(name, value.to(device), persistent=name not in owner._non_persistent_buffers_set)
+    if len(values) < len(meta):
+        initialise = getattr(model, "_init_weights", None)
+        if initialise is None or any(p.is_meta for p in owner.parameters(recurse=False)):
+            raise ValueError(f"{owner_name}: buffers {meta} are neither in the checkpoint nor computed by the "
+                             "model's _init_weights")
+        with torch.no_grad():
+            initialise(owner)
 
 
 def release(part: nn.Module) -> None:

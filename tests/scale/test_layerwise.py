@@ -78,6 +78,20 @@ def test_bundled_model_same_quantizers_as_whole_model(bundled, tmp_path, name, c
         assert torch.equal(loaded(**batches[0]).logits, whole(**batches[0]).logits)
 
 
+def test_gpt2_fixture_tied_embeddings_single_file(tmp_path):
+    """GPT-2: one model.safetensors, Conv1D weights, the head tied to the token embedding (not in the file)."""
+    model, _ = assets.load_gpt2_model()
+    generator = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 24), generator=generator)}
+               for _ in range(2)]
+    config = lowbit.get_preset("FP8_DEFAULT_CFG")
+    whole = _whole_model(model, copy.deepcopy(config), batches)
+    lowbit.quantize_layerwise(assets.gpt2_model_path(), config, batches, tmp_path / "out", dtype=torch.float32)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    reference = {k: v for k, v in whole.state_dict().items() if k != "transformer.wte.weight"}  # tied: stored
+    _assert_same_state(written, reference)  # once, under the name save_compressed keeps
+
+
 # ---- a tiny sharded Llama --------------------------------------------------------------------------------------
 
 
