@@ -366,7 +366,8 @@ def collecting_statistics(quantizers: list[TensorQuantizer], across_ranks: bool 
         quantizer.disable_quant()
     try:
         yield
-        seen = [quantizer._calibrator is not None for quantizer in quantizers]
+        if across_ranks:
+            seen = [_saw_data(quantizer) for quantizer in quantizers]
         for quantizer in quantizers:
             quantizer.load_calib_amax()
         if across_ranks:
@@ -386,6 +387,13 @@ def _check_combinable(quantizers: list[TensorQuantizer]) -> None:
         if not config.is_dynamic and not config.asymmetric and method != "max":
             raise ValueError(f"calibrator {method!r} ({config.format_name}) cannot be combined over ranks "
                              "(distributed calibration takes max calibrators and asymmetric min/max ranges)")
+
+
+def _saw_data(quantizer: TensorQuantizer) -> bool:
+    """Whether ``quantizer`` collected anything in this calibration (a view of an expert quantizer, which
+    collects into its parent, counts as having seen data when it has an amax)."""
+    calibrator = getattr(quantizer, "_calibrator", None) if "_calibrator" in quantizer.__dict__ else quantizer.amax
+    return calibrator is not None
 
 
 def _combine_across_ranks(quantizers: list[TensorQuantizer], seen: list[bool]) -> None:
