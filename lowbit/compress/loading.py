@@ -100,7 +100,7 @@ class _Loader:
         amin, amax = _weight_statistics(attributes, fmt, weight)
         self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
         if weight.device.type == "cpu":
-            _return_freed_host_memory()
+            return_freed_host_memory()
         return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
 
     def on_experts_parameter(self, module: nn.Module, projection: str, param: nn.Parameter):
@@ -158,7 +158,7 @@ class _Loader:
             )
 
 
-def _return_freed_host_memory() -> None:
+def return_freed_host_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
 
     Each chunk's float32 temporaries are a few MB: glibc serves them from its heap, between the small

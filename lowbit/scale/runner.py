@@ -52,6 +52,7 @@ from lowbit.calib.layerwise import (
 from lowbit.compress import compress
 from lowbit.compress.convert import compressible_linears
 from lowbit.compress.experts import compressible_experts
+from lowbit.compress.loading import return_freed_host_memory
 from lowbit.config import QuantizeConfig, parse_config
 from lowbit.convert import calibrate_weights, quantize, static_activation_quantizers
 from lowbit.files import atomic_directory, check_writable
@@ -67,7 +68,11 @@ logger = logging.getLogger(__name__)
 WRITER = "lowbit.quantize_layerwise"
 SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-RESIDENT_BLOCKS = 3  # a block's weights, their fake-quantized copy (reused over a pass) and the packed result
+# Host memory a block takes at its peak, in blocks' weights (calibration dtype). On the CPU the block runs there:
+# weights, their fake-quantized copy reused over a pass, float32 temporaries of calibration and packing; measured
+# 7.6x (FP8 max, Llama hidden 1024, bench/results/layerwise_cpu_2026-12-07.md). On an accelerator the host holds
+# the block as read, on its way to the device, and the packed result on its way to the file.
+RESIDENT_BLOCKS = {"cpu": 8, "accelerator": 2}
 
 
 @dataclass
@@ -100,10 +105,11 @@ def quantize_layerwise(
     ``calib_data``: the batches (dicts of model inputs, e.g. ``lowbit.data.calibration_batches``); ``device``:
     where each block runs; ``dtype``: of the weights while calibrating (default: the checkpoint's
     ``config.json`` dtype); ``host_memory_budget``: bytes of host memory for the run's tensors (None: no limit):
-    the modules outside the blocks and three blocks' weights are reserved (ValueError if the budget is
-    smaller), the rest holds activations, which go to files under ``offload_dir`` (default: the system's
-    temporary directory) beyond it. Algorithms: ``max`` and the layer-wise ones (``awq_lite``, ``awq_clip``,
-    ``awq_full``, ``gptq``, ``scale_estimation``); ``smoothquant`` needs the whole model.
+    the modules outside the blocks and a block at its peak (``RESIDENT_BLOCKS`` blocks' weights) are reserved
+    (ValueError if the budget is smaller), the rest holds activations, which go to files under ``offload_dir``
+    (default: the system's temporary directory) beyond it. Algorithms: ``max`` and the layer-wise ones
+    (``awq_lite``, ``awq_clip``, ``awq_full``, ``gptq``, ``scale_estimation``); ``smoothquant`` needs the whole
+    model.
     """
     start = time.perf_counter()
     config = parse_config(config)
@@ -122,7 +128,7 @@ def quantize_layerwise(
                          f"{type(network).__name__} has {[name for name, _ in stacks]}")
     stack_name, layers = stacks[0]
     _check_outside(network, layers)
-    budget = HostBudget(_activation_allowance(network, layers, host_memory_budget), offload_dir)
+    budget = HostBudget(_activation_allowance(network, layers, host_memory_budget, device), offload_dir)
     result = LayerwiseResult(Path(output_dir))
     writes = distributed.is_first_rank()  # distributed: every rank calibrates, the first writes
     try:
@@ -194,6 +200,7 @@ class _Sweep:
                 self.layers[index] = nn.Module()  # written: dropped whole (packed layers keep kernel operands)
             else:
                 release(layer)
+            return_freed_host_memory()  # glibc keeps the block's freed temporaries otherwise (measured +186 MB)
         if calls is not self.first:
             calls.hidden.close()
         return report
@@ -323,15 +330,17 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _activation_allowance(network: nn.Module, layers: nn.ModuleList, budget: int | None) -> int | None:
-    """Host bytes left for activations: the budget less the modules outside the blocks and
-    ``RESIDENT_BLOCKS`` blocks' weights (in the calibration dtype); ValueError when that is negative."""
+def _activation_allowance(network: nn.Module, layers: nn.ModuleList, budget: int | None,
+                          device: torch.device) -> int | None:
+    """Host bytes left for activations: the budget less the modules outside the blocks and ``RESIDENT_BLOCKS``
+    blocks' weights (in the calibration dtype); ValueError when that is negative."""
     if budget is None:
         return None
-    reserved = _bytes(network) - _bytes(layers) + RESIDENT_BLOCKS * max(_bytes(layer) for layer in layers)
+    blocks = RESIDENT_BLOCKS["cpu" if device.type == "cpu" else "accelerator"]
+    reserved = _bytes(network) - _bytes(layers) + blocks * max(_bytes(layer) for layer in layers)
     if reserved > budget:
         raise ValueError(f"host_memory_budget={budget} bytes is below the {reserved} bytes the run holds besides "
-                         f"activations (the modules outside the blocks and {RESIDENT_BLOCKS} blocks' weights)")
+                         f"activations (the modules outside the blocks and {blocks} blocks' weights at their peak)")
     return budget - reserved
 
 

@@ -148,7 +148,8 @@ def test_activations_on_disk_beyond_the_budget(tiny, tmp_path):
     directory, model, batches = tiny
     config = _awq_int4(16)
     in_memory = lowbit.quantize_layerwise(directory, config, batches, tmp_path / "ram", dtype=torch.float32)
-    reserved = 4 * (128 * 64 * 2 + 64) + 3 * 4 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)
+    # float32: embedding, head and final norm, then 8 blocks (q, o; k, v half size; gate, up, down; 2 norms)
+    reserved = 4 * (128 * 64 * 2 + 64) + 8 * 4 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)
     activation_bytes = 2 * 16 * 64 * 4  # one batch's hidden states, float32
     on_disk = lowbit.quantize_layerwise(directory, config, batches, tmp_path / "disk", dtype=torch.float32,
                                         host_memory_budget=reserved + 3 * activation_bytes,
