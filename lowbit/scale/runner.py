@@ -11,7 +11,7 @@ nor the host ever holds the whole model.
 3. For each block in turn: its weights are read from the memory-mapped shards onto ``device``, weight-calibrated,
    and calibrated as the whole-model path does it (``max``: one pass with the activation quantizers collecting
    while the weights are fake-quantized, as ``lowbit.convert.max_calibrate``; a layer-wise algorithm:
-   ``lowbit.calib.layerwise.calibrate_block``, the same step ``lowbit.quantize`` runs); its outputs, stored as
+   ``lowbit.algorithms.layerwise.calibrate_block``, the same step ``lowbit.quantize`` runs); its outputs, stored as
    above, are the next block's inputs. The block is then packed (``lowbit.compress``), written to its own file,
    and its weights go back to the meta device. A config with static activation quantizers that are not analytic
    input ranges (a KV-cache quantizer, a percentile calibrator) needs, before a layer-wise algorithm, the max
@@ -40,8 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit import distributed
-from lowbit.calib.algorithms import layer_pass
-from lowbit.calib.layerwise import (
+from lowbit.algorithms.layerwise import (
     LayerPass,
     LayerReport,
     calibrate_block,
@@ -49,12 +48,14 @@ from lowbit.calib.layerwise import (
     tensor_quantizers,
     weights_reused,
 )
+from lowbit.algorithms.registry import layer_pass
+from lowbit.calibration import calibrate_weights, static_activation_quantizers
 from lowbit.compress import compress
 from lowbit.compress.convert import compressible_linears
 from lowbit.compress.experts import compressible_experts
 from lowbit.compress.loading import return_freed_host_memory
 from lowbit.config import QuantizeConfig, parse_config
-from lowbit.convert import calibrate_weights, quantize, static_activation_quantizers
+from lowbit.convert import quantize
 from lowbit.files import atomic_directory, check_writable
 from lowbit.modules import is_quantized
 from lowbit.quantizer import collecting_statistics
