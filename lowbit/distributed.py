@@ -9,8 +9,9 @@ Inside :func:`calibrating_across` the calibration code combines, at the point wh
 
 - running maxima (activation ``amax`` of max calibrators, asymmetric ``amin``/``amax``, the per-channel input
   maxima behind analytic input ranges and SmoothQuant): elementwise max (min for ``amin``) over ranks;
-- GPTQ / scale-estimation Hessians ``H_r = 2 X_r^T X_r / n_r``: ``H = sum_r n_r H_r / sum_r n_r``, the
-  Hessian of the union of the rows;
+- GPTQ / scale-estimation Hessians: the float64 sums of the batches' ``X_b^T X_b`` and the row counts, summed,
+  so ``H = 2 sum_b X_b^T X_b / n`` is the Hessian of the union of the rows, to float32 rounding the same
+  whatever the split;
 - AWQ's statistics: ``sum |x|`` and its token count, and the Gram matrix of the sampled rows, summed; the rows
   sampled per batch are chosen from the number of batches over all ranks, so the samples are those one
   process would take on the union of the data; AWQ's clip search gathers every rank's sampled rows.
@@ -97,15 +98,6 @@ def sum_tensor(tensor: Tensor) -> Tensor:
     total = tensor.clone()
     dist.all_reduce(total, group=_group.get())
     return total
-
-
-def mean_over_rows(mean: Tensor, rows: int) -> tuple[Tensor, int]:
-    """``(sum_r rows_r * mean_r / sum_r rows_r, sum_r rows_r)``: a per-row average over the rows of all ranks
-    (a Hessian ``2 X^T X / n``); a rank without rows adds nothing."""
-    if not is_active():
-        return mean, rows
-    total = sum_count(rows)
-    return sum_tensor(mean * rows) / max(total, 1), total
 
 
 def elementwise_max(tensors: list[Tensor | None], minimum: bool = False) -> list[Tensor | None]:

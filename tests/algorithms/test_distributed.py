@@ -1,10 +1,10 @@
 """Distributed calibration (``lowbit.distributed``): 2 gloo processes on CPU, each with half of the batches, end
 with the quantizers one process gets on all the batches.
 
-Reference: the same quantization in this process on the union of the data. Tolerances: amax, pre_quant_scale
-and the AWQ-scaled weights within 1e-6 relative (the union's statistics are summed in another order: float32
-rounding); GPTQ: the same integer codes, amax and weights within 1e-5 (measured 2e-6); the two ranks
-bit-identical to each other (every rank combines the same gathered statistics).
+Reference: the same quantization in this process on the union of the data. Tolerances: amax, pre_quant_scale,
+the AWQ-scaled and GPTQ-updated weights within 1e-6 relative (the union's statistics are summed in another
+order), GPTQ's integer codes equal; the two ranks bit-identical to each other (every rank combines the same
+gathered statistics).
 """
 
 import copy
@@ -96,17 +96,16 @@ def test_two_ranks_match_one_process_on_the_union(rank_states):
         assert any(key.endswith("input_quantizer.amax") for key in calibrated) or config == "int4_gptq", config
         for key, value in reference.items():
             assert torch.equal(first[key], second[key]), f"{config} {key}: the ranks differ"
-            tolerance = 1e-5 if config == "int4_gptq" else 1e-6  # GPTQ's amax: of the error-updated weights
-            assert _relative_difference(first[key], value) <= tolerance, f"{config} {key}"
+            assert _relative_difference(first[key], value) <= 1e-6, f"{config} {key}"
         if config == "int4_gptq":
             _assert_same_codes(first, reference)
 
 
 def _assert_same_codes(states: dict, reference: dict) -> None:
     """GPTQ's weights sit on their groups' grids (``w = k * amax / 7``, ``k`` an integer in [-8, 7]): the
-    integer codes ``k`` are identical (the values differ only by their groups' amax, by 2e-6 relative: GPTQ
-    takes a group's amax from the weights updated with the errors before it, and the Hessian differs by its
-    summation order)."""
+    integer codes ``k`` are identical. (Before the Hessian's batch sums were kept in float64, a float32
+    summation order changed it by 1e-7, the amax by 2e-6 and, on the bundled model, a code in
+    layers.4.mlp.down_proj, whose error GPTQ then carried along the row: 0.26 of the weight's max.)"""
     checked = 0
     for key in reference:
         if not key.endswith("weight_quantizer.amax"):
