@@ -15,7 +15,8 @@ when it loads them.) Each expert's projection becomes one exported layer: its we
 its weight quantizer that expert's share of the stacked quantizer (``ExpertQuantizer.expert``) with the gate
 and up halves of a per-channel / per-block ``amax`` split by rows (a per-tensor ``amax`` applies to both),
 its input quantizer that expert's input quantizer (gate and up share it). Experts whose weight quantizer is
-disabled, and experts never quantized, are written in float under the same names. Other model types with
+disabled, and experts never quantized, are written in float under the same names; the routers (``<block>.gate``)
+are listed as unquantized layers, since vLLM builds them as linears. Other model types with
 fused experts, experts with biases and two-stage (W4A8) expert weights are refused, naming the module.
 """
 
@@ -92,6 +93,19 @@ def fused_keys(model: nn.Module) -> set[str]:
     """The state-dict keys of the fused 3-D expert Parameters, which the per-expert tensors replace."""
     return {f"{name}.{projection}" for name, module in fused_experts(model) for projection in
             expert_projections(module)}
+
+
+def router_names(model: nn.Module) -> list[str]:
+    """Checkpoint names of the MoE routers (``<block>.gate``, not an ``nn.Linear`` in transformers 5, so never
+    quantized): vLLM builds them as linear layers, so the exports list them as unquantized."""
+    rename = checkpoint_renamer(model)
+    names = []
+    for name, _ in fused_experts(model):
+        block = name.rpartition(".")[0]
+        router = getattr(model.get_submodule(block), "gate", None) if block else None
+        if isinstance(getattr(router, "weight", None), torch.Tensor) and not isinstance(router, nn.Linear):
+            names.append(rename(f"{block}.gate"))
+    return names
 
 
 def _row_half(quantizer: TensorQuantizer, half: int, name: str) -> TensorQuantizer:

@@ -26,7 +26,7 @@ from torch import nn
 from lowbit import formats
 from lowbit.compress.convert import linear_weight
 from lowbit.compress.packed import PackedWeight, WeightFormat, quantize_weight
-from lowbit.export.experts import checkpoint_renamer, expert_projections_of, fused_keys
+from lowbit.export.experts import checkpoint_renamer, expert_projections_of, fused_keys, router_names
 from lowbit.modules import is_quantized
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 
@@ -161,7 +161,7 @@ def quantized_linears(model: nn.Module) -> tuple[dict[str, QuantizedLinear], lis
         input_quantizer, pre_quant_scale = _input_quantizer(expert.input_quantizer)
         layers[expert.name] = QuantizedLinear(expert.name, model, expert.weight.detach(), (expert.weight_quantizer,),
                                               input_quantizer, pre_quant_scale)
-    return layers, excluded
+    return layers, excluded + router_names(model)
 
 
 def kv_cache_quantizers(model: nn.Module) -> dict[str, tuple[TensorQuantizer, TensorQuantizer]]:

@@ -6,6 +6,7 @@ computed here in float64) equal to the matching rows of lowbit's fake-quantized 
 roundings (the divisor's and lowbit's division)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -48,6 +49,9 @@ def test_experts_are_written_per_expert_with_lowbit_weights(build, target, tmp_p
                 values = weight.double() * scale.double().reshape(-1, 1)
                 assert torch.all((values - reference).abs() <= 2.0**-22 * reference.abs())  # 2 roundings
     assert f"model.layers.0.{block}.gate.weight" in state  # the router, renamed with its block
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    ignored = config.get("ignore", config.get("exclude_modules", []))
+    assert f"model.layers.1.{block}.gate" in ignored  # vLLM builds routers as linears: listed as unquantized
 
 
 def test_unquantized_experts_are_written_per_expert_in_float(tmp_path):
