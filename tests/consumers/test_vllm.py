@@ -32,7 +32,7 @@ CASES = [
     "compressed-tensors W4A16 g128 GPTQ",
     "compressed-tensors FP8",
     pytest.param("modelopt MIXED_PRECISION", marks=pytest.mark.xfail(
-        strict=True, reason="vLLM 0.32 CPU: MIXED_PRECISION parses, no kernel for a second ModelOpt format (measured)")),
+        strict=True, reason="vLLM 0.32 CPU: MIXED_PRECISION parses; no kernel for a second ModelOpt format")),
 ]
 
 
