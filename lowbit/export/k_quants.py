@@ -112,7 +112,7 @@ def snap_k_quant_scales(model: nn.Module) -> list[str]:
         amax = quantizer.amax.detach()
         steps = _super_blocks(amax.double().reshape(amax.shape[0], -1) / qmax, kind, name)
         d, sc = _grid(steps, kind, name)
-        snapped = (d.double()[..., None] * sc * qmax).float()  # exact: at most 11 + 7 + 3 significant bits
+        snapped = (d.double()[..., None] * sc * qmax).float()  # exact: at most 11 + 7 + 5 significant bits
         quantizer.set_amax(snapped.reshape(amax.shape))
         changed.append(name)
     return changed
