@@ -54,6 +54,9 @@ PRESETS = {
     "nvfp4_wo": "W4A16_NVFP4_CFG",
     "fp8_w8a8": "FP8_DEFAULT_CFG",
     "ceiling": None,
+    "torchao_int4": None,
+    "torchao_int8_wo": None,
+    "torchao_fp8": None,
 }
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB = 32000
@@ -73,6 +76,21 @@ class TiledInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat(*([1] * (x.dim() - 1)), self.repeats)[..., : self.out_features]
+
+
+def torchao_config(fmt: str):
+    """torchao's recipe for a ``torchao_*`` row: int4 g128 on its tinygemm layout (``tile_packed_to_4d``; its
+    default ``plain`` layout needs fbgemm-gpu-genai), int8 weight-only per channel, fp8 e4m3 W8A8 per row."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    return {"torchao_int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+            "torchao_int8_wo": Int8WeightOnlyConfig,
+            "torchao_fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())}[fmt]()
 
 
 def random_llama(args, device: str) -> nn.Module:
@@ -102,6 +120,11 @@ def build(model_name: str, fmt: str, args) -> nn.Module:
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in DECODER_LINEARS:
                 model.set_submodule(name, TiledInput(module.in_features, module.out_features))
+    elif fmt.startswith("torchao_"):
+        from torchao.quantization import quantize_
+
+        quantize_(model, torchao_config(fmt),
+                  filter_fn=lambda module, name: name.rsplit(".", 1)[-1] in DECODER_LINEARS)
     elif PRESETS[fmt] is not None:
         batch = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(SEED))
         config = copy.deepcopy(getattr(lowbit, PRESETS[fmt]))
