@@ -7,6 +7,8 @@ faster than ``w4_matmul``. ``UNROLL``: consecutive steps of 128 per loop iterati
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -108,6 +110,7 @@ def _w4_gemv_kernel(
                   workspace_ptr, counter_ptr, N, 0, HAS_BIAS, SPLIT_K)
 
 
+@functools.cache  # a pure function of the shape, asked on every call
 def default_gemv_config(n: int, k: int) -> dict:
     """Launch configuration of ``w4_gemv`` (bench/results/kernels_h100_notes.md; H100): 64-row tiles, 4 warps,
     4 steps (256 contiguous bytes of each weight row; 2 where the steps per program are not a multiple of 4)
@@ -122,6 +125,7 @@ def default_gemv_config(n: int, k: int) -> dict:
 GEMV_MIN_STEPS = 32  # steps of 128 per program under default_gemv_config from which w4_gemv beats w4_matmul
 
 
+@functools.cache  # a pure function of the shape, asked on every call
 def prefers_gemv(n: int, k: int) -> bool:
     """Whether ``w4_gemv`` is the faster kernel for one row of an (N, K) weight on H100: only with long K ranges
     per program (bench/results/kernels_h100_notes.md: 8192 x 28672, 32 steps, 77.9 us against 82.2 us of

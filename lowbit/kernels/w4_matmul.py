@@ -18,6 +18,8 @@ consecutive steps per loop iteration (64 * UNROLL contiguous bytes of every weig
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -97,6 +99,7 @@ def _w4_matmul_kernel(
                   stride_om, HAS_BIAS, SPLIT_K)
 
 
+@functools.cache  # a pure function of the shape, asked on every call
 def default_config(m: int, n: int, k: int, group_size: int) -> dict:
     """Launch configuration for an (M, K) x (N, K) product (bench/results/kernels_h100_notes.md; H100).
 
