@@ -9,7 +9,9 @@ from the same seed: no copy of the dense model is needed); ``bundled`` is ``lowb
 Each format quantizes the bf16 model with its preset (``max`` calibration on one seeded batch of 64 random
 tokens) and ``compress``es it. The ``ceiling`` row replaces every decoder Linear by ``TiledInput`` (its input
 repeated to the output width, no weight read): what a weight kernel of zero cost would leave of the model's
-per-token work.
+per-token work. The ``torchao_*`` rows apply torchao's recipes (``torchao_config``) to the same decoder Linears
+(``quantize_``; torchao is never a lowbit dependency: on the GPU machine it travels as a wheel), so every lowbit
+format is compared with every torchao path in the same run.
 
 Protocol: HF ``generate`` (greedy, ``--new-tokens`` new tokens after a ``--prompt``-token seeded prompt, batch 1,
 end-of-sequence ignored), with ``--compile`` a static cache (transformers compiles the decode step: Inductor,
@@ -63,6 +65,7 @@ VOCAB = 32000
 SEED = 0
 HOST_SHAPE = 256
 HOST_CALLS = 2000
+STARTED = time.monotonic()
 
 
 class TiledInput(nn.Module):
@@ -133,6 +136,12 @@ def build(model_name: str, fmt: str, args) -> nn.Module:
     return model
 
 
+def past_deadline(args) -> bool:
+    """Whether ``--deadline`` seconds have passed since the script started (a lease-limited run stops adding
+    formats and rounds there, keeping what it measured)."""
+    return args.deadline is not None and time.monotonic() - STARTED > args.deadline
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -200,6 +209,10 @@ def run_model(model_name: str, args) -> list[dict]:
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator).to(args.device)
     long_prompt = torch.randint(0, vocab, (1, args.prefill), generator=generator).to(args.device)
     for fmt, model in list(models.items()):  # warm-up (compilation), peak memory
+        if fmt != "bf16" and past_deadline(args):  # bf16 is every ratio's baseline
+            failed.append({"model": model_name, "format": fmt, "tok/s": "skipped: --deadline reached before warm-up"})
+            del models[fmt]
+            continue
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -218,6 +231,9 @@ def run_model(model_name: str, args) -> list[dict]:
     speed = {fmt: [] for fmt in formats}
     prefill = {fmt: [] for fmt in formats}
     for repeat in range(args.repeats):
+        if repeat and past_deadline(args):
+            print(f"--deadline reached: {repeat} rounds", flush=True)
+            break
         for fmt, model in models.items():
             speed[fmt].append(args.new_tokens / generate_seconds(model, prompt, args))
             prefill[fmt].append(prefill_seconds(model, long_prompt, args.device))
@@ -229,7 +245,7 @@ def run_model(model_name: str, args) -> list[dict]:
         ratio = statistics.median(s / b for s, b in zip(speed[fmt], speed["bf16"], strict=True))
         prefill_ratio = statistics.median(b / s for s, b in zip(prefill[fmt], prefill["bf16"], strict=True))
         row = {"model": model_name, "format": fmt, "tok/s": round(statistics.median(speed[fmt]), 1),
-               "x bf16": round(ratio, 2),
+               "x bf16": round(ratio, 2), "rounds": len(speed[fmt]),
                f"prefill {args.prefill} ms": round(statistics.median(prefill[fmt]) * 1e3, 1),
                "prefill x bf16": round(prefill_ratio, 2)}
         if ceiling is not None and fmt not in ("bf16", "ceiling"):
@@ -270,6 +286,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU intra-op threads")
     parser.add_argument("--compile", action="store_true", help="static cache: transformers compiles the decode step")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no further format warms up and no further round starts")
     parser.add_argument("--stem", default=None, help="results file stem (default e2e_<device>)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
