@@ -14,12 +14,14 @@ per-token work. The ``torchao_*`` rows apply torchao's recipes (``torchao_config
 format is compared with every torchao path in the same run.
 
 Protocol: HF ``generate`` (greedy, ``--new-tokens`` new tokens after a ``--prompt``-token seeded prompt, batch 1,
-end-of-sequence ignored), with ``--compile`` a static cache (transformers compiles the decode step: Inductor,
-CUDA graphs) else the default dynamic cache, eager. One warm-up generate per model, then ``--repeats`` rounds; each
-round times every format once, in a fixed order, so that the machine's load falls on all of them alike. Per
-round, each format's tok/s (new tokens over the generate's wall time, its short prefill included) is divided by
-bf16's in the same round; the table gives the median tok/s and the median of those per-round ratios. Prefill:
-the wall time of one eager forward over ``--prefill`` tokens (median of the rounds, ratio bf16 time / format's).
+end-of-sequence ignored), with ``--compile`` a static cache (on CUDA transformers compiles the decode step:
+Inductor, CUDA graphs, ``fullgraph=True`` so that a graph break fails the row; on the CPU transformers compiles
+nothing, so there the rows are the static cache, eager) else the default dynamic cache, eager. One warm-up generate
+per model, then ``--repeats`` rounds; each round times every format once, in a fixed order, so that the machine's
+load falls on all of them alike. Per round, each format's tok/s (new tokens over the generate's wall time, its
+short prefill included) is divided by bf16's in the same round; the table gives the median tok/s and the median of
+those per-round ratios. Prefill: the wall time of one eager forward over ``--prefill`` tokens (median of the
+rounds, ratio bf16 time / format's).
 ``host us/call``: a compressed layer of the format at 256 x 256 called 2000 times on one activation row, each
 call timed alone with no synchronisation (on CUDA the launch returns at once; the kernel's own time is far
 under the host's at that shape), median call (robust to the calls a loaded machine preempts); the bf16 row
@@ -151,7 +153,9 @@ def generate_seconds(model: nn.Module, prompt: torch.Tensor, args) -> float:
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                    pad_token_id=0)
     if args.compile:
-        options["cache_implementation"] = "static"
+        from transformers import CompileConfig
+
+        options.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True))
     synchronize(args.device)
     started = time.perf_counter()
     with torch.inference_mode():
