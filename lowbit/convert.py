@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.calib.algorithms import DATA_FREE
 from lowbit.config import QuantizeConfig, check_calibrate_all_experts, parse_config
 from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.experts import routing_all_tokens, warn_starved_experts
@@ -119,7 +120,7 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
     unmatched = config.unmatched_patterns([(full, parents) for _, _, _, full, parents, _ in plan])
     for pattern in unmatched:
         warnings.warn(f"quant_cfg pattern {pattern!r} matches no quantizer in the model", stacklevel=2)
-    if config.algorithm not in (None, "max") and forward_loop is None:
+    if config.algorithm not in (None, *DATA_FREE) and forward_loop is None:
         raise ValueError(f"forward_loop is None, but algorithm {config.algorithm!r} needs calibration data")
     if config.algorithm is not None and forward_loop is None and _needs_activation_data(plan):
         raise ValueError(
@@ -162,7 +163,7 @@ def report_coverage(model: nn.Module) -> None:
 def _check_blocks(model: nn.Module, plan, algorithm) -> None:
     """Block-wise algorithms need repeated blocks holding planned quantizers: a clear error before conversion."""
     name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
-    if name in (None, "max"):
+    if name in (None, *DATA_FREE):
         return
     planned = {id(module) for _, module, _, _, _, attributes in plan if attributes is not None}
     require_block_stacks(model, f"algorithm {name!r}",

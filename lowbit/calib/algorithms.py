@@ -16,6 +16,7 @@ awq_full          awq_lite's and awq_clip's options                             
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
                   scale_estimation=False
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
+hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
 
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
@@ -47,6 +48,7 @@ from torch import nn
 from lowbit.attributes import check_type
 from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
 from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.calib.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_weights
 from lowbit.calib.layerwise import (
     LayerInputs,
     LayerReport,
@@ -81,7 +83,9 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
              "scale_estimation": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
+    "hqq": dict(HQQ_OPTIONS),
 }
+DATA_FREE = ("max", "hqq")  # the algorithms that run without calibration data (weight-only configs)
 
 
 def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
@@ -173,6 +177,7 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "awq_full": _awq_full,
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
+    "hqq": hqq,
 }
 
 
@@ -207,6 +212,8 @@ def check_options(name: str, options: dict) -> dict:
     for key in ("max_tokens", "max_clip_tokens", "block_size"):
         if options.get(key, 1) < 1:
             raise ValueError(f"algorithm {name!r}: {key}={options[key]!r} must be a positive int")
+    if name == "hqq":
+        check_hqq_options(options)
     if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
@@ -236,6 +243,9 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
     """The checks that need the model and the data (``check_options`` has checked the options), before
     anything runs."""
     if name == "max":
+        return
+    if name == "hqq":
+        hqq_weights(model)
         return
     if forward_loop is None:
         raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
