@@ -31,6 +31,7 @@ from lowbit.quantizer import (
     quantization_off,
     reusing_outputs,
 )
+from lowbit.rotation.quarot import check_rotation_options, rotate
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
 from lowbit.structure.weights import weights_by_slot
@@ -256,9 +257,10 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
     """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...).
 
     Every method takes ``calibrate_all_experts`` (default False): fused MoE experts then see every calibration
-    token for their statistics, outputs unchanged (``lowbit.modules.experts``). Experts that saw no token
-    are named in a warning at the end. Layer-wise algorithms log each decoder layer's output MSE before and
-    after on the ``lowbit`` logger.
+    token for their statistics, outputs unchanged (``lowbit.modules.experts``); and ``rotate`` (default False):
+    QuaRot's rotations fused into the weights first (``lowbit.rotation.quarot``; float outputs unchanged).
+    Experts that saw no token are named in a warning at the end. Layer-wise algorithms log each decoder
+    layer's output MSE before and after on the ``lowbit`` logger.
     """
     if isinstance(algorithm, dict):
         options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
@@ -267,6 +269,9 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
         return model
     all_experts = options.pop("calibrate_all_experts", False)
     check_calibrate_all_experts(all_experts)
+    rotation = check_rotation_options(options.pop("rotate", False))
+    if rotation is not None:
+        rotate(model, **rotation)
     with routing_all_tokens(model, all_experts):
         _run_calibration(model, algorithm, forward_loop, options)
     warn_starved_experts(model)
