@@ -19,6 +19,9 @@ scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"    
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
 
+``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
+quantizers, data-free.
+
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
 layer calibrated on the float model's activations, as ModelOpt and NNCF do) or ``"quantized"`` (on the
 outputs of the already quantized layers before it); see ``lowbit.calib.layerwise``.
@@ -47,6 +50,12 @@ from torch import nn
 
 from lowbit.attributes import check_type
 from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.calib.block_scale_search import (
+    BLOCK_SCALE_SEARCH_OPTIONS,
+    block_scale_search,
+    check_block_scale_search_options,
+    searchable_weights,
+)
 from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
 from lowbit.calib.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_weights
 from lowbit.calib.layerwise import (
@@ -84,8 +93,9 @@ DEFAULT_OPTIONS: dict[str, dict] = {
              "scale_estimation": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
+    "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
 }
-DATA_FREE = ("max", "hqq")  # the algorithms that run without calibration data (weight-only configs)
+DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
 
 
 def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
@@ -178,6 +188,7 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
     "hqq": hqq,
+    "block_scale_search": block_scale_search,
 }
 
 
@@ -214,6 +225,8 @@ def check_options(name: str, options: dict) -> dict:
             raise ValueError(f"algorithm {name!r}: {key}={options[key]!r} must be a positive int")
     if name == "hqq":
         check_hqq_options(options)
+    if name == "block_scale_search":
+        check_block_scale_search_options(options)
     if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
@@ -246,6 +259,9 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         return
     if name == "hqq":
         hqq_weights(model)
+        return
+    if name == "block_scale_search":
+        searchable_weights(model, options["search"])
         return
     if forward_loop is None:
         raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")

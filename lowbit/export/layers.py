@@ -65,7 +65,8 @@ class QuantizedLinear:
         stage = self.stages[0]
         amax = None if stage.amax is None else stage.amax.detach()
         amin = None if stage.amin is None else stage.amin.detach()
-        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
+        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin,
+                               block_amax=stage.block_amax)
 
     def block_dims(self) -> tuple[int, int] | None:
         """(rows, columns) of a 2-D weight block config ({-2: rows, -1: columns}), else None."""
