@@ -14,7 +14,7 @@ awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,      
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
-                  scale_estimation=False
+                  scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
@@ -57,7 +57,7 @@ from lowbit.calib.block_scale_search import (
     searchable_weights,
 )
 from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
-from lowbit.calib.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_weights
+from lowbit.calib.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_linear_range, hqq_weights
 from lowbit.calib.layerwise import (
     LayerInputs,
     LayerReport,
@@ -90,7 +90,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "awq_clip": {**AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
-             "scale_estimation": False, **LAYERWISE_OPTIONS},
+             "scale_estimation": False, "hqq": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
@@ -167,10 +167,12 @@ def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, sca
     return run_layerwise(model, forward_loop, layer_pass, description, watch, layer_inputs)
 
 
-def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation, layer_inputs):
+def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation, hqq,
+          layer_inputs):
+    estimate_range = hqq_linear_range if hqq else _range_estimator(scale_estimation)
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                         static_groups=static_groups, estimate_range=_range_estimator(scale_estimation))
-    description = "gptq" + ("+scale_estimation" if scale_estimation else "")
+                         static_groups=static_groups, estimate_range=estimate_range)
+    description = "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else "")
     return run_layerwise(model, forward_loop, layer_pass, description, layer_inputs=layer_inputs)
 
 
@@ -227,6 +229,8 @@ def check_options(name: str, options: dict) -> dict:
         check_hqq_options(options)
     if name == "block_scale_search":
         check_block_scale_search_options(options)
+    if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
+        raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
     if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
@@ -289,6 +293,7 @@ def _scale_estimation_options(name: str, options: dict) -> dict | None:
 def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: QuantizableWeight,
                             full_name: str) -> None:
     """ValueError if the algorithm cannot work on this linear's (enabled) weight quantizer."""
+    estimates = estimates or options.get("hqq", False)
     if estimates:
         estimation_group_size(linear, full_name)
     if name in ("awq_clip", "awq_full"):

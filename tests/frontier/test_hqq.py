@@ -98,3 +98,42 @@ def test_hqq_errors_name_the_problem():
     with pytest.raises(ValueError, match="lp_norm=1.5"):
         lowbit.parse_config({**lowbit.get_preset("INT3_BLOCKWISE_WEIGHT_ONLY_CFG"),
                              "algorithm": {"method": "hqq", "lp_norm": 1.5}})
+
+
+class OneBlock(nn.Module):
+    """A stack of one block holding one linear: what GPTQ's layer-by-layer runner walks."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.layers = nn.ModuleList([int3_model(weight)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def test_gptq_keeps_hqq_grid_as_its_fixed_groups():
+    from lowbit.calib.gptq import gptq_quantize
+
+    weight = outlier_weights(16, 256, seed=5).float()
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 256, generator=generator) * (1 + 4 * torch.rand(256, generator=generator))
+    model = OneBlock(weight)
+    config = {**lowbit.get_preset("INT3_BLOCKWISE_WEIGHT_ONLY_CFG"), "algorithm": {"method": "gptq", "hqq": True}}
+    config["quant_cfg"]["*weight_quantizer"]["block_sizes"] = {-1: 128, "type": "static"}
+    lowbit.quantize(model, config, lambda m: m(x[None]))
+    grid = IntGrid(3, asymmetric=True)
+    groups = weight.reshape(16, 2, 128)
+    amin, amax, _ = hqq_grid(grid, groups, grid.own_range(groups))
+    linear = model.layers[0][0]
+    torch.testing.assert_close(linear.weight_quantizer.amin.reshape(16, 2, 1), amin, rtol=1e-6, atol=1e-7)
+    # the codes are GPTQ's on that grid: the same as gptq_quantize given the grid as fixed groups
+    hessian = 2 * x.T.double() @ x.double() / x.shape[0]
+    bounds = torch.stack([amin, amax])  # (2, out, groups, 1)
+    fixed = [bounds[:, :, k:k + 1] for k in range(2)]
+    expected = gptq_quantize(weight, hessian.float(), group_amax=None,
+                             quantize_column=lambda column, g: grid.fake_quant(column[:, None],
+                                                                               *g.reshape(2, -1, 1))[:, 0],
+                             group_size=128, fixed_groups=fixed)
+    torch.testing.assert_close(linear.weight.detach(), expected.weight, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="hqq=True and scale_estimation"):
+        lowbit.parse_config({**config, "algorithm": {"method": "gptq", "hqq": True, "scale_estimation": True}})
