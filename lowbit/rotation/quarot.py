@@ -13,8 +13,8 @@ Row convention: a linear computes ``y = x W^T`` on rows ``x``; ``R`` is orthogon
    head is rotated the same way, and ``o_proj`` takes ``W_o <- W_o R2`` on each head's columns.
 4. Down-projection input, ``R4`` (intermediate size, ``down_proj=True``): ``W_down <- W_down R4`` and the
    input rotated online, ``x <- x R4``, by a forward pre-hook on ``down_proj`` (QuaRot's online Hadamard:
-   ``act(gate) * up`` has no weight of its own to absorb it). The hook is part of the model in memory:
-   exporters write the rotated weights only, so a model rotated with ``down_proj=True`` must be run here.
+   ``act(gate) * up`` has no weight of its own to absorb it). The hook is part of the model in memory only:
+   saving or exporting such a model is refused (:func:`check_no_online_rotation`).
 
 Each ``R`` is a :class:`lowbit.rotation.hadamard.RandomHadamard` (seeded signs); the products are taken in
 float64 and stored in the weights' dtype. Supported: decoder-only models with ``model.embed_tokens``,
@@ -150,6 +150,15 @@ def rotate(model: nn.Module, seed: int = 0, attention: bool = True, down_proj: b
             _rotate_reader(down, rotation)
             down.register_forward_pre_hook(OnlineRotation(rotation))
     return model
+
+
+def check_no_online_rotation(model: nn.Module, what: str) -> None:
+    """ValueError naming the first module with an online rotation (``down_proj=True``): ``what`` (a save or an
+    export) would write its weights without the rotation of its input, and the saved model would be wrong."""
+    for name, module in model.named_modules():
+        if any(isinstance(hook, OnlineRotation) for hook in module._forward_pre_hooks.values()):
+            raise ValueError(f"{what}: {name} rotates its input online (QuaRot's down_proj Hadamard), which the "
+                             "saved model cannot carry; quantize with rotate={'down_proj': False} to save or export")
 
 
 def check_rotation_options(options: dict | bool) -> dict | None:

@@ -97,3 +97,16 @@ def test_rotate_option_of_any_algorithm_rotates_before_calibration():
     assert (logits - reference).norm() / reference.norm() < 1e-4
     with pytest.raises(ValueError, match="rotate got unknown options \\['sede'\\]"):
         lowbit.parse_config({**config, "algorithm": {"method": "max", "rotate": {"sede": 1}}})
+
+
+def test_saving_or_exporting_an_online_rotation_is_refused(tmp_path):
+    import lowbit
+
+    model, _ = load_default_model()
+    config = lowbit.get_preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
+    config["algorithm"] = {"method": "max", "rotate": True}
+    lowbit.quantize(model, config)
+    with pytest.raises(ValueError, match="lowbit.save: model.layers.0.mlp.down_proj rotates its input online"):
+        lowbit.save(model, tmp_path / "saved")
+    with pytest.raises(ValueError, match="export to hf: model.layers.0.mlp.down_proj"):
+        lowbit.export(model, tmp_path / "exported", "hf")
