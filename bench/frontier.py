@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    part = "" if args.formats is None else "_" + "_".join(f.split()[0].lower() for f in args.formats)
+    part = "" if args.formats is None else "_" + "_".join(f.replace(" ", "_").lower() for f in args.formats)
     path = args.out / f"frontier_{args.model}{part}_{context['date'][:10]}.md"
     path.write_text(text, encoding="utf-8")
     print(f"written to {path}")
