@@ -3,6 +3,11 @@ NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and N
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
                              [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--out bench/results]
+    python bench/frontier.py --combine bench/results/STEM RUN.jsonl [RUN.jsonl ...]
+
+Each run writes ``<out>/frontier_<model>[_<formats>]_<date>.md`` and ``.jsonl`` (its records); ``--combine``
+renders one report (``STEM.md`` and ``.jsonl``) from the records of several runs of one model, e.g. one per
+format run one after the other on a shared machine.
 
 Formats: W4A16 g128 (INT4 symmetric, the RTN baseline of the targets), W3A16 g128 and W2A16 g64 (asymmetric
 integers, ``INT3_/INT2_BLOCKWISE_WEIGHT_ONLY_CFG``), W4A4 NVFP4 and W4A4 MXFP4 (lowbit's presets, dynamic
@@ -23,6 +28,8 @@ lowbit entry is below every peer's at each format. Options are the defaults; not
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -174,7 +181,7 @@ def matrix_rows(all_cases: list[Case], results: list[Measurement], baseline: Mea
             text = "n/a"
         else:
             ratio = result.cpu_seconds / rtn[case.format] if rtn.get(case.format) else float("nan")
-            text = f"{result.kl:.4f} / {result.as_row(baseline)['delta']:+.3f} / {ratio:.1f}x"
+            text = f"{result.kl:.3g} / {result.as_row(baseline)['delta']:+.3f} / {ratio:.1f}x"
         cells.setdefault(case.config, {})[case.format] = text
     return [{"method": method, **{f: row.get(f, "-") for f in FORMATS}} for method, row in cells.items()]
 
@@ -188,16 +195,19 @@ def verdicts(all_cases: list[Case], results: list[Measurement], baseline: Measur
         found = [(k[2], kl, d) for k, (kl, d) in scores.items() if k[0] == format and k[1] == library]
         return min(found, key=lambda item: item[1]) if found else None
 
-    lines = ["Targets (best lowbit entry by KL; its perplexity delta beside):", ""]
+    lines = ["Targets, by KL (the best lowbit entry by KL) and by perplexity delta (the best by delta):", ""]
     for format, base_format, target in TARGETS:
         top, rtn = best(format, "lowbit"), scores.get((base_format, "lowbit", "RTN"))
         if top is None or rtn is None:
             lines.append(f"- {format} <= {target}x {base_format} RTN: not measured")
             continue
-        by_kl, by_ppl = top[1] / rtn[0], top[2] / rtn[1]
-        lines.append(f"- {format} <= {target}x {base_format} RTN: best `{top[0]}` KL {top[1]:.4f} = {by_kl:.2f}x "
-                     f"({'holds' if by_kl <= target else 'fails'}); d ppl {top[2]:+.3f} = {by_ppl:.2f}x "
-                     f"({'holds' if by_ppl <= target else 'fails'})")
+        by_kl = top[1] / rtn[0]
+        best_delta = min((d, m) for (f, lib, m), (_, d) in scores.items() if f == format and lib == "lowbit")
+        by_ppl = (f"best d ppl `{best_delta[1]}` {best_delta[0]:+.3f} = {best_delta[0] / rtn[1]:.2f}x "
+                  f"({'holds' if best_delta[0] / rtn[1] <= target else 'fails'})" if rtn[1] > 0 else
+                  f"d ppl: n/a (RTN's d ppl {rtn[1]:+.3f} is not above 0)")
+        lines.append(f"- {format} <= {target}x {base_format} RTN: best `{top[0]}` KL {top[1]:.3g} = {by_kl:.2f}x "
+                     f"({'holds' if by_kl <= target else 'fails'}; its d ppl {top[2]:+.3f}); {by_ppl}")
     lines += ["", "Best lowbit entry vs each peer's best, by KL:", ""]
     for format in FORMATS:
         ours = best(format, "lowbit")
@@ -205,13 +215,77 @@ def verdicts(all_cases: list[Case], results: list[Measurement], baseline: Measur
             theirs = best(format, library)
             if ours and theirs:
                 verdict = "below" if ours[1] < theirs[1] else "NOT below"
-                lines.append(f"- {format}: lowbit `{ours[0]}` {ours[1]:.4f} {verdict} {library} `{theirs[0]}` "
-                             f"{theirs[1]:.4f} (d ppl {ours[2]:+.3f} vs {theirs[2]:+.3f})")
+                lines.append(f"- {format}: lowbit `{ours[0]}` {ours[1]:.3g} {verdict} {library} `{theirs[0]}` "
+                             f"{theirs[1]:.3g} (d ppl {ours[2]:+.3f} vs {theirs[2]:+.3f})")
     return lines
+
+
+def report(model: str, context: dict, runs: list[dict], baseline: Measurement, selected: list[Case],
+           results: list[Measurement]) -> str:
+    """The Markdown report: each run's command, machine and workload, then the tables and the verdicts."""
+    run_lines = [f"- run: `{run['command']}` on {run['machine']}, load average at the end {run['load_average']}; "
+                 f"{run['workload']}; {run['versions']}" for run in runs]
+    return "\n".join([
+        f"# Accuracy frontier (4 bits and below), model `{model}`, {context['date'][:10]}",
+        "",
+        f"- report: `{context['command']}`",
+        *run_lines,
+        f"- float perplexity {baseline.perplexity:.3f}; shared machine: times are one run each, indicative",
+        "- cells: mean per-token KL(float || quantized) in nats / perplexity delta / calibration + quantization "
+        "time (process CPU time, all threads) as a multiple of RTN's at the same format",
+        "",
+        "```",
+        format_table(matrix_rows(selected, results, baseline)),
+        "```",
+        "",
+        *verdicts(selected, results, baseline),
+        "",
+        "Every case, by format then KL:",
+        "",
+        "```",
+        format_table(detail_rows(selected, results, baseline)),
+        "```",
+        "",
+    ])
+
+
+def write_results(out: Path, stem: str, text: str, records: list[dict]) -> None:
+    """``stem.md`` (the report) and ``stem.jsonl`` (the run records then one record per case, for --combine)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text, encoding="utf-8")
+    (out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    print(text)
+    print(f"written to {out / stem}.md and .jsonl")
+
+
+def read_records(paths: list[Path]) -> tuple[list[dict], Measurement, list[Case], list[Measurement]]:
+    """The runs, the float baseline and the cases with their measurements from ``--combine``'s files."""
+    runs, baseline, selected, results = [], None, [], []
+    known = {(c.format, c.library, c.config): c for c in cases()}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "command" in record:
+                runs.append(record)
+                baseline = Measurement("none", "original", record["float_perplexity"])
+            elif (record["format"], record["library"], record["config"]) not in {
+                    (c.format, c.library, c.config) for c in selected}:
+                selected.append(known[(record["format"], record["library"], record["config"])])
+                results.append(Measurement(**{k: v for k, v in record.items() if k != "format"}))
+    order = sorted(range(len(selected)), key=lambda i: list(known.values()).index(selected[i]))
+    return runs, baseline, [selected[i] for i in order], [results[i] for i in order]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--combine"]:  # --combine OUT_STEM FILE.jsonl ...: one report from several runs of one model
+        runs, baseline, selected, results = read_records([Path(p) for p in argv[2:]])
+        context = run_context(["python", "bench/frontier.py", *argv])
+        model = runs[0]["model"]
+        records = runs + [{"format": c.format, **dataclasses.asdict(r)} for c, r in zip(selected, results, strict=True)]
+        write_results(Path(argv[1]).parent, Path(argv[1]).name, report(model, context, runs, baseline, selected,
+                                                                      results), records)
+        return 0
     args, selected = parse_bench_args(__doc__.split("\n\n")[0], argv, cases(), 1, "unused: one run per case",
                                       eval_tokens=2048)
     formats = {case.format for case in selected}
@@ -229,38 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.format} | {case.config}: {results[-1]}", flush=True)
     context = run_context(["python", "bench/frontier.py", *argv])
     versions = ", ".join(f"{lib} {library_version(lib) or 'not installed'}" for lib in LIBRARY_PACKAGES)
-    text = "\n".join([
-        f"# Accuracy frontier (4 bits and below), model `{args.model}`, {context['date'][:10]}",
-        "",
-        f"- command: `{context['command']}`",
-        f"- machine: {context['machine']}; load average at the end: {context['load_average']} (shared machine: "
-        "times are one run each, indicative)",
-        f"- versions: python {context['python']}, torch {context['torch']}, {versions}",
-        f"- workload: {len(workload.calibration)} calibration batches of 8 x 256 tokens, scored on the first "
-        f"{workload.eval_tokens} held-out tokens (seq_len 256, stride 128); float perplexity "
-        f"{baseline.perplexity:.3f}",
-        "- cells: mean per-token KL(float || quantized) in nats / perplexity delta / calibration + quantization "
-        "time (process CPU time, all threads) as a multiple of RTN's at the same format",
-        "",
-        "```",
-        format_table(matrix_rows(selected, results, baseline)),
-        "```",
-        "",
-        *verdicts(selected, results, baseline),
-        "",
-        "Every case, by format then KL:",
-        "",
-        "```",
-        format_table(detail_rows(selected, results, baseline)),
-        "```",
-        "",
-    ])
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = {"command": context["command"], "machine": context["machine"], "load_average": context["load_average"],
+           "versions": f"python {context['python']}, torch {context['torch']}, {versions}",
+           "model": args.model, "float_perplexity": baseline.perplexity,
+           "workload": f"{len(workload.calibration)} calibration batches of 8 x 256 tokens, scored on the first "
+                       f"{workload.eval_tokens} held-out tokens (seq_len 256, stride 128)"}
     part = "" if args.formats is None else "_" + "_".join(f.replace(" ", "_").lower() for f in args.formats)
-    path = args.out / f"frontier_{args.model}{part}_{context['date'][:10]}.md"
-    path.write_text(text, encoding="utf-8")
-    print(f"written to {path}")
+    records = [run] + [{"format": c.format, **dataclasses.asdict(r)} for c, r in zip(selected, results, strict=True)]
+    write_results(args.out, f"frontier_{args.model}{part}_{context['date'][:10]}",
+                  report(args.model, context, [run], baseline, selected, results), records)
     return 0
 
 
