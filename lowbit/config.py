@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
-from lowbit.calib.algorithms import ALGORITHMS, check_options
 from lowbit.rotation.quarot import check_rotation_options
 
 Pattern = str | Callable[[str], bool]
-ALGORITHM_METHODS = tuple(ALGORITHMS)
+ALGORITHM_METHODS = ALGORITHMS.keys()  # a live view: register_algorithm adds to it
 COMMON_OPTIONS = ("calibrate_all_experts", "rotate")  # options every method takes
 
 

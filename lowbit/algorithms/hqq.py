@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import formats
-from lowbit.calib.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
+from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
+from lowbit.calibration import max_calibrate
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
 
@@ -137,8 +138,6 @@ def hqq_weights(model: nn.Module) -> dict[str, QuantizableWeight]:
 def hqq(model: nn.Module, forward_loop=None, **options) -> None:
     """Max calibration (activations need ``forward_loop`` if static), then HQQ on every enabled weight
     quantizer; the weights themselves are not changed."""
-    from lowbit.convert import max_calibrate  # lowbit.convert imports the algorithms
-
     weights = hqq_weights(model)
     max_calibrate(model, forward_loop)
     for name, weight in weights.items():

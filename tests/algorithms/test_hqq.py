@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.calib.hqq import hqq_grid, hqq_step, shrink_lp
-from lowbit.calib.scale_estimation import IntGrid
+from lowbit.algorithms.hqq import hqq_grid, hqq_step, shrink_lp
+from lowbit.algorithms.scale_estimation import IntGrid
 
 
 def outlier_weights(rows=16, columns=128, seed=0):
@@ -112,7 +112,7 @@ class OneBlock(nn.Module):
 
 
 def test_gptq_keeps_hqq_grid_as_its_fixed_groups():
-    from lowbit.calib.gptq import gptq_quantize
+    from lowbit.algorithms.gptq import gptq_quantize
 
     weight = outlier_weights(16, 256, seed=5).float()
     generator = torch.Generator().manual_seed(6)

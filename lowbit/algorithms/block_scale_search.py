@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit import formats
+from lowbit.calibration import max_calibrate
 from lowbit.formats.scale_search import MX_METHODS, NVFP4_METHODS, mx_block_amax, nvfp4_block_amax
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.groups import row_weights
@@ -66,8 +67,6 @@ def check_block_scale_search_options(options: dict) -> None:
 
 def block_scale_search(model: nn.Module, forward_loop=None, search: str = "mse") -> None:
     """Max calibration, then the per-block scale search of every NVFP4 / MX weight (module docstring)."""
-    from lowbit.convert import max_calibrate  # lowbit.convert imports the algorithms
-
     weights = searchable_weights(model, search)
     max_calibrate(model, forward_loop)
     for weight in weights.values():
