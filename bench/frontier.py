@@ -203,10 +203,10 @@ def verdicts(all_cases: list[Case], results: list[Measurement], baseline: Measur
             continue
         by_kl = top[1] / rtn[0]
         best_delta = min((d, m) for (f, lib, m), (_, d) in scores.items() if f == format and lib == "lowbit")
-        by_ppl = (f"best d ppl `{best_delta[1]}` {best_delta[0]:+.3f} = {best_delta[0] / rtn[1]:.2f}x "
+        by_ppl = (f"best d ppl `{best_delta[1]}` {best_delta[0]:+.3f} = {best_delta[0] / rtn[1]:.3f}x "
                   f"({'holds' if best_delta[0] / rtn[1] <= target else 'fails'})" if rtn[1] > 0 else
                   f"d ppl: n/a (RTN's d ppl {rtn[1]:+.3f} is not above 0)")
-        lines.append(f"- {format} <= {target}x {base_format} RTN: best `{top[0]}` KL {top[1]:.3g} = {by_kl:.2f}x "
+        lines.append(f"- {format} <= {target}x {base_format} RTN: best `{top[0]}` KL {top[1]:.3g} = {by_kl:.3f}x "
                      f"({'holds' if by_kl <= target else 'fails'}; its d ppl {top[2]:+.3f}); {by_ppl}")
     lines += ["", "Best lowbit entry vs each peer's best, by KL:", ""]
     for format in FORMATS:
