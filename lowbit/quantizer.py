@@ -27,7 +27,7 @@ from torch import nn
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
 
-STATE_BUFFERS = ("amax", "amin", "pre_quant_scale")
+STATE_BUFFERS = ("amax", "amin", "pre_quant_scale", "block_amax")
 PER_TENSOR = QuantizerAttributeConfig()
 
 
@@ -97,8 +97,9 @@ class TensorQuantizer(nn.Module):
     ``q = TensorQuantizer(QuantizerAttributeConfig(num_bits=4, block_sizes={-1: 128})); y = q(x)``.
 
     Buffers: ``amax`` (float32, shape of the reduced view, absent until calibrated), ``amin``
-    (asymmetric only) and ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
-    set by SmoothQuant / AWQ).
+    (asymmetric only), ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
+    set by SmoothQuant / AWQ) and ``block_amax`` (NVFP4 / MX weights only: per-block maxima chosen by a
+    scale search, ``lowbit.formats.scale_search``, used in place of each block's own).
     """
 
     def __init__(self, config: QuantizerAttributeConfig | dict | None = None):
@@ -164,6 +165,7 @@ class TensorQuantizer(nn.Module):
     def reset_amax(self) -> None:
         self.amax = None
         self.amin = None
+        self.block_amax = None
         self._calibrator = None
 
     def _amax_view(self, shape: torch.Size) -> BlockView:
@@ -268,9 +270,10 @@ class TensorQuantizer(nn.Module):
         amax = self.amax if amax is None else amax
         amin = self.amin if amin is None else amin
         if cfg.block_scale_bits == (4, 3):
-            return formats.fake_quant_nvfp4(x, global_amax=amax)
+            return formats.fake_quant_nvfp4(x, global_amax=amax, block_amax=self.block_amax)
         if cfg.block_scale_bits == (8, 0):
-            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1])
+            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1],
+                                         block_amax=self.block_amax)
         view = BlockView(cfg, x.shape)
         data = view.to_view(x)
         if amax is None or cfg.is_dynamic:

@@ -67,7 +67,8 @@ class QuantizedLinear:
         stage = self.stages[0]
         amax = None if stage.amax is None else stage.amax.detach()
         amin = None if stage.amin is None else stage.amin.detach()
-        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
+        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin,
+                               block_amax=stage.block_amax)
 
     def weight_step(self, maxbound: float) -> torch.Tensor:
         """The first stage's float32 step per scale group in its view shape, as checkpoints store ``weight_scale``:
