@@ -1,0 +1,181 @@
+"""auto_quantize: per-layer formats chosen to minimise the estimated loss under an effective-bits budget.
+
+    model, state = lowbit.auto_quantize(model, constraints={"effective_bits": 4.8},
+                                        quantization_formats=["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"],
+                                        data_loader=batches, forward_step=lambda m, b: m(**b),
+                                        loss_func=lambda out, b: out.loss)
+
+1. Validate everything and compute every module's bits per format from shapes and configs
+   (``lowbit.search.cost``); a budget outside [all searched layers in their cheapest format, 16] is an
+   error here, before the model is touched.
+2. Calibrate each format with its own algorithm over every searched module, keeping each module's
+   state per format (``lowbit.search.calibrated``), on the first ``num_calib_steps`` batches.
+3. Trace one batch for the decision groups (fused q/k/v, gate/up, one MoE layer's experts:
+   ``lowbit.search.candidates``).
+4. Score each group in each format on the first ``num_score_steps`` batches (``lowbit.search.scores``).
+5. Solve the multiple-choice knapsack exactly (``lowbit.search.solver``), apply the choice.
+
+Returns ``(model, SearchState)``; the state saves to JSON and re-applies with :func:`apply_search_state`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lowbit.search.calibrated import CalibratedModules
+from lowbit.search.candidates import (
+    DEFAULT_DISABLED_LAYERS,
+    NONE,
+    SearchFormat,
+    decision_groups,
+    search_formats,
+    searched_modules,
+)
+from lowbit.search.cost import COST_MODELS, ModuleCost, expert_ratio, module_costs
+from lowbit.search.scores import METHODS, gradient_scores, kl_scores
+from lowbit.search.state import GroupState, SearchState, check_budget
+
+CONSTRAINT_KEYS = ("effective_bits", "auto_quantize_bits", "cost_model", "cost")
+
+
+def auto_quantize(
+    model: nn.Module,
+    constraints: dict | None = None,
+    quantization_formats: list | None = None,
+    data_loader: Iterable | None = None,
+    forward_step: Callable | None = None,
+    loss_func: Callable | None = None,
+    method: str = "gradient",
+    num_calib_steps: int = 512,
+    num_score_steps: int = 128,
+    disabled_layers: str | list[str] | None = DEFAULT_DISABLED_LAYERS,
+) -> tuple[nn.Module, SearchState]:
+    """Choose a format (or none) per decision group of ``model`` under ``constraints`` (module docstring).
+
+    ``constraints``: ``{"effective_bits": b}`` (``"auto_quantize_bits"`` is the same key, ModelOpt's older
+    name), optional ``"cost_model": "weight" | "active_moe"`` and ``"cost": {"active_moe_expert_ratio": r}``
+    (``lowbit.search.cost``). ``quantization_formats``: preset names or config dicts (default NVFP4 + FP8).
+    ``data_loader``: a re-iterable of batches; ``forward_step(model, batch)`` returns the output;
+    ``loss_func(output, batch)`` a scalar loss (``method="gradient"``; ``"kl_div"`` needs none and wants
+    logits from ``forward_step``). ``disabled_layers``: module-name wildcards kept float (default: MoE routers).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    constraints = dict(constraints or {"effective_bits": 4.8})
+    bits = _budget(constraints)
+    _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps)
+    formats = search_formats(quantization_formats or ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+    searched, disabled = searched_modules(model, disabled_layers)
+    if not searched:
+        raise ValueError(f"{type(model).__name__} has no module with quantizable weights outside disabled_layers="
+                         f"{disabled_layers!r}")
+    ratio = expert_ratio(model, constraints)
+    costs = module_costs(model, formats, searched, ratio)
+    fixed = module_costs(model, [], disabled, ratio)
+    fixed_numel = math.fsum(c.weight * c.numel for c in fixed.values())
+    lowest = (math.fsum(min(c.cost(f) for f in c.bits) for c in costs.values()) + 16 * fixed_numel) / (
+        math.fsum(c.weight * c.numel for c in costs.values()) + fixed_numel)
+    check_budget(bits, lowest)
+
+    calibrated = calibrate_formats(model, formats, searched, _steps(data_loader, forward_step, num_calib_steps))
+    calibrated.apply({})
+    first_batch = next(iter(data_loader))
+    with torch.no_grad():
+        groups = decision_groups(model, searched, lambda m: forward_step(m, first_batch))
+    names = [f.name for f in formats]
+    score_batches = list(itertools.islice(data_loader, num_score_steps))
+    if method == "gradient":
+        module_scores = gradient_scores(calibrated, names, score_batches, forward_step, loss_func)
+        group_scores = [{f: math.fsum(module_scores[m][f] for m in group) for f in names} for group in groups]
+    else:
+        group_scores = kl_scores(calibrated, groups, names, score_batches, forward_step)
+    state = SearchState(method, {**constraints, "effective_bits": bits},
+                        {f.name: f.config for f in formats},
+                        [_group_state(group, costs, scores) for group, scores in zip(groups, group_scores)],
+                        disabled, fixed_numel).resolve(bits)
+    calibrated.apply(state.assignment)
+    return model, state
+
+
+def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterable, forward_step: Callable,
+                       num_calib_steps: int = 512) -> nn.Module:
+    """Quantize ``model`` (float) as ``state`` chose, without scoring: each chosen format is calibrated as in the
+    search (over every searched module, the first ``num_calib_steps`` batches), then each module set."""
+    if not isinstance(state, SearchState):
+        raise TypeError(f"state: expected a SearchState (SearchState.load(path)), got {type(state).__name__}")
+    _check_arguments(data_loader, forward_step, None, "kl_div", num_calib_steps, 1)
+    modules = [name for group in state.groups for name in group.modules]
+    present = {name for name, _ in model.named_modules()}
+    missing = [name for name in modules if name not in present]
+    if missing:
+        raise ValueError(f"state names modules this model lacks: {missing[:5]} ({len(missing)} in all)")
+    chosen = {group.choice for group in state.groups} - {NONE}
+    formats = [SearchFormat.parse(name, config) for name, config in state.formats.items() if name in chosen]
+    calibrated = calibrate_formats(model, formats, modules, _steps(data_loader, forward_step, num_calib_steps))
+    calibrated.apply(state.assignment)
+    return model
+
+
+def calibrate_formats(model: nn.Module, formats: list[SearchFormat], modules: list[str],
+                      forward_loop: Callable[[nn.Module], None]) -> CalibratedModules:
+    """Every format calibrated over ``modules`` with its own algorithm (``CalibratedModules.calibrate``)."""
+    calibrated = CalibratedModules(model, modules)
+    for search_format in formats:
+        calibrated.calibrate(search_format, forward_loop)
+    return calibrated
+
+
+def _group_state(group: list[str], costs: dict[str, ModuleCost], scores: dict[str, float]) -> GroupState:
+    names = list(costs[group[0]].bits)
+    return GroupState(list(group), math.fsum(costs[m].weight * costs[m].numel for m in group),
+                      {c: math.fsum(costs[m].cost(c) for m in group) for c in names},
+                      {NONE: 0.0, **scores})
+
+
+def _steps(data_loader: Iterable, forward_step: Callable, steps: int) -> Callable[[nn.Module], None]:
+    def forward_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for batch in itertools.islice(data_loader, steps):
+                forward_step(model, batch)
+
+    return forward_loop
+
+
+def _budget(constraints: dict) -> float:
+    unknown = set(constraints) - set(CONSTRAINT_KEYS)
+    if unknown:
+        raise ValueError(f"constraints has unknown key(s) {sorted(unknown)}; allowed are {list(CONSTRAINT_KEYS)}")
+    given = [constraints[k] for k in ("effective_bits", "auto_quantize_bits") if k in constraints]
+    if not given or (len(given) == 2 and given[0] != given[1]):
+        raise ValueError(f"constraints={constraints!r}: give the budget once, as 'effective_bits' (or "
+                         "'auto_quantize_bits', the same constraint)")
+    constraints.pop("auto_quantize_bits", None)
+    constraints["effective_bits"] = given[0]
+    cost_model = constraints.setdefault("cost_model", "weight")
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"constraints['cost_model']={cost_model!r}: allowed are {list(COST_MODELS)}")
+    if not isinstance(constraints.setdefault("cost", {}), dict):
+        raise TypeError(f"constraints['cost']={constraints['cost']!r}: expected a dict")
+    check_budget(given[0], 0.0)
+    return float(given[0])
+
+
+def _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: allowed are {list(METHODS)}")
+    if data_loader is None or not isinstance(data_loader, Iterable) or iter(data_loader) is data_loader:
+        raise TypeError(f"data_loader={data_loader!r:.60}: expected a re-iterable of batches (a list or a "
+                        "torch DataLoader; it is read once per format and once for scoring)")
+    if not callable(forward_step):
+        raise TypeError(f"forward_step={forward_step!r}: expected a callable forward_step(model, batch) -> output")
+    if method == "gradient" and not callable(loss_func):
+        raise TypeError(f"loss_func={loss_func!r}: method='gradient' needs a callable loss_func(output, batch) -> "
+                        "scalar loss (or use method='kl_div', which needs none)")
+    for name, value in (("num_calib_steps", num_calib_steps), ("num_score_steps", num_score_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
