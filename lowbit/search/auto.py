@@ -81,6 +81,7 @@ def auto_quantize(
     lowest = (math.fsum(min(c.cost(f) for f in c.bits) for c in costs.values()) + 16 * fixed_numel) / (
         math.fsum(c.weight * c.numel for c in costs.values()) + fixed_numel)
     check_budget(bits, lowest)
+    bits = float(bits)
 
     calibrated = calibrate_formats(model, formats, searched, _steps(data_loader, forward_step, num_calib_steps))
     calibrated.apply({})
@@ -94,10 +95,9 @@ def auto_quantize(
         group_scores = [{f: math.fsum(module_scores[m][f] for m in group) for f in names} for group in groups]
     else:
         group_scores = kl_scores(calibrated, groups, names, score_batches, forward_step)
-    state = SearchState(method, {**constraints, "effective_bits": bits},
-                        {f.name: f.config for f in formats},
-                        [_group_state(group, costs, scores) for group, scores in zip(groups, group_scores)],
-                        disabled, fixed_numel).resolve(bits)
+    group_states = [_group_state(group, costs, scores) for group, scores in zip(groups, group_scores, strict=True)]
+    state = SearchState(method, {**constraints, "effective_bits": bits}, {f.name: f.config for f in formats},
+                        group_states, disabled, fixed_numel).resolve(bits)
     calibrated.apply(state.assignment)
     return model, state
 
@@ -146,7 +146,7 @@ def _steps(data_loader: Iterable, forward_step: Callable, steps: int) -> Callabl
     return forward_loop
 
 
-def _budget(constraints: dict) -> float:
+def _budget(constraints: dict):
     unknown = set(constraints) - set(CONSTRAINT_KEYS)
     if unknown:
         raise ValueError(f"constraints has unknown key(s) {sorted(unknown)}; allowed are {list(CONSTRAINT_KEYS)}")
@@ -161,8 +161,7 @@ def _budget(constraints: dict) -> float:
         raise ValueError(f"constraints['cost_model']={cost_model!r}: allowed are {list(COST_MODELS)}")
     if not isinstance(constraints.setdefault("cost", {}), dict):
         raise TypeError(f"constraints['cost']={constraints['cost']!r}: expected a dict")
-    check_budget(given[0], 0.0)
-    return float(given[0])
+    return given[0]
 
 
 def _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps) -> None:

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.convert import quantize
-from lowbit.search.candidates import NONE, SearchFormat
 from lowbit.quantizer import TensorQuantizer, reusing_outputs
+from lowbit.search.candidates import NONE, SearchFormat
 
 ForwardLoop = Callable[[nn.Module], None]
 
@@ -50,7 +50,8 @@ class CalibratedModules:
         self.current: dict[str, str] = {}
         self._none: dict[str, ModuleState] = {}
 
-    def calibrate(self, search_format: SearchFormat, forward_loop: ForwardLoop, modules: list[str] | None = None) -> None:
+    def calibrate(self, search_format: SearchFormat, forward_loop: ForwardLoop,
+                  modules: list[str] | None = None) -> None:
         """Quantize ``modules`` (default: all searched) in ``search_format`` with its algorithm and keep each
         one's state; the parameters go back to float afterwards."""
         names = list(self.modules) if modules is None else modules

@@ -54,16 +54,16 @@ def solve_knapsack(costs: list[list[float]], scores: list[list[float]], budget: 
     spare = budget - math.fsum(floors)
     if spare < 0:
         raise ValueError(f"budget {budget:g} is below the cheapest assignment's cost {math.fsum(floors):g}")
-    shifted = [[c - low for c in row] for row, low in zip(costs, floors)]
+    shifted = [[c - low for c in row] for row, low in zip(costs, floors, strict=True)]
     cells_per_group = max(2, min(max_cells, MAX_TABLE_BYTES // max(1, len(costs))))
     step, exact = _grid_step(shifted, spare, cells_per_group)
     cells = int(math.floor(spare / step + 1e-9)) if step > 0 else 0
     grid = [[int(math.ceil(c / step - 1e-9)) if step > 0 else 0 for c in row] for row in shifted]
     best = np.zeros(cells + 1)
     table = np.zeros((len(costs), cells + 1), dtype=np.int8)
-    for i, (row, row_scores) in enumerate(zip(grid, scores)):
+    for i, (row, row_scores) in enumerate(zip(grid, scores, strict=True)):
         new = np.full(cells + 1, np.inf)
-        for j, (k, score) in enumerate(zip(row, row_scores)):
+        for j, (k, score) in enumerate(zip(row, row_scores, strict=True)):
             if k > cells:
                 continue
             candidate = np.full(cells + 1, np.inf)
@@ -98,7 +98,7 @@ def _grid_step(shifted: list[list[float]], spare: float, max_cells: int) -> tupl
 
 
 def _check(costs, scores, max_cells) -> None:
-    if len(costs) != len(scores) or any(len(c) != len(s) or not c for c, s in zip(costs, scores)):
+    if len(costs) != len(scores) or any(len(c) != len(s) or not c for c, s in zip(costs, scores, strict=True)):
         raise ValueError("costs and scores must have the same non-empty rows (one entry per choice of each group)")
     if any(len(row) > 127 for row in costs):
         raise ValueError("at most 127 choices a group (the argmin table is int8)")

@@ -80,7 +80,7 @@ class SearchState:
         names = self.choices
         solution = solve_knapsack([[g.bits[c] for c in names] for g in self.groups],
                                   [[g.scores.get(c, 0.0) for c in names] for g in self.groups], budget)
-        groups = [replace(g, choice=names[j]) for g, j in zip(self.groups, solution.choices)]
+        groups = [replace(g, choice=names[j]) for g, j in zip(self.groups, solution.choices, strict=True)]
         chosen = [g.choice for g in groups]
         return replace(self, groups=groups, constraints={**self.constraints, "effective_bits": effective_bits},
                        effective_bits=self.bits_of(chosen), score=solution.score,
