@@ -64,6 +64,20 @@ def auto_quantize(
     ``loss_func(output, batch)`` a scalar loss (``method="gradient"``; ``"kl_div"`` needs none and wants
     logits from ``forward_step``). ``disabled_layers``: module-name wildcards kept float (default: MoE routers).
     """
+    calibrated, state = search(model, constraints, quantization_formats, data_loader, forward_step, loss_func,
+                               method, num_calib_steps, num_score_steps, disabled_layers)
+    calibrated.apply(state.assignment)
+    return model, state
+
+
+def search(model: nn.Module, constraints: dict | None = None, quantization_formats: list | None = None,
+           data_loader: Iterable | None = None, forward_step: Callable | None = None,
+           loss_func: Callable | None = None, method: str = "gradient", num_calib_steps: int = 512,
+           num_score_steps: int = 128, disabled_layers: str | list[str] | None = DEFAULT_DISABLED_LAYERS,
+           ) -> tuple[CalibratedModules, SearchState]:
+    """:func:`auto_quantize`'s steps 1-5 without applying the choice: the calibrated candidates stay
+    switchable, so other budgets are a re-solve and a switch away
+    (``calibrated.apply(state.resolve(bits).assignment)``); the model is left in NONE (float)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     constraints = dict(constraints or {"effective_bits": 4.8})
@@ -98,8 +112,7 @@ def auto_quantize(
     group_states = [_group_state(group, costs, scores) for group, scores in zip(groups, group_scores, strict=True)]
     state = SearchState(method, {**constraints, "effective_bits": bits}, {f.name: f.config for f in formats},
                         group_states, disabled, fixed_numel).resolve(bits)
-    calibrated.apply(state.assignment)
-    return model, state
+    return calibrated, state
 
 
 def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterable, forward_step: Callable,
