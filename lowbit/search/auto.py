@@ -9,7 +9,8 @@
    (``lowbit.search.cost``); a budget outside [all searched layers in their cheapest format, 16] is an
    error here, before the model is touched.
 2. Calibrate each format with its own algorithm over every searched module, keeping each module's
-   state per format (``lowbit.search.calibrated``), on the first ``num_calib_steps`` batches.
+   state per format (``lowbit.search.calibrated``), on the first ``num_calib_steps`` batches (a quarter of
+   them for AWQ: :func:`calibration_steps`).
 3. Trace one batch for the decision groups (fused q/k/v, gate/up, one MoE layer's experts:
    ``lowbit.search.candidates``).
 4. Score each group in each format on the first ``num_score_steps`` batches (``lowbit.search.scores``).
@@ -41,6 +42,7 @@ from lowbit.search.scores import METHODS, gradient_scores, kl_scores
 from lowbit.search.state import GroupState, SearchState, check_budget
 
 CONSTRAINT_KEYS = ("effective_bits", "auto_quantize_bits", "cost_model", "cost")
+AWQ_STEP_DIVISOR = 4
 
 
 def auto_quantize(
@@ -97,7 +99,7 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     check_budget(bits, lowest)
     bits = float(bits)
 
-    calibrated = calibrate_formats(model, formats, searched, _steps(data_loader, forward_step, num_calib_steps))
+    calibrated = calibrate_formats(model, formats, searched, data_loader, forward_step, num_calib_steps)
     calibrated.apply({})
     first_batch = next(iter(data_loader))
     with torch.no_grad():
@@ -129,18 +131,29 @@ def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterab
         raise ValueError(f"state names modules this model lacks: {missing[:5]} ({len(missing)} in all)")
     chosen = {group.choice for group in state.groups} - {NONE}
     formats = [SearchFormat.parse(name, config) for name, config in state.formats.items() if name in chosen]
-    calibrated = calibrate_formats(model, formats, modules, _steps(data_loader, forward_step, num_calib_steps))
+    calibrated = calibrate_formats(model, formats, modules, data_loader, forward_step, num_calib_steps)
     calibrated.apply(state.assignment)
     return model
 
 
-def calibrate_formats(model: nn.Module, formats: list[SearchFormat], modules: list[str],
-                      forward_loop: Callable[[nn.Module], None]) -> CalibratedModules:
-    """Every format calibrated over ``modules`` with its own algorithm (``CalibratedModules.calibrate``)."""
+def calibrate_formats(model: nn.Module, formats: list[SearchFormat], modules: list[str], data_loader: Iterable,
+                      forward_step: Callable, num_calib_steps: int) -> CalibratedModules:
+    """Every format calibrated over ``modules`` with its own algorithm (``CalibratedModules.calibrate``) on the
+    first ``calibration_steps`` batches of ``data_loader``."""
     calibrated = CalibratedModules(model, modules)
     for search_format in formats:
-        calibrated.calibrate(search_format, forward_loop)
+        steps = calibration_steps(search_format, num_calib_steps)
+        calibrated.calibrate(search_format, _steps(data_loader, forward_step, steps))
     return calibrated
+
+
+def calibration_steps(search_format: SearchFormat, num_calib_steps: int) -> int:
+    """Batches a format calibrates on: ``num_calib_steps``, but a quarter of them (at least one) for the AWQ
+    family, whose scale search runs ~11 forwards of every layer per batch (ModelOpt's auto_quantize does the
+    same)."""
+    if str(search_format.parsed.algorithm).startswith("awq"):
+        return max(1, num_calib_steps // AWQ_STEP_DIVISOR)
+    return num_calib_steps
 
 
 def _group_state(group: list[str], costs: dict[str, ModuleCost], scores: dict[str, float]) -> GroupState:

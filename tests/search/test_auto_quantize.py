@@ -8,7 +8,7 @@ import torch
 
 from lowbit.modules import is_quantized
 from lowbit.search import SearchState, apply_search_state, auto_quantize
-from lowbit.search.auto import calibrate_formats
+from lowbit.search.auto import calibrate_formats, calibration_steps
 from lowbit.search.candidates import NONE, search_formats
 from lowbit.search.scores import gradient_scores, kl_scores
 from tests.calib.tiny_llama import tiny_llama
@@ -122,7 +122,7 @@ def test_gradient_scores_equal_the_fisher_sum_written_out(batches):
     in format f, dL/dy from autograd on the float model: float64 here."""
     model = tiny_llama()
     names = [f"{LAYER}.self_attn.q_proj", f"{LAYER}.mlp.down_proj", "lm_head"]
-    calibrated = calibrate_formats(model, search_formats(FORMATS), names, lambda m: [m(b) for b in batches])
+    calibrated = calibrate_formats(model, search_formats(FORMATS), names, batches, lambda m, b: m(b), len(batches))
     scores = gradient_scores(calibrated, FORMATS, batches, forward_step, loss_func)
     for name in names:
         for search_format in FORMATS:
@@ -147,7 +147,7 @@ def test_kl_scores_equal_the_divergence_written_out(batches):
     model = tiny_llama()
     groups = [[f"{LAYER}.mlp.gate_proj", f"{LAYER}.mlp.up_proj"], ["lm_head"]]
     names = [n for g in groups for n in g]
-    calibrated = calibrate_formats(model, search_formats(FORMATS), names, lambda m: [m(b) for b in batches])
+    calibrated = calibrate_formats(model, search_formats(FORMATS), names, batches, lambda m, b: m(b), len(batches))
     scores = kl_scores(calibrated, groups, FORMATS, batches, lambda m, b: m(b))
     for index, group in enumerate(groups):
         for search_format in FORMATS:
@@ -169,3 +169,9 @@ def test_kl_method_needs_no_loss_and_keeps_the_budget(batches):
     assert state.method == "kl_div" and state.effective_bits <= 7.0
     assert set(state.formats) == set(FORMATS)
     assert state.effective_bits == pytest.approx(reference_bits(model, state.assignment), rel=1e-12)
+
+
+def test_awq_formats_calibrate_on_a_quarter_of_the_batches():
+    awq, fp8 = search_formats(["INT4_AWQ_CFG", "FP8_DEFAULT_CFG"])
+    assert [calibration_steps(awq, n) for n in (1, 3, 8, 9)] == [1, 1, 2, 2]
+    assert calibration_steps(fp8, 9) == 9
