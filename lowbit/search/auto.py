@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from lowbit.modules import is_quantized
 from lowbit.search.calibrated import CalibratedModules
 from lowbit.search.candidates import (
     DEFAULT_DISABLED_LAYERS,
@@ -82,6 +83,7 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     (``calibrated.apply(state.resolve(bits).assignment)``); the model is left in NONE (float)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_float(model)
     constraints = dict(constraints or {"effective_bits": 4.8})
     bits = _budget(constraints)
     _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps)
@@ -170,6 +172,15 @@ def _steps(data_loader: Iterable, forward_step: Callable, steps: int) -> Callabl
                 forward_step(model, batch)
 
     return forward_loop
+
+
+def _check_float(model: nn.Module) -> None:
+    """auto_quantize starts from the float model: one already quantized may hold weights an algorithm scaled."""
+    quantized = [name for name, module in model.named_modules() if is_quantized(module)]
+    if quantized:
+        raise ValueError(f"model is already quantized ({quantized[0]} and {len(quantized) - 1} more): auto_quantize "
+                         "takes the float model (its calibrated candidates live in the search: lowbit.search.auto."
+                         "search keeps them switchable)")
 
 
 def _budget(constraints: dict):
