@@ -73,6 +73,11 @@ def test_budget_outside_the_range_is_an_error_before_the_model_changes(batches):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_an_already_quantized_model_is_refused(searched, batches):
+    with pytest.raises(ValueError, match="already quantized"):
+        auto_quantize(searched[0], {"effective_bits": 6}, FORMATS, batches, forward_step, loss_func)
+
+
 @pytest.mark.parametrize("arguments, match", [
     ({"constraints": {"bits": 5}}, "unknown key"),
     ({"constraints": {"effective_bits": 5, "auto_quantize_bits": 6}}, "give the budget once"),
@@ -82,11 +87,6 @@ def test_budget_outside_the_range_is_an_error_before_the_model_changes(batches):
     ({"quantization_formats": ["nvfp5"]}, "format 'nvfp5' is unknown"),
     ({"num_score_steps": 0}, "num_score_steps=0"),
 ])
-def test_an_already_quantized_model_is_refused(searched, batches):
-    with pytest.raises(ValueError, match="already quantized"):
-        auto_quantize(searched[0], {"effective_bits": 6}, FORMATS, batches, forward_step, loss_func)
-
-
 def test_bad_arguments_name_themselves(batches, arguments, match):
     kwargs = {"constraints": {"effective_bits": 6}, "quantization_formats": FORMATS, "data_loader": batches,
               "forward_step": forward_step, "loss_func": loss_func, **arguments}
