@@ -118,16 +118,17 @@ def lowbit_part(batches, score: Scorer, steps: int, out: Path) -> list[dict]:
                  "effective bits": round(sum(r["effective bits"] for r in randoms) / 3, 4),
                  "KL": round(sum(r["KL"] for r in randoms) / 3, 5),
                  "perplexity": round(sum(r["perplexity"] for r in randoms) / 3, 3)})
+    kl_model, _ = lowbit.assets.load_default_model()
     start = time.perf_counter()
-    kl_calibrated, kl_state = search(model, {"effective_bits": BUDGET}, NVFP4_FP8, batches, lambda m, b: m(**b),
+    kl_calibrated, kl_state = search(kl_model, {"effective_bits": BUDGET}, NVFP4_FP8, batches, lambda m, b: m(**b),
                                      method="kl_div", num_calib_steps=steps, num_score_steps=1)
     kl_seconds = time.perf_counter() - start
     kl_calibrated.apply(kl_state.assignment)
     row = {"assignment": f"auto_quantize kl_div @ {BUDGET}", "effective bits": round(kl_state.effective_bits, 4),
-           **score(model), "search s": round(kl_seconds, 1)}
+           **score(kl_model), "search s": round(kl_seconds, 1)}
     rows.append(row)
     print(row, flush=True)
-    del kl_calibrated
+    del kl_calibrated, kl_model
 
     front = [state.resolve(bits) for bits in SWEEP]
     perplexities = []

@@ -9,9 +9,9 @@ expansion of the loss L around y, with the Hessian replaced by the empirical Fis
 
 (the first-order term vanishes in expectation at a trained minimum). The score sums ``(g * dy_f)^2`` over
 the output's elements and the score batches (the 1/2 is dropped: only comparisons matter). One forward and
-backward per batch, plus one extra forward of each module per format; only activation gradients are
-taken (the input embeddings' output requires grad, the parameters do not, when the model has
-``get_input_embeddings``).
+backward per batch, plus one extra forward of each module per format (its quantized weight computed once for
+all batches: ``CalibratedModules.reusing_weights``); only activation gradients are taken (the input
+embeddings' output requires grad, the parameters do not, when the model has ``get_input_embeddings``).
 
 ``kl_div`` (backprop-free): per batch, the float model's next-token log-probabilities P, then for each
 group and format, that group alone in the format: Q; the score is the mean over batches of the mean per-token
@@ -67,7 +67,7 @@ def gradient_scores(calibrated: CalibratedModules, formats: list[str], batches: 
                 return
             busy.add(name)
             try:
-                with torch.no_grad(), calibrated.reusing_weights():
+                with torch.no_grad():
                     diffs = {}
                     for search_format in formats:
                         calibrated.apply_module(name, search_format)
@@ -89,7 +89,7 @@ def gradient_scores(calibrated: CalibratedModules, formats: list[str], batches: 
     was_training = model.training
     model.eval()
     try:
-        with _activation_gradients(model), torch.enable_grad():
+        with _activation_gradients(model), calibrated.reusing_weights(), torch.enable_grad():
             for batch in batches:
                 loss = loss_func(forward_step(model, batch), batch)
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
