@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.search import auto_quantize
+from lowbit import auto_quantize
 from tests.calib.tiny_llama import tiny_llama
 
 FORMATS = ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
