@@ -38,7 +38,7 @@ from lowbit.search.candidates import (
     search_formats,
     searched_modules,
 )
-from lowbit.search.cost import COST_MODELS, ModuleCost, expert_ratio, module_costs
+from lowbit.search.cost import COST_MODELS, ModuleCost, cheapest_bits, expert_ratio, module_costs
 from lowbit.search.scores import METHODS, gradient_scores, kl_scores
 from lowbit.search.state import GroupState, SearchState, check_budget
 
@@ -81,26 +81,12 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     """:func:`auto_quantize`'s steps 1-5 without applying the choice: the calibrated candidates stay
     switchable, so other budgets are a re-solve and a switch away
     (``calibrated.apply(state.resolve(bits).assignment)``); the model is left in NONE (float)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _check_float(model)
+    if constraints is not None and not isinstance(constraints, dict):
+        raise TypeError(f"constraints={constraints!r}: expected a dict such as {{'effective_bits': 4.8}}")
     constraints = dict(constraints or {"effective_bits": 4.8})
-    bits = _budget(constraints)
-    _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps)
-    formats = search_formats(quantization_formats or ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
-    searched, disabled = searched_modules(model, disabled_layers)
-    if not searched:
-        raise ValueError(f"{type(model).__name__} has no module with quantizable weights outside disabled_layers="
-                         f"{disabled_layers!r}")
-    ratio = expert_ratio(model, constraints)
-    costs = module_costs(model, formats, searched, ratio)
-    fixed = module_costs(model, [], disabled, ratio)
-    fixed_numel = math.fsum(c.weight * c.numel for c in fixed.values())
-    lowest = (math.fsum(min(c.cost(f) for f in c.bits) for c in costs.values()) + 16 * fixed_numel) / (
-        math.fsum(c.weight * c.numel for c in costs.values()) + fixed_numel)
-    check_budget(bits, lowest)
-    bits = float(bits)
-
+    formats, searched, disabled, costs, fixed_numel, bits = _prepare(
+        model, constraints, quantization_formats, data_loader, forward_step, loss_func, method, num_calib_steps,
+        num_score_steps, disabled_layers)
     calibrated = calibrate_formats(model, formats, searched, data_loader, forward_step, num_calib_steps)
     calibrated.apply({})
     first_batch = next(iter(data_loader))
@@ -119,12 +105,34 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     return calibrated, state
 
 
+def _prepare(model, constraints, quantization_formats, data_loader, forward_step, loss_func, method,
+             num_calib_steps, num_score_steps, disabled_layers):
+    """Step 1: every argument validated, every module's bits per format computed, the budget checked against
+    them; (formats, searched, disabled, costs, disabled elements, budget). ``constraints`` is normalised in place."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_float(model)
+    bits = _budget(constraints)
+    _check_arguments(data_loader, forward_step, loss_func, method, num_calib_steps, num_score_steps)
+    formats = search_formats(quantization_formats or ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+    searched, disabled = searched_modules(model, disabled_layers)
+    if not searched:
+        raise ValueError(f"{type(model).__name__} has no module with quantizable weights outside disabled_layers="
+                         f"{disabled_layers!r}")
+    ratio = expert_ratio(model, constraints)
+    costs = module_costs(model, formats, searched, ratio)
+    fixed_numel = math.fsum(c.weight * c.numel for c in module_costs(model, [], disabled, ratio).values())
+    check_budget(bits, cheapest_bits(costs, fixed_numel))
+    return formats, searched, disabled, costs, fixed_numel, float(bits)
+
+
 def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterable, forward_step: Callable,
                        num_calib_steps: int = 512) -> nn.Module:
     """Quantize ``model`` (float) as ``state`` chose, without scoring: each chosen format is calibrated as in the
     search (over every searched module, the first ``num_calib_steps`` batches), then each module set."""
     if not isinstance(state, SearchState):
         raise TypeError(f"state: expected a SearchState (SearchState.load(path)), got {type(state).__name__}")
+    _check_float(model)
     _check_arguments(data_loader, forward_step, None, "kl_div", num_calib_steps, 1)
     modules = [name for group in state.groups for name in group.modules]
     present = {name for name, _ in model.named_modules()}

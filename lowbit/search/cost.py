@@ -118,3 +118,11 @@ def effective_bits(costs: dict[str, ModuleCost], choice: dict[str, str]) -> floa
     """Effective bits of the modules at ``choice`` ({module: format name}; missing modules at NONE)."""
     numerator = math.fsum(cost.cost(choice.get(name, NONE)) for name, cost in costs.items())
     return numerator / math.fsum(cost.weight * cost.numel for cost in costs.values())
+
+
+def cheapest_bits(costs: dict[str, ModuleCost], fixed_numel: float) -> float:
+    """Effective bits with every module in its cheapest choice and ``fixed_numel`` (cost-weighted) elements at
+    16 bits: the least budget there is."""
+    spent = math.fsum(min(cost.cost(choice) for choice in cost.bits) for cost in costs.values())
+    numel = math.fsum(cost.weight * cost.numel for cost in costs.values()) + fixed_numel
+    return (spent + UNQUANTIZED_BITS * fixed_numel) / numel

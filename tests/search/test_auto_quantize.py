@@ -80,6 +80,7 @@ def test_an_already_quantized_model_is_refused(searched, batches):
 
 @pytest.mark.parametrize("arguments, match", [
     ({"constraints": {"bits": 5}}, "unknown key"),
+    ({"constraints": [4.8]}, "expected a dict"),
     ({"constraints": {"effective_bits": 5, "auto_quantize_bits": 6}}, "give the budget once"),
     ({"method": "hessian"}, "method='hessian'"),
     ({"loss_func": None}, "loss_func=None"),
