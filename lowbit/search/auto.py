@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ def auto_quantize(
     num_calib_steps: int = 512,
     num_score_steps: int = 128,
     disabled_layers: str | list[str] | None = DEFAULT_DISABLED_LAYERS,
+    checkpoint: str | Path | None = None,
 ) -> tuple[nn.Module, SearchState]:
     """Choose a format (or none) per decision group of ``model`` under ``constraints`` (module docstring).
 
@@ -66,11 +68,32 @@ def auto_quantize(
     ``data_loader``: a re-iterable of batches; ``forward_step(model, batch)`` returns the output;
     ``loss_func(output, batch)`` a scalar loss (``method="gradient"``; ``"kl_div"`` needs none and wants
     logits from ``forward_step``). ``disabled_layers``: module-name wildcards kept float (default: MoE routers).
+    ``checkpoint``: a search-state file; when it exists (same formats and method), its scores are re-solved for
+    this budget and applied without scoring (:func:`apply_search_state`), else the search writes it.
     """
+    if checkpoint is not None and Path(checkpoint).is_file():
+        return model, _resume(model, SearchState.load(checkpoint), constraints, quantization_formats, data_loader,
+                              forward_step, method, num_calib_steps)
     calibrated, state = search(model, constraints, quantization_formats, data_loader, forward_step, loss_func,
                                method, num_calib_steps, num_score_steps, disabled_layers)
     calibrated.apply(state.assignment)
+    if checkpoint is not None:
+        state.save(checkpoint)
     return model, state
+
+
+def _resume(model: nn.Module, state: SearchState, constraints, quantization_formats, data_loader, forward_step,
+            method: str, num_calib_steps: int) -> SearchState:
+    """The checkpoint's state re-solved for ``constraints`` and applied; ValueError when it was searched with
+    other formats or another method."""
+    formats = search_formats(quantization_formats or ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+    if {f.name: f.config for f in formats} != state.formats or method != state.method:
+        raise ValueError(f"checkpoint was searched with formats {list(state.formats)} and method {state.method!r}, "
+                         f"not {[f.name for f in formats]} and {method!r}: pass another checkpoint path")
+    constraints = dict(constraints or {"effective_bits": 4.8})
+    state = state.resolve(_budget(constraints))
+    apply_search_state(model, state, data_loader, forward_step, num_calib_steps)
+    return state
 
 
 def search(model: nn.Module, constraints: dict | None = None, quantization_formats: list | None = None,

@@ -181,3 +181,23 @@ def test_awq_formats_calibrate_on_a_quarter_of_the_batches():
     awq, fp8 = search_formats(["INT4_AWQ_CFG", "FP8_DEFAULT_CFG"])
     assert [calibration_steps(awq, n) for n in (1, 3, 8, 9)] == [1, 1, 2, 2]
     assert calibration_steps(fp8, 9) == 9
+
+
+def test_checkpoint_resumes_without_scoring(batches, tmp_path):
+    checkpoint = tmp_path / "search.json"
+    calls = []
+
+    def counting_loss(output, batch):
+        calls.append(1)
+        return output.loss
+
+    _, first = auto_quantize(tiny_llama(), {"effective_bits": 6.0}, FORMATS, batches, forward_step, counting_loss,
+                             num_calib_steps=2, num_score_steps=2, checkpoint=checkpoint)
+    assert len(calls) == 2 and SearchState.load(checkpoint) == first
+    model, resumed = auto_quantize(tiny_llama(), {"effective_bits": 5.0}, FORMATS, batches, forward_step,
+                                   counting_loss, num_calib_steps=2, num_score_steps=2, checkpoint=checkpoint)
+    assert len(calls) == 2  # no scoring
+    assert resumed == first.resolve(5.0) and reference_bits(model, resumed.assignment) <= 5.0
+    with pytest.raises(ValueError, match="checkpoint was searched with"):
+        auto_quantize(tiny_llama(), {"effective_bits": 5.0}, FORMATS, batches, lambda m, b: m(b), method="kl_div",
+                      checkpoint=checkpoint)
