@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit import auto_quantize
-from tests.calib.tiny_llama import tiny_llama
+from tests.algorithms.tiny_llama import tiny_llama
 
 FORMATS = ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
 

@@ -11,7 +11,7 @@ from lowbit.search import SearchState, apply_search_state, auto_quantize
 from lowbit.search.auto import calibrate_formats, calibration_steps
 from lowbit.search.candidates import NONE, search_formats
 from lowbit.search.scores import gradient_scores, kl_scores
-from tests.calib.tiny_llama import tiny_llama
+from tests.algorithms.tiny_llama import tiny_llama
 from tests.search.conftest import FORMATS, forward_step, loss_func
 
 LAYER = "model.layers.0"
