@@ -40,6 +40,7 @@ from lowbit.compress.experts import CompressedExpertsMixin, describe_experts, re
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 from lowbit.files import atomic_directory, origin, read_tensors
+from lowbit.rotation.quarot import check_no_online_rotation
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
@@ -74,6 +75,7 @@ def compressed_state(model: nn.Module) -> dict:
 def write_compressed(model: nn.Module, directory: Path) -> None:
     """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
     directory)."""
+    check_no_online_rotation(model, "lowbit.compress.save_compressed")
     state = compressed_state(model)
     if not state["compressed"] and not state["compressed_experts"]:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")

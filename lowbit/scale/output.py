@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.compress.serialization import STATE_FILE, TENSOR_FILE, compressed_state
+from lowbit.rotation.quarot import check_no_online_rotation
 
 COPY_CHUNK = 16 << 20
 
@@ -41,6 +42,7 @@ class PartWriter:
 
     def write(self, module: nn.Module, prefix: str) -> None:
         """Describe ``module`` (named ``prefix`` in the model; "" for the root) and write its tensors."""
+        check_no_online_rotation(module, "lowbit.quantize_layerwise")
         state = compressed_state(module)
         self.format_version = state["format_version"]
         for key in self.state:
