@@ -205,7 +205,7 @@ class TensorQuantizer(nn.Module):
         saw nothing. ValueError on a non-finite amax."""
         if calibrator is None:
             return None
-        if self.config.asymmetric:
+        if self.config.keeps_amin:
             amin, amax = calibrator
             return amax, amin
         amax = calibrator.compute_amax()
@@ -224,7 +224,7 @@ class TensorQuantizer(nn.Module):
             return
         view = self._amax_view(x.shape)
         data = view.to_view(x.detach()).float()
-        if self.config.asymmetric:
+        if self.config.keeps_amin:
             amin = data.amin(dim=view.reduce_dims, keepdim=True)
             amax = data.amax(dim=view.reduce_dims, keepdim=True)
             if self._calibrator is not None:
@@ -247,8 +247,8 @@ class TensorQuantizer(nn.Module):
 
     def fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
         """Quantize-dequantize ``view`` (a tensor already in this quantizer's block view) with ``amax``
-        (and ``amin`` when asymmetric) broadcast against it: the elementwise rule alone, no reshaping,
-        no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
+        (and ``amin`` when asymmetric or signed-scale) broadcast against it: the elementwise rule alone, no
+        reshaping, no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
         cfg = self.config
         if cfg.codebook is not None:
             return formats.fake_quant_codebook(view, amax, cfg.codebook)
@@ -256,6 +256,8 @@ class TensorQuantizer(nn.Module):
             return formats.fake_quant_fp(view, amax, formats.float_format(cfg.num_bits))
         if cfg.asymmetric:
             return formats.fake_quant_int_asym(view, amin, amax, cfg.num_bits)
+        if cfg.signed_scale:
+            return formats.fake_quant_int_signed_scale(view, amin, amax, cfg.num_bits)
         return formats.fake_quant_int(view, amax, cfg.num_bits, cfg.unsigned, cfg.narrow_range)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,7 +279,7 @@ class TensorQuantizer(nn.Module):
         if amax is None or cfg.is_dynamic:
             detached = data.detach()
             amax = detached.abs().amax(dim=view.reduce_dims, keepdim=True)
-            if cfg.asymmetric:
+            if cfg.keeps_amin:
                 amin = detached.amin(dim=view.reduce_dims, keepdim=True)
                 amax = detached.amax(dim=view.reduce_dims, keepdim=True)
         quantized = self.fake_quant_view(data, amax, amin)
@@ -288,6 +290,9 @@ class TensorQuantizer(nn.Module):
     def _range(self, amax: torch.Tensor, amin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.asymmetric:
             return amin, amax
+        if self.config.signed_scale:  # the grid's own ends: qmin and qmax times its signed step
+            bits = self.config.num_bits
+            return formats.signed_scale_range(-formats.signed_scale_extreme(amin, amax) / 2 ** (bits - 1), bits)
         if self.config.unsigned:
             return torch.zeros_like(amax), amax
         return -amax, amax
