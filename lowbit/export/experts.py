@@ -108,13 +108,21 @@ def router_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _row_half(quantizer: TensorQuantizer, half: int, name: str) -> TensorQuantizer:
-    """A standalone quantizer with ``quantizer``'s config and the gate (0) or up (1) rows of its state."""
-    out = TensorQuantizer(quantizer.config)
-    state = [quantizer.amax, quantizer.amin]
-    if state[0] is not None:
-        amax, amin = (None if s is None else _rows(s.detach(), half, name) for s in state)
-        out.set_amax(amax, amin)
+def _standalone(view: TensorQuantizer, half: int | None, name: str) -> TensorQuantizer:
+    """A standalone quantizer with the config and state of one expert's share ``view`` of a stacked quantizer:
+    all its rows (``half=None``), or the gate (0) / up (1) rows of a per-channel / per-block state."""
+    out = TensorQuantizer(view.config)
+
+    def pick(values: torch.Tensor) -> torch.Tensor:
+        return values.detach() if half is None else _rows(values.detach(), half, name)
+
+    if view.amax is not None:
+        out.set_amax(pick(view.amax), None if view.amin is None else pick(view.amin))
+    stacked_blocks = getattr(view.parent, "block_amax", None)  # NVFP4 / MX scale-search maxima, stacked
+    if stacked_blocks is not None:
+        if stacked_blocks.shape[0] != view.parent.num_experts:
+            raise ValueError(f"{name}: block_amax {tuple(stacked_blocks.shape)} is not stacked per expert")
+        out.block_amax = pick(stacked_blocks[view.index])
     return out
 
 
@@ -160,8 +168,10 @@ def expert_projections_of(model: nn.Module) -> list[ExpertProjection]:
             rows = stacked.shape[0] // 2
             weight_q, input_q = views[gate_up]
             for half, short in enumerate((names.gate, names.up)):
-                half_q = None if weight_q is None else _row_half(weight_q, half, f"{name}.{gate_up}")
+                half_q = None if weight_q is None else _standalone(weight_q, half, f"{name}.{gate_up}")
                 found.append(ExpertProjection(f"{prefix}.{short}", stacked[half * rows:(half + 1) * rows], half_q,
                                               input_q))
-            found.append(ExpertProjection(f"{prefix}.{names.down}", weights[down][expert], *views[down]))
+            weight_q, input_q = views[down]
+            down_q = None if weight_q is None else _standalone(weight_q, None, f"{name}.{down}")
+            found.append(ExpertProjection(f"{prefix}.{names.down}", weights[down][expert], down_q, input_q))
     return found
