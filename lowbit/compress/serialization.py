@@ -29,6 +29,7 @@ from torch import nn
 from lowbit.checkpoint import (
     build_model,
     check_tensors,
+    fill_tied_keys,
     install_quantizers,
     load_quantizer,
     quant_state,
@@ -153,8 +154,8 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     source = f"{state_file} ({origin(directory, WRITER)})"
     rebuilt = _rebuild_all(state["compressed"], source)
     quantizers = quantizers_from_state(state["quantized"], source)
-    tensors = read_tensors(tensor_file, WRITER)
     model = build_model(model_or_factory)
+    tensors = read_tensors(tensor_file, WRITER)
     modules = dict(model.named_modules())
     experts = state.get("compressed_experts", {})
     missing = [name for name in [*rebuilt, *experts] if name not in modules]
@@ -165,6 +166,7 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     expected = {key: t for key, t in model.state_dict().items() if not key.startswith(prefixes)}
     for name, module in [*rebuilt.items(), *shadows.items()]:
         expected.update({_qualified(name, key): t for key, t in module.state_dict().items()})
+    tensors = fill_tied_keys(tensors, model, expected)
     slots = [_qualified(name, slot) for name in rebuilt for slot in QUANTIZER_SLOTS]
     slots += [_qualified(name, slot) for name, entry in quantizers.items() for slot in entry]
     slots += [_qualified(name, slot) for name, entry in experts.items() for slot in entry["quantizers"]]
