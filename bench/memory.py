@@ -1,4 +1,4 @@
-"""Peak memory of loading a Llama through ``init_quantized_weights`` against a dense bf16 load.
+"""Peak memory of loading a Llama packed by lowbit while it loads against a dense bf16 load.
 
     python bench/memory.py --device cpu                  # writes bench/results/memory_cpu_<date>.md
     python bench/memory.py --device cuda                 # writes bench/results/memory_cuda_<date>.md
@@ -7,8 +7,9 @@
 
 A Llama of the given shape (default: TinyLlama's, 1.1B parameters) is built on the meta device, given
 fresh random weights (normal x 0.02, fixed seed, no network) and saved as bf16 safetensors in a temp dir.
-Each row then loads it in a fresh process (``--probe``): dense (``bf16``) or inside
-``init_quantized_weights(preset)``, then reads every parameter and buffer once, as a first forward would.
+Each row then loads it in a fresh process (``--probe``): dense (``bf16``) or with
+``from_pretrained(..., quantization_config=LowbitConfig(preset))`` (transformers' quantizer integration running
+``init_quantized_weights``' loader), then reads every parameter and buffer once, as a first forward would.
 
 - ``peak CPU``: the highest increase of the process' anonymous memory (``RssAnon``, sampled every
   millisecond, over its value just before ``from_pretrained``) plus the model's tensors that still live in
@@ -40,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -144,15 +144,14 @@ def probe(directory: str, preset: str | None, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import lowbit
-    from lowbit.compress import init_quantized_weights
+    from lowbit.compress import LowbitConfig
     from lowbit.eval import model_size
 
-    context = init_quantized_weights(copy.deepcopy(getattr(lowbit, preset))) if preset else nullcontext()
-    device_map = {"device_map": device} if device == "cuda" else {}
+    options = {"quantization_config": LowbitConfig(copy.deepcopy(getattr(lowbit, preset)))} if preset else {}
+    options |= {"device_map": device} if device == "cuda" else {}
     sampler = PeakSampler()
     started = time.perf_counter()
-    with context:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **device_map)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **options)
     touch(model)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -222,7 +221,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, parameters: int) 
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     shape = f"hidden {args.hidden}, layers {args.layers}, intermediate {args.intermediate}, vocab {args.vocab}"
     return "\n".join([
-        f"# init_quantized_weights peak memory ({args.device})", "",
+        f"# Packed loading (LowbitConfig) peak memory ({args.device})", "",
         f"Command: `python bench/memory.py {' '.join(sys.argv[1:])}`  ",
         f"Model: random Llama, {parameters / 1e9:.2f}B parameters ({shape}), bf16 safetensors  ",
         f"Device: {device}; torch {torch.__version__}, Python {platform.python_version()}  ",

@@ -6,22 +6,31 @@
 """
 
 from lowbit import assets, data, eval
+from lowbit.algorithms import register_algorithm, unregister_algorithm
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.calibration import iter_quantizers
 from lowbit.checkpoint import restore, save
-from lowbit.compress import compress, init_quantized_weights, load_compressed, save_compressed
+from lowbit.compress import LowbitConfig, compress, init_quantized_weights, load_compressed, save_compressed
 from lowbit.config import QuantizeConfig, QuantizeRule, parse_config
 from lowbit.convert import (
     calibrate,
     disable_quantizer,
     enable_quantizer,
     fold_weight,
-    iter_quantizers,
     print_quant_summary,
     quant_summary,
     quantize,
 )
 from lowbit.eval import model_size
-from lowbit.export import export, export_compressed_tensors, export_hf_checkpoint, load_quantized
+from lowbit.export import (
+    export,
+    export_compressed_tensors,
+    export_hf_checkpoint,
+    load_quantized,
+    register_exporter,
+    unregister_exporter,
+)
+from lowbit.formats import register_codebook
 from lowbit.modules import register, unregister
 from lowbit.presets import (
     FP8_DEFAULT_CFG,
@@ -48,12 +57,14 @@ from lowbit.weight_compression import BackupMode, CompressWeightsMode, Sensitivi
 __all__ = [
     "BackupMode", "CompressWeightsMode", "FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
     "INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG",
-    "INT8_WEIGHT_ONLY_CFG", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_DEFAULT_CFG",
+    "INT8_WEIGHT_ONLY_CFG", "LowbitConfig", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG",
+    "NVFP4_DEFAULT_CFG",
     "PRESETS", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig", "SensitivityMetric",
     "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG", "assets", "calibrate",
     "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",
     "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
     "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",
-    "print_quant_summary", "quant_summary", "quantize", "register", "restore", "save", "save_compressed",
-    "unregister",
+    "print_quant_summary", "quant_summary", "quantize", "register", "register_algorithm", "register_codebook",
+    "register_exporter", "restore", "save", "save_compressed", "unregister", "unregister_algorithm",
+    "unregister_exporter",
 ]

@@ -15,6 +15,8 @@ The attribute names are ModelOpt's, so a ModelOpt ``quant_cfg`` entry works unch
 - ``asymmetric``: integer codes with a zero point, from running min/max (lowbit's addition).
 - ``calibrator``: ``"max" | "percentile" | "mse" | "entropy"`` or a dict with its options.
 - ``learn_amax``: ``amax`` becomes a trainable parameter (clip-aware straight-through gradient).
+- ``codebook``: the name of a codebook format (``lowbit.formats.register_codebook``; ``"nf4"`` built in): the
+  integer block view rounds to the nearest of its levels times ``amax`` instead of the integer grid.
 
 Types are checked strictly (:func:`check_type`): the switches are bools (not ``"yes"``, not ``1``), sizes, axes and
 bit widths are ints (not floats, not bools), float formats are pairs of ints (a tuple or a list). Every error names
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowbit.calib.calibrators import make_calibrator
+from lowbit.formats.codebook import codebook_levels
 
 FLOAT_BITS = {(4, 3): "e4m3", (5, 2): "e5m2", (2, 1): "e2m1"}
 BLOCK_SCALE_BITS = {(4, 3): "e4m3", (8, 0): "e8m0"}
@@ -151,6 +154,7 @@ class QuantizerAttributeConfig:
     calibrator: str | dict = "max"
     learn_amax: bool = False
     trt_high_precision_dtype: str = "Half"
+    codebook: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +179,8 @@ class QuantizerAttributeConfig:
                 f"trt_high_precision_dtype={self.trt_high_precision_dtype!r}: allowed are "
                 f"{list(HIGH_PRECISION_DTYPES)}"
             )
+        if self.codebook is not None:
+            self._check_codebook()
         if not self.fake_quant:
             raise ValueError("fake_quant=False: real low-bit storage is lowbit.compress(model), not an attribute")
         if self.is_float and (self.unsigned or self.narrow_range or self.asymmetric):
@@ -201,6 +207,17 @@ class QuantizerAttributeConfig:
                     f"num_bits={self.num_bits}, block size {size}"
                 )
 
+    def _check_codebook(self) -> None:
+        if not isinstance(self.codebook, str):
+            raise TypeError(f"codebook={self.codebook!r}: expected a registered codebook name or None")
+        levels = codebook_levels(self.codebook)
+        if self.is_float or self.asymmetric or self.unsigned or self.block_scale_bits is not None:
+            raise ValueError(f"codebook={self.codebook!r} rounds an integer symmetric block view: drop float "
+                             "num_bits, asymmetric, unsigned and scale_bits")
+        if len(levels) > 2**self.num_bits:
+            raise ValueError(f"codebook={self.codebook!r} has {len(levels)} levels; num_bits={self.num_bits} "
+                             f"holds {2**self.num_bits}")
+
     @classmethod
     def from_dict(cls, attributes: dict) -> QuantizerAttributeConfig:
         """Build from a ModelOpt-style dict, naming any unknown key."""
@@ -214,6 +231,8 @@ class QuantizerAttributeConfig:
     def to_dict(self) -> dict:
         """JSON-ready attributes (tuples become lists, integer dict keys stay ints)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if out["codebook"] is None:  # written only when set: files of integer and float formats stay as they were
+            del out["codebook"]
         return out
 
     @property
@@ -242,6 +261,8 @@ class QuantizerAttributeConfig:
     @property
     def format_name(self) -> str:
         """Short human name: int8, int4-asym, e4m3, nvfp4, mxfp4, mxfp8 ..."""
+        if self.codebook is not None:
+            return self.codebook
         scale_bits = self.block_scale_bits
         if scale_bits == (4, 3):
             return "nvfp4"

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.calibration import iter_quantizers
 from lowbit.commands import add_eval_parser, add_quantize_parser
-from lowbit.convert import fold_weight, iter_quantizers, quantize
+from lowbit.convert import fold_weight, quantize
 from lowbit.eval import Divergence, format_table
 from lowbit.presets import get_preset
 from lowbit.ptq.cli import add_ptq_parser

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
-from lowbit.calib.algorithms import ALGORITHMS, check_options
 
 Pattern = str | Callable[[str], bool]
-ALGORITHM_METHODS = tuple(ALGORITHMS)
+ALGORITHM_METHODS = ALGORITHMS.keys()  # a live view: register_algorithm adds to it
 
 
 @dataclass(frozen=True)

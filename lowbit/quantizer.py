@@ -248,6 +248,8 @@ class TensorQuantizer(nn.Module):
         (and ``amin`` when asymmetric) broadcast against it: the elementwise rule alone, no reshaping,
         no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
         cfg = self.config
+        if cfg.codebook is not None:
+            return formats.fake_quant_codebook(view, amax, cfg.codebook)
         if cfg.is_float:
             return formats.fake_quant_fp(view, amax, formats.float_format(cfg.num_bits))
         if cfg.asymmetric:

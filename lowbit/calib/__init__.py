@@ -1,7 +1,8 @@
-"""Calibration: calibrators that propose an amax from collected tensors, and algorithms over models.
+"""Per-tensor calibrators: each collects the tensors a quantizer sees and proposes an amax.
 
-Only the calibrators are imported here; the model-level algorithms live in ``lowbit.calib.algorithms``
-(imported by ``lowbit.convert``) so that the quantizer can import this package without a cycle.
+max (``base``), percentile and entropy (``histogram``), MSE (``mse``), by name through ``make_calibrator``
+(``calibrators``). The algorithms that walk a model (SmoothQuant, AWQ, GPTQ, ...) and the per-channel input
+ranges they read from quantizers are in ``lowbit.algorithms``.
 """
 
 from lowbit.calib.calibrators import (

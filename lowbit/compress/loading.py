@@ -17,10 +17,12 @@ storage allocated once, and replaced by a meta placeholder, so one dense weight 
 leaving the block the placeholders become ``CompressedLinear`` modules whose dequantized weights equal
 what ``compress(quantize(model, config))`` gives.
 
-Peak memory is then the packed model plus one dense weight, given three settings inside the block:
-transformers' asynchronous read-ahead is off (``HF_DEACTIVATE_ASYNC_LOAD``), its GPU caching-allocator
-warmup (which would reserve the dense model's size) is skipped (``_without_allocator_warmup``), and on
-the CPU glibc's heap gives freed temporaries back after each weight (``malloc_trim``).
+Peak memory is then the packed model plus one dense weight, given two settings inside the block:
+transformers' asynchronous read-ahead is off (``HF_DEACTIVATE_ASYNC_LOAD``), and on the CPU glibc's heap gives
+freed temporaries back after each weight (``malloc_trim``). On an accelerator (``device_map="cuda"``),
+transformers first reserves what it expects the weights to take; give ``from_pretrained`` a
+``quantization_config=LowbitConfig(config)`` instead of this block (``lowbit.compress.hf_quantizer``): the same
+loader then runs inside transformers' own quantizer integration, which reserves the packed size.
 
 Weight statistics need no data, so only configs calibrated by ``"max"`` (or no algorithm) are accepted;
 activation quantizers that want calibrated scales quantize dynamically from each input (a warning says
@@ -31,9 +33,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
+import math
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,11 +46,11 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from lowbit.calibration import calibrate_weight
 from lowbit.compress.experts import PackedExperts, install_packed_experts, pack_experts
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, TENSOR_NAMES, PackedWeight, WeightFormat, quantize_weight, storage_spec
 from lowbit.config import QuantizeConfig, parse_config
-from lowbit.convert import calibrate_weight
 from lowbit.expert_quantizer import ExpertQuantizer
 from lowbit.modules.experts import expert_projections, is_fused_experts
 from lowbit.quantizer import TensorQuantizer
@@ -57,7 +58,6 @@ from lowbit.quantizer import TensorQuantizer
 # transformers >= 5 reads tensors ahead in worker threads unless this is set; sequential loading lets
 # each dense weight be packed and freed before the next is read.
 HF_SEQUENTIAL_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"
-WARMUP_FUNCTION = "caching_allocator_warmup"
 
 
 class _Loader:
@@ -69,6 +69,23 @@ class _Loader:
         self.parents: dict[int, tuple[nn.Module, str]] = {}
         self.packed: dict[int, tuple[nn.Module, PackedWeight]] = {}
         self.experts: dict[int, tuple[nn.Module, dict[str, PackedExperts]]] = {}  # fused experts, per projection
+        self._hooks = []
+
+    def attach(self) -> None:
+        """Watch modules being built and parameters being assigned (PyTorch's global registration hooks)."""
+        self._hooks = [register_module_module_registration_hook(self.on_module),
+                       register_module_parameter_registration_hook(self.on_parameter)]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def place(self, model: nn.Module) -> None:
+        """Record where every module of an already built ``model`` sits (the module hook's record)."""
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                self.on_module(parent, name, child)
 
     def on_module(self, parent: nn.Module, name: str, child: nn.Module | None) -> None:
         if child is not None:
@@ -85,38 +102,54 @@ class _Loader:
         parents = tuple(cls.__name__ for cls in type(module).__mro__)
         return self.config.attributes_for(f"{self.full_name(module)}.{slot}", parents)
 
-    def on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None):
-        if is_fused_experts(module) and name in expert_projections(module) and param is not None:
-            return self.on_experts_parameter(module, name, param)
-        if name != "weight" or type(module) is not nn.Linear or param is None or param.device.type == "meta":
+    def packed_attributes(self, module: nn.Module, name: str):
+        """The weight quantizer attributes ``module``'s parameter ``name`` is packed with; None when it stays dense
+        (not a Linear weight or fused expert projection, not quantized, or sequential as W4A8)."""
+        if is_fused_experts(module) and name in expert_projections(module):
+            slots = [self.attributes(module, f"{p}_weight_quantizer") for p in expert_projections(module)]
+            if any(a is None or isinstance(a, list) for a in slots):
+                return None  # both projections packed, one stage each, or neither: as quantize + compress leaves it
+            return self.attributes(module, f"{name}_weight_quantizer")
+        if name != "weight" or type(module) is not nn.Linear:
             return None
-        if id(module) not in self.parents:
-            return None  # nn.Linear.__init__'s own (uninitialised) weight: the module has no place yet
         attributes = self.attributes(module, "weight_quantizer")
-        if attributes is None or isinstance(attributes, list):
-            return None  # not quantized, or sequential (W4A8): left dense
-        weight = param.detach()
-        fmt = WeightFormat.from_config(attributes, tuple(weight.shape))
-        amin, amax = _weight_statistics(attributes, fmt, weight)
-        self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
-        if weight.device.type == "cpu":
-            _return_freed_host_memory()
-        return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+        return None if attributes is None or isinstance(attributes, list) else attributes
 
-    def on_experts_parameter(self, module: nn.Module, projection: str, param: nn.Parameter):
-        """A fused (E, out, in) expert weight: packed per expert (``lowbit.compress.experts``) when the config
-        quantizes both projections' weights with one stage each; the module becomes compressed in ``finish``."""
-        if param.device.type == "meta" or id(module) not in self.parents:
+    def packed_bytes(self, module: nn.Module, name: str) -> int | None:
+        """Bytes ``module``'s parameter ``name`` takes once packed (``storage_spec``); None when it stays dense."""
+        attributes = self.packed_attributes(module, name)
+        if attributes is None:
             return None
-        slots = [self.attributes(module, f"{p}_weight_quantizer") for p in expert_projections(module)]
-        if any(a is None or isinstance(a, list) for a in slots):
-            return None  # not quantized, or sequential (W4A8): left dense, as quantize + compress leaves it
-        quantizer = ExpertQuantizer(self.attributes(module, f"{projection}_weight_quantizer"), module.num_experts)
-        weight = param.detach()
-        view = weight.transpose(-1, -2) if module.is_transposed else weight
-        calibrate_weight(quantizer.to(weight.device), view)
-        packed = pack_experts(view, quantizer, self.scale_dtype)
-        self.experts.setdefault(id(module), (module, {}))[1][projection] = packed
+        shape = tuple(getattr(module, name).shape)
+        if len(shape) == 2:
+            return _storage_bytes(attributes, shape, self.scale_dtype)
+        per_expert = shape[:0:-1] if module.is_transposed else shape[1:]  # each expert packs its (out, in) view
+        return module.num_experts * _storage_bytes(attributes, per_expert, self.scale_dtype)
+
+    def on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None):
+        """The parameter hook: a real weight assigned to a module of the model being built is packed."""
+        if param is None or param.device.type == "meta" or id(module) not in self.parents:
+            return None  # (no place yet: nn.Linear.__init__'s own uninitialised weight)
+        return self.pack(module, name, param.detach())
+
+    def pack(self, module: nn.Module, name: str, weight: torch.Tensor) -> nn.Parameter | None:
+        """Pack ``weight`` as ``module``'s ``name`` when the config quantizes it, and return the meta placeholder
+        that takes its place until ``finish``; None when it stays dense. A fused (E, out, in) expert weight is
+        packed per expert (``lowbit.compress.experts``)."""
+        attributes = self.packed_attributes(module, name)
+        if attributes is None:
+            return None
+        if weight.dim() == 3:
+            quantizer = ExpertQuantizer(attributes, module.num_experts)
+            view = weight.transpose(-1, -2) if module.is_transposed else weight
+            calibrate_weight(quantizer.to(weight.device), view)
+            self.experts.setdefault(id(module), (module, {}))[1][name] = pack_experts(view, quantizer, self.scale_dtype)
+        else:
+            fmt = WeightFormat.from_config(attributes, tuple(weight.shape))
+            amin, amax = _weight_statistics(attributes, fmt, weight)
+            self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
+            if weight.device.type == "cpu":
+                _return_freed_host_memory()
         return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
 
     def quantizer(self, module: nn.Module, slot: str) -> TensorQuantizer:
@@ -156,6 +189,11 @@ class _Loader:
                 "they quantize dynamically from each input",
                 stacklevel=3,
             )
+
+
+def _storage_bytes(attributes, shape: tuple[int, int], scale_dtype: torch.dtype) -> int:
+    spec = storage_spec(WeightFormat.from_config(attributes, shape), shape, scale_dtype)
+    return sum(math.prod(size) * dtype.itemsize for size, dtype in spec.values())
 
 
 def _return_freed_host_memory() -> None:
@@ -239,9 +277,8 @@ def _quantize_rows(weight: torch.Tensor, fmt: WeightFormat, amin, amax, scale_dt
     return PackedWeight(fmt, tuple(weight.shape), **{name: storage.get(name) for name in TENSOR_NAMES})
 
 
-@contextmanager
-def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Pack every quantized ``nn.Linear`` weight as it is loaded (see the module docstring)."""
+def packing_loader(config: dict | QuantizeConfig, scale_dtype: torch.dtype = torch.float32) -> _Loader:
+    """The loader for ``config`` after checking that weights alone can calibrate it (no data while loading)."""
     config = parse_config(config)
     if config.algorithm not in (None, "max"):
         raise ValueError(
@@ -250,46 +287,22 @@ def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dty
         )
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
-    loader = _Loader(config, scale_dtype)
-    module_hook = register_module_module_registration_hook(loader.on_module)
-    parameter_hook = register_module_parameter_registration_hook(loader.on_parameter)
+    return _Loader(config, scale_dtype)
+
+
+@contextmanager
+def init_quantized_weights(config: dict | QuantizeConfig, scale_dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Pack every quantized ``nn.Linear`` weight as it is loaded (see the module docstring)."""
+    loader = packing_loader(config, scale_dtype)
+    loader.attach()
     async_load = os.environ.get(HF_SEQUENTIAL_LOAD)
     os.environ[HF_SEQUENTIAL_LOAD] = "1"
     try:
-        with _without_allocator_warmup():
-            yield
+        yield
     finally:
-        module_hook.remove()
-        parameter_hook.remove()
+        loader.detach()
         if async_load is None:
             del os.environ[HF_SEQUENTIAL_LOAD]
         else:
             os.environ[HF_SEQUENTIAL_LOAD] = async_load
     loader.finish()
-
-
-@contextmanager
-def _without_allocator_warmup() -> Iterator[None]:
-    """Skip transformers' ``caching_allocator_warmup`` inside the block (the one patch this module makes).
-
-    With a ``device_map`` on an accelerator, transformers first allocates (and frees into the caching
-    allocator) the dense size of the whole model, so that loading needs one cudaMalloc: a speed measure
-    that makes the GPU peak the bf16 model size however small the packed weights are. Without it the
-    GPU holds the packed weights, the dense non-Linear weights and one dense Linear weight at a time.
-    Nothing is patched when transformers is not imported (its modeling_utils is, lazily, when it is) or has
-    no such function.
-    """
-    module = importlib.import_module("transformers.modeling_utils") if "transformers" in sys.modules else None
-    warmup = getattr(module, WARMUP_FUNCTION, None)
-    if warmup is None:
-        yield
-        return
-    setattr(module, WARMUP_FUNCTION, _skip_warmup)
-    try:
-        yield
-    finally:
-        setattr(module, WARMUP_FUNCTION, warmup)
-
-
-def _skip_warmup(*args, **kwargs) -> None:
-    """Stands in for transformers' caching_allocator_warmup while loading packs weights."""

@@ -56,6 +56,9 @@ class WeightFormat:
         """The storage format of a 2-D weight ``shape`` quantized with ``config``; ValueError if unsupported."""
         if len(shape) != 2:
             raise ValueError(f"weight shape {tuple(shape)}: compress() packs 2-D (out, in) weights only")
+        if config.codebook is not None:
+            raise ValueError(f"codebook={config.codebook!r}: compress() has no packed storage or kernel for "
+                             "codebook formats; keep the layer fake-quantized")
         scale_bits = config.block_scale_bits
         if scale_bits == (4, 3):
             return cls("nvfp4", config.num_bits, block_size=config.block_axes[-1])

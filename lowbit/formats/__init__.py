@@ -13,10 +13,20 @@ One line of math per format (amax <= 2**-24 always means scale 1, so nothing is 
   codes = e2m1(x / (s g)); x_hat = e2m1 value * s * g.
 - MX (mx.py, OCP v1.0): blocks of 32; e = clamp(floor(log2(block_amax)) - emax_elem, -127, 127);
   elements = round_to_format(x / 2**e); scale = uint8 e + 127 (0xFF NaN); x_hat = elements * 2**e.
+- Codebooks (codebook.py; NF4 in nf4.py): code = nearest of a table of levels in [-1, 1] to x / amax (a tie takes
+  the lower level); x_hat = level * amax. ``register_codebook(name, levels)`` adds one.
 - Blocks (blocks.py): to_blocks(x, b, axis) -> (..., L // b, b) with axis moved last; from_blocks inverts.
 """
 
 from .blocks import block_amax, from_blocks, to_blocks
+from .codebook import (
+    CODEBOOKS,
+    codebook_levels,
+    dequantize_codebook,
+    fake_quant_codebook,
+    quantize_codebook,
+    register_codebook,
+)
 from .integer import (
     dequantize_int,
     dequantize_int_asym,
@@ -40,36 +50,47 @@ from .minifloat import (
     round_to_format,
 )
 from .mx import dequantize_mx, e8m0_to_float, fake_quant_mx, float_to_e8m0, quantize_mx
+from .nf4 import NF4_VALUES, dequantize_nf4, fake_quant_nf4, quantize_nf4
 from .nvfp4 import dequantize_nvfp4, fake_quant_nvfp4, quantize_nvfp4
 
 __all__ = [
+    "CODEBOOKS",
     "E2M1",
     "E4M3",
     "E5M2",
     "FloatFormat",
+    "NF4_VALUES",
     "block_amax",
+    "codebook_levels",
     "decode_e2m1",
+    "dequantize_codebook",
     "dequantize_fp",
     "dequantize_int",
     "dequantize_int_asym",
     "dequantize_mx",
+    "dequantize_nf4",
     "dequantize_nvfp4",
     "e8m0_to_float",
     "encode_e2m1",
+    "fake_quant_codebook",
     "fake_quant_fp",
     "fake_quant_int",
     "fake_quant_int_asym",
     "fake_quant_mx",
+    "fake_quant_nf4",
     "fake_quant_nvfp4",
     "float_format",
     "float_to_e8m0",
     "from_blocks",
     "int_range",
+    "quantize_codebook",
     "quantize_fp",
     "quantize_int",
     "quantize_int_asym",
     "quantize_mx",
+    "quantize_nf4",
     "quantize_nvfp4",
+    "register_codebook",
     "round_to_format",
     "to_blocks",
 ]

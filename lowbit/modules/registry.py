@@ -6,10 +6,14 @@ creates the quantizers; parameters, buffers and hooks stay where they are (no co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 QUANT_MODULE_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+ClassFinder = Callable[[nn.Module], bool]
+CLASS_FINDERS: list[ClassFinder] = []  # tried in order for a module type not yet in QUANT_MODULE_REGISTRY
 
 
 class QuantModuleMixin:
@@ -59,6 +63,13 @@ def unregister(original_cls: type[nn.Module]) -> None:
     QUANT_MODULE_REGISTRY.pop(original_cls, None)
 
 
+def register_class_finder(finder: ClassFinder) -> None:
+    """Add ``finder(module) -> bool``: it registers a quantized class for ``type(module)`` when it recognises
+    the type (a family of classes, such as Hugging Face attention, that no fixed list names) and says so."""
+    if finder not in CLASS_FINDERS:
+        CLASS_FINDERS.append(finder)
+
+
 def is_quantized(module: nn.Module) -> bool:
     return hasattr(type(module), "original_class") and hasattr(module, "quantizer_names")
 
@@ -66,14 +77,11 @@ def is_quantized(module: nn.Module) -> bool:
 def quantized_class_for(module: nn.Module) -> type[nn.Module] | None:
     """The registered quantized class for this exact module type (subclasses are not guessed).
 
-    Hugging Face attention and fused-experts classes register themselves on first sight
-    (lowbit.modules.attention, lowbit.modules.experts).
+    Types no fixed list names are registered on first sight by the class finders (Hugging Face attention and
+    fused experts: ``lowbit.modules`` adds theirs from ``lowbit.modules.attention`` and ``lowbit.modules.experts``).
     """
-    from lowbit.modules.attention import register_hf_attention
-    from lowbit.modules.experts import register_fused_experts
-
     if type(module) not in QUANT_MODULE_REGISTRY:
-        register_hf_attention(module) or register_fused_experts(module)
+        any(finder(module) for finder in CLASS_FINDERS)
     return QUANT_MODULE_REGISTRY.get(type(module))
 
 

@@ -6,7 +6,7 @@ Modules, in the order the work happens:
 - ``sensitivity``: NNCF's sensitivity metrics and ratio rule;
 - ``plan``: validated options and the per-layer plan (no mutation);
 - ``apply``: the plan carried out by ``lowbit.quantize`` / ``lowbit.calibrate``;
-- ``nf4``: the NF4 table and its quantizer; ``summary``: the per-layer table and sizes.
+- ``summary``: the per-layer table and sizes.
 """
 
 from lowbit.weight_compression.api import compress_weights

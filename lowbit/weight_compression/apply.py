@@ -3,11 +3,11 @@ export share one formula per format:
 
 1. ``lowbit.quantize`` with one rule per layer (a filter function on the weight quantizer's exact
    name -> that layer's ``LayerFormat.attributes``; every other quantizer disabled), no calibration;
-2. NF4 layers get an ``NF4Quantizer`` (the table rounding) in place of their int4 weight quantizer;
+2. NF4 layers need no step of their own: their attributes round to the NF4 codebook (``lowbit.formats.nf4``);
 3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
    INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
    (``range_search``);
-4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.calib.algorithms``), on the
+4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.algorithms.registry``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile), in NNCF's order
    AWQ, scale estimation, GPTQ:
    ``awq`` -> ``awq_lite`` (per-channel scales); ``scale_estimation`` -> ``scale_estimation`` (per-group
@@ -38,7 +38,6 @@ from lowbit.convert import calibrate, quantize
 from lowbit.modules import is_quantized, revert_module
 from lowbit.weight_compression.data import forward_loop, stacked_items
 from lowbit.weight_compression.layers import MATMUL, embeddings_registered
-from lowbit.weight_compression.nf4 import NF4Quantizer
 from lowbit.weight_compression.plan import SCALE_ESTIMATION_MODES, CompressionPlan, LayerPlan
 from lowbit.weight_compression.range_search import search_asymmetric_range
 
@@ -131,12 +130,6 @@ def pack(model: nn.Module, plan: CompressionPlan) -> nn.Module:
         return compress(model, scale_dtype=torch.float16)
 
 
-def _install_nf4(entry: LayerPlan) -> None:
-    module = entry.layer.module
-    quantizer = NF4Quantizer(module.weight_quantizer.config)
-    module.weight_quantizer = quantizer.to(module.weight.device)
-
-
 def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = None, packed: bool = True) -> nn.Module:
     """Compress ``model``'s weights in place as ``plan`` says (see the module docstring); returns the model.
 
@@ -152,9 +145,6 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
     with embeddings_registered():
         quantize(model, quantize_config(plan))
     try:
-        for entry in plan.layers:
-            if entry.format is not None and entry.format.is_nf4:
-                _install_nf4(entry)
         calibrate(model, "max")
         search_asymmetric_ranges(plan)
         if steps:

@@ -113,8 +113,8 @@ class LayerFormat:
     def attributes(self, num_weights: int) -> QuantizerAttributeConfig:
         """The weight quantizer's attributes for a weight of ``num_weights`` elements.
 
-        NF4 returns the int4 block view whose rounding ``lowbit.weight_compression.nf4.NF4Quantizer``
-        replaces with the NF4 table. ``num_weights`` sizes the scale search's sample (it keeps the weight).
+        NF4 is the int4 block view rounded to the NF4 codebook (``lowbit.formats.nf4``). ``num_weights`` sizes
+        the scale search's sample (it keeps the weight).
         """
         num_bits = _NUM_BITS[self.mode]
         if self.mode == CompressWeightsMode.MXFP4:
@@ -124,9 +124,9 @@ class LayerFormat:
         granularity = {"axis": 0} if self.group_size == -1 else {"block_sizes": {-1: self.group_size}}
         searched = self.mode == CompressWeightsMode.INT4_SYM
         calibrator = {**SCALE_SEARCH, "sample_size": max(num_weights, 1)} if searched else "max"
-        return QuantizerAttributeConfig(
-            num_bits=num_bits, asymmetric=self.mode in ASYMMETRIC_MODES, calibrator=calibrator, **granularity
-        )
+        codebook = "nf4" if self.is_nf4 else None
+        return QuantizerAttributeConfig(num_bits=num_bits, asymmetric=self.mode in ASYMMETRIC_MODES,
+                                        calibrator=calibrator, codebook=codebook, **granularity)
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits to store an ``(out, in)`` weight: codes, plus each group's scale (and zero point).

@@ -1,5 +1,5 @@
 """Compressed models on CUDA: Triton / cuBLAS / _scaled_mm paths against the fake-quant model, and the
-GPU memory of init_quantized_weights against a bf16 load (each in a fresh process, bench/memory.py)."""
+GPU memory of a LowbitConfig load against a bf16 load (each in a fresh process, bench/memory.py)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def test_training_step_through_triton_kernels():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_NVFP4_CFG"])
 def test_gpu_peak_memory_of_init_quantized_weights(tmp_path, preset):
-    """torch.cuda.max_memory_allocated of a device_map="cuda" load: packed (transformers' allocator warmup
-    skipped, one dense weight at a time) <= 0.4x of the bf16 load, each in a fresh process (bench/memory.py)."""
+    """torch.cuda.max_memory_allocated of a device_map="cuda" load: packed (from_pretrained with LowbitConfig:
+    transformers' allocator warmup reserves the packed bytes, one dense weight at a time) <= 0.4x of the bf16 load,
+    each in a fresh process (bench/memory.py)."""
     pytest.importorskip("accelerate", reason="transformers' device_map needs accelerate")
     def probe(*args: str) -> dict:
         out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True)
@@ -74,5 +75,5 @@ def test_gpu_peak_memory_of_init_quantized_weights(tmp_path, preset):
     probe("--save", str(tmp_path), "--hidden", "1024", "--layers", "8", "--intermediate", "4096", "--vocab", "2048")
     dense = probe("--probe", str(tmp_path), "--device", "cuda")["peak_gpu"]
     packed = probe("--probe", str(tmp_path), "--device", "cuda", "--preset", preset)["peak_gpu"]
-    print(f"GPU peak: bf16 load {dense} B, init_quantized_weights {preset} {packed} B ({packed / dense:.3f}x)")
+    print(f"GPU peak: bf16 load {dense} B, LowbitConfig {preset} {packed} B ({packed / dense:.3f}x)")
     assert packed <= 0.4 * dense

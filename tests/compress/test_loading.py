@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, modeling_utils
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lowbit
 from lowbit.attributes import QuantizerAttributeConfig
@@ -98,17 +99,24 @@ def _attributes(fmt: WeightFormat) -> dict:
     return {"num_bits": fmt.num_bits, "asymmetric": fmt.kind == "int_asym", **granularity}
 
 
-def test_transformers_allocator_warmup_is_skipped_inside_the_block_only():
-    """The warmup would reserve the dense model's size on the GPU; it is restored on exit, error or not."""
-    original = modeling_utils.caching_allocator_warmup
+def test_loading_state_is_restored_on_exit_error_or_not(monkeypatch):
+    """Inside the block weights assigned to a Linear built there are packed and transformers reads sequentially;
+    after it (left by an exception) neither holds. GPU loads pack through LowbitConfig (test_hf_quantizer.py)."""
+    monkeypatch.delenv(loading.HF_SEQUENTIAL_LOAD, raising=False)
     config = copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    state = {"0.weight": torch.randn(128, 128), "0.bias": torch.randn(128)}
     with pytest.raises(RuntimeError, match="inside"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_quantized_weights(config):
-            assert modeling_utils.caching_allocator_warmup is not original
-            assert modeling_utils.caching_allocator_warmup(None, {"w": torch.device("cuda")}, None) is None
+            assert os.environ[loading.HF_SEQUENTIAL_LOAD] == "1"
+            inside = torch.nn.Sequential(torch.nn.Linear(128, 128))
+            inside.load_state_dict(state, assign=True)
+            assert inside[0].weight.device.type == "meta"  # packed, a placeholder until the block ends
             raise RuntimeError("inside")
-    assert modeling_utils.caching_allocator_warmup is original
+    assert loading.HF_SEQUENTIAL_LOAD not in os.environ
+    after = torch.nn.Sequential(torch.nn.Linear(128, 128))
+    after.load_state_dict(state, assign=True)
+    assert torch.equal(after[0].weight, state["0.weight"])
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 import lowbit
 from lowbit import TensorQuantizer
-from lowbit.convert import calibration_pass, max_calibrate
+from lowbit.calibration import calibrate_weights, calibration_pass, max_calibrate
 from lowbit.quantizer import quantization_off, reusing_outputs
 
 from .helpers import tiny_llama
@@ -68,7 +68,7 @@ def assert_amax_equal(model, expected):
 
 def test_float_model_pass_gives_the_float_activation_maxima(model):
     calibrated = quantized(model)
-    lowbit.convert.calibrate_weights(calibrated)
+    calibrate_weights(calibrated)
     activations = [m.input_quantizer for m in calibrated.modules() if hasattr(m, "input_quantizer")
                    and m.input_quantizer.is_enabled]
     calibration_pass(calibrated, forward_loop, activations, float_model=True)

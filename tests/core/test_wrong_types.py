@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.calib.algorithms import DEFAULT_OPTIONS
+from lowbit.algorithms.registry import DEFAULT_OPTIONS
 
 from .helpers import assert_untouched, mlp, snapshot
 

@@ -81,7 +81,7 @@ def test_every_preset_quantizes_every_expert_weight(family):
         config = {**getattr(lowbit.presets, preset), "algorithm": "max"}
         lowbit.quantize(model, config, _loop(ids))
         assert_every_expert_weight_quantized(model)
-        names = [name for name, _ in lowbit.convert.iter_quantizers(model)]
+        names = [name for name, _ in lowbit.iter_quantizers(model)]
         assert not any(".gate." in name and name.endswith("weight_quantizer") for name in names), preset
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all(), preset
@@ -296,7 +296,7 @@ def _int4_experts(seed: int = 21):
     experts = _first_experts(model)
     lowbit.quantize(experts, {"quant_cfg": {"*weight_quantizer": INT4_G128, "*input_quantizer": {"num_bits": 8},
                                             **OFF}, "algorithm": None})
-    from lowbit.convert import calibrate_weights
+    from lowbit.calibration import calibrate_weights
 
     calibrate_weights(experts)
     generator = torch.Generator().manual_seed(seed)
@@ -352,10 +352,10 @@ def test_expert_records_see_their_routed_tokens_and_write_the_fused_weight():
 
 
 def test_gptq_per_expert_on_routed_tokens_beats_rounding():
-    """GPTQ's core (lowbit.calib.gptq) run through the records: each expert's Hessian from its own routed
+    """GPTQ's core (lowbit.algorithms.gptq) run through the records: each expert's Hessian from its own routed
     tokens; each expert's output error on those tokens is at most plain rounding's (float64 check)."""
-    from lowbit.calib.gptq import gptq_quantize
-    from lowbit.calib.weights import quantize_column
+    from lowbit.algorithms.gptq import gptq_quantize
+    from lowbit.algorithms.weights import quantize_column
     from lowbit.structure.experts import expert_weights
 
     experts, hidden, top_k_index, top_k_weights = _int4_experts()

@@ -13,7 +13,7 @@ import fnmatch
 
 import torch
 
-from lowbit.calib.algorithms import run_algorithm
+from lowbit.algorithms.registry import run_algorithm
 from lowbit.convert import quantize
 from lowbit.modules.registry import is_quantized
 from lowbit.presets import PRESETS

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calib.gptq import HessianAccumulator
+from lowbit.algorithms.gptq import HessianAccumulator
 from lowbit.weight_compression.data import forward_loop, stacked_items
 
 

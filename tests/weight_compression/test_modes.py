@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowbit.formats.nf4 import NF4_VALUES, dequantize_nf4, fake_quant_nf4, quantize_nf4
 from lowbit.weight_compression import CompressWeightsMode, LayerFormat, compress_weights
-from lowbit.weight_compression.nf4 import NF4_VALUES, dequantize_nf4, fake_quant_nf4, quantize_nf4
 
 from . import reference
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.activation_ranges import InputRanges
-from lowbit.calib.layerwise import tensor_quantizers
+from lowbit.algorithms.activation_ranges import InputRanges
+from lowbit.algorithms.layerwise import tensor_quantizers
 from lowbit.structure.groups import InputGroup
 
 FOLD_TOLERANCE = 0.05

@@ -3,7 +3,7 @@
 1. The weights are max-calibrated, and ``forward_loop`` records, with a forward pre-hook, the inputs of
    the first decoder layer for each batch. It runs through the whole model (``max_calibrate``: every
    activation quantizer gets its max amax) only when some static activation quantizer is not an
-   analytic input quantizer of a linear in the decoder layers (``lowbit.calib.activation_ranges``);
+   analytic input quantizer of a linear in the decoder layers (``lowbit.algorithms.activation_ranges``);
    otherwise it stops at the first decoder layer.
 2. Then for each decoder layer, in order:
 
@@ -40,7 +40,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.calib.activation_ranges import InputRanges
+from lowbit.algorithms.activation_ranges import InputRanges
+from lowbit.calibration import (
+    calibrate_weight,
+    calibrate_weights,
+    max_calibrate,
+    static_activation_quantizers,
+)
 from lowbit.modules.registry import is_quantized
 from lowbit.quantizer import TensorQuantizer, collecting_statistics, reusing_outputs
 from lowbit.structure.blocks import require_block_stacks
@@ -75,8 +81,6 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, forward_loop:
     ``full_pass``: ``forward_loop`` runs through the whole model to max-calibrate its activation
     quantizers too; otherwise (or when there are none) it runs only up to ``first_layer``.
     """
-    from lowbit.convert import calibrate_weights, max_calibrate  # convert imports this package lazily
-
     calls: list[tuple[tuple, dict]] = []
     handle = first_layer.register_forward_pre_hook(
         lambda _module, args, kwargs: calls.append(replayable_call(args, kwargs)), with_kwargs=True)
@@ -262,10 +266,8 @@ def check_layer_inputs(layer_inputs: str) -> str:
 
 def _ranges_measured_per_layer(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> bool:
     """True when every static activation quantizer of ``model`` is an analytic input quantizer of a linear
-    inside the block stacks (``lowbit.calib.activation_ranges``): the runner then measures each from its layer's
+    inside the block stacks (``lowbit.algorithms.activation_ranges``): the runner then measures each from its layer's
     inputs and no full max-calibration pass is needed."""
-    from lowbit.convert import static_activation_quantizers
-
     covered = {id(q) for _, layers in stacks for layer in layers
                for q in InputRanges(row_weights(layer).values()).quantizers}
     return all(id(q) in covered for q in static_activation_quantizers(model))
@@ -316,8 +318,6 @@ def layer_errors(model: nn.Module, forward_loop: ForwardLoop) -> list[LayerRepor
 
 def recalibrate_weights(weight: QuantizableWeight) -> None:
     """Recompute the static scales of ``weight``'s quantizer from the weight (after an algorithm changed it)."""
-    from lowbit.convert import calibrate_weight
-
     calibrate_weight(weight.weight_quantizer, weight.weight.detach())
 
 

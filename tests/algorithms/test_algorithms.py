@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lowbit.convert as convert
-from lowbit.calib.algorithms import ALGORITHMS, run_algorithm
+from lowbit.algorithms.registry import ALGORITHMS, run_algorithm
 from lowbit.presets import get_preset
 
 from .tiny_llama import forward_loop_for, logits
@@ -213,7 +213,7 @@ def test_awq_scale_per_linear(model, batches):
 
 
 def test_config_accepts_exactly_the_registered_algorithms():
-    from lowbit.calib.algorithms import ALGORITHMS
+    from lowbit.algorithms.registry import ALGORITHMS
     from lowbit.config import ALGORITHM_METHODS
 
     assert sorted(ALGORITHM_METHODS) == sorted(ALGORITHMS)
@@ -221,7 +221,7 @@ def test_config_accepts_exactly_the_registered_algorithms():
 
 @pytest.mark.parametrize("reads_output", [False, True])
 def test_weight_only_capture_stops_at_the_first_layer_unless_the_loop_needs_outputs(model, batches, reads_output):
-    from lowbit.calib.layerwise import capture_layer_inputs
+    from lowbit.algorithms.layerwise import capture_layer_inputs
 
     weight_only = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
     head_calls = []
@@ -281,7 +281,7 @@ def test_layer_inputs_float_or_quantized(model, batches, layer_inputs):
     """With "float" every decoder layer is calibrated on the float model's hidden states (the reference:
     transformers' output_hidden_states of the unquantized model); with "quantized" the second layer sees
     the first quantized layer's outputs instead, which differ from them."""
-    from lowbit.calib.layerwise import run_layerwise
+    from lowbit.algorithms.layerwise import run_layerwise
 
     weight_only = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
     seen = []

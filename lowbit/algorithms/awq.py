@@ -7,7 +7,7 @@ quantization group's max, rows of every linear of the group together), clamped t
 divided by ``sqrt(max s * min s)``, for ``alpha`` on a grid in ``[0, 1]``; the identity ``s = 1``
 (plain rounding) is a candidate too, so the search never does worse on its sample. The candidate whose
 quantized output ``X @ (Q(W * s) / s)^T`` is closest (MSE) to ``X @ W^T`` wins. The weights keep
-``W * s``; the input gets ``1/s`` (``lowbit.calib.scaling``).
+``W * s``; the input gets ``1/s`` (``lowbit.algorithms.scaling``).
 
 *Clip search* (``awq_clip``): per output row and group of ``g`` input columns, try
 ``amax = r * max|W_group|`` for ``r`` from 1 down to ``min_clip_ratio`` and keep the ``r`` with the
@@ -25,10 +25,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, quantizers_disabled, recalibrate_weights
-from lowbit.calib.scale_estimation import IntGrid
-from lowbit.calib.scaling import apply_input_scale
-from lowbit.calib.weights import (
+from lowbit.algorithms.layerwise import LayerInputs, quantizers_disabled, recalibrate_weights
+from lowbit.algorithms.scale_estimation import IntGrid
+from lowbit.algorithms.scaling import apply_input_scale
+from lowbit.algorithms.weights import (
     effective_input,
     quantize_with_amax,
     sample_rows,

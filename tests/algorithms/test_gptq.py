@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.calib.gptq import HessianAccumulator, damped_inverse_cholesky, gptq_quantize
+from lowbit.algorithms.gptq import HessianAccumulator, damped_inverse_cholesky, gptq_quantize
 
 QMAX = 7  # symmetric int4
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit.convert as convert
-from lowbit.calib.algorithms import run_algorithm
+from lowbit.algorithms.registry import run_algorithm
 from lowbit.presets import get_preset
 from lowbit.quantizer import TensorQuantizer
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import lowbit.convert as convert
-from lowbit.calib.layerwise import LayerInputs, quantizers_disabled
-from lowbit.calib.scaling import apply_input_scale
+from lowbit.algorithms.layerwise import LayerInputs, quantizers_disabled
+from lowbit.algorithms.scaling import apply_input_scale
 from lowbit.structure.groups import find_input_groups
 
 INT8 = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 0}, "*input_quantizer": {"num_bits": 8}},
@@ -95,7 +95,7 @@ def test_no_fold_when_the_norm_output_has_other_readers_or_a_different_formula(k
 def test_awq_statistics_ride_on_a_pass_and_match_the_groups_and_float64_moments():
     """Collected by hooks during a float pass: the same groups as find_input_groups (the expert is traced in
     the second call), and per group X^T X, the row count and mean |X| of every input row (float64)."""
-    from lowbit.calib.awq import AwqInputStatistics
+    from lowbit.algorithms.awq import AwqInputStatistics
 
     block, inputs = block_and_inputs()
     statistics = AwqInputStatistics(max_tokens=1000)  # more than the 8 rows: every row is kept

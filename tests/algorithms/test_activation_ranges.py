@@ -1,4 +1,4 @@
-"""Analytic input ranges (lowbit.calib.activation_ranges) against max |x * p / s| computed in float64."""
+"""Analytic input ranges (lowbit.algorithms.activation_ranges) against max |x * p / s| computed in float64."""
 
 import logging
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lowbit.convert as convert
-from lowbit.calib.activation_ranges import InputRanges, channel_maxima, is_analytic
+from lowbit.algorithms.activation_ranges import InputRanges, channel_maxima, is_analytic
 from lowbit.quantizer import collecting_statistics
 from lowbit.structure import quantizable_weights
 

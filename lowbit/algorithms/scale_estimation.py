@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lowbit import formats
-from lowbit.calib.weights import shrink_ratios, weight_group_size
+from lowbit.algorithms.weights import shrink_ratios, weight_group_size
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.weights import QuantizableWeight
 

@@ -4,7 +4,7 @@ integer grids (symmetric -8..7 with scale amax/7, asymmetric 0..15 with a zero p
 import pytest
 import torch
 
-from lowbit.calib.scale_estimation import (
+from lowbit.algorithms.scale_estimation import (
     IntGrid,
     estimate_range,
     hessian_blocks,

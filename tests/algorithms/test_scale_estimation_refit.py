@@ -3,7 +3,7 @@ axis ``(n, starts, rows, 1)``, each (group, start, row) checked against the floa
 
 import torch
 
-from lowbit.calib.scale_estimation import IntGrid, refit
+from lowbit.algorithms.scale_estimation import IntGrid, refit
 
 GROUP = 8
 

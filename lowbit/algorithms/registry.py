@@ -1,7 +1,7 @@
 """The calibration algorithms by name: ``run_algorithm(name, model, forward_loop, options)``.
 
-"max" is plain max calibration (``lowbit.convert.max_calibrate``); the others run layer by layer
-(``lowbit.calib.layerwise``) and return one :class:`LayerReport` per decoder layer.
+"max" is plain max calibration (``lowbit.calibration.max_calibrate``); the others run layer by layer
+(``lowbit.algorithms.layerwise``) and return one :class:`LayerReport` per decoder layer.
 
 ================  =======================================================================  ================
 name              options (defaults)                                                       module
@@ -20,7 +20,7 @@ scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"    
 
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
 layer calibrated on the float model's activations, as ModelOpt and NNCF do) or ``"quantized"`` (on the
-outputs of the already quantized layers before it); see ``lowbit.calib.layerwise``.
+outputs of the already quantized layers before it); see ``lowbit.algorithms.layerwise``.
 
 Chaining: ``scale_estimation`` = True (its defaults) or a dict of its options runs scale estimation on
 each layer after AWQ's scale (and clip) search, or before GPTQ, which then keeps the estimated grid as
@@ -35,6 +35,10 @@ awq_lite), instead of one scale per input group that folds into the norm. ``awq_
 take asymmetric integer weight quantizers too; ``awq_clip``/``awq_full`` symmetric ones only.
 
 Options are validated, and the weight quantizers checked, before the model is touched.
+
+Adding an algorithm is one file with its function ``(model, forward_loop, **options) -> list[LayerReport] | None``
+plus one line in ``ALGORITHMS`` and its defaults in ``DEFAULT_OPTIONS``; code outside lowbit calls
+``register_algorithm(name, function, defaults)``. Options are checked against the defaults' names and types.
 """
 
 from __future__ import annotations
@@ -44,29 +48,28 @@ from functools import partial
 
 from torch import nn
 
-from lowbit.attributes import check_type
-from lowbit.calib.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
-from lowbit.calib.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
-from lowbit.calib.layerwise import (
+from lowbit.algorithms.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.algorithms.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.algorithms.layerwise import (
     LayerInputs,
     LayerReport,
     check_layer_inputs,
     run_layerwise,
 )
-from lowbit.calib.scale_estimation import (
+from lowbit.algorithms.scale_estimation import (
     OBJECTIVES,
     check_steps,
     estimate_linear_range,
     estimation_group_size,
     start_ratios,
 )
-from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
-from lowbit.calib.weights import weight_group_size
+from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
+from lowbit.algorithms.weights import weight_group_size
+from lowbit.attributes import check_type
+from lowbit.calibration import ForwardLoop, max_calibrate
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
-
-ForwardLoop = Callable[[nn.Module], None]
 
 AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_per_linear": False, "scale_estimation": False}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
@@ -82,12 +85,6 @@ DEFAULT_OPTIONS: dict[str, dict] = {
              "scale_estimation": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
 }
-
-
-def _max(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
-    from lowbit.convert import max_calibrate
-
-    max_calibrate(model, forward_loop)
 
 
 def _range_estimator(scale_estimation: bool | dict) -> RangeEstimator | None:
@@ -166,7 +163,7 @@ def _scale_estimation(model, forward_loop, layer_inputs, **options):
 
 
 ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
-    "max": _max,
+    "max": max_calibrate,
     "smoothquant": smoothquant,
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
@@ -174,6 +171,32 @@ ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
 }
+BUILT_IN = frozenset(ALGORITHMS)
+
+
+def register_algorithm(name: str, function: Callable[..., list[LayerReport] | None], defaults: dict,
+                       replace: bool = False) -> None:
+    """Make ``function(model, forward_loop, **options)`` the calibration algorithm ``name`` (for ``quantize``,
+    ``calibrate`` and configs' ``algorithm``), taking the options in ``defaults`` (each option's type is its
+    default's). It runs on a quantized model with calibration data, layer-wise or not as it likes."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r}: expected a non-empty string")
+    if not callable(function):
+        raise TypeError(f"algorithm {name!r}: function={function!r} is not callable")
+    if not isinstance(defaults, dict) or not all(isinstance(key, str) for key in defaults):
+        raise TypeError(f"algorithm {name!r}: defaults={defaults!r}: expected a dict of option names to defaults")
+    if name in ALGORITHMS and not replace:
+        raise ValueError(f"algorithm {name!r} is already registered; pass replace=True to replace it")
+    ALGORITHMS[name] = function
+    DEFAULT_OPTIONS[name] = dict(defaults)
+
+
+def unregister_algorithm(name: str) -> None:
+    """Remove an algorithm added with ``register_algorithm`` (built-in algorithms stay)."""
+    if name not in ALGORITHMS or name in BUILT_IN:
+        raise ValueError(f"algorithm {name!r} was not added with register_algorithm: "
+                         f"{sorted(set(ALGORITHMS) - BUILT_IN)}")
+    del ALGORITHMS[name], DEFAULT_OPTIONS[name]
 
 
 def run_algorithm(name: str, model: nn.Module, forward_loop: ForwardLoop | None,

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lowbit.convert as convert
-from lowbit.calib.layerwise import layer_errors
-from lowbit.calib.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant, smoothquant_scale
+from lowbit.algorithms.layerwise import layer_errors
+from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant, smoothquant_scale
+from lowbit.calibration import calibration_pass
 from lowbit.presets import get_preset
 
 from .tiny_llama import forward_loop_for, logits
@@ -112,7 +113,7 @@ def test_other_calibrators_get_one_pass_on_the_smoothed_model(model, batches):
     recalibrated = copy.deepcopy(smoothed)
     quantizer = recalibrated.model.layers[1].self_attn.q_proj.input_quantizer
     quantizer.reset_amax()
-    convert.calibration_pass(recalibrated, forward_loop_for(batches), [quantizer], float_model=True)
+    calibration_pass(recalibrated, forward_loop_for(batches), [quantizer], float_model=True)
     torch.testing.assert_close(q_proj.input_quantizer.amax, quantizer.amax, rtol=0, atol=0)
 
 

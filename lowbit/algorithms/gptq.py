@@ -19,7 +19,7 @@ when the loop reaches the group's first column, or from the original weights up 
 The format is not known here: ``group_amax(slab)`` and ``quantize_column(column, amax)`` come from the
 caller (for a model: the weight quantizer's ``compute_amax`` and ``fake_quant``; for an asymmetric
 quantizer the "amax" of a group is ``stack([amin, amax])``). ``fixed_groups`` gives every group's grid
-up front instead (e.g. found by ``lowbit.calib.scale_estimation``): GPTQ then only chooses the codes.
+up front instead (e.g. found by ``lowbit.algorithms.scale_estimation``): GPTQ then only chooses the codes.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.layerwise import LayerInputs, weights_reused
-from lowbit.calib.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
-from lowbit.calib.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
+from lowbit.algorithms.layerwise import LayerInputs, weights_reused
+from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
+from lowbit.algorithms.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.groups import find_input_groups
 from lowbit.structure.weights import QuantizableWeight

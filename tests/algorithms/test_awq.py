@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.calib.awq import (
+from lowbit.algorithms.awq import (
     alpha_grid,
     awq_scale,
     clip_ratios,

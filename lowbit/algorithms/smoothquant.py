@@ -3,18 +3,18 @@
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` with ``max|W_j|`` over every output row of every linear
 reading the input (q, k and v together), clamped to ``[1e-4, 1e4]``. Then ``x / s`` feeds the linears
 and their weight columns are multiplied by ``s``: folded into the preceding norm where possible, else as
-the input quantizer's ``pre_quant_scale`` (``lowbit.calib.scaling``). The float output is unchanged; the
+the input quantizer's ``pre_quant_scale`` (``lowbit.algorithms.scaling``). The float output is unchanged; the
 activation range shrinks where it had outliers, the weight range grows.
 
 One pass of the calibration data, as ModelOpt's ``smoothquant``:
 
-1. ``forward_loop`` runs once on the float model (``lowbit.convert.calibration_pass``; the weights are
+1. ``forward_loop`` runs once on the float model (``lowbit.calibration.calibration_pass``; the weights are
    rescaled after it, so quantized weights would show activations no inference sees): the activation
    quantizers that are not smoothed get their calibration; each smoothed linear records ``max|X_j|`` of
    its input; each decoder layer's first call is traced (which linears share an input, which norm made
    it, rows of that norm's input and output).
 2. Per group: the scale, the weights (and their static amax), the fold or pre_quant_scale
-   (``lowbit.calib.scaling.apply_input_scale``: a fold is kept only if the folded norm reproduces the
+   (``lowbit.algorithms.scaling.apply_input_scale``: a fold is kept only if the folded norm reproduces the
    traced rows, so a norm computing ``x * (1 + weight)`` gets a pre_quant_scale instead).
 3. A static per-tensor input quantizer with the max calibrator gets ``amax = max_j max|X_j| / s_j``,
    exactly what max calibration of the smoothed inputs gives, with no second pass. Other static
@@ -33,9 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lowbit.calib.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
-from lowbit.calib.layerwise import LayerReport, layer_errors, recalibrate_weights, tensor_quantizers
-from lowbit.calib.scaling import apply_input_scale
+from lowbit.algorithms.activation_ranges import ChannelMaxima, is_analytic, smoothed_amax
+from lowbit.algorithms.layerwise import LayerReport, layer_errors, recalibrate_weights, tensor_quantizers
+from lowbit.algorithms.scaling import apply_input_scale
+from lowbit.calibration import calibrate_weights, calibration_pass, iter_quantizers
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.groups import GroupTrace, InputGroup, row_weights
@@ -105,9 +106,7 @@ def smoothquant(model: nn.Module, forward_loop: Callable[[nn.Module], None], alp
                 report: bool = False) -> list[LayerReport]:
     """Smooth every linear of ``model``'s decoder layers whose input quantizer is enabled (see the module
     docstring). With ``report=True``, one more pass measures each decoder layer's output MSE against its
-    float output (``lowbit.calib.layerwise.layer_errors``); otherwise the report is empty."""
-    from lowbit.convert import calibrate_weights, calibration_pass, iter_quantizers
-
+    float output (``lowbit.algorithms.layerwise.layer_errors``); otherwise the report is empty."""
     check_alpha(alpha)
     named_layers = [(f"{stack}.{index}", layer) for stack, layers in require_block_stacks(model, "smoothquant")
                     for index, layer in enumerate(layers)]
