@@ -50,6 +50,7 @@ from lowbit.presets import (
     W4A16_NVFP4_CFG,
     get_preset,
 )
+from lowbit.ptq.plan import plan
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 from lowbit.version import __version__  # noqa: F401  (the package version)
 from lowbit.weight_compression import BackupMode, CompressWeightsMode, SensitivityMetric, compress_weights
@@ -64,7 +65,7 @@ __all__ = [
     "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",
     "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
     "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",
-    "print_quant_summary", "quant_summary", "quantize", "register", "register_algorithm", "register_codebook",
+    "plan", "print_quant_summary", "quant_summary", "quantize", "register", "register_algorithm", "register_codebook",
     "register_exporter", "restore", "save", "save_compressed", "unregister", "unregister_algorithm",
     "unregister_exporter",
 ]
