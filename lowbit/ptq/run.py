@@ -235,11 +235,11 @@ def _summary(report: dict) -> str:
                      f"({host / estimated:.2f}x)")
     if report["export"] is not None:
         export_record = report["export"]
-        difference = export_record.get("weight_logits_difference")
+        difference = export_record.get("weights_difference")
         lines.append(f"exported {export_record['format']} to {export_record['path']} "
                      f"({export_record['bytes'] / MEGABYTE:.2f} MB)"
                      + ("; not loaded back (lowbit reads hf, compressed-tensors and lowbit)" if difference is None
-                        else f"; reloaded: weights give logits {difference:.2g} apart, amaxes "
+                        else f"; reloaded: weights {difference:.2g}, static scales "
                              f"{export_record['amax_difference']:.2g} apart (relative)"))
     return "\n".join(lines)
 
