@@ -76,7 +76,7 @@ def score_rows(model: nn.Module, reference: nn.Module, tokenizer, settings: PtqS
     text = default_eval_text()
     scores = divergence(model, reference, tokenizer, text, **window)
     rows = [{"model": "float", "kl": 0.0, "kl_p99": 0.0, "top1": 1.0, "perplexity": scores.reference_perplexity},
-            _row(f"{settings.qformat} + kv {settings.kv_qformat}", scores)]
+            _row(_quantized_name(settings), scores)]
     if settings.kv_qformat != "none":
         disable_quantizer(model, KV_QUANTIZERS)
         try:
@@ -85,6 +85,12 @@ def score_rows(model: nn.Module, reference: nn.Module, tokenizer, settings: PtqS
         finally:
             enable_quantizer(model, KV_QUANTIZERS)
     return rows
+
+
+def _quantized_name(settings: PtqSettings) -> str:
+    if settings.auto_quantize_bits is not None:
+        return f"auto_quantize {settings.auto_quantize_bits} bits of {','.join(settings.quant)}"
+    return f"{settings.qformat} + kv {settings.kv_qformat}"
 
 
 def _row(name: str, scores) -> dict:
