@@ -63,6 +63,7 @@ from lowbit.algorithms.gptq import RangeEstimator, gptq_group_size, gptq_layer, 
 from lowbit.algorithms.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_linear_range, hqq_weights
 from lowbit.algorithms.layerwise import (
     LayerInputs,
+    LayerPass,
     LayerReport,
     check_layer_inputs,
     run_layerwise,
@@ -140,20 +141,19 @@ def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear):
     return layer_pass, statistics.watching
 
 
-def _awq_lite(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation, layer_inputs):
+def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation) -> LayerPass:
     scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
     layer_pass, description = _chained("awq_lite", scale_pass, scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description, watch, layer_inputs)
+    return LayerPass(layer_pass, description, watch)
 
 
-def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens, layer_inputs):
-    layer_pass = partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
-                         max_clip_tokens=max_clip_tokens)
-    return run_layerwise(model, forward_loop, layer_pass, "awq_clip", layer_inputs=layer_inputs)
+def _awq_clip(min_clip_ratio, shrink_step, max_clip_tokens) -> LayerPass:
+    return LayerPass(partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
+                             max_clip_tokens=max_clip_tokens), "awq_clip")
 
 
-def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio,
-              shrink_step, max_clip_tokens, layer_inputs):
+def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio, shrink_step,
+              max_clip_tokens) -> LayerPass:
     scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
     layer_pass, description = _chained(
         "awq_full",
@@ -161,31 +161,49 @@ def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, sca
         partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
                 max_clip_tokens=max_clip_tokens),
         scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description, watch, layer_inputs)
+    return LayerPass(layer_pass, description, watch)
 
 
-def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation, hqq,
-          layer_inputs):
+def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq) -> LayerPass:
     estimate_range = hqq_linear_range if hqq else _range_estimator(scale_estimation)
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
                          static_groups=static_groups, estimate_range=estimate_range)
-    description = "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else "")
-    return run_layerwise(model, forward_loop, layer_pass, description, layer_inputs=layer_inputs)
+    return LayerPass(layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else ""))
 
 
-def _scale_estimation(model, forward_loop, layer_inputs, **options):
-    layer_pass = partial(scale_estimation_layer, estimate_range=_range_estimator(options))
-    return run_layerwise(model, forward_loop, layer_pass, "scale_estimation", layer_inputs=layer_inputs)
+def _scale_estimation(**options) -> LayerPass:
+    return LayerPass(partial(scale_estimation_layer, estimate_range=_range_estimator(options)), "scale_estimation")
 
 
-ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
-    "max": max_calibrate,
-    "smoothquant": smoothquant,
+LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
     "awq_full": _awq_full,
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
+}
+
+
+def _layerwise(name: str, model: nn.Module, forward_loop: ForwardLoop, layer_inputs: str,
+               **options) -> list[LayerReport]:
+    step = LAYER_PASSES[name](**options)
+    return run_layerwise(model, forward_loop, step.transform, step.description, step.watch, layer_inputs)
+
+
+def layer_pass(name: str, options: dict | None = None) -> tuple[LayerPass, str]:
+    """The per-block pass of layer-wise algorithm ``name`` with ``options`` (checked as ``run_algorithm``
+    checks them), and its ``layer_inputs``: for runners that drive the blocks themselves (``lowbit.scale``)."""
+    options = check_options(name, dict(options or {}))
+    if name not in LAYER_PASSES:
+        raise ValueError(f"algorithm {name!r} does not run block by block; allowed: {sorted(LAYER_PASSES)}")
+    layer_inputs = options.pop("layer_inputs")
+    return LAYER_PASSES[name](**options), layer_inputs
+
+
+ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
+    "max": max_calibrate,
+    "smoothquant": smoothquant,
+    **{name: partial(_layerwise, name) for name in LAYER_PASSES},
     "hqq": hqq,
     "block_scale_search": block_scale_search,
 }

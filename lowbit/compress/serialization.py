@@ -63,16 +63,22 @@ def _describe(module: CompressedLinear) -> dict:
     }
 
 
+def compressed_state(model: nn.Module) -> dict:
+    """The JSON of ``save_compressed``: format version, then the description of each compressed Linear, each
+    compressed fused-experts module and each module still fake-quantized, by module name."""
+    compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
+    return {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
+            "quantized": quant_state(model)["modules"]}
+
+
 def write_compressed(model: nn.Module, directory: Path) -> None:
     """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
     directory)."""
     check_no_online_rotation(model, "lowbit.compress.save_compressed")
-    compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
-    if not compressed and not experts:
+    state = compressed_state(model)
+    if not state["compressed"] and not state["compressed_experts"]:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
-    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
-             "quantized": quant_state(model)["modules"]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
 
