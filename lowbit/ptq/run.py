@@ -200,11 +200,11 @@ def _run_layerwise(settings: PtqSettings, config: dict, the_plan: Plan, argv: li
     tokenizer = AutoTokenizer.from_pretrained(settings.model_directory, local_files_only=True,
                                               trust_remote_code=settings.trust_remote_code)
     started = time.perf_counter()
-    runner(settings.model_directory, config, calibration_data(settings, tokenizer), tokenizer=tokenizer,
-           export_dir=settings.export_path, export_format=settings.export_format, device=settings.device,
-           dtype=settings.torch_dtype(None), overwrite=settings.overwrite, progress=settings.progress)
+    result = runner(settings.model_directory, config, calibration_data(settings, tokenizer), settings.export_path,
+                    device=settings.device, overwrite=settings.overwrite)
+    tokenizer.save_pretrained(settings.export_path)
     report = {**run_context(["lowbit", *argv]), "settings": _settings_record(settings), "plan": the_plan.as_dict(),
-              "seconds": {"quantize": time.perf_counter() - started},
+              "seconds": {"quantize": time.perf_counter() - started}, "layerwise": repr(result),
               "measured": {"host_peak_bytes": peak.host_peak(), "gpu_peak_bytes": peak.gpu_peak(),
                            "host_method": peak.method}}
     with atomic_file(report_path(settings.export_path), overwrite=True) as staging:

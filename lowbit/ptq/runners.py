@@ -1,9 +1,8 @@
 """The two runners ``lowbit ptq`` hands work to when asked, each looked up where its owner puts it:
 
-- ``--low-memory-mode``: a layer-wise runner for models larger than the device (issue #21 item 3), entry point
-  ``LAYERWISE_ENTRY``, called as :class:`LayerwiseRunner` says: it reads the weights per decoder block from the
-  model directory's safetensors, calibrates and quantizes one block at a time, writes the export itself and
-  returns the in-memory model when one fits (else None). Until it exists, asking for it is a clear error.
+- ``--low-memory-mode``: the layer-wise runner for models larger than the device (issue #21 item 3),
+  ``lowbit.scale.quantize_layerwise``: it reads the weights per decoder block from the model directory's
+  safetensors, calibrates and quantizes one block at a time and writes lowbit's packed checkpoint itself.
 - ``--auto-quantize-bits B --quant a,b``: ``lowbit.search.auto_quantize`` (a per-layer format search under an
   effective-bits budget). The budget is checked here first against the cheapest format (from shapes and
   configs alone, ``lowbit.ptq.plan``), so a budget no format can meet fails before any weight is read.
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,14 +19,8 @@ from torch import nn
 from lowbit.ptq.plan import plan
 from lowbit.ptq.qformats import QFORMATS
 
-LAYERWISE_ENTRY = "lowbit.lowmem:quantize_layerwise"
+LAYERWISE_ENTRY = "lowbit.scale:quantize_layerwise"
 AUTO_QUANTIZE_ENTRY = "lowbit.search:auto_quantize"
-
-
-class LayerwiseRunner(Protocol):
-    def __call__(self, model_dir: Path, config: dict, batches: list[dict[str, torch.Tensor]], *, tokenizer,
-                 export_dir: Path, export_format: str, device: str, dtype: torch.dtype, overwrite: bool,
-                 progress: bool) -> nn.Module | None: ...
 
 
 def _entry(entry: str) -> Callable | None:
@@ -43,7 +34,7 @@ def _entry(entry: str) -> Callable | None:
     return getattr(module, function_name, None)
 
 
-def check_layerwise_runner() -> LayerwiseRunner:
+def check_layerwise_runner() -> Callable:
     """The layer-wise runner; ValueError saying it is not in this install yet."""
     runner = _entry(LAYERWISE_ENTRY)
     if runner is None:

@@ -13,7 +13,7 @@ from torch import nn
 from lowbit.assets import default_model_path
 from lowbit.files import check_writable
 from lowbit.hf import DEFAULT_SOURCE
-from lowbit.ptq.qformats import KV_QFORMATS, QFORMATS, check_choice, check_export, default_export
+from lowbit.ptq.qformats import KV_QFORMATS, LOWBIT_EXPORT, QFORMATS, check_choice, check_export, default_export
 from lowbit.ptq.runners import check_auto_quantize, check_budget, check_layerwise_runner
 
 TASKS = ("quant", "ppl")
@@ -112,7 +112,10 @@ def settings_from_args(args: argparse.Namespace) -> PtqSettings:
     _check_calib_data(args.calib_data)
     _check_device(args.device)
     tasks = _tasks(args.tasks)
-    export_format = args.export_format or default_export(args.qformat)
+    export_format = args.export_format or (LOWBIT_EXPORT if args.low_memory_mode else default_export(args.qformat))
+    if args.low_memory_mode and export_format != LOWBIT_EXPORT:
+        raise ValueError(f"--low-memory-mode writes lowbit's packed checkpoint block by block; --export-format "
+                         f"{export_format!r} is not allowed with it (allowed: {LOWBIT_EXPORT})")
     check_export(args.qformat, args.kv_cache_qformat, export_format)
     quant = _quant_list(args.quant)
     if (args.auto_quantize_bits is None) != (not quant):

@@ -128,7 +128,7 @@ def test_exported_tokenizer_keeps_its_padding_side_with_left_padded_jsonl_calibr
     (["--qformat", "fp8", "--auto-quantize-bits", "3", "--quant", "int4_awq,fp8"],
      ["--auto-quantize-bits 3", "int4_awq", "4.125"]),
     (["--qformat", "fp8", "--auto-quantize-bits", "5"], ["--quant"]),
-    (["--qformat", "fp8", "--low-memory-mode"], ["--low-memory-mode", "lowbit.lowmem"]),
+    (["--qformat", "fp8", "--low-memory-mode", "--export-format", "hf"], ["--low-memory-mode", "'hf'", "lowbit"]),
     (["--qformat", "fp8", "--tasks", "quant,mmlu"], ["--tasks", "'mmlu'"]),
     (["--qformat", "fp8", "--calib-data", "calib.csv"], ["--calib-data", ".jsonl"]),
 ])
