@@ -50,6 +50,7 @@ from lowbit.presets import (
     W4A16_NVFP4_CFG,
     get_preset,
 )
+from lowbit.ptq.plan import plan
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 from lowbit.scale import LayerwiseResult, quantize_layerwise
 from lowbit.search import SearchState, apply_search_state, auto_quantize
@@ -68,7 +69,7 @@ __all__ = [
     "compress", "compress_weights", "data", "disable_quantizer", "distributed", "enable_quantizer", "eval", "export",
     "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
     "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",
-    "print_quant_summary", "quant_summary", "quantize", "quantize_layerwise", "register", "register_algorithm",
-    "register_codebook", "register_exporter", "restore", "save", "save_compressed", "unregister",
-    "unregister_algorithm", "unregister_exporter",
+    "plan", "print_quant_summary", "quant_summary", "quantize", "quantize_layerwise", "register",
+    "register_algorithm", "register_codebook", "register_exporter", "restore", "save", "save_compressed",
+    "unregister", "unregister_algorithm", "unregister_exporter",
 ]
