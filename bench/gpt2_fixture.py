@@ -10,15 +10,19 @@ for ``quantize()``. Variants:
 
 - quantize(): RTN (INT4 g128 static blocks, max calibration), AWQ (INT4_AWQ_CFG), GPTQ, GPTQ + scale
   estimation (INT4 g128 static blocks); lm_head (tied to the embedding) float, as the presets keep it;
-- compress_weights INT4_SYM g128 ratio 1.0 data-free: lowbit, and NNCF with the same arguments.
+- compress_weights g128 ratio 1.0, lowbit and NNCF with the same arguments, each case side by side:
+  INT4_SYM data-free, INT4_ASYM data-free, INT4_ASYM with AWQ (the calibration windows as dataset).
+  ``--skip-quantize`` leaves out the quantize() rows (the results file is then ``gpt2_fixture_compress_*``).
 
 ``--grid-study`` adds where the INT4_SYM difference comes from, on the same windows: every Conv1D
 rounded in float (groups of 128 along the input dim of its ``(out, in)`` view; embeddings INT8 asymmetric
-per row as both libraries store them) with lowbit's grid (``amax = m * max|w|``, step ``amax / 7``, codes
+per row as both libraries store them) with lowbit's ModelOpt-style grid (``amax = m * max|w|``, step ``amax / 7``, codes
 -8..7) for ``m`` chosen per group by least squared weight error over ``m`` in ``[floor, 1]`` (steps of
-1/32; floor 0.5 is what compress_weights searches), and with NNCF's signed scale (step ``max|w| / 8``,
-the group's largest magnitude mapped to code -8 whatever its sign: a negative scale, which lowbit's
-``amax >= 0`` cannot express).
+1/32), and with NNCF's signed scale (step ``max|w| / 8``, the group's largest magnitude mapped to code -8
+whatever its sign: a negative scale; compress_weights' INT4_SYM has used it since, through
+``lowbit.formats.quantize_int_signed_scale``), plain and with its step shrunk per group by ``m`` in ``[0.5, 1]``
+chosen by the least squared or the least largest absolute weight error (compress_weights' INT4_SYM takes the
+latter).
 
 Usage: python bench/gpt2_fixture.py [--max-tokens 16384] [--grid-study] [--model default] [--out bench/results]
 (needs nncf for its rows; ``--model default`` runs the same rows on the bundled Llama, for comparison)
@@ -83,7 +87,11 @@ QUANTIZE_VARIANTS = {
     "GPTQ int4 g128": int4_static("gptq"),
     "GPTQ + scale estimation int4 g128": int4_static({"method": "gptq", "scale_estimation": True}),
 }
-COMPRESS_ARGS = {"mode": "int4_sym", "group_size": 128, "ratio": 1.0}
+COMPRESS_CASES = {  # label: (mode, awq)
+    "int4_sym g128 r1.0": ("int4_sym", False),
+    "int4_asym g128 r1.0": ("int4_asym", False),
+    "int4_asym g128 r1.0 awq": ("int4_asym", True),
+}
 
 
 def lowbit_grid(weight: torch.Tensor, floor: float) -> torch.Tensor:
@@ -104,6 +112,23 @@ def nncf_signed_grid(weight: torch.Tensor) -> torch.Tensor:
     groups = weight.reshape(weight.shape[0], -1, 128)
     step = -groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / 8
     return (torch.clamp(torch.round(groups / step), -8, 7) * step).reshape(weight.shape)
+
+
+def searched_signed_grid(weight: torch.Tensor, objective: str) -> torch.Tensor:
+    """:func:`nncf_signed_grid` with the step times ``m`` per group, ``m`` in ``[0.5, 1]`` (steps of 1/32) by the
+    least squared (``"squared"``) or least largest absolute (``"max_abs"``) weight error, smallest ``m`` on ties."""
+    groups = weight.reshape(weight.shape[0], -1, 128).double()
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    best, best_error = None, None
+    for m in [i / 32 for i in range(16, 33)]:
+        step = -extreme / 8 * m
+        candidate = torch.clamp(torch.round(groups / step), -8, 7) * step
+        delta = (candidate - groups).abs()
+        error = delta.square().sum(-1, keepdim=True) if objective == "squared" else delta.amax(-1, keepdim=True)
+        better = torch.ones_like(error, dtype=torch.bool) if best is None else error < best_error
+        best = candidate if best is None else torch.where(better, candidate, best)
+        best_error = error if best_error is None else torch.where(better, error, best_error)
+    return best.reshape(weight.shape).float()
 
 
 def int8_asymmetric_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -127,10 +152,15 @@ def rounded_in_float(model: nn.Module, int4) -> nn.Module:
     return model
 
 
-def nncf_compress(model: nn.Module, dataset: list) -> nn.Module:
+def lowbit_compress(model: nn.Module, dataset: list, mode: str, awq: bool) -> nn.Module:
+    return lowbit.compress_weights(model, mode=mode, group_size=128, ratio=1.0, awq=awq,
+                                   dataset=dataset if awq else None)
+
+
+def nncf_compress(model: nn.Module, dataset: list, mode: str, awq: bool) -> nn.Module:
     import nncf
 
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=128, ratio=1.0,
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode(mode), group_size=128, ratio=1.0, awq=awq,
                                  dataset=nncf.Dataset(dataset), subset_size=len(dataset),
                                  sensitivity_metric=nncf.SensitivityMetric.WEIGHT_QUANTIZATION_ERROR)
 
@@ -142,6 +172,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder for the results file")
     parser.add_argument("--grid-study", action="store_true", help="add the INT4_SYM grid rows (docstring)")
+    parser.add_argument("--skip-quantize", action="store_true", help="compress_weights rows only")
     parser.add_argument("--model", choices=("gpt2", "default"), default="gpt2",
                         help="default: the bundled Llama instead, for the same rows")
     args = parser.parse_args()
@@ -164,18 +195,22 @@ def main() -> None:
         rows.append({"variant": name, "ppl": ppl, "d ppl": ppl - float_ppl, "KL": kl, "seconds": seconds})
         print(rows[-1], flush=True)
 
-    for name, config in QUANTIZE_VARIANTS.items():
+    for name, config in () if args.skip_quantize else QUANTIZE_VARIANTS.items():
         add(f"quantize: {name}", lambda m, c=config: lowbit.quantize(m, c, lambda mm: [mm(**b) for b in stacked]))
-    add("compress_weights int4_sym g128 r1.0 (lowbit)", lambda m: lowbit.compress_weights(m, **COMPRESS_ARGS))
-    try:
-        add("compress_weights int4_sym g128 r1.0 (nncf)", lambda m: nncf_compress(m, calibration))
-    except ImportError as error:
-        print(f"nncf rows skipped: {error}")
+    for label, case in COMPRESS_CASES.items():
+        for library, compress in (("lowbit", lowbit_compress), ("nncf", nncf_compress)):
+            try:
+                add(f"compress_weights {label} ({library})", lambda m, c=compress, k=case: c(m, calibration, *k))
+            except ImportError as error:
+                print(f"nncf rows skipped: {error}")
     if args.grid_study:
         for floor in (0.5, 0.75, 0.8125, 0.875, 1.0):
             add(f"study: lowbit grid, m in [{floor}, 1]", lambda m, f=floor: rounded_in_float(
                 m, lambda w: lowbit_grid(w, f)))
         add("study: NNCF signed-scale grid", lambda m: rounded_in_float(m, nncf_signed_grid))
+        for objective in ("squared", "max_abs"):
+            add(f"study: signed grid, m in [0.5, 1] by {objective} error", lambda m, o=objective: rounded_in_float(
+                m, lambda w: searched_signed_grid(w, o)))
     context = run_context(["python", "bench/gpt2_fixture.py", *sys.argv[1:]])
     context["transformers"] = __import__("transformers").__version__
     try:
@@ -190,6 +225,7 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         name = "gpt2_fixture" if args.model == "gpt2" else "gpt2_fixture_llama_rows"
+        name += "_compress" if args.skip_quantize else ""
         (args.out / f"{name}_{date.today().isoformat()}.md").write_text(text, encoding="utf-8")
 
 

@@ -51,6 +51,7 @@ from lowbit.presets import (
     get_preset,
 )
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
+from lowbit.search import SearchState, apply_search_state, auto_quantize
 from lowbit.version import __version__  # noqa: F401  (the package version)
 from lowbit.weight_compression import BackupMode, CompressWeightsMode, SensitivityMetric, compress_weights
 
@@ -60,7 +61,8 @@ __all__ = [
     "INT8_WEIGHT_ONLY_CFG", "LowbitConfig", "MXFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG",
     "NVFP4_DEFAULT_CFG",
     "PRESETS", "QuantizeConfig", "QuantizeRule", "QuantizerAttributeConfig", "SensitivityMetric",
-    "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG", "assets", "calibrate",
+    "SearchState", "SequentialQuantizer", "TensorQuantizer", "W4A16_NVFP4_CFG", "W4A8_AWQ_BETA_CFG",
+    "apply_search_state", "assets", "auto_quantize", "calibrate",
     "compress", "compress_weights", "data", "disable_quantizer", "enable_quantizer", "eval", "export",
     "export_compressed_tensors", "export_hf_checkpoint", "fold_weight", "get_preset", "init_quantized_weights",
     "iter_quantizers", "load_compressed", "load_quantized", "model_size", "parse_config",

@@ -13,6 +13,9 @@ The attribute names are ModelOpt's, so a ModelOpt ``quant_cfg`` entry works unch
   ``num_bits=(2, 1)`` and block 16; E8M0 gives the OCP MX formats with block 32).
 - ``unsigned``, ``narrow_range``: the integer code range (see ``lowbit.formats.int_range``).
 - ``asymmetric``: integer codes with a zero point, from running min/max (lowbit's addition).
+- ``signed_scale``: symmetric integer codes whose scale takes the sign of the larger end of the running
+  min/max, so that end maps exactly onto ``-2**(b-1)`` (NNCF's symmetric INT4/INT8, llama.cpp's Q4_0;
+  ``lowbit.formats.quantize_int_signed_scale``); calibrator ``max`` only (lowbit's addition).
 - ``calibrator``: ``"max" | "percentile" | "mse" | "entropy"`` or a dict with its options.
 - ``learn_amax``: ``amax`` becomes a trainable parameter (clip-aware straight-through gradient).
 - ``codebook``: the name of a codebook format (``lowbit.formats.register_codebook``; ``"nf4"`` built in): the
@@ -38,7 +41,7 @@ BLOCK_SPECIAL_KEYS = ("type", "scale_bits", "scale_block_sizes")
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 PER_TENSOR_CALIBRATORS = ("percentile", "entropy")  # histogram calibrators: one amax per tensor
 HIGH_PRECISION_DTYPES = ("Half", "BFloat16", "Float")
-FLAGS = ("unsigned", "narrow_range", "asymmetric", "enable", "fake_quant", "learn_amax")
+FLAGS = ("unsigned", "narrow_range", "asymmetric", "signed_scale", "enable", "fake_quant", "learn_amax")
 TYPE_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a string", dict: "a dict"}
 
 
@@ -149,6 +152,7 @@ class QuantizerAttributeConfig:
     unsigned: bool = False
     narrow_range: bool = False
     asymmetric: bool = False
+    signed_scale: bool = False
     enable: bool = True
     fake_quant: bool = True
     calibrator: str | dict = "max"
@@ -189,6 +193,13 @@ class QuantizerAttributeConfig:
             )
         if self.asymmetric and (self.unsigned or self.narrow_range):
             raise ValueError("asymmetric=True already chooses the code range; drop unsigned / narrow_range")
+        if self.signed_scale and (self.is_float or self.asymmetric or self.unsigned or self.narrow_range
+                                  or method != "max" or self.learn_amax or self.codebook is not None):
+            raise ValueError(
+                f"signed_scale=True is a symmetric integer grid calibrated by 'max': got num_bits={self.num_bits}, "
+                f"asymmetric={self.asymmetric}, unsigned={self.unsigned}, narrow_range={self.narrow_range}, "
+                f"calibrator={self.calibrator!r}, learn_amax={self.learn_amax}, codebook={self.codebook!r}"
+            )
         scale_bits = self.block_scale_bits
         if scale_bits is not None:
             size = self.block_sizes.get(-1)
@@ -233,11 +244,18 @@ class QuantizerAttributeConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if out["codebook"] is None:  # written only when set: files of integer and float formats stay as they were
             del out["codebook"]
+        if not out["signed_scale"]:  # likewise
+            del out["signed_scale"]
         return out
 
     @property
     def is_float(self) -> bool:
         return isinstance(self.num_bits, tuple)
+
+    @property
+    def keeps_amin(self) -> bool:
+        """The calibrated range is ``[amin, amax]`` (asymmetric and signed-scale grids), not ``amax`` alone."""
+        return self.asymmetric or self.signed_scale
 
     @property
     def block_axes(self) -> dict[int, int | None]:

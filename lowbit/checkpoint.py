@@ -26,6 +26,7 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.files import atomic_directory, origin, read_json, read_tensors
 from lowbit.modules import convert_module, is_quantized
 from lowbit.quantizer import STATE_BUFFERS, SequentialQuantizer, TensorQuantizer
+from lowbit.rotation.quarot import check_no_online_rotation
 
 Quantizers = dict[str, dict[str, TensorQuantizer | SequentialQuantizer]]
 
@@ -113,6 +114,7 @@ def quant_state(model: nn.Module) -> dict:
 
 def write_checkpoint(model: nn.Module, directory: Path) -> None:
     """``save``'s two files into the existing ``directory`` (not atomic: callers write into a staging directory)."""
+    check_no_online_rotation(model, "lowbit.save")
     state = quant_state(model)
     if not state["modules"]:
         raise ValueError("model has no quantized module: call lowbit.quantize(model, config) first")

@@ -147,7 +147,7 @@ class ExpertQuantizer(TensorQuantizer):
         largest = torch.stack([amax for amax, _ in seen]).amax(dim=0)
         amax = torch.stack([largest if r is None else r[0] for r in ranges])
         amin = None
-        if self.config.asymmetric:
+        if self.config.keeps_amin:
             smallest = torch.stack([low for _, low in seen]).amin(dim=0)
             amin = torch.stack([smallest if r is None else r[1] for r in ranges])
         self.set_amax(amax, amin)

@@ -27,7 +27,7 @@ from torch import nn
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
 
-STATE_BUFFERS = ("amax", "amin", "pre_quant_scale")
+STATE_BUFFERS = ("amax", "amin", "pre_quant_scale", "block_amax")
 PER_TENSOR = QuantizerAttributeConfig()
 
 
@@ -97,8 +97,9 @@ class TensorQuantizer(nn.Module):
     ``q = TensorQuantizer(QuantizerAttributeConfig(num_bits=4, block_sizes={-1: 128})); y = q(x)``.
 
     Buffers: ``amax`` (float32, shape of the reduced view, absent until calibrated), ``amin``
-    (asymmetric only) and ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
-    set by SmoothQuant / AWQ).
+    (asymmetric only), ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
+    set by SmoothQuant / AWQ) and ``block_amax`` (NVFP4 / MX weights only: per-block maxima chosen by a
+    scale search, ``lowbit.formats.scale_search``, used in place of each block's own).
     """
 
     def __init__(self, config: QuantizerAttributeConfig | dict | None = None):
@@ -164,6 +165,7 @@ class TensorQuantizer(nn.Module):
     def reset_amax(self) -> None:
         self.amax = None
         self.amin = None
+        self.block_amax = None
         self._calibrator = None
 
     def _amax_view(self, shape: torch.Size) -> BlockView:
@@ -203,7 +205,7 @@ class TensorQuantizer(nn.Module):
         saw nothing. ValueError on a non-finite amax."""
         if calibrator is None:
             return None
-        if self.config.asymmetric:
+        if self.config.keeps_amin:
             amin, amax = calibrator
             return amax, amin
         amax = calibrator.compute_amax()
@@ -222,7 +224,7 @@ class TensorQuantizer(nn.Module):
             return
         view = self._amax_view(x.shape)
         data = view.to_view(x.detach()).float()
-        if self.config.asymmetric:
+        if self.config.keeps_amin:
             amin = data.amin(dim=view.reduce_dims, keepdim=True)
             amax = data.amax(dim=view.reduce_dims, keepdim=True)
             if self._calibrator is not None:
@@ -245,8 +247,8 @@ class TensorQuantizer(nn.Module):
 
     def fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor | None, amin=None) -> torch.Tensor:
         """Quantize-dequantize ``view`` (a tensor already in this quantizer's block view) with ``amax``
-        (and ``amin`` when asymmetric) broadcast against it: the elementwise rule alone, no reshaping,
-        no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
+        (and ``amin`` when asymmetric or signed-scale) broadcast against it: the elementwise rule alone, no
+        reshaping, no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
         cfg = self.config
         if cfg.codebook is not None:
             return formats.fake_quant_codebook(view, amax, cfg.codebook)
@@ -254,6 +256,8 @@ class TensorQuantizer(nn.Module):
             return formats.fake_quant_fp(view, amax, formats.float_format(cfg.num_bits))
         if cfg.asymmetric:
             return formats.fake_quant_int_asym(view, amin, amax, cfg.num_bits)
+        if cfg.signed_scale:
+            return formats.fake_quant_int_signed_scale(view, amin, amax, cfg.num_bits)
         return formats.fake_quant_int(view, amax, cfg.num_bits, cfg.unsigned, cfg.narrow_range)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,15 +270,16 @@ class TensorQuantizer(nn.Module):
         amax = self.amax if amax is None else amax
         amin = self.amin if amin is None else amin
         if cfg.block_scale_bits == (4, 3):
-            return formats.fake_quant_nvfp4(x, global_amax=amax)
+            return formats.fake_quant_nvfp4(x, global_amax=amax, block_amax=self.block_amax)
         if cfg.block_scale_bits == (8, 0):
-            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1])
+            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1],
+                                         block_amax=self.block_amax)
         view = BlockView(cfg, x.shape)
         data = view.to_view(x)
         if amax is None or cfg.is_dynamic:
             detached = data.detach()
             amax = detached.abs().amax(dim=view.reduce_dims, keepdim=True)
-            if cfg.asymmetric:
+            if cfg.keeps_amin:
                 amin = detached.amin(dim=view.reduce_dims, keepdim=True)
                 amax = detached.amax(dim=view.reduce_dims, keepdim=True)
         quantized = self.fake_quant_view(data, amax, amin)
@@ -285,6 +290,9 @@ class TensorQuantizer(nn.Module):
     def _range(self, amax: torch.Tensor, amin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.asymmetric:
             return amin, amax
+        if self.config.signed_scale:  # the grid's own ends: qmin and qmax times its signed step
+            bits = self.config.num_bits
+            return formats.signed_scale_range(-formats.signed_scale_extreme(amin, amax) / 2 ** (bits - 1), bits)
         if self.config.unsigned:
             return torch.zeros_like(amax), amax
         return -amax, amax

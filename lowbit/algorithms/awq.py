@@ -164,7 +164,7 @@ def _weight_fake_quant(linear: QuantizableWeight) -> FakeQuantWeight:
 
     def own_range_fake_quant(weight: Tensor) -> Tensor:
         for stage in stages:
-            if stage.config.asymmetric:
+            if stage.config.keeps_amin:
                 grid, groups = IntGrid.of(stage), weight.reshape(weight.shape[0], -1, group_size)
                 weight = grid.fake_quant(groups, *grid.own_range(groups)).reshape(weight.shape)
             else:

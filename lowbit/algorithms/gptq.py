@@ -229,15 +229,15 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
 def gptq_group_size(linear: QuantizableWeight, name: str) -> int:
     """Columns sharing one grid; ValueError if GPTQ cannot handle the weight quantizer (``weights`` module,
     plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them)."""
-    if getattr(getattr(linear.weight_quantizer, "config", None), "asymmetric", False):
+    if getattr(getattr(linear.weight_quantizer, "config", None), "keeps_amin", False):
         return estimation_group_size(linear, name)
     return weight_group_size(linear, name)
 
 
 def _group_range(quantizer: TensorQuantizer, slab: Tensor) -> Tensor:
     """The group's grid from its weights ``(out, g)``: ``amax`` as ``compute_amax`` gives it, or for an
-    asymmetric quantizer ``stack([min, max])`` of that shape."""
-    if not quantizer.config.asymmetric:
+    asymmetric or signed-scale quantizer ``stack([min, max])`` of that shape."""
+    if not quantizer.config.keeps_amin:
         return quantizer.compute_amax(slab)
     amin, amax = IntGrid.of(quantizer).own_range(slab.float()[:, None, :])
     return torch.stack([amin, amax])
@@ -251,7 +251,7 @@ def _stored_groups(quantizer: TensorQuantizer, weight: Tensor, group_size: int) 
 
 
 def _quantize_column(quantizer: TensorQuantizer, column: Tensor, grid: Tensor) -> Tensor:
-    if not quantizer.config.asymmetric:
+    if not quantizer.config.keeps_amin:
         return quantize_column(quantizer, column, grid)
     amin, amax = grid.reshape(2, -1, 1)
     return IntGrid.of(quantizer).fake_quant(column[:, None], amin, amax)[:, 0]

@@ -8,7 +8,9 @@ with ``H_G`` the ``g x g`` diagonal block of ``H = X^T X / n`` (cross-group term
 
 The grid: symmetric ``w_hat = d * q`` with integer codes ``q`` in the format's range and ``amax = d * qmax``;
 asymmetric ``w_hat = d * (c - z)``, ``c`` in ``[0, 2**b - 1]``, integer zero point ``z`` in that range, stored
-as ``amin = -z d``, ``amax = (2**b - 1 - z) d`` (the asymmetric formula maps these back to ``d`` and ``z``).
+as ``amin = -z d``, ``amax = (2**b - 1 - z) d`` (the asymmetric formula maps these back to ``d`` and ``z``);
+signed-scale symmetric ``w_hat = d * q`` with ``d`` of either sign, stored as the grid's ends
+``sorted(qmin d, qmax d)`` (``formats.signed_scale_range``).
 Codes always come from the format's own rounding (``lowbit.formats``).
 
 With codes fixed, the best grid is a weighted least-squares fit, in closed form per group:
@@ -49,11 +51,17 @@ class IntGrid:
     asymmetric: bool = False
     unsigned: bool = False
     narrow_range: bool = False
+    signed_scale: bool = False
 
     @classmethod
     def of(cls, quantizer: TensorQuantizer) -> IntGrid:
         config = quantizer.config
-        return cls(config.num_bits, config.asymmetric, config.unsigned, config.narrow_range)
+        return cls(config.num_bits, config.asymmetric, config.unsigned, config.narrow_range, config.signed_scale)
+
+    @property
+    def keeps_amin(self) -> bool:
+        """The range is ``(amin, amax)`` (asymmetric, signed-scale), else ``(None, amax)``."""
+        return self.asymmetric or self.signed_scale
 
     @property
     def qmax(self) -> int:
@@ -67,7 +75,10 @@ class IntGrid:
         if self.asymmetric:
             codes, scale, zero_point = formats.quantize_int_asym(w, amin, amax, self.num_bits)
             return codes.to(w.dtype), formats.dequantize_int_asym(codes, scale, zero_point, w.dtype)
-        codes, scale = formats.quantize_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)
+        if self.signed_scale:
+            codes, scale = formats.quantize_int_signed_scale(w, amin, amax, self.num_bits)
+        else:
+            codes, scale = formats.quantize_int(w, amax, self.num_bits, self.unsigned, self.narrow_range)
         return codes.to(w.dtype), formats.dequantize_int(codes, scale, w.dtype)
 
     def codes(self, w: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
@@ -77,8 +88,8 @@ class IntGrid:
         return self.quantize(w, amin, amax)[1]
 
     def own_range(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
-        """``(min, max)`` of each group (last dim) if asymmetric, else ``(None, max |w|)``; keepdim."""
-        if self.asymmetric:
+        """``(min, max)`` of each group (last dim) if asymmetric or signed-scale, else ``(None, max |w|)``; keepdim."""
+        if self.keeps_amin:
             return w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
         return None, w.abs().amax(dim=-1, keepdim=True)
 
@@ -113,6 +124,11 @@ def refit(grid: IntGrid, w: Tensor, hessian: Tensor, amin: Tensor | None, amax: 
     codes_h, w_h = hessian_product(codes, hessian), hessian_product(w, hessian)
     if not grid.asymmetric:
         step = (w_h * codes).sum(dim=-1) / (codes_h * codes).sum(dim=-1)
+        if grid.signed_scale:
+            step = step[..., None]
+            valid = step.isfinite() & (step.abs() > TINY)
+            low, high = formats.signed_scale_range(torch.where(valid, step, 1.0), grid.num_bits)
+            return [(torch.where(valid, low, amin), torch.where(valid, high, amax))]
         fitted = (step * grid.qmax)[..., None]
         return [(None, torch.where(fitted.isfinite() & (fitted > 0), fitted, amax))]
     ones_h = hessian_product(torch.ones_like(w), hessian)
@@ -238,9 +254,9 @@ def quantizer_range(quantizer: TensorQuantizer, weight: Tensor, group_size: int)
     """The quantizer's stored ``(amin or None, amax)`` as ``(out, n, 1)``, or the weight's own range if unset."""
     grid = IntGrid.of(quantizer)
     groups = weight.detach().float().reshape(weight.shape[0], -1, group_size)
-    if quantizer.amax is None or (grid.asymmetric and quantizer.amin is None):
+    if quantizer.amax is None or (grid.keeps_amin and quantizer.amin is None):
         return grid.own_range(groups)
-    amin = None if not grid.asymmetric else quantizer.amin.float().reshape(*groups.shape[:2], 1)
+    amin = None if not grid.keeps_amin else quantizer.amin.float().reshape(*groups.shape[:2], 1)
     return amin, quantizer.amax.detach().float().reshape(*groups.shape[:2], 1)
 
 

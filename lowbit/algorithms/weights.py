@@ -23,14 +23,14 @@ def weight_group_size(linear: QuantizableWeight, name: str = "weight_quantizer",
     """Columns sharing one scale (``in_features`` unless block-wise); ValueError if unsupported.
 
     ``per_row=True`` also rejects a per-tensor amax (the AWQ clip search picks one amax per row);
-    ``asymmetric=True`` accepts asymmetric (scale + zero point) quantizers too.
+    ``asymmetric=True`` accepts quantizers calibrated to ``[amin, amax]`` too (asymmetric, signed-scale).
     """
     quantizer = linear.weight_quantizer
     in_features = linear.weight.shape[1]
     if not isinstance(quantizer, TensorQuantizer):
         raise ValueError(f"{name}: {type(quantizer).__name__} is not supported here; use one TensorQuantizer")
     config = quantizer.config
-    if config.is_dynamic or config.block_scale_bits is not None or (config.asymmetric and not asymmetric):
+    if config.is_dynamic or config.block_scale_bits is not None or (config.keeps_amin and not asymmetric):
         raise ValueError(
             f"{name}: {config.format_name} {config.granularity} has no static per-group scale; supported are "
             "static symmetric int/fp formats per-tensor, per-channel (axis=0) or with block_sizes={-1: g}"

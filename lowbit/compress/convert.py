@@ -37,7 +37,8 @@ def pack_module_weight(module: nn.Module, scale_dtype: torch.dtype = torch.float
         weight = weight * quantizer.pre_quant_scale.to(weight.dtype)
     amax = None if quantizer.amax is None else quantizer.amax.detach()
     amin = None if quantizer.amin is None else quantizer.amin.detach()
-    return quantize_weight(weight, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype)
+    return quantize_weight(weight, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype,
+                           block_amax=quantizer.block_amax)
 
 
 def _compressible(model: nn.Module) -> list[tuple[str, nn.Module]]:

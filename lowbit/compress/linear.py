@@ -231,8 +231,11 @@ def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.
 
 
 def _is_enabled(quantizer: nn.Module) -> bool:
-    """Whether a quantizer slot changes its tensor (a TensorQuantizer switched on, or any other module)."""
-    return not isinstance(quantizer, TensorQuantizer) or quantizer.is_enabled
+    """Whether a quantizer slot changes its tensor: any module but a TensorQuantizer, or one switched on, or a
+    disabled one with a ``pre_quant_scale`` (AWQ's ``1/s`` on an input no norm could take: it always applies)."""
+    if not isinstance(quantizer, TensorQuantizer):
+        return True
+    return quantizer.is_enabled or quantizer.pre_quant_scale is not None
 
 
 def _disabled_quantizer() -> TensorQuantizer:

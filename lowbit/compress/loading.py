@@ -251,13 +251,13 @@ def _weight_statistics(attributes, fmt: WeightFormat, weight: torch.Tensor):
         chunk = weight[rows].float()
         view = chunk.unflatten(1, (-1, fmt.block_size)) if per_row and fmt.block_size else chunk
         dims = (-1,) if per_row else tuple(range(view.dim()))
-        magnitude = view if fmt.kind == "int_asym" else view.abs()
+        magnitude = view if fmt.keeps_amin else view.abs()
         highs.append(magnitude.amax(dim=dims, keepdim=True))
-        lows.append(view.amin(dim=dims, keepdim=True) if fmt.kind == "int_asym" else None)
+        lows.append(view.amin(dim=dims, keepdim=True) if fmt.keeps_amin else None)
     if per_row:
-        return (torch.cat(lows) if fmt.kind == "int_asym" else None), torch.cat(highs)
+        return (torch.cat(lows) if fmt.keeps_amin else None), torch.cat(highs)
     amax = torch.stack(highs).amax(dim=0)
-    return (torch.stack(lows).amin(dim=0) if fmt.kind == "int_asym" else None), amax
+    return (torch.stack(lows).amin(dim=0) if fmt.keeps_amin else None), amax
 
 
 def _quantize_rows(weight: torch.Tensor, fmt: WeightFormat, amin, amax, scale_dtype) -> PackedWeight:

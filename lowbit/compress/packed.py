@@ -9,8 +9,8 @@ Storage per format (``scale`` shapes: per-tensor (1, 1), per-channel (N, 1), blo
 
 | kind       | codes                                             | scale                | extra           |
 |------------|---------------------------------------------------|----------------------|-----------------|
-| int        | <= 4 bits: uint8 (N, K/2) nibbles of q + 2**(b-1) | float32 (or 16-bit)  |                 |
-|            | (q unsigned: q itself); else int8 / uint8 (N, K)   |                      |                 |
+| int        | <= 4 bits: uint8 (N, K/2) nibbles of q + 2**(b-1) | float32 (or 16-bit); |                 |
+|            | (q unsigned: q itself); else int8 / uint8 (N, K)   | signed_scale: signed |                 |
 | int_asym   | <= 4 bits: uint8 (N, K/2) nibbles; else uint8     | float32 step         | zero_point uint8|
 | float      | E4M3 / E5M2: float8 (N, K); E2M1: nibbles          | float32              |                 |
 | nvfp4      | E2M1 nibbles uint8 (N, K/2)                        | float8_e4m3fn (N,K/16)| global_scale f32|
@@ -50,6 +50,7 @@ class WeightFormat:
     per_channel: bool = False
     unsigned: bool = False
     narrow_range: bool = False
+    signed_scale: bool = False  # int: the scale's sign maps the larger end onto qmin (formats.integer)
 
     @classmethod
     def from_config(cls, config: QuantizerAttributeConfig, shape: tuple[int, ...]) -> WeightFormat:
@@ -66,12 +67,18 @@ class WeightFormat:
             return cls("mx", config.num_bits, block_size=config.block_axes[-1])
         kind = "float" if config.is_float else ("int_asym" if config.asymmetric else "int")
         block_size, per_channel = _granularity(config, shape)
-        return cls(kind, config.num_bits, block_size, per_channel, config.unsigned, config.narrow_range)
+        return cls(kind, config.num_bits, block_size, per_channel, config.unsigned, config.narrow_range,
+                   config.signed_scale)
 
     @property
     def packs_nibbles(self) -> bool:
         """Codes fit in 4 bits and are stored two per byte."""
         return self.num_bits == (2, 1) or (isinstance(self.num_bits, int) and self.num_bits <= 4)
+
+    @property
+    def keeps_amin(self) -> bool:
+        """Quantized from the range ``[amin, amax]`` (asymmetric and signed-scale int), not from ``amax`` alone."""
+        return self.kind == "int_asym" or self.signed_scale
 
     @property
     def code_offset(self) -> int:
@@ -88,7 +95,8 @@ class WeightFormat:
         """JSON-ready description (see ``from_dict``)."""
         bits = list(self.num_bits) if isinstance(self.num_bits, tuple) else self.num_bits
         return {"kind": self.kind, "num_bits": bits, "block_size": self.block_size,
-                "per_channel": self.per_channel, "unsigned": self.unsigned, "narrow_range": self.narrow_range}
+                "per_channel": self.per_channel, "unsigned": self.unsigned, "narrow_range": self.narrow_range,
+                "signed_scale": self.signed_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> WeightFormat:
@@ -199,13 +207,15 @@ def quantize_weight(
     amax: torch.Tensor | None = None,
     amin: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float32,
+    block_amax: torch.Tensor | None = None,
 ) -> PackedWeight:
     """Quantize a 2-D ``weight`` (N, K) into ``fmt`` storage.
 
-    ``amax`` (and ``amin`` for int_asym) are the quantizer's calibrated statistics in its view's
+    ``amax`` (and ``amin`` for int_asym and signed-scale int) are the quantizer's calibrated statistics in its view's
     shape ((1, 1), (N, 1) or (N, K/b, 1); NVFP4: the per-tensor global amax); ``None`` computes them
     from ``weight`` as dynamic fake quantization does. ``scale_dtype`` stores integer and float scales
     in float32 (bit-exact) or float16 / bfloat16 (smaller; dequantization then uses the rounded scale).
+    ``block_amax``: NVFP4 / MX per-block maxima from a scale search (the quantizer's ``block_amax``).
     """
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
@@ -213,16 +223,20 @@ def quantize_weight(
         raise ValueError(f"weight shape {tuple(weight.shape)}: expected 2-D (out_features, in_features)")
     shape = tuple(weight.shape)
     if fmt.kind == "nvfp4":
-        codes, block_scale, global_scale = formats.quantize_nvfp4(weight, amax, fmt.block_size)
+        codes, block_scale, global_scale = formats.quantize_nvfp4(weight, amax, fmt.block_size, block_amax)
         return PackedWeight(fmt, shape, pack_uint4(codes), block_scale, global_scale=global_scale.reshape(()))
     if fmt.kind == "mx":
-        elements, scale = formats.quantize_mx(weight, fmt.element_format, fmt.block_size)
+        elements, scale = formats.quantize_mx(weight, fmt.element_format, fmt.block_size, block_amax)
         return PackedWeight(fmt, shape, _store_float_codes(elements, fmt), scale)
     view = weight if fmt.block_size is None else formats.to_blocks(weight, fmt.block_size)
     reduce_dims = _reduce_dims(fmt, view.dim())
-    if fmt.kind == "int_asym":
+    if fmt.keeps_amin:
         low = view.float().amin(dim=reduce_dims, keepdim=True) if amin is None else amin
         high = view.float().amax(dim=reduce_dims, keepdim=True) if amax is None else amax
+        if fmt.signed_scale:
+            codes, scale = formats.quantize_int_signed_scale(view, low, high, fmt.num_bits)
+            return PackedWeight(fmt, shape, _store_int_codes(codes, fmt, shape),
+                                _flat_scale(scale, fmt).to(scale_dtype))
         codes, scale, zero_point = formats.quantize_int_asym(view, low, high, fmt.num_bits)
         zero_point = _flat_scale(zero_point, fmt).to(torch.uint8)
         return PackedWeight(fmt, shape, _store_int_codes(codes, fmt, shape), _flat_scale(scale, fmt).to(scale_dtype),

@@ -40,6 +40,7 @@ from lowbit.compress.experts import CompressedExpertsMixin, describe_experts, re
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 from lowbit.files import atomic_directory, origin, read_tensors
+from lowbit.rotation.quarot import check_no_online_rotation
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
@@ -65,6 +66,7 @@ def _describe(module: CompressedLinear) -> dict:
 def write_compressed(model: nn.Module, directory: Path) -> None:
     """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
     directory)."""
+    check_no_online_rotation(model, "lowbit.compress.save_compressed")
     compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
     if not compressed and not experts:

@@ -144,8 +144,7 @@ def layer_scheme(layer: QuantizedLinear) -> dict:
             "format": compression_format(weights, inputs)}
 
 
-def _shaped_scale(amax: torch.Tensor, config: QuantizerAttributeConfig, weights: dict, n: int) -> torch.Tensor:
-    scale = amax.float() / maxbound(config)
+def _shaped_scale(scale: torch.Tensor, weights: dict, n: int) -> torch.Tensor:
     return scale.reshape(n, -1).contiguous() if weights["strategy"] != "tensor" else scale.reshape(1)
 
 
@@ -169,7 +168,7 @@ def layer_tensors(layer: QuantizedLinear, scheme: dict) -> dict[str, torch.Tenso
             tensors["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         else:
             tensors["weight"] = packed.codes
-        tensors["weight_scale"] = _shaped_scale(layer.weight_amax(), layer.config, weights, n)
+        tensors["weight_scale"] = _shaped_scale(layer.weight_step(maxbound(layer.config)), weights, n)
     input_amax = layer.input_amax()
     if input_amax is not None:
         if fmt == "nvfp4-pack-quantized":

@@ -104,7 +104,7 @@ def _dense_blocks(codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
 
 def _modelopt_input(algo: str, t: dict[str, torch.Tensor]) -> TensorQuantizer:
     scale, pre_quant_scale = t.get("input_scale"), t.get("pre_quant_scale")
-    if algo in ("FP8", "W4A8_AWQ"):
+    if algo in ("FP8", "W4A8_AWQ") and scale is not None:  # FP8 without input_scale: weight-only
         return _quantizer({"num_bits": FP8}, scale * formats.E4M3.max_value, pre_quant_scale)
     if algo == "FP8_PER_CHANNEL_PER_TOKEN":
         return _quantizer({"num_bits": FP8, "block_sizes": PER_TOKEN}, None, pre_quant_scale)

@@ -156,15 +156,18 @@ def _scale(amax: torch.Tensor, config: QuantizerAttributeConfig, shape: tuple[in
     return (amax.float() / maxbound(config)).reshape(shape).contiguous()
 
 
+def _weight_scale(layer: QuantizedLinear, shape: tuple[int, ...]) -> torch.Tensor:
+    return layer.weight_step(maxbound(layer.config)).reshape(shape).contiguous()
+
+
 def layer_tensors(layer: QuantizedLinear, algo: str) -> dict[str, torch.Tensor]:
     """{suffix: tensor} one quantized linear writes (the module docstring's table)."""
     n, k = layer.weight.shape
-    config = layer.config
     packed = None if algo == "FP8_PB_WO" else layer.packed()
     tensors: dict[str, torch.Tensor] = {}
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         tensors["weight"] = pack_int4_rows(packed.element_values())
-        tensors["weight_scale"] = _scale(layer.weight_amax(), config, (n, k // packed.format.block_size))
+        tensors["weight_scale"] = _weight_scale(layer, (n, k // packed.format.block_size))
         if algo == "W4A8_AWQ":
             tensors["weight_scale_2"] = _scale(layer.weight_amax(1), layer.stages[1].config, ())
     elif algo in ("NVFP4", "W4A16_NVFP4"):
@@ -178,7 +181,7 @@ def layer_tensors(layer: QuantizedLinear, algo: str) -> dict[str, torch.Tensor]:
         tensors["weight_scale"] = packed.scale
     else:
         tensors["weight"] = packed.codes
-        tensors["weight_scale"] = _scale(layer.weight_amax(), config, () if algo == "FP8" else (n,))
+        tensors["weight_scale"] = _weight_scale(layer, () if algo == "FP8" else (n,))
     input_amax = layer.input_amax()
     if input_amax is not None:
         input_config = layer.input_quantizer.config

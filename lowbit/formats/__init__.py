@@ -7,6 +7,8 @@ One line of math per format (amax <= 2**-24 always means scale 1, so nothing is 
 - INT asymmetric (integer.py): scale = (max(xmax, 0) - min(xmin, 0)) / (2**b - 1);
   zp = clamp(round(-min(xmin, 0) / scale)); codes = clamp(round(x / scale) + zp, 0, 2**b - 1);
   x_hat = (codes - zp) * scale.
+- INT symmetric, signed scale (integer.py, NNCF / llama.cpp Q4_0): the larger-magnitude end e of [xmin, xmax]
+  maps onto qmin: scale = qmin / e (negative when e > 0); codes as symmetric; x_hat = codes / scale.
 - FP8 E4M3 (max 448) / E5M2 (max 57344) / FP4 E2M1 (max 6) (minifloat.py): round_to_format = nearest,
   ties to even, saturating (+-inf -> +-max), NaN kept; scale = max / amax; x_hat = round(x * scale) / scale.
 - NVFP4 (nvfp4.py, ModelOpt): blocks of 16; g = global_amax / 2688; s = e4m3(block_amax / (6 g));
@@ -32,9 +34,13 @@ from .integer import (
     dequantize_int_asym,
     fake_quant_int,
     fake_quant_int_asym,
+    fake_quant_int_signed_scale,
     int_range,
     quantize_int,
     quantize_int_asym,
+    quantize_int_signed_scale,
+    signed_scale_extreme,
+    signed_scale_range,
 )
 from .minifloat import (
     E2M1,
@@ -76,6 +82,7 @@ __all__ = [
     "fake_quant_fp",
     "fake_quant_int",
     "fake_quant_int_asym",
+    "fake_quant_int_signed_scale",
     "fake_quant_mx",
     "fake_quant_nf4",
     "fake_quant_nvfp4",
@@ -87,10 +94,13 @@ __all__ = [
     "quantize_fp",
     "quantize_int",
     "quantize_int_asym",
+    "quantize_int_signed_scale",
     "quantize_mx",
     "quantize_nf4",
     "quantize_nvfp4",
     "register_codebook",
     "round_to_format",
+    "signed_scale_extreme",
+    "signed_scale_range",
     "to_blocks",
 ]

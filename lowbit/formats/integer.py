@@ -14,6 +14,16 @@ Asymmetric (affine, the range widened to contain 0 so 0 is exact)::
     codes = clamp(round_half_even(x / scale) + zero_point, 0, 2**b - 1)
     x_hat = (codes - zero_point) * scale
 
+Symmetric with a signed scale (NNCF's INT4_SYM / INT8_SYM, llama.cpp's Q4_0): the end of ``[xmin, xmax]``
+of larger magnitude (``xmin`` on ties) maps exactly onto the code ``qmin = -2**(b-1)``, so a group whose
+largest weight is positive gets a negative scale and uses the code range's long end all the same::
+
+    xmin' = min(xmin, 0), xmax' = max(xmax, 0)
+    extreme = xmin' if -xmin' >= xmax' else xmax'
+    scale = qmin / extreme                       (|extreme| <= 2**-24: codes 0, scale 1)
+    codes = clamp(round_half_even(x * scale), qmin, qmax)
+    x_hat = codes / scale                        (step 1 / scale = -extreme / 2**(b-1), signed)
+
 All math in float32; ``amax``/``xmin``/``xmax`` broadcast against ``x`` (scalar, per-channel keepdim
 shape, or per-block on ``to_blocks(x)``). Codes are float32 tensors holding integers.
 """
@@ -128,3 +138,51 @@ def fake_quant_int_asym(
     """``dequantize_int_asym(*quantize_int_asym(x, xmin, xmax, num_bits))`` in ``x``'s dtype."""
     codes, scale, zero_point = quantize_int_asym(x, xmin, xmax, num_bits)
     return dequantize_int_asym(codes, scale, zero_point, x.dtype)
+
+
+def signed_scale_extreme(xmin: torch.Tensor, xmax: torch.Tensor) -> torch.Tensor:
+    """The end of ``[min(xmin, 0), max(xmax, 0)]`` of larger magnitude, ``xmin`` on ties (signed, float32)."""
+    low = torch.clamp(xmin.float(), max=0.0)
+    high = torch.clamp(xmax.float(), min=0.0)
+    return torch.where(-low >= high, low, high)
+
+
+def quantize_int_signed_scale(
+    x: torch.Tensor,
+    xmin: torch.Tensor | float,
+    xmax: torch.Tensor | float,
+    num_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer quantization with a signed scale (module docstring): returns (codes, scale),
+    float32, dequantized by :func:`dequantize_int` (``codes / scale``).
+
+    ``scale = qmin / extreme`` with ``extreme = signed_scale_extreme(xmin, xmax)``: negative when the
+    larger end is positive. ``codes = clamp(round_half_even(x * scale), qmin, qmax)``; where
+    ``|extreme| <= 2**-24`` the codes are 0 and the scale is 1.
+    """
+    qmin, qmax = int_range(num_bits)
+    x32 = as_float32(x, "x")
+    extreme = signed_scale_extreme(as_float32_like(xmin, x32, "xmin"), as_float32_like(xmax, x32, "xmax"))
+    is_tiny = extreme.abs() <= TINY_AMAX
+    scale = divide(qmin, torch.where(is_tiny, 1.0, extreme))
+    codes = torch.where(is_tiny, 0.0, torch.clamp(torch.round(x32 * scale), qmin, qmax))
+    return codes, torch.where(is_tiny, 1.0, scale)
+
+
+def fake_quant_int_signed_scale(
+    x: torch.Tensor,
+    xmin: torch.Tensor | float,
+    xmax: torch.Tensor | float,
+    num_bits: int,
+) -> torch.Tensor:
+    """``dequantize_int(*quantize_int_signed_scale(x, xmin, xmax, num_bits))`` in ``x``'s dtype."""
+    codes, scale = quantize_int_signed_scale(x, xmin, xmax, num_bits)
+    return dequantize_int(codes, scale, x.dtype)
+
+
+def signed_scale_range(step: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xmin, xmax)`` that give the signed-scale grid of step ``step`` (``x_hat = codes * step``, any sign):
+    the grid's own ends ``sorted(qmin * step, qmax * step)``, whose larger end is ``qmin * step``."""
+    qmin, qmax = int_range(num_bits)
+    ends = (qmin * step, qmax * step)
+    return torch.minimum(*ends), torch.maximum(*ends)

@@ -4,9 +4,8 @@ export share one formula per format:
 1. ``lowbit.quantize`` with one rule per layer (a filter function on the weight quantizer's exact
    name -> that layer's ``LayerFormat.attributes``; every other quantizer disabled), no calibration;
 2. NF4 layers need no step of their own: their attributes round to the NF4 codebook (``lowbit.formats.nf4``);
-3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (asymmetric: min/max;
-   INT4_SYM: the ``mse`` scale search; others: max |w|), then INT4_ASYM's range search
-   (``range_search``);
+3. ``lowbit.calibrate(model, "max")``: each weight's scales from the weight alone (integer modes: min/max;
+   others: max |w|), then the 4-bit integer modes' range search (``range_search``);
 4. data-aware refinements, by lowbit's calibration algorithms (``lowbit.algorithms.registry``), on the
    primary layers only (the others' weight quantizers are switched off meanwhile), in NNCF's order
    AWQ, scale estimation, GPTQ:
@@ -14,7 +13,7 @@ export share one formula per format:
    grid fitted to the layer output) for the integer modes INT4_SYM / INT4_ASYM, chained after AWQ or
    run by GPTQ first (which keeps that grid); for NF4 / FP4 (not integer grids) -> ``awq_clip``
    (per-group clip search against the layer output, ``awq_full`` with ``awq``); ``gptq`` -> ``gptq``.
-   Layer-wise algorithms start from max calibration, so INT4_ASYM's range search runs again when
+   Layer-wise algorithms start from max calibration, so the 4-bit range search runs again when
    AWQ alone was the last step. Scale estimation and GPTQ see consecutive batch-1 items stacked into
    batches of up to ``STACKED_BATCH`` (``data.stacked_items``): their statistics are sums over token
    rows, so only float rounding changes, and a batched layer call is much cheaper than 8 single ones.
@@ -39,7 +38,7 @@ from lowbit.modules import is_quantized, revert_module
 from lowbit.weight_compression.data import forward_loop, stacked_items
 from lowbit.weight_compression.layers import MATMUL, embeddings_registered
 from lowbit.weight_compression.plan import SCALE_ESTIMATION_MODES, CompressionPlan, LayerPlan
-from lowbit.weight_compression.range_search import search_asymmetric_range
+from lowbit.weight_compression.range_search import search_range
 
 
 class QuantizerNamed:
@@ -64,8 +63,10 @@ def quantize_config(plan: CompressionPlan) -> dict:
     quant_cfg: dict[Any, dict] = {"default": {"enable": False}}
     for entry in plan.layers:
         if entry.format is not None:
-            attributes = entry.format.attributes(entry.layer.num_weights)
+            attributes = entry.format.attributes()
             quant_cfg[QuantizerNamed(_weight_quantizer_name(entry.layer.name))] = attributes.to_dict()
+    for weights in plan.experts:
+        quant_cfg[QuantizerNamed(weights.quantizer_name)] = plan.options.primary_format.attributes().to_dict()
     return {"quant_cfg": quant_cfg, "algorithm": None}
 
 
@@ -93,11 +94,11 @@ def refinements(plan: CompressionPlan) -> list[Refinement]:
     return steps
 
 
-def search_asymmetric_ranges(plan: CompressionPlan) -> None:
-    """INT4_ASYM's data-free range search on every layer in that format (``range_search``)."""
+def search_ranges(plan: CompressionPlan) -> None:
+    """The data-free range search on every layer in a 4-bit integer format (``range_search``)."""
     for entry in plan.layers:
-        if entry.format is not None and entry.format.searches_asymmetric_range:
-            search_asymmetric_range(entry.layer.module.weight_quantizer, entry.layer.matrix())
+        if entry.format is not None and entry.format.range_objective is not None:
+            search_range(entry.layer.module.weight_quantizer, entry.layer.matrix(), entry.format.range_objective)
 
 
 @contextmanager
@@ -124,7 +125,7 @@ def pack(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     from lowbit.compress import compress
 
     compressed = [entry for entry in plan.layers if entry.format is not None]
-    if not any(is_packable(entry) for entry in compressed):
+    if not plan.experts and not any(is_packable(entry) for entry in compressed):
         return model
     with weight_quantizers_disabled([entry for entry in compressed if not is_packable(entry)]):
         return compress(model, scale_dtype=torch.float16)
@@ -146,7 +147,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
         quantize(model, quantize_config(plan))
     try:
         calibrate(model, "max")
-        search_asymmetric_ranges(plan)
+        search_ranges(plan)
         if steps:
             loops = {False: forward_loop(dataset), True: forward_loop(stacked_items(dataset, STACKED_BATCH))}
             others = [entry for entry in plan.layers if entry.format is not None and not entry.primary]
@@ -154,7 +155,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dataset: list | None = N
                 for method, options in steps:
                     calibrate(model, method, loops[method in ROW_SUM_METHODS], **options)
             if steps[-1] == ("awq_lite", {}):  # its weights were recalibrated to min/max: search again
-                search_asymmetric_ranges(plan)
+                search_ranges(plan)
     except BaseException:
         converted = [m for m in model.modules() if is_quantized(m) and id(m) not in already_quantized]
         for module in converted:

@@ -125,12 +125,14 @@ def ignored_names(names: list[str], ignored_scope: IgnoredScope) -> set[str]:
     return selected
 
 
-def find_weight_layers(model: nn.Module, ignored_scope: IgnoredScope = None) -> tuple[list[WeightLayer], bool]:
-    """(compressible layers in module order, whether the last matmul was skipped: ignored or tied)."""
+def find_weight_layers(model: nn.Module, ignored_scope: IgnoredScope = None,
+                       other_names: Iterable[str] = ()) -> tuple[list[WeightLayer], bool, set[str]]:
+    """(compressible layers in module order, whether the last matmul was skipped: ignored or tied, the names
+    ``ignored_scope`` selects). ``other_names``: further weights the scope may name (fused experts)."""
     candidates = [(name, module, _kind(module)) for name, module in model.named_modules()]
     candidates = [(name, module, kind) for name, module, kind in candidates
                   if kind is not None and isinstance(getattr(module, "weight", None), torch.Tensor)]
-    ignored = ignored_names([name for name, _, _ in candidates], ignored_scope)
+    ignored = ignored_names([name for name, _, _ in candidates] + list(other_names), ignored_scope)
     last_matmul = next((name for name, _, kind in reversed(candidates) if kind == MATMUL), None)
     layers, owners, last_matmul_skipped = [], {}, False
     for name, module, kind in candidates:
@@ -141,7 +143,7 @@ def find_weight_layers(model: nn.Module, ignored_scope: IgnoredScope = None) -> 
         if owner != name:
             last_matmul_skipped |= name == last_matmul
         layers.append(WeightLayer(name, module, kind, tied_to=None if owner == name else owner))
-    return layers, last_matmul_skipped
+    return layers, last_matmul_skipped, ignored
 
 
 def ratio_defining_layers(layers: list[WeightLayer], last_matmul_skipped: bool, all_layers: bool) -> list[WeightLayer]:

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.weight_compression.data import forward_loop
+from lowbit.weight_compression.experts import ExpertsWeight, find_fused_experts, warn_float_experts
 from lowbit.weight_compression.layers import (
     EMBEDDING,
     IgnoredScope,
@@ -182,6 +183,7 @@ class CompressionPlan:
     layers: tuple[LayerPlan, ...]
     options: CompressionOptions
     model_bytes: int
+    experts: tuple[ExpertsWeight, ...] = ()  # fused 3-D expert weights: the primary format (``experts``)
 
     @property
     def primary_names(self) -> list[str]:
@@ -197,7 +199,7 @@ class CompressionPlan:
         if not names <= defining:
             raise ValueError(f"names {sorted(names - defining)} are not ratio-defining layers of this plan")
         layers = [entry.layer for entry in self.layers]
-        return _build_plan(layers, defining, names, self.options, self.model_bytes)
+        return _build_plan(layers, defining, names, self.options, self.model_bytes, self.experts)
 
     def summary(self) -> CompressionSummary:
         rows = []
@@ -212,11 +214,18 @@ class CompressionPlan:
                 FLOAT if entry.format is None else entry.format.label, entry.ratio_defining, original, compressed,
                 layer.tied_to,
             ))
+        fmt = self.options.primary_format
+        for weights in self.experts:
+            experts, out_features, in_features = weights.shape
+            original = weights.parameter.numel() * weights.parameter.element_size()
+            compressed = experts * layer_bytes(fmt.storage_bits(out_features, in_features))
+            rows.append(LayerSummary(weights.name, "experts", (experts * out_features, in_features),
+                                     weights.parameter.numel(), fmt.label, False, original, compressed))
         return CompressionSummary(tuple(rows), self.model_bytes)
 
 
-def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: set[str],
-                options: CompressionOptions, model_bytes: int) -> CompressionPlan:
+def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: set[str], options: CompressionOptions,
+                model_bytes: int, experts: tuple[ExpertsWeight, ...] = ()) -> CompressionPlan:
     formats: dict[str, LayerFormat | None] = {}
     entries = []
     for layer in layers:
@@ -228,13 +237,13 @@ def _build_plan(layers: list[WeightLayer], defining: set[str], primary_names: se
             fmt = backup_format(options.backup_mode)
         formats[layer.name] = fmt
         entries.append(LayerPlan(layer, fmt, layer.name in defining, layer.name in primary_names))
-    return CompressionPlan(tuple(entries), options, model_bytes)
+    return CompressionPlan(tuple(entries), options, model_bytes, experts)
 
 
-def _check_group_divides(layers: list[WeightLayer], group_size: int) -> None:
+def _check_group_divides(layers: list[WeightLayer | ExpertsWeight], group_size: int) -> None:
     if group_size == -1:
         return
-    failing = [f"{layer.name} (in={layer.shape[1]})" for layer in layers if layer.shape[1] % group_size]
+    failing = [f"{layer.name} (in={layer.shape[-1]})" for layer in layers if layer.shape[-1] % group_size]
     if failing:
         raise ValueError(
             f"group_size={group_size} does not divide the input size of {failing}; choose a group size that "
@@ -253,7 +262,13 @@ def plan_compression(
     (a list of model inputs) through the float model once, with hooks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    layers, last_matmul_skipped = find_weight_layers(model, ignored_scope)
+    fused = find_fused_experts(model)
+    layers, last_matmul_skipped, ignored = find_weight_layers(model, ignored_scope, [w.name for w in fused])
+    experts = tuple(weights for weights in fused if weights.name not in ignored)
+    if options.mode == CompressWeightsMode.NF4:
+        warn_float_experts(list(experts), "mode=nf4 has no per-expert quantizer")
+        experts = ()
+    _check_group_divides(list(experts), options.group_size)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no layer compress_weights can compress (nn.Linear, transformers Conv1D, "
@@ -273,4 +288,4 @@ def plan_compression(
         chosen = select_primary([layer.num_weights for layer in defining], scores, options.ratio)
         primary = [defining[i] for i in chosen]
     return _build_plan(layers, {layer.name for layer in defining}, {layer.name for layer in primary}, options,
-                       tensor_bytes(model))
+                       tensor_bytes(model), experts)

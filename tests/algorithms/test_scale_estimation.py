@@ -148,3 +148,35 @@ def test_option_errors():
         start_ratios(0.5, 1)
     with pytest.raises(ValueError, match="objective='full'"):
         hessian_blocks(torch.eye(8), 4, "full")
+
+
+def signed_reference(w, amin, amax):
+    """NNCF's signed-scale int4 in float64: step = (|min| if |min| >= max else -max) / 8 of the range widened to
+    contain 0, codes clamp(round(w / step), -8, 7)."""
+    low, high = amin.clamp(max=0), amax.clamp(min=0)
+    step = torch.where(-low >= high, -low, -high) / 8
+    return torch.clamp(torch.round(w / step), -8, 7) * step
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_signed_scale_search_never_worse_and_near_brute_force(seed):
+    """Signed-scale grids: the search's result is never worse than its start (min/max) and within 1e-3 of the
+    exhaustive minimum over the signed step (both signs, grid of 2 x 20001 steps), float64 objective."""
+    generator = torch.Generator().manual_seed(seed)
+    x = correlated_inputs(generator, columns=GROUP)
+    blocks = hessian_blocks(x.T @ x / x.shape[0], GROUP).double()
+    w = weights_with_outliers(generator, rows=1, columns=GROUP).reshape(1, 1, GROUP).double()
+    top = float(w.abs().max())
+    magnitudes = torch.linspace(0.3 * top / 8, 1.3 * top / 8, 20001, dtype=torch.float64)
+    brute = float("inf")
+    for sign in (1.0, -1.0):
+        steps = (sign * magnitudes).reshape(-1, 1, 1)
+        w_hat = torch.clamp(torch.round(w / steps), -8, 7) * steps
+        brute = min(brute, float(error_reference(w.expand(len(magnitudes), 1, GROUP), w_hat, blocks).min()))
+    grid = IntGrid(4, signed_scale=True)
+    start = grid.own_range(w)
+    start_error = float(error_reference(w, signed_reference(w, *start), blocks))
+    amin, amax, _ = estimate_range(grid, w, blocks, start, DENSE_RATIOS, steps=4)
+    found = float(error_reference(w, signed_reference(w, amin.double(), amax.double()), blocks))
+    assert found <= start_error * (1 + 1e-9)
+    assert abs(found - brute) <= 1e-3 * brute

@@ -70,3 +70,20 @@ def test_inputs_needing_gradients_take_the_autograd_path():
     out.sum().backward()
     expected = layer.dequantized_weight(torch.bfloat16).double().sum(0).expand_as(x)
     torch.testing.assert_close(x.grad.double(), expected, rtol=2**-8, atol=1e-6)
+
+
+def test_a_disabled_input_quantizer_with_a_pre_quant_scale_still_scales_the_input():
+    """AWQ leaves ``1/s`` as the disabled input quantizer's pre_quant_scale where no norm takes it (weight-only
+    compress_weights): the compressed layer must compute ``(x * pre_quant_scale) @ W_hat^T + b``, float64
+    reference from the dequantized weight, tolerance 1e-4 relative (float32 matmul)."""
+    generator = torch.Generator().manual_seed(6)
+    model = lowbit.quantize(_model().float(), copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG))
+    scale = torch.rand(384, generator=generator) * 4 + 0.25
+    scale[::37] = 30.0  # outlier channels, as AWQ's scales have
+    model[2].input_quantizer.pre_quant_scale = scale
+    x = torch.randn(3, 384, generator=generator)
+    layer = compress(model)[2]
+    expected = (x.double() * scale.double()) @ layer.dequantized_weight(torch.float32).double().T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[2](x).double(), expected, rtol=1e-4, atol=1e-5)

@@ -25,6 +25,7 @@ from .tiny import preset, quantized, tiny_llama, token_batches
 ROUND_TRIP_RTOL = {"float": 1e-5, "int8 matmul": 1e-3}
 BLOCK_FP8_WEIGHT = {"num_bits": (4, 3), "block_sizes": {-1: 128, -2: 128}}  # loads as dense quantized linears
 BLOCK_FP8 = {"*weight_quantizer": BLOCK_FP8_WEIGHT, "*input_quantizer": {"enable": False}}
+SIGNED_INT4 = {"*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 128}, "signed_scale": True}}  # NNCF's grid
 CASES = [  # (config, export format)
     (lambda: preset("FP8_DEFAULT_CFG"), "hf"),
     (lambda: preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"), "compressed-tensors"),
@@ -36,6 +37,8 @@ CASES = [  # (config, export format)
     (lambda: preset("MXFP8_DEFAULT_CFG"), "hf"),
     (lambda: preset("NVFP4_DEFAULT_CFG"), "hf"),
     (lambda: {**preset("W4A8_AWQ_BETA_CFG"), "algorithm": "max"}, "hf"),
+    (lambda: preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", **SIGNED_INT4), "hf"),
+    (lambda: preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", **SIGNED_INT4), "compressed-tensors"),
 ]
 
 
@@ -196,3 +199,16 @@ def test_kv_cache_scales_are_amax_over_448(model, tmp_path):
             assert abs(tensors[prefix + key].double().item() - (amax / 448).item()) <= 2 ** -23 * (amax / 448).item()
     with pytest.raises(ValueError, match="KV cache"):
         load_quantized(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("target", ["hf", "compressed-tensors"])
+def test_signed_scales_are_written_signed(model, tmp_path, target):
+    """A signed-scale INT4 weight (compress_weights' INT4_SYM grid) keeps its negative scales in the checkpoint:
+    codes times weight_scale is the fake-quantized weight (float64 product, float32 rounding)."""
+    quant = quantized(model, preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", **SIGNED_INT4))
+    directory = export(quant, tmp_path / "signed", target)
+    scales = load_file(str(directory / "model.safetensors"))["model.layers.0.mlp.down_proj.weight_scale"]
+    assert (scales < 0).any() and (scales > 0).any()
+    reloaded = load_quantized(directory).model.layers[0].mlp.down_proj
+    expected = quant.model.layers[0].mlp.down_proj.weight_quantizer(quant.model.layers[0].mlp.down_proj.weight)
+    torch.testing.assert_close(reloaded.dequantized_weight(torch.float32), expected.float(), rtol=1e-6, atol=1e-7)

@@ -37,34 +37,36 @@ def int_asym(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 
 def int_sym(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Symmetric integer, codes [-2^(b-1), 2^(b-1)-1], step max|w| / (2^(b-1) - 1) per group."""
+    """Symmetric integer with NNCF's signed scale (``_calculate_signed_scale``): per group
+    ``step = |min| / 2^(b-1)`` if ``|min| >= max`` else ``-max / 2^(b-1)``, codes
+    ``clamp(round(w / step), -2^(b-1), 2^(b-1) - 1)``: the larger-magnitude end maps exactly onto -2^(b-1)."""
+    return int_sym_scaled(w, bits, group_size, 1.0)
+
+
+def int_sym_scaled(w: torch.Tensor, bits: int, group_size: int, m: float) -> torch.Tensor:
+    """:func:`int_sym` with the step multiplied by ``m``."""
     g = groups(w, group_size)
-    qmax = 2 ** (bits - 1) - 1
-    step = g.abs().amax(-1, keepdim=True) / qmax
-    return (torch.clamp(torch.round(g / step), -qmax - 1, qmax) * step).reshape(w.shape)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = torch.where(-low >= high, -low, -high) / 2 ** (bits - 1) * m
+    return (torch.clamp(torch.round(g / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step).reshape(w.shape)
 
 
 def int_sym_searched(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Symmetric integer with codes [-2^(b-1), 2^(b-1)-1] and step amax / (2^(b-1) - 1), where each group's
-    amax is m * max|w| for the m in {0.5, 0.5 + 1/32, ..., 1} with the least squared error (first on ties)."""
+    """:func:`int_sym` with, per group, the step ``m * step`` for the m in {0.5, 0.5 + 1/32, ..., 1} with the
+    least largest absolute error (first on ties)."""
     g = groups(w, group_size)
-    qmax = 2 ** (bits - 1) - 1
-    top = g.abs().amax(-1, keepdim=True)
-
-    def candidate(m: float) -> torch.Tensor:
-        step = m * top / qmax
-        return torch.clamp(torch.round(g / step), -qmax - 1, qmax) * step
-
-    return least_error_per_group(g, candidate).reshape(w.shape)
+    return least_error_per_group(g, lambda m: int_sym_scaled(w, bits, group_size, m).reshape(g.shape),
+                                 lambda delta: delta.abs().amax(-1, keepdim=True)).reshape(w.shape)
 
 
-def least_error_per_group(g: torch.Tensor, candidate) -> torch.Tensor:
-    """Per group (last dim of ``g``), the ``candidate(m)`` with the least squared error to ``g`` over
-    m in {0.5, 0.5 + 1/32, ..., 1}; the first (smallest m) on ties."""
+def least_error_per_group(g: torch.Tensor, candidate, error_of=None) -> torch.Tensor:
+    """Per group (last dim of ``g``), the ``candidate(m)`` with the least error to ``g`` (``error_of(delta)``,
+    default the squared error) over m in {0.5, 0.5 + 1/32, ..., 1}; the first (smallest m) on ties."""
     best, best_error = None, None
     for k in range(17):
         values = candidate(0.5 + k / 32)
-        error = (values - g).square().sum(-1, keepdim=True)
+        delta = values - g
+        error = delta.square().sum(-1, keepdim=True) if error_of is None else error_of(delta)
         if best is None:
             best, best_error = values, error
         else:

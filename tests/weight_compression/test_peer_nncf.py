@@ -58,3 +58,28 @@ def test_same_four_bit_layers_as_nncf(metric):
             if isinstance(m, nn.Linear) and m.weight_quantizer.is_enabled and m.weight_quantizer.num_bits == 4}
     assert ours == _nncf_four_bit(metric, ratio)
     assert 0 < len(ours) < 20
+
+
+@pytest.mark.parametrize(("mode", "bits", "group"), [("INT4_SYM", 4, 32), ("INT8_SYM", 8, -1)])
+def test_signed_scale_codes_equal_nncf(mode, bits, group):
+    """lowbit's signed-scale grid (``formats.quantize_int_signed_scale``) against NNCF's own
+    ``do_integer_quantization``: the same codes and the same signed steps (float32 rounding), on weights
+    with outliers of both signs."""
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import do_integer_quantization
+    from nncf.tensor import Tensor
+
+    from lowbit import formats
+
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(16, 128, generator=generator) * 0.05
+    weight = torch.where(torch.rand(16, 128, generator=generator) < 0.02, weight * 12, weight)
+    groups = weight.reshape(16, -1, 128 if group == -1 else group)
+    config = WeightCompressionConfig(mode=getattr(nncf.CompressWeightsMode, mode), group_size=group)
+    peer = do_integer_quantization(Tensor(weight), config, reduction_axes=(1,))  # NNCF groups the (out, in) weight
+    codes, scale = formats.quantize_int_signed_scale(groups, groups.amin(-1, keepdim=True),
+                                                     groups.amax(-1, keepdim=True), bits)
+    torch.testing.assert_close(1.0 / scale, peer.scale.data.float().reshape(scale.shape), rtol=1e-6, atol=0)
+    mismatched = (codes != peer.tensor.data.float().reshape(codes.shape)).float().mean().item()
+    assert mismatched <= 1e-3  # x * (1/step) and x / step may round a value on a code boundary apart
+    assert (scale < 0).any() and (scale > 0).any()
