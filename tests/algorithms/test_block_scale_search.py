@@ -102,3 +102,20 @@ def test_block_scale_search_errors_name_the_problem():
     with pytest.raises(ValueError, match="search='4over6' is not defined for mxfp4"):
         lowbit.quantize(model, {**lowbit.get_preset("MXFP4_DEFAULT_CFG"),
                                 "algorithm": {"method": "block_scale_search", "search": "4over6"}})
+
+
+
+def test_packed_experts_keep_each_experts_searched_scales():
+    from lowbit.compress.experts import pack_experts
+    from lowbit.expert_quantizer import ExpertQuantizer
+
+    weight = torch.stack([weights(16, 64, seed=7), weights(16, 64, seed=8) * 3])
+    quantizer = ExpertQuantizer(lowbit.get_preset("W4A16_NVFP4_CFG")["quant_cfg"]["*weight_quantizer"], num_experts=2)
+    global_amax = weight.abs().amax(dim=(1, 2))
+    quantizer.amax = global_amax
+    quantizer.block_amax = torch.stack([nvfp4_block_amax(weight[e], global_amax[e]) for e in range(2)])
+    packed = pack_experts(weight, quantizer)
+    for expert in range(2):
+        expected = fake_quant_nvfp4(weight[expert], global_amax[expert], block_amax=quantizer.block_amax[expert])
+        assert not torch.equal(expected, fake_quant_nvfp4(weight[expert], global_amax[expert]))
+        torch.testing.assert_close(packed.expert(expert).dequantize(), expected, rtol=0, atol=0)
