@@ -9,15 +9,19 @@ from the same seed: no copy of the dense model is needed); ``bundled`` is ``lowb
 Each format quantizes the bf16 model with its preset (``max`` calibration on one seeded batch of 64 random
 tokens) and ``compress``es it. The ``ceiling`` row replaces every decoder Linear by ``TiledInput`` (its input
 repeated to the output width, no weight read): what a weight kernel of zero cost would leave of the model's
-per-token work.
+per-token work. The ``torchao_*`` rows apply torchao's recipes (``torchao_config``) to the same decoder Linears
+(``quantize_``; torchao is never a lowbit dependency: on the GPU machine it travels as a wheel), so every lowbit
+format is compared with every torchao path in the same run.
 
 Protocol: HF ``generate`` (greedy, ``--new-tokens`` new tokens after a ``--prompt``-token seeded prompt, batch 1,
-end-of-sequence ignored), with ``--compile`` a static cache (transformers compiles the decode step: Inductor,
-CUDA graphs) else the default dynamic cache, eager. One warm-up generate per model, then ``--repeats`` rounds; each
-round times every format once, in a fixed order, so that the machine's load falls on all of them alike. Per
-round, each format's tok/s (new tokens over the generate's wall time, its short prefill included) is divided by
-bf16's in the same round; the table gives the median tok/s and the median of those per-round ratios. Prefill:
-the wall time of one eager forward over ``--prefill`` tokens (median of the rounds, ratio bf16 time / format's).
+end-of-sequence ignored), with ``--compile`` a static cache (on CUDA transformers compiles the decode step:
+Inductor, CUDA graphs, ``fullgraph=True`` so that a graph break fails the row; on the CPU transformers compiles
+nothing, so there the rows are the static cache, eager) else the default dynamic cache, eager. One warm-up generate
+per model, then ``--repeats`` rounds; each round times every format once, in a fixed order, so that the machine's
+load falls on all of them alike. Per round, each format's tok/s (new tokens over the generate's wall time, its
+short prefill included) is divided by bf16's in the same round; the table gives the median tok/s and the median of
+those per-round ratios. Prefill: the wall time of one eager forward over ``--prefill`` tokens (median of the
+rounds, ratio bf16 time / format's).
 ``host us/call``: a compressed layer of the format at 256 x 256 called 2000 times on one activation row, each
 call timed alone with no synchronisation (on CUDA the launch returns at once; the kernel's own time is far
 under the host's at that shape), median call (robust to the calls a loaded machine preempts); the bf16 row
@@ -54,12 +58,16 @@ PRESETS = {
     "nvfp4_wo": "W4A16_NVFP4_CFG",
     "fp8_w8a8": "FP8_DEFAULT_CFG",
     "ceiling": None,
+    "torchao_int4": None,
+    "torchao_int8_wo": None,
+    "torchao_fp8": None,
 }
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB = 32000
 SEED = 0
 HOST_SHAPE = 256
 HOST_CALLS = 2000
+STARTED = time.monotonic()
 
 
 class TiledInput(nn.Module):
@@ -73,6 +81,21 @@ class TiledInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat(*([1] * (x.dim() - 1)), self.repeats)[..., : self.out_features]
+
+
+def torchao_config(fmt: str):
+    """torchao's recipe for a ``torchao_*`` row: int4 g128 on its tinygemm layout (``tile_packed_to_4d``; its
+    default ``plain`` layout needs fbgemm-gpu-genai), int8 weight-only per channel, fp8 e4m3 W8A8 per row."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    return {"torchao_int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+            "torchao_int8_wo": Int8WeightOnlyConfig,
+            "torchao_fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())}[fmt]()
 
 
 def random_llama(args, device: str) -> nn.Module:
@@ -102,12 +125,23 @@ def build(model_name: str, fmt: str, args) -> nn.Module:
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in DECODER_LINEARS:
                 model.set_submodule(name, TiledInput(module.in_features, module.out_features))
+    elif fmt.startswith("torchao_"):
+        from torchao.quantization import quantize_
+
+        quantize_(model, torchao_config(fmt),
+                  filter_fn=lambda module, name: name.rsplit(".", 1)[-1] in DECODER_LINEARS)
     elif PRESETS[fmt] is not None:
         batch = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(SEED))
         config = copy.deepcopy(getattr(lowbit, PRESETS[fmt]))
         with torch.no_grad():
             model = compress(lowbit.quantize(model, config, lambda m: m(batch.to(args.device))))
     return model
+
+
+def past_deadline(args) -> bool:
+    """Whether ``--deadline`` seconds have passed since the script started (a lease-limited run stops adding
+    formats and rounds there, keeping what it measured)."""
+    return args.deadline is not None and time.monotonic() - STARTED > args.deadline
 
 
 def synchronize(device: str) -> None:
@@ -119,7 +153,9 @@ def generate_seconds(model: nn.Module, prompt: torch.Tensor, args) -> float:
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                    pad_token_id=0)
     if args.compile:
-        options["cache_implementation"] = "static"
+        from transformers import CompileConfig
+
+        options.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True))
     synchronize(args.device)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -177,6 +213,10 @@ def run_model(model_name: str, args) -> list[dict]:
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=generator).to(args.device)
     long_prompt = torch.randint(0, vocab, (1, args.prefill), generator=generator).to(args.device)
     for fmt, model in list(models.items()):  # warm-up (compilation), peak memory
+        if fmt != "bf16" and past_deadline(args):  # bf16 is every ratio's baseline
+            failed.append({"model": model_name, "format": fmt, "tok/s": "skipped: --deadline reached before warm-up"})
+            del models[fmt]
+            continue
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -195,6 +235,9 @@ def run_model(model_name: str, args) -> list[dict]:
     speed = {fmt: [] for fmt in formats}
     prefill = {fmt: [] for fmt in formats}
     for repeat in range(args.repeats):
+        if repeat and past_deadline(args):
+            print(f"--deadline reached: {repeat} rounds", flush=True)
+            break
         for fmt, model in models.items():
             speed[fmt].append(args.new_tokens / generate_seconds(model, prompt, args))
             prefill[fmt].append(prefill_seconds(model, long_prompt, args.device))
@@ -206,7 +249,7 @@ def run_model(model_name: str, args) -> list[dict]:
         ratio = statistics.median(s / b for s, b in zip(speed[fmt], speed["bf16"], strict=True))
         prefill_ratio = statistics.median(b / s for s, b in zip(prefill[fmt], prefill["bf16"], strict=True))
         row = {"model": model_name, "format": fmt, "tok/s": round(statistics.median(speed[fmt]), 1),
-               "x bf16": round(ratio, 2),
+               "x bf16": round(ratio, 2), "rounds": len(speed[fmt]),
                f"prefill {args.prefill} ms": round(statistics.median(prefill[fmt]) * 1e3, 1),
                "prefill x bf16": round(prefill_ratio, 2)}
         if ceiling is not None and fmt not in ("bf16", "ceiling"):
@@ -247,6 +290,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU intra-op threads")
     parser.add_argument("--compile", action="store_true", help="static cache: transformers compiles the decode step")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no further format warms up and no further round starts")
     parser.add_argument("--stem", default=None, help="results file stem (default e2e_<device>)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()

@@ -5,8 +5,11 @@ Protocol (fixed: bundled Llama, seed-free inputs from the bundled texts, float32
 - GGUF (needs gguf, accelerate): weight-only configs -> export_gguf; max over quantized layers of
   |gguf dequantize - lowbit fake-quant weight| / max |fake-quant weight| (q/k rows un-permuted), and
   transformers' from_pretrained(gguf_file=...) logits against lowbit's model (relative L2) and top-1 agreement;
-- ONNX (needs onnx, onnxruntime, onnxscript): onnxruntime CPU logits against lowbit's model (relative L2), and
-  beside it the *floor*: how far lowbit's own model moves when its embeddings are scaled by (1 + 1e-7 noise);
+- GGUF Q4_K / Q6_K: INT4 g32 / INT6 g16 after ``snap_k_quant_scales``; "snap moved logits" is how far the
+  k-quant grid of scales moves lowbit's own model (relative L2 of its logits before / after snapping);
+- ONNX (needs onnx, onnxruntime, onnxscript): onnxruntime CPU logits against lowbit's model (relative L2), split
+  into the export's math run in torch (``export_copy``: ONNX's ``x / step`` and ``codes * step`` where lowbit
+  computes ``x * scale`` and ``codes / scale``) against lowbit, and onnxruntime against that torch run;
 - TensorRT-LLM: export time and rank file sizes for TP x PP in {1, 2} x {1, 2} (TP 4 is refused: 2 KV heads).
 Prints one table per target (markdown); the results file cites them.
 
@@ -24,11 +27,22 @@ import numpy as np
 import torch
 
 import lowbit
-from lowbit.export import export_gguf, export_onnx, export_tensorrt_llm_checkpoint
+from lowbit.export import export_gguf, export_onnx, export_tensorrt_llm_checkpoint, snap_k_quant_scales
+from lowbit.export.onnx_qdq import export_copy
 
-INT4_ASYM_G32 = {"quant_cfg": {"*weight_quantizer": {"num_bits": 4, "asymmetric": True, "block_sizes": {-1: 32}},
-                               "*input_quantizer": {"enable": False}, "*lm_head*": {"enable": False},
-                               "default": {"enable": False}}, "algorithm": "max"}
+
+def weight_only(weight_cfg: dict) -> dict:
+    return {"quant_cfg": {"*weight_quantizer": weight_cfg, "*input_quantizer": {"enable": False},
+                          "*lm_head*": {"enable": False}, "default": {"enable": False}}, "algorithm": "max"}
+
+
+GGUF_CASES = (  # (GGUF type, config name, config, snap onto the k-quant grid)
+    ("Q8_0", "INT8_WEIGHT_ONLY_CFG", lowbit.INT8_WEIGHT_ONLY_CFG, False),
+    ("Q4_0", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, False),
+    ("Q4_1", "INT4 asymmetric g32", weight_only({"num_bits": 4, "asymmetric": True, "block_sizes": {-1: 32}}), False),
+    ("Q4_K", "INT4 g32 + snap_k_quant_scales", weight_only({"num_bits": 4, "block_sizes": {-1: 32}}), True),
+    ("Q6_K", "INT6 g16 + snap_k_quant_scales", weight_only({"num_bits": 6, "block_sizes": {-1: 16}}), True),
+)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,12 +74,18 @@ def gguf_weight_error(model, path) -> float:
 def bench_gguf(model, tokenizer, ids, folder: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    print("\n| GGUF | config | export s | file MB | max weight err / max | logits rel. L2 | top-1 agree |")
-    print("|---|---|---|---|---|---|---|")
-    for type_name, name, cfg in (("Q8_0", "INT8_WEIGHT_ONLY_CFG", lowbit.INT8_WEIGHT_ONLY_CFG),
-                                 ("Q4_0", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG),
-                                 ("Q4_1", "INT4 asymmetric g32", INT4_ASYM_G32)):
+    print("\n| GGUF | config | export s | file MB | max weight err / max | logits rel. L2 | top-1 agree | "
+          "snap moved logits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for type_name, name, cfg, snap in GGUF_CASES:
         quantized = lowbit.quantize(copy.deepcopy(model), copy.deepcopy(cfg))
+        moved = "-"
+        if snap:
+            with torch.no_grad():
+                free = quantized(ids).logits
+            snap_k_quant_scales(quantized)
+            with torch.no_grad():
+                moved = f"{relative(quantized(ids).logits, free):.2e}"
         start = time.perf_counter()
         path = export_gguf(quantized, folder / type_name, tokenizer=tokenizer)
         seconds = time.perf_counter() - start
@@ -74,17 +94,8 @@ def bench_gguf(model, tokenizer, ids, folder: Path) -> None:
             reference, logits = quantized(ids).logits, reloaded(ids).logits
         agree = (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
         print(f"| {type_name} | {name} | {seconds:.1f} | {path.stat().st_size / 2**20:.2f} | "
-              f"{gguf_weight_error(quantized, path):.2e} | {relative(logits, reference):.2e} | {agree:.4f} |")
-
-
-def perturbation_floor(model, ids) -> float:
-    """How far ``model``'s logits move when its embeddings are scaled by (1 + 1e-7 noise)."""
-    moved = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        weight = moved.model.embed_tokens.weight
-        weight.mul_(1 + 1e-7 * torch.randn(weight.shape, generator=generator))
-        return relative(moved(ids).logits, model(ids).logits)
+              f"{gguf_weight_error(quantized, path):.2e} | {relative(logits, reference):.2e} | {agree:.4f} | "
+              f"{moved} |")
 
 
 def bench_onnx(model, ids, calibration, folder: Path) -> None:
@@ -93,8 +104,9 @@ def bench_onnx(model, ids, calibration, folder: Path) -> None:
     model.config.use_cache = False
     with torch.no_grad():
         float_logits = model(ids).logits
-    print("\n| ONNX config | export s | file MB | ORT vs lowbit rel. L2 | lowbit 1e-7 floor | ORT vs float |")
-    print("|---|---|---|---|---|---|")
+    print("\n| ONNX config | export s | file MB | ORT vs lowbit rel. L2 | ONNX math in torch vs lowbit | "
+          "ORT vs ONNX math in torch | ORT vs float | lowbit vs float |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, cfg in (("INT8_DEFAULT_CFG (W8A8)", lowbit.INT8_DEFAULT_CFG),
                       ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG),
                       ("FP8_DEFAULT_CFG", lowbit.FP8_DEFAULT_CFG)):
@@ -105,9 +117,10 @@ def bench_onnx(model, ids, calibration, folder: Path) -> None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         result = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
         with torch.no_grad():
-            reference = quantized(ids).logits
+            reference, emulated = quantized(ids).logits, export_copy(quantized)[0](ids).logits
         print(f"| {name} | {seconds:.1f} | {path.stat().st_size / 2**20:.2f} | {relative(result, reference):.2e} | "
-              f"{perturbation_floor(quantized, ids):.2e} | {relative(result, float_logits):.2e} |")
+              f"{relative(emulated, reference):.2e} | {relative(result, emulated):.2e} | "
+              f"{relative(result, float_logits):.2e} | {relative(reference, float_logits):.2e} |")
 
 
 def bench_trtllm(model, calibration, folder: Path) -> None:

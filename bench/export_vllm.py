@@ -64,6 +64,16 @@ def _mixed() -> dict:
     return config
 
 
+def _mixed_fp8_weight_only() -> dict:
+    """FP8 per-channel weights / per-token activations in attention, FP8 per-tensor weights with float
+    activations in the MLP (quant_algo FP8 without input_scale): two formats, tried as a MIXED_PRECISION that
+    vLLM CPU might run."""
+    config = lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
+    config["quant_cfg"]["*mlp*weight_quantizer"] = {"num_bits": (4, 3), "axis": None}
+    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
+    return config
+
+
 def _smoothquant_w8a8() -> dict:
     """W8A8 INT8 SmoothQuant on the norm-fed linears (q/k/v, gate/up: the scale folds into the norm);
     o_proj and down_proj stay float: their input has no norm to fold a smoothing scale into, a kept
@@ -85,6 +95,10 @@ CASES = {  # name: (config, export format, vLLM dtype)
     "compressed-tensors W4A16 g128 GPTQ": (
         lambda: _preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", algorithm="gptq"), "compressed-tensors", "bfloat16"),
     "compressed-tensors FP8": (_fp8_dynamic, "compressed-tensors", "float32"),
+    "modelopt MIXED_PRECISION FP8 weight-only MLP": (_mixed_fp8_weight_only, "hf", "bfloat16"),
+    # the noise floor: the float model itself (save_pretrained), vLLM against transformers in the same dtype
+    "float bfloat16 (no quantization)": (None, None, "bfloat16"),
+    "float float32 (no quantization)": (None, None, "float32"),
 }
 
 
@@ -116,8 +130,26 @@ def vllm_logprobs(directory: Path, ids: list[int], dtype: str) -> tuple[torch.Te
     return torch.tensor(scored, dtype=torch.float64), list(output.outputs[0].token_ids), seconds
 
 
+def float_case(name: str, float_model, tokenizer, ids: list[int], workdir: Path) -> dict:
+    """The noise floor of the comparison: vLLM running the float model against transformers running it, both in
+    the case's dtype (and against transformers in float32)."""
+    dtype = CASES[name][2]
+    directory = workdir / name.replace(" ", "_")
+    float_model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    scored, generated, seconds = vllm_logprobs(directory, ids, dtype)
+    reference, same_dtype = lowbit_logprobs(float_model, ids), lowbit_logprobs(float_model, ids, getattr(torch, dtype))
+    return {"case": name, "format": "save_pretrained", "vllm_dtype": dtype, "generated": len(generated),
+            "vllm_vs_hf_same_dtype": (scored - same_dtype).abs().mean().item(),
+            "vllm_vs_hf_float32": (scored - reference).abs().mean().item(),
+            "hf_dtype_vs_hf_float32": (same_dtype - reference).abs().mean().item(), "vllm_seconds": seconds,
+            "error": None}
+
+
 def run_case(name: str, float_model, tokenizer, forward_loop, ids: list[int], workdir: Path) -> dict:
     make_config, target, dtype = CASES[name]
+    if make_config is None:
+        return float_case(name, float_model, tokenizer, ids, workdir)
     model = lowbit.quantize(copy.deepcopy(float_model), make_config(), forward_loop)
     directory = export(model, workdir / name.replace(" ", "_"), target, tokenizer=tokenizer)
     reference, float_reference = lowbit_logprobs(model, ids), lowbit_logprobs(float_model, ids)

@@ -51,7 +51,7 @@ def calibrate_weight(quantizer: Quantizer, weight: torch.Tensor) -> None:
     with torch.no_grad():
         for index, stage in enumerate(stages):
             if stage.is_enabled and not stage.config.is_dynamic:
-                with collecting_statistics([stage]):
+                with collecting_statistics([stage], across_ranks=False):  # the same weight on every rank
                     stage(weight)
             if index + 1 < len(stages):  # the next stage calibrates on this one's output
                 weight = stage(weight)

@@ -16,7 +16,7 @@ a missing, corrupt or mismatched file raises an error that names the file and th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from safetensors.torch import save_model
@@ -26,6 +26,7 @@ from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.files import atomic_directory, origin, read_json, read_tensors
 from lowbit.modules import convert_module, is_quantized
 from lowbit.quantizer import STATE_BUFFERS, SequentialQuantizer, TensorQuantizer
+from lowbit.rotation.quarot import check_no_online_rotation
 
 Quantizers = dict[str, dict[str, TensorQuantizer | SequentialQuantizer]]
 
@@ -113,6 +114,7 @@ def quant_state(model: nn.Module) -> dict:
 
 def write_checkpoint(model: nn.Module, directory: Path) -> None:
     """``save``'s two files into the existing ``directory`` (not atomic: callers write into a staging directory)."""
+    check_no_online_rotation(model, "lowbit.save")
     state = quant_state(model)
     if not state["modules"]:
         raise ValueError("model has no quantized module: call lowbit.quantize(model, config) first")
@@ -186,6 +188,21 @@ def build_model(model_or_factory: nn.Module | Callable[[], nn.Module]) -> nn.Mod
     return model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
 
 
+def fill_tied_keys(tensors: dict[str, Tensor], model: nn.Module, expected: Collection[str]) -> dict[str, Tensor]:
+    """``tensors`` plus the ``expected`` names of tied parameters they lack: safetensors' ``save_model`` writes a
+    parameter shared by several modules (GPT-2's ``transformer.wte.weight`` and ``lm_head.weight``) once."""
+    names_by_parameter: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module.named_parameters(recurse=False):
+            names_by_parameter.setdefault(id(parameter), []).append(f"{module_name}.{name}" if module_name else name)
+    filled = dict(tensors)
+    for names in names_by_parameter.values():
+        saved = next((name for name in names if name in tensors), None)
+        if saved is not None:
+            filled.update({name: tensors[saved] for name in names if name not in tensors and name in expected})
+    return filled
+
+
 def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Module:
     """Rebuild the quantizers saved at ``path`` on a fresh model and load all tensors (strict).
 
@@ -194,11 +211,12 @@ def restore(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | P
     directory = Path(path)
     state = read_state(directory, STATE_FILE, FORMAT_VERSION, WRITER, keys=("modules",))
     quantizers = quantizers_from_state(state["modules"], f"{directory / STATE_FILE} ({origin(directory, WRITER)})")
-    tensors = read_tensors(directory / TENSOR_FILE, WRITER)
     model = build_model(model_or_factory)
+    expected = model.state_dict()
+    tensors = fill_tied_keys(read_tensors(directory / TENSOR_FILE, WRITER), model, expected)
     modules = dict(model.named_modules())
     slots = [f"{name}.{slot}" for name, entry in quantizers.items() for slot in entry]
-    check_tensors(directory / TENSOR_FILE, tensors, model.state_dict(), slots, exact_dtypes=False, writer=WRITER)
+    check_tensors(directory / TENSOR_FILE, tensors, expected, slots, exact_dtypes=False, writer=WRITER)
     install_quantizers(modules, quantizers)
     model.load_state_dict(tensors, strict=False)
     for name in quantizers:

@@ -5,6 +5,7 @@
     lowbit quantize MODEL --preset NAME --output DIR [--packed | --export-format FORMAT] [--algorithm NAME]
                                                                                      (lowbit.commands)
     lowbit eval MODEL [--text FILE] [--eval-tokens N]                                (lowbit.commands)
+    lowbit ptq --model PATH --qformat FORMAT --export-path DIR [--dry-run] ...        (lowbit.ptq.cli)
 
 ``demo`` loads the bundled default model on CPU, calibrates each preset on the bundled calibration
 text, and prints, on held-out text, the mean per-token KL divergence to the float model and the top-1
@@ -28,6 +29,7 @@ from lowbit.commands import add_eval_parser, add_quantize_parser
 from lowbit.convert import fold_weight, quantize
 from lowbit.eval import Divergence, format_table
 from lowbit.presets import get_preset
+from lowbit.ptq.cli import add_ptq_parser
 from lowbit.quantizer import SequentialQuantizer
 from lowbit.report import (
     SEQ_LEN,
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(handler=demo)
     add_quantize_parser(commands, _positive_int)
     add_eval_parser(commands, _positive_int)
+    add_ptq_parser(commands, _positive_int)
     return parser
 
 

@@ -1,6 +1,7 @@
 """``lowbit quantize`` and ``lowbit eval``: one command from a model directory to a saved quantized one.
 
     lowbit quantize MODEL --preset INT4_AWQ --output DIR [--packed | --export-format hf] [--algorithm gptq]
+    lowbit quantize MODEL --auto-quantize-bits 4.8 --quant nvfp4,fp8 --output DIR [--search-state FILE.json]
     lowbit eval MODEL [--eval-tokens 8192] [--text heldout.txt] [--reference float|SOURCE|FILE.safetensors]
     lowbit eval FLOAT_MODEL --save-reference FILE.safetensors [--top-k 256]
 
@@ -33,6 +34,7 @@ from lowbit.files import check_writable
 from lowbit.hf import load_causal_lm, save_quantized, saved_kind
 from lowbit.presets import get_preset
 from lowbit.report import packed_weight_bytes
+from lowbit.search.command import add_auto_arguments, auto_formats, run_auto_quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_SOURCE_KEY = "lowbit_float_model"  # in a quantized directory's config.json: the model it was made from
@@ -107,7 +109,8 @@ def show_layer_reports() -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    config = quantize_config(args.preset, args.config, args.algorithm)  # validated before any loading
+    auto = auto_formats(args)
+    config = None if auto else quantize_config(args.preset, args.config, args.algorithm)  # validated before loading
     if args.packed and args.export_format is not None:
         raise ValueError(f"--packed and --export-format {args.export_format}: an export has its own storage; pass one")
     try:  # refuse before the long part, as the writer itself would at the end
@@ -133,8 +136,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     evaluate("original", None)
     model.config.update({FLOAT_SOURCE_KEY: args.model if args.model == "default" else str(Path(args.model).resolve())})
     start = time.perf_counter()
-    quantize(model, config, forward_loop)
-    evaluate(args.preset or Path(args.config).name, time.perf_counter() - start)
+    if auto:
+        name = run_auto_quantize(model, batches, auto, args)
+    else:
+        quantize(model, config, forward_loop)
+        name = args.preset or Path(args.config).name
+    evaluate(name, time.perf_counter() - start)
     if args.export_format is not None:
         return run_export(model, tokenizer, output, args.export_format, batches[0], rows, args.overwrite)
     save_quantized(model, tokenizer, output, packed=args.packed, overwrite=args.overwrite)
@@ -248,6 +255,7 @@ def add_quantize_parser(commands, positive_int) -> None:
     parser.add_argument("--export-format", choices=export_formats(),
                         help="write this export instead of lowbit's own checkpoint (hf: ModelOpt's unified HF "
                              "checkpoint; compressed-tensors: llm-compressor's; see lowbit.export)")
+    add_auto_arguments(parser)
     parser.add_argument("--calib-text", help=".txt or .jsonl calibration text (default: the bundled one)")
     parser.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows (default: 128)")
     parser.add_argument("--eval-text", help=".txt or .jsonl evaluation text (default: the bundled held-out one)")

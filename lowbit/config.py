@@ -14,7 +14,9 @@ Accepted shapes (validated here, once, into a ``QuantizeConfig``):
 
 lowbit differs from ModelOpt in one place, on purpose: a quantizer that no rule names stays disabled.
 ``algorithm`` is a method name or ``{"method": name, **options}``; ``None`` skips calibration. Every
-method takes ``calibrate_all_experts`` (bool, default False): fused MoE experts see every calibration token.
+method takes ``calibrate_all_experts`` (bool, default False): fused MoE experts see every calibration token,
+and ``rotate`` (False, True or a dict of ``lowbit.rotation.quarot.ROTATION_OPTIONS``): QuaRot's rotations are
+fused into the model's weights before it calibrates.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from typing import Any
 
 from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
+from lowbit.rotation.quarot import check_rotation_options
 
 Pattern = str | Callable[[str], bool]
 ALGORITHM_METHODS = ALGORITHMS.keys()  # a live view: register_algorithm adds to it
+COMMON_OPTIONS = ("calibrate_all_experts", "rotate")  # options every method takes
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def _parse_algorithm(algorithm: Any) -> tuple[str | None, dict]:
     if method not in ALGORITHM_METHODS:
         raise ValueError(f"algorithm method {method!r} is unknown; allowed are {list(ALGORITHM_METHODS)}")
     check_calibrate_all_experts(options.get("calibrate_all_experts", False))
-    check_options(method, {key: value for key, value in options.items() if key != "calibrate_all_experts"})
+    check_rotation_options(options.get("rotate", False))
+    check_options(method, {key: value for key, value in options.items() if key not in COMMON_OPTIONS})
     return method, options
 
 

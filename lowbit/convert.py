@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lowbit.algorithms.registry import run_algorithm
+from lowbit.algorithms.registry import DATA_FREE, run_algorithm
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.calibration import ForwardLoop, Quantizer, iter_quantizers, max_calibrate
 from lowbit.config import QuantizeConfig, check_calibrate_all_experts, parse_config
@@ -25,6 +25,7 @@ from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.experts import routing_all_tokens, warn_starved_experts
 from lowbit.modules.registry import quantized_class_for
 from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer
+from lowbit.rotation.quarot import check_rotation_options, rotate
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
 from lowbit.structure.weights import weights_by_slot
@@ -104,7 +105,7 @@ def quantize(model: nn.Module, config: dict | QuantizeConfig, forward_loop: Forw
     unmatched = config.unmatched_patterns([(full, parents) for _, _, _, full, parents, _ in plan])
     for pattern in unmatched:
         warnings.warn(f"quant_cfg pattern {pattern!r} matches no quantizer in the model", stacklevel=2)
-    if config.algorithm not in (None, "max") and forward_loop is None:
+    if config.algorithm not in (None, *DATA_FREE) and forward_loop is None:
         raise ValueError(f"forward_loop is None, but algorithm {config.algorithm!r} needs calibration data")
     if config.algorithm is not None and forward_loop is None and _needs_activation_data(plan):
         raise ValueError(
@@ -147,7 +148,7 @@ def report_coverage(model: nn.Module) -> None:
 def _check_blocks(model: nn.Module, plan, algorithm) -> None:
     """Block-wise algorithms need repeated blocks holding planned quantizers: a clear error before conversion."""
     name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
-    if name in (None, "max"):
+    if name in (None, *DATA_FREE):
         return
     planned = {id(module) for _, module, _, _, _, attributes in plan if attributes is not None}
     require_block_stacks(model, f"algorithm {name!r}",
@@ -165,9 +166,10 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
     """(Re-)calibrate an already quantized model with ``algorithm`` ("max", "smoothquant", "awq_lite", ...).
 
     Every method takes ``calibrate_all_experts`` (default False): fused MoE experts then see every calibration
-    token for their statistics, outputs unchanged (``lowbit.modules.experts``). Experts that saw no token
-    are named in a warning at the end. Layer-wise algorithms log each decoder layer's output MSE before and
-    after on the ``lowbit`` logger.
+    token for their statistics, outputs unchanged (``lowbit.modules.experts``); and ``rotate`` (default False):
+    QuaRot's rotations fused into the weights first (``lowbit.rotation.quarot``; float outputs unchanged).
+    Experts that saw no token are named in a warning at the end. Layer-wise algorithms log each decoder
+    layer's output MSE before and after on the ``lowbit`` logger.
     """
     if isinstance(algorithm, dict):
         options = {**{k: v for k, v in algorithm.items() if k != "method"}, **options}
@@ -176,6 +178,9 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
         return model
     all_experts = options.pop("calibrate_all_experts", False)
     check_calibrate_all_experts(all_experts)
+    rotation = check_rotation_options(options.pop("rotate", False))
+    if rotation is not None:
+        rotate(model, **rotation)
     with routing_all_tokens(model, all_experts):
         _run_calibration(model, algorithm, forward_loop, options)
     warn_starved_experts(model)

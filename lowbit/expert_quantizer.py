@@ -200,7 +200,7 @@ def _stacked_state(name: str):
 class ExpertQuantizerView(TensorQuantizer):
     """One expert's share of an ExpertQuantizer, with the TensorQuantizer API (``ExpertQuantizer.expert``).
 
-    ``config``, the switches, ``amax`` / ``amin`` / ``pre_quant_scale`` are the parent's (state: slice
+    ``config``, the switches, ``amax`` / ``amin`` / ``pre_quant_scale`` / ``block_amax`` are the parent's (state: slice
     ``index``); ``compute_amax``, ``fake_quant``, ``fake_quant_view`` and ``set_amax`` run TensorQuantizer's
     code on that state; calling it quantizes the expert's tensor through the parent; calibrating it collects
     into the parent's calibrator of that expert and loads that expert's slice. For algorithms written for one
@@ -210,6 +210,7 @@ class ExpertQuantizerView(TensorQuantizer):
     amax = _stacked_state("amax")
     amin = _stacked_state("amin")
     pre_quant_scale = _stacked_state("pre_quant_scale")
+    block_amax = _stacked_state("block_amax")
 
     def __init__(self, parent: ExpertQuantizer, index: int):
         nn.Module.__init__(self)

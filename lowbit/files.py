@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,7 +54,8 @@ def atomic_directory(path: str | Path, writer: str, overwrite: bool = False) -> 
     """
     target = check_writable(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = _fresh_sibling(target, "tmp")
+    os.mkdir(staging, 0o777)  # the umask applies, as for a plain mkdir; mkdtemp would give 0o700
     try:
         yield staging
         (staging / MARKER).write_text(json.dumps({"writer": writer}) + "\n")
@@ -118,11 +120,17 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"path={str(target)!r} exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(handle)
+    staging = _fresh_sibling(target, "tmp")
+    # created exclusively with mode 0o666 so the umask applies, as for open(path, "w"); mkstemp would give 0o600
+    os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield Path(staging)
         os.replace(staging, target)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def _fresh_sibling(target: Path, kind: str) -> Path:
+    """A new hidden name beside ``target`` (``.NAME.KIND-<random hex>``) for staging a write."""
+    return target.parent / f".{target.name}.{kind}-{secrets.token_hex(8)}"

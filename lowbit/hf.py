@@ -35,8 +35,10 @@ def saved_kind(path: str | Path) -> str:
     return "float"
 
 
-def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   trust_remote_code: bool = False):
     """``(model, tokenizer)`` from ``source``, in eval mode on ``device``; float weights in ``dtype``.
+    ``trust_remote_code`` lets transformers run the model directory's own code (off by default).
 
     A lowbit-saved directory is rebuilt from its ``config.json`` (the architecture, weights initialised
     then overwritten by the saved tensors) and its quantizers restored; packed weights keep their storage.
@@ -51,12 +53,13 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, devic
         )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    remote = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **remote)
     kind = saved_kind(directory)
     if kind == "float":
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **remote)
     else:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        config = AutoConfig.from_pretrained(directory, **remote)
 
         def factory() -> nn.Module:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)

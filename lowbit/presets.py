@@ -45,6 +45,10 @@ FP8_PER_CHANNEL_PER_TOKEN_CFG = _preset(
 # INT4_AWQ d ppl 1.07 -> 0.87, W4A8 1.15 -> 0.97 (bench/results).
 AWQ_LITE_AS_MODELOPT = {"method": "awq_lite", "alpha_step": 0.1, "scale_per_linear": True, "max_tokens": 16384}
 INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _preset({"num_bits": 4, "block_sizes": {-1: 128}}, None)
+# 3- and 2-bit weights need a zero point: symmetric codes waste one of their 8 (or 4) levels on a sign
+# that a group's range rarely splits evenly.
+INT3_BLOCKWISE_WEIGHT_ONLY_CFG = _preset({"num_bits": 3, "block_sizes": {-1: 128}, "asymmetric": True}, None)
+INT2_BLOCKWISE_WEIGHT_ONLY_CFG = _preset({"num_bits": 2, "block_sizes": {-1: 64}, "asymmetric": True}, None)
 INT4_AWQ_CFG = _preset(
     {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}},
     None,

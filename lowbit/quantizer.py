@@ -24,10 +24,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lowbit import formats
+from lowbit import distributed, formats
 from lowbit.attributes import QuantizerAttributeConfig
 
-STATE_BUFFERS = ("amax", "amin", "pre_quant_scale")
+STATE_BUFFERS = ("amax", "amin", "pre_quant_scale", "block_amax")
 PER_TENSOR = QuantizerAttributeConfig()
 
 
@@ -97,8 +97,9 @@ class TensorQuantizer(nn.Module):
     ``q = TensorQuantizer(QuantizerAttributeConfig(num_bits=4, block_sizes={-1: 128})); y = q(x)``.
 
     Buffers: ``amax`` (float32, shape of the reduced view, absent until calibrated), ``amin``
-    (asymmetric only) and ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
-    set by SmoothQuant / AWQ).
+    (asymmetric only), ``pre_quant_scale`` (per input channel, multiplies x before quantizing;
+    set by SmoothQuant / AWQ) and ``block_amax`` (NVFP4 / MX weights only: per-block maxima chosen by a
+    scale search, ``lowbit.formats.scale_search``, used in place of each block's own).
     """
 
     def __init__(self, config: QuantizerAttributeConfig | dict | None = None):
@@ -164,6 +165,7 @@ class TensorQuantizer(nn.Module):
     def reset_amax(self) -> None:
         self.amax = None
         self.amin = None
+        self.block_amax = None
         self._calibrator = None
 
     def _amax_view(self, shape: torch.Size) -> BlockView:
@@ -268,9 +270,10 @@ class TensorQuantizer(nn.Module):
         amax = self.amax if amax is None else amax
         amin = self.amin if amin is None else amin
         if cfg.block_scale_bits == (4, 3):
-            return formats.fake_quant_nvfp4(x, global_amax=amax)
+            return formats.fake_quant_nvfp4(x, global_amax=amax, block_amax=self.block_amax)
         if cfg.block_scale_bits == (8, 0):
-            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1])
+            return formats.fake_quant_mx(x, formats.float_format(cfg.num_bits), block_size=cfg.block_axes[-1],
+                                         block_amax=self.block_amax)
         view = BlockView(cfg, x.shape)
         data = view.to_view(x)
         if amax is None or cfg.is_dynamic:
@@ -357,23 +360,60 @@ class TensorQuantizer(nn.Module):
 
 
 @contextmanager
-def collecting_statistics(quantizers: list[TensorQuantizer]) -> Iterator[None]:
+def collecting_statistics(quantizers: list[TensorQuantizer], across_ranks: bool = True) -> Iterator[None]:
     """Calibration mode for ``quantizers`` while the block runs, then ``amax`` from what they saw.
 
     Quantization is off inside the block (statistics see unquantized inputs); on exit, even on error, the
-    quantizers are back in quant mode. ``amax`` is loaded only when the block finished normally.
+    quantizers are back in quant mode. ``amax`` is loaded only when the block finished normally. Inside
+    ``lowbit.distributed.calibrating_across`` (and with ``across_ranks``) the ranges are then combined over
+    ranks (:func:`_combine_across_ranks`); weights, the same on every rank, pass ``across_ranks=False``.
     """
+    across_ranks = across_ranks and distributed.is_active()
+    if across_ranks:
+        _check_combinable(quantizers)
     for quantizer in quantizers:
         quantizer.enable_calib()
         quantizer.disable_quant()
     try:
         yield
+        if across_ranks:
+            seen = [_saw_data(quantizer) for quantizer in quantizers]
         for quantizer in quantizers:
             quantizer.load_calib_amax()
+        if across_ranks:
+            _combine_across_ranks(quantizers, seen)
     finally:
         for quantizer in quantizers:
             quantizer.disable_calib()
             quantizer.enable_quant()
+
+
+def _check_combinable(quantizers: list[TensorQuantizer]) -> None:
+    """ValueError for a static quantizer whose calibrator keeps a distribution rather than a running range:
+    its statistics cannot be combined over ranks by a max."""
+    for quantizer in quantizers:
+        config = quantizer.config
+        method = config.calibrator["method"] if isinstance(config.calibrator, dict) else config.calibrator
+        if not config.is_dynamic and not config.asymmetric and method != "max":
+            raise ValueError(f"calibrator {method!r} ({config.format_name}) cannot be combined over ranks "
+                             "(distributed calibration takes max calibrators and asymmetric min/max ranges)")
+
+
+def _saw_data(quantizer: TensorQuantizer) -> bool:
+    """Whether ``quantizer`` collected anything in this calibration (a view of an expert quantizer, which
+    collects into its parent, counts as having seen data when it has an amax)."""
+    calibrator = getattr(quantizer, "_calibrator", None) if "_calibrator" in quantizer.__dict__ else quantizer.amax
+    return calibrator is not None
+
+
+def _combine_across_ranks(quantizers: list[TensorQuantizer], seen: list[bool]) -> None:
+    """Each quantizer's ``amax`` becomes the max over ranks (``amin`` the min), from the ranks that saw data."""
+    maxima = distributed.elementwise_max([q.amax if s else None for q, s in zip(quantizers, seen, strict=True)])
+    minima = distributed.elementwise_max([q.amin if s else None for q, s in zip(quantizers, seen, strict=True)],
+                                         minimum=True)
+    for quantizer, amax, amin in zip(quantizers, maxima, minima, strict=True):
+        if amax is not None:
+            quantizer.set_amax(amax, amin)
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """lowbit.files.atomic_directory: all or nothing, and no writing over directories lowbit did not write."""
 
+import stat
+
 import pytest
 
-from lowbit.files import MARKER, atomic_directory
+from lowbit.files import MARKER, atomic_directory, atomic_file
 
 
 def test_success_replaces_the_target_whole(tmp_path):
@@ -43,3 +45,16 @@ def test_refuses_a_foreign_non_empty_directory_unless_overwrite(tmp_path):
     with atomic_directory(tmp_path, "test", overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MARKER, "new.txt"])
+
+
+def test_written_file_and_directory_get_the_modes_a_plain_open_and_mkdir_give(tmp_path):
+    """mkstemp / mkdtemp stage with 0o600 / 0o700; a saved checkpoint must be readable like any other file."""
+    plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+    plain_file.write_text("x")
+    plain_dir.mkdir()
+    with atomic_file(tmp_path / "state.json") as staging:
+        staging.write_text("{}")
+    with atomic_directory(tmp_path / "export", writer="test") as staging:
+        (staging / "a.txt").write_text("a")
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == stat.S_IMODE(plain_file.stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == stat.S_IMODE(plain_dir.stat().st_mode)

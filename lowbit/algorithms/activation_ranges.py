@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lowbit import distributed
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.weights import QuantizableWeight
 
@@ -48,14 +49,16 @@ def smoothed_amax(activation_amax: Tensor, scale: Tensor) -> Tensor:
 
 class ChannelMaxima:
     """Input observers (``QuantizableWeight.observe_inputs``) recording ``max|x_j|`` over all calls of each
-    weight's raw input (float32, ``(in,)``) until :meth:`close`. Weights called one after another on the
-    same tensor (q, k, v) share one reduction."""
+    weight's raw input (float32, ``(in,)``) until :meth:`close`, then the max over ranks
+    (``lowbit.distributed``). Weights called one after another on the same tensor (q, k, v) share one
+    reduction."""
 
     def __init__(self, linears: Iterable[QuantizableWeight]) -> None:
+        self.linears = list(linears)
         self.amax: dict[QuantizableWeight, Tensor] = {}
         self._last: tuple[Tensor, Tensor] | None = None
         self.handles = [linear.observe_inputs(lambda x, linear=linear: self._record(linear, x))
-                        for linear in linears]
+                        for linear in self.linears]
 
     def _record(self, linear: QuantizableWeight, x: Tensor) -> None:
         if self._last is not None and self._last[0] is x:
@@ -69,6 +72,10 @@ class ChannelMaxima:
         for handle in self.handles:
             handle.remove()
         self._last = None
+        if distributed.is_active():
+            combined = distributed.elementwise_max([self.amax.get(linear) for linear in self.linears])
+            self.amax = {linear: amax for linear, amax in zip(self.linears, combined, strict=True)
+                         if amax is not None}
 
 
 class InputRanges:

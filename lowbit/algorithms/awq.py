@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lowbit import distributed
 from lowbit.algorithms.layerwise import LayerInputs, quantizers_disabled, recalibrate_weights
 from lowbit.algorithms.scale_estimation import IntGrid
 from lowbit.algorithms.scaling import apply_input_scale
@@ -193,7 +194,7 @@ class AwqInputStatistics:
     def watching(self, layer: nn.Module, inputs: LayerInputs) -> Iterator[None]:
         """Collect afresh from every call of ``layer`` (one per batch of ``inputs``) while the block runs."""
         self.layer, self.sums, self.counts, self.samples = layer, {}, {}, {}
-        per_batch = -(-self.max_tokens // len(inputs))
+        per_batch = -(-self.max_tokens // distributed.sum_count(len(inputs)))  # the union's, when distributed
         read_in_call: list[Tensor] = []  # inputs recorded in the current call (kept alive: storages unique)
 
         def new_call(*_) -> None:
@@ -224,10 +225,12 @@ class AwqInputStatistics:
         return self.tracer.groups if self.tracer is not None else []
 
     def group_input(self, group: InputGroup) -> tuple[Tensor, int, Tensor]:
-        """``(X^T X, rows, mean|X|)`` of the group's sampled input rows ``X`` (a traced group was read)."""
+        """``(X^T X, rows, mean|X|)`` of the group's sampled input rows ``X`` (a traced group was read), summed
+        over ranks (``lowbit.distributed``)."""
         name = next(iter(group.linears))
         x = torch.cat(self.samples.pop(name))
-        return x.T @ x, x.shape[0], self.sums[name] / self.counts[name]
+        sums, counts = distributed.sum_tensor(self.sums[name]), distributed.sum_count(self.counts[name])
+        return distributed.sum_tensor(x.T @ x), distributed.sum_count(x.shape[0]), sums / counts
 
 
 def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096,
@@ -281,7 +284,7 @@ def awq_clip_layer(layer: nn.Module, inputs: LayerInputs, min_clip_ratio: float 
                    shrink_step: float = 0.05, max_clip_tokens: int = 512) -> None:
     """Clip search for every linear with an enabled weight quantizer in ``layer``; sets its amax."""
     linears = {n: w for n, w in row_weights(layer).items() if w.weight_quantizer.is_enabled}
-    per_batch = -(-max_clip_tokens // len(inputs))
+    per_batch = -(-max_clip_tokens // distributed.sum_count(len(inputs)))
     samples: dict[str, list[Tensor]] = {}
 
     def record(name: str, x: Tensor) -> None:
@@ -292,8 +295,9 @@ def awq_clip_layer(layer: nn.Module, inputs: LayerInputs, min_clip_ratio: float 
     ratios = clip_ratios(min_clip_ratio, shrink_step)
     for name, linear in linears.items():
         quantizer, weight = linear.weight_quantizer, linear.weight.detach()
+        rows = distributed.gather_rows(torch.cat(samples.pop(name)))
         amax = search_clip_amax(
-            weight, torch.cat(samples.pop(name)), weight_group_size(linear, name, per_row=True),
+            weight, rows, weight_group_size(linear, name, per_row=True),
             lambda w, a, q=quantizer: quantize_with_amax(q, w, a), ratios,
         )
         set_weight_amax(quantizer, weight, amax)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowbit import distributed
 from lowbit.algorithms.layerwise import LayerInputs, weights_reused
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.algorithms.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
@@ -43,21 +44,29 @@ DAMPING_RETRIES = 6
 
 
 class HessianAccumulator:
-    """Running ``H = 2 X^T X / n`` over the rows of every batch added (rows = all leading dims), float32."""
+    """``H = 2 X^T X / n`` over the rows of every batch added (rows = all leading dims): each batch's ``X_b^T X_b``
+    in float32, their sum kept in float64 (``gram``), so that ``H`` (float32) does not depend on the order in
+    which the batches came, nor on how they were split over ranks (``lowbit.distributed``): one rounding
+    flip in ``H`` can change GPTQ's codes from that column on."""
 
     def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if x.shape[1] != self.hessian.shape[0]:
-            raise ValueError(f"input has {x.shape[1]} columns, the Hessian {self.hessian.shape[0]}")
-        total = self.rows + x.shape[0]
-        self.hessian *= self.rows / total
-        x = x * (2.0 / total) ** 0.5
-        self.hessian += x.T @ x
-        self.rows = total
+        if x.shape[1] != self.gram.shape[0]:
+            raise ValueError(f"input has {x.shape[1]} columns, the Hessian {self.gram.shape[0]}")
+        self.gram += (x.T @ x).double()
+        self.rows += x.shape[0]
+
+    def combine_ranks(self) -> None:
+        """Sum ``gram`` and ``rows`` over ranks (inside ``lowbit.distributed.calibrating_across``)."""
+        self.gram, self.rows = distributed.sum_tensor(self.gram), distributed.sum_count(self.rows)
+
+    @property
+    def hessian(self) -> Tensor:
+        return (self.gram * (2.0 / max(self.rows, 1))).float()
 
 
 @dataclass
@@ -258,10 +267,12 @@ def _quantize_column(quantizer: TensorQuantizer, column: Tensor, grid: Tensor) -
 
 
 def input_hessian(layer: nn.Module, inputs: LayerInputs, name: str, linear: QuantizableWeight) -> Tensor:
-    """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped);
-    each weight on the way is fake-quantized once for all batches (``weights_reused``)."""
+    """``2 X^T X / n`` of what ``linear``'s weight multiplies, over all batches (rest of the layer skipped) and
+    over all ranks (``lowbit.distributed``); each weight on the way is fake-quantized once for all batches
+    (``weights_reused``)."""
     accumulator = HessianAccumulator(linear.in_features, linear.weight.device)
     with weights_reused(layer):
         inputs.feed(layer, {name: linear}, lambda _n, x: accumulator.add(effective_input(linear, x)),
                     stop_after=linear)
+    accumulator.combine_ranks()
     return accumulator.hessian

@@ -32,9 +32,10 @@ are kept (as GPTQ and AWQ do).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -182,18 +183,42 @@ def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: Iterable[
             pass
 
 
-def mean_squared_error(outputs: Iterator[Tensor], references: list[Tensor]) -> tuple[float, list[Tensor]]:
-    """MSE (float64) over all batches of ``outputs`` vs ``references``; also returns the outputs."""
-    total, count, kept = 0.0, 0, []
-    for output, reference in zip(outputs, references, strict=True):
+class OutputStore(Protocol):
+    """Where a block's outputs go, batch by batch (a list; ``lowbit.scale`` spills them to disk)."""
+
+    def append(self, output: Tensor) -> None: ...
+    def __getitem__(self, index: int) -> Tensor: ...
+    def __len__(self) -> int: ...
+
+
+def mean_squared_error(outputs: Iterator[Tensor], references: Sequence[Tensor], keep: OutputStore | None = None
+                       ) -> float:
+    """MSE (float64) over all batches of ``outputs`` vs ``references``; each output goes to ``keep`` if given."""
+    total, count, batches = 0.0, 0, 0
+    for output in outputs:
+        reference = references[batches]
         total += float((output.double() - reference.double()).square().sum())
         count += output.numel()
-        kept.append(output)
-    return total / max(count, 1), kept
+        batches += 1
+        if keep is not None:
+            keep.append(output)
+    if batches != len(references):
+        raise ValueError(f"{batches} outputs for {len(references)} references")
+    return total / max(count, 1)
 
 
 LayerTransform = Callable[[nn.Module, LayerInputs], None]
 LayerWatch = Callable[[nn.Module, LayerInputs], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class LayerPass:
+    """What a layer-wise algorithm does to one block: ``transform(layer, inputs)``, and ``watch(layer, inputs)``
+    entered around the block's float reference pass (None: nothing to watch)."""
+
+    transform: LayerTransform
+    description: str
+    watch: LayerWatch | None = None
 
 
 def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerTransform, description: str,
@@ -210,7 +235,7 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
     report = []
     try:
         _warn_outside(model, stacks, description)
-        full_pass = not _ranges_measured_per_layer(model, stacks)
+        full_pass = not ranges_measured_per_layer(model, stacks)
         for position, (stack_name, layers) in enumerate(stacks):
             # the first stack's inputs come with max calibration; a later stack's (T5's decoder) follow
             # the stacks before it, already transformed
@@ -227,32 +252,43 @@ def _run_stack(stack_name: str, layers: nn.ModuleList, inputs: LayerInputs, tran
     report = []
     progress = tqdm(layers, desc=description, unit="layer")
     for index, layer in enumerate(progress):
-        ranges = InputRanges(row_weights(layer).values())
-        with ExitStack() as float_pass:
-            float_pass.enter_context(quantizers_disabled(layer))
-            if watch is not None:
-                float_pass.enter_context(watch(layer, inputs))
-            if not full_pass:
-                float_pass.enter_context(ranges.recording())
-            reference = list(inputs.forward(layer))
-        if not full_pass:
-            ranges.apply()  # max calibration of the inputs, from the float layer's
-        with weights_reused(layer), ranges.recording():
-            mse_max, _ = mean_squared_error(inputs.forward(layer), reference)
-        inputs.ranges = ranges
-        transform(layer, inputs)
-        ranges.apply()
-        calibrate_activations(layer, inputs, skip=ranges.quantizers)
-        with weights_reused(layer):
-            mse_after, outputs = mean_squared_error(inputs.forward(layer), reference)
-        entry = LayerReport(index, f"{stack_name}.{index}", mse_max, mse_after)
+        entry, outputs = calibrate_block(layer, inputs, LayerPass(transform, description, watch), layer_inputs,
+                                         full_pass, LayerReport(index, f"{stack_name}.{index}", None, 0.0))
         report.append(entry)
-        progress.set_postfix(mse_max=f"{mse_max:.3g}", mse_after=f"{mse_after:.3g}")
-        logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", description,
-                    entry.name, mse_max, mse_after)
-        inputs = inputs.replaced(reference if layer_inputs == "float" else outputs)
-        del reference, outputs
+        progress.set_postfix(mse_max=f"{entry.mse_max:.3g}", mse_after=f"{entry.mse_after:.3g}")
+        inputs = inputs.replaced(outputs)
+        del outputs
     return report
+
+
+def calibrate_block(layer: nn.Module, inputs: LayerInputs, step: LayerPass, layer_inputs: str, full_pass: bool,
+                    entry: LayerReport, new_store: Callable[[], OutputStore] = list) -> tuple[LayerReport, OutputStore]:
+    """One block of the layer-wise run (module docstring, step 2): its report (``entry`` with the measured
+    errors) and the outputs that feed the next block, in a store from ``new_store``."""
+    ranges = InputRanges(row_weights(layer).values())
+    reference = new_store()
+    with ExitStack() as float_pass:
+        float_pass.enter_context(quantizers_disabled(layer))
+        if step.watch is not None:
+            float_pass.enter_context(step.watch(layer, inputs))
+        if not full_pass:
+            float_pass.enter_context(ranges.recording())
+        for output in inputs.forward(layer):
+            reference.append(output)
+    if not full_pass:
+        ranges.apply()  # max calibration of the inputs, from the float layer's
+    with weights_reused(layer), ranges.recording():
+        entry.mse_max = mean_squared_error(inputs.forward(layer), reference)
+    inputs.ranges = ranges
+    step.transform(layer, inputs)
+    ranges.apply()
+    calibrate_activations(layer, inputs, skip=ranges.quantizers)
+    outputs = None if layer_inputs == "float" else new_store()
+    with weights_reused(layer):
+        entry.mse_after = mean_squared_error(inputs.forward(layer), reference, keep=outputs)
+    logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", step.description, entry.name,
+                entry.mse_max, entry.mse_after)
+    return entry, reference if outputs is None else outputs
 
 
 LAYER_INPUTS = ("float", "quantized")
@@ -264,7 +300,7 @@ def check_layer_inputs(layer_inputs: str) -> str:
     return layer_inputs
 
 
-def _ranges_measured_per_layer(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> bool:
+def ranges_measured_per_layer(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> bool:
     """True when every static activation quantizer of ``model`` is an analytic input quantizer of a linear
     inside the block stacks (``lowbit.algorithms.activation_ranges``): the runner then measures each from its layer's
     inputs and no full max-calibration pass is needed."""

@@ -14,9 +14,13 @@ awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,      
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
-                  scale_estimation=False
+                  scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
+hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
+
+``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
+quantizers, data-free.
 
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
 layer calibrated on the float model's activations, as ModelOpt and NNCF do) or ``"quantized"`` (on the
@@ -49,9 +53,17 @@ from functools import partial
 from torch import nn
 
 from lowbit.algorithms.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.algorithms.block_scale_search import (
+    BLOCK_SCALE_SEARCH_OPTIONS,
+    block_scale_search,
+    check_block_scale_search_options,
+    searchable_weights,
+)
 from lowbit.algorithms.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.algorithms.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_linear_range, hqq_weights
 from lowbit.algorithms.layerwise import (
     LayerInputs,
+    LayerPass,
     LayerReport,
     check_layer_inputs,
     run_layerwise,
@@ -82,9 +94,12 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "awq_clip": {**AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
-             "scale_estimation": False, **LAYERWISE_OPTIONS},
+             "scale_estimation": False, "hqq": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
+    "hqq": dict(HQQ_OPTIONS),
+    "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
 }
+DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
 
 
 def _range_estimator(scale_estimation: bool | dict) -> RangeEstimator | None:
@@ -126,20 +141,19 @@ def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear):
     return layer_pass, statistics.watching
 
 
-def _awq_lite(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation, layer_inputs):
+def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation) -> LayerPass:
     scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
     layer_pass, description = _chained("awq_lite", scale_pass, scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description, watch, layer_inputs)
+    return LayerPass(layer_pass, description, watch)
 
 
-def _awq_clip(model, forward_loop, min_clip_ratio, shrink_step, max_clip_tokens, layer_inputs):
-    layer_pass = partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
-                         max_clip_tokens=max_clip_tokens)
-    return run_layerwise(model, forward_loop, layer_pass, "awq_clip", layer_inputs=layer_inputs)
+def _awq_clip(min_clip_ratio, shrink_step, max_clip_tokens) -> LayerPass:
+    return LayerPass(partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
+                             max_clip_tokens=max_clip_tokens), "awq_clip")
 
 
-def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio,
-              shrink_step, max_clip_tokens, layer_inputs):
+def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio, shrink_step,
+              max_clip_tokens) -> LayerPass:
     scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
     layer_pass, description = _chained(
         "awq_full",
@@ -147,29 +161,51 @@ def _awq_full(model, forward_loop, alpha_step, max_tokens, scale_per_linear, sca
         partial(awq_clip_layer, min_clip_ratio=min_clip_ratio, shrink_step=shrink_step,
                 max_clip_tokens=max_clip_tokens),
         scale_estimation=scale_estimation)
-    return run_layerwise(model, forward_loop, layer_pass, description, watch, layer_inputs)
+    return LayerPass(layer_pass, description, watch)
 
 
-def _gptq(model, forward_loop, block_size, percdamp, act_order, static_groups, scale_estimation, layer_inputs):
+def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq) -> LayerPass:
+    estimate_range = hqq_linear_range if hqq else _range_estimator(scale_estimation)
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                         static_groups=static_groups, estimate_range=_range_estimator(scale_estimation))
-    description = "gptq" + ("+scale_estimation" if scale_estimation else "")
-    return run_layerwise(model, forward_loop, layer_pass, description, layer_inputs=layer_inputs)
+                         static_groups=static_groups, estimate_range=estimate_range)
+    return LayerPass(layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else ""))
 
 
-def _scale_estimation(model, forward_loop, layer_inputs, **options):
-    layer_pass = partial(scale_estimation_layer, estimate_range=_range_estimator(options))
-    return run_layerwise(model, forward_loop, layer_pass, "scale_estimation", layer_inputs=layer_inputs)
+def _scale_estimation(**options) -> LayerPass:
+    return LayerPass(partial(scale_estimation_layer, estimate_range=_range_estimator(options)), "scale_estimation")
 
 
-ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
-    "max": max_calibrate,
-    "smoothquant": smoothquant,
+LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
     "awq_full": _awq_full,
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
+}
+
+
+def _layerwise(name: str, model: nn.Module, forward_loop: ForwardLoop, layer_inputs: str,
+               **options) -> list[LayerReport]:
+    step = LAYER_PASSES[name](**options)
+    return run_layerwise(model, forward_loop, step.transform, step.description, step.watch, layer_inputs)
+
+
+def layer_pass(name: str, options: dict | None = None) -> tuple[LayerPass, str]:
+    """The per-block pass of layer-wise algorithm ``name`` with ``options`` (checked as ``run_algorithm``
+    checks them), and its ``layer_inputs``: for runners that drive the blocks themselves (``lowbit.scale``)."""
+    options = check_options(name, dict(options or {}))
+    if name not in LAYER_PASSES:
+        raise ValueError(f"algorithm {name!r} does not run block by block; allowed: {sorted(LAYER_PASSES)}")
+    layer_inputs = options.pop("layer_inputs")
+    return LAYER_PASSES[name](**options), layer_inputs
+
+
+ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
+    "max": max_calibrate,
+    "smoothquant": smoothquant,
+    **{name: partial(_layerwise, name) for name in LAYER_PASSES},
+    "hqq": hqq,
+    "block_scale_search": block_scale_search,
 }
 BUILT_IN = frozenset(ALGORITHMS)
 
@@ -230,6 +266,12 @@ def check_options(name: str, options: dict) -> dict:
     for key in ("max_tokens", "max_clip_tokens", "block_size"):
         if options.get(key, 1) < 1:
             raise ValueError(f"algorithm {name!r}: {key}={options[key]!r} must be a positive int")
+    if name == "hqq":
+        check_hqq_options(options)
+    if name == "block_scale_search":
+        check_block_scale_search_options(options)
+    if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
+        raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
     if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
@@ -260,6 +302,12 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
     anything runs."""
     if name == "max":
         return
+    if name == "hqq":
+        hqq_weights(model)
+        return
+    if name == "block_scale_search":
+        searchable_weights(model, options["search"])
+        return
     if forward_loop is None:
         raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
     estimation = _scale_estimation_options(name, options)
@@ -286,6 +334,7 @@ def _scale_estimation_options(name: str, options: dict) -> dict | None:
 def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: QuantizableWeight,
                             full_name: str) -> None:
     """ValueError if the algorithm cannot work on this linear's (enabled) weight quantizer."""
+    estimates = estimates or options.get("hqq", False)
     if estimates:
         estimation_group_size(linear, full_name)
     if name in ("awq_clip", "awq_full"):

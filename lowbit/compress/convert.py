@@ -37,10 +37,12 @@ def pack_module_weight(module: nn.Module, scale_dtype: torch.dtype = torch.float
         weight = weight * quantizer.pre_quant_scale.to(weight.dtype)
     amax = None if quantizer.amax is None else quantizer.amax.detach()
     amin = None if quantizer.amin is None else quantizer.amin.detach()
-    return quantize_weight(weight, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype)
+    return quantize_weight(weight, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype,
+                           block_amax=quantizer.block_amax)
 
 
-def _compressible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def compressible_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every quantized Linear whose weight quantizer is an enabled TensorQuantizer."""
     found = []
     for name, module in model.named_modules():
         if not is_quantized(module) or linear_weight(module) is None:
@@ -66,7 +68,7 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
-    targets = _compressible(model)
+    targets = compressible_linears(model)
     experts = [(name, m) for name, m in model.named_modules() if compressible_experts(m)]
     if not targets and not experts:
         raise ValueError("model has no quantized Linear with an enabled weight quantizer: call lowbit.quantize first")

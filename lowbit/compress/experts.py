@@ -59,7 +59,8 @@ def pack_experts(weight: torch.Tensor, quantizer: ExpertQuantizer,
             w = w * quantizer.pre_quant_scale[expert].to(w.dtype)
         amax = None if quantizer.amax is None else quantizer.amax[expert].detach()
         amin = None if quantizer.amin is None else quantizer.amin[expert].detach()
-        packed.append(quantize_weight(w, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype))
+        searched = None if quantizer.block_amax is None else quantizer.block_amax[expert].detach()
+        packed.append(quantize_weight(w, fmt, amax=amax, amin=amin, scale_dtype=scale_dtype, block_amax=searched))
     tensors = {name: torch.stack([p.tensors()[name] for p in packed]) for name in packed[0].tensors()}
     return PackedExperts(fmt, tuple(weight.shape), tensors)
 

@@ -149,7 +149,7 @@ class _Loader:
             amin, amax = _weight_statistics(attributes, fmt, weight)
             self.packed[id(module)] = (module, _quantize_rows(weight, fmt, amin, amax, self.scale_dtype))
             if weight.device.type == "cpu":
-                _return_freed_host_memory()
+                return_freed_host_memory()
         return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
 
     def quantizer(self, module: nn.Module, slot: str) -> TensorQuantizer:
@@ -196,7 +196,7 @@ def _storage_bytes(attributes, shape: tuple[int, int], scale_dtype: torch.dtype)
     return sum(math.prod(size) * dtype.itemsize for size, dtype in spec.values())
 
 
-def _return_freed_host_memory() -> None:
+def return_freed_host_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
 
     Each chunk's float32 temporaries are a few MB: glibc serves them from its heap, between the small

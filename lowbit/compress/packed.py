@@ -207,6 +207,7 @@ def quantize_weight(
     amax: torch.Tensor | None = None,
     amin: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float32,
+    block_amax: torch.Tensor | None = None,
 ) -> PackedWeight:
     """Quantize a 2-D ``weight`` (N, K) into ``fmt`` storage.
 
@@ -214,6 +215,7 @@ def quantize_weight(
     shape ((1, 1), (N, 1) or (N, K/b, 1); NVFP4: the per-tensor global amax); ``None`` computes them
     from ``weight`` as dynamic fake quantization does. ``scale_dtype`` stores integer and float scales
     in float32 (bit-exact) or float16 / bfloat16 (smaller; dequantization then uses the rounded scale).
+    ``block_amax``: NVFP4 / MX per-block maxima from a scale search (the quantizer's ``block_amax``).
     """
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype={scale_dtype}: allowed are {list(SCALE_DTYPES)}")
@@ -221,10 +223,10 @@ def quantize_weight(
         raise ValueError(f"weight shape {tuple(weight.shape)}: expected 2-D (out_features, in_features)")
     shape = tuple(weight.shape)
     if fmt.kind == "nvfp4":
-        codes, block_scale, global_scale = formats.quantize_nvfp4(weight, amax, fmt.block_size)
+        codes, block_scale, global_scale = formats.quantize_nvfp4(weight, amax, fmt.block_size, block_amax)
         return PackedWeight(fmt, shape, pack_uint4(codes), block_scale, global_scale=global_scale.reshape(()))
     if fmt.kind == "mx":
-        elements, scale = formats.quantize_mx(weight, fmt.element_format, fmt.block_size)
+        elements, scale = formats.quantize_mx(weight, fmt.element_format, fmt.block_size, block_amax)
         return PackedWeight(fmt, shape, _store_float_codes(elements, fmt), scale)
     view = weight if fmt.block_size is None else formats.to_blocks(weight, fmt.block_size)
     reduce_dims = _reduce_dims(fmt, view.dim())

@@ -29,6 +29,7 @@ from torch import nn
 from lowbit.checkpoint import (
     build_model,
     check_tensors,
+    fill_tied_keys,
     install_quantizers,
     load_quantizer,
     quant_state,
@@ -40,6 +41,7 @@ from lowbit.compress.experts import CompressedExpertsMixin, describe_experts, re
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat
 from lowbit.files import atomic_directory, origin, read_tensors
+from lowbit.rotation.quarot import check_no_online_rotation
 
 STATE_FILE = "lowbit_compressed.json"
 TENSOR_FILE = "model.safetensors"
@@ -62,15 +64,22 @@ def _describe(module: CompressedLinear) -> dict:
     }
 
 
+def compressed_state(model: nn.Module) -> dict:
+    """The JSON of ``save_compressed``: format version, then the description of each compressed Linear, each
+    compressed fused-experts module and each module still fake-quantized, by module name."""
+    compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
+    return {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
+            "quantized": quant_state(model)["modules"]}
+
+
 def write_compressed(model: nn.Module, directory: Path) -> None:
     """``save_compressed``'s two files into the existing ``directory`` (not atomic: callers write into a staging
     directory)."""
-    compressed = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    experts = {name: describe_experts(m) for name, m in model.named_modules() if isinstance(m, CompressedExpertsMixin)}
-    if not compressed and not experts:
+    check_no_online_rotation(model, "lowbit.compress.save_compressed")
+    state = compressed_state(model)
+    if not state["compressed"] and not state["compressed_experts"]:
         raise ValueError("model has no CompressedLinear: call lowbit.compress.compress(model) first")
-    state = {"format_version": FORMAT_VERSION, "compressed": compressed, "compressed_experts": experts,
-             "quantized": quant_state(model)["modules"]}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
     save_model(model, str(directory / TENSOR_FILE))
 
@@ -145,8 +154,8 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     source = f"{state_file} ({origin(directory, WRITER)})"
     rebuilt = _rebuild_all(state["compressed"], source)
     quantizers = quantizers_from_state(state["quantized"], source)
-    tensors = read_tensors(tensor_file, WRITER)
     model = build_model(model_or_factory)
+    tensors = read_tensors(tensor_file, WRITER)
     modules = dict(model.named_modules())
     experts = state.get("compressed_experts", {})
     missing = [name for name in [*rebuilt, *experts] if name not in modules]
@@ -157,6 +166,7 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     expected = {key: t for key, t in model.state_dict().items() if not key.startswith(prefixes)}
     for name, module in [*rebuilt.items(), *shadows.items()]:
         expected.update({_qualified(name, key): t for key, t in module.state_dict().items()})
+    tensors = fill_tied_keys(tensors, model, expected)
     slots = [_qualified(name, slot) for name in rebuilt for slot in QUANTIZER_SLOTS]
     slots += [_qualified(name, slot) for name, entry in quantizers.items() for slot in entry]
     slots += [_qualified(name, slot) for name, entry in experts.items() for slot in entry["quantizers"]]

@@ -6,9 +6,10 @@
 """
 
 from lowbit.data.calibration import calibration_batches, make_forward_loop, module_device, token_stream
+from lowbit.data.padded import left_padded_batches
 from lowbit.data.texts import default_calibration_text, default_eval_text, read_texts
 
 __all__ = [
-    "calibration_batches", "default_calibration_text", "default_eval_text", "make_forward_loop",
+    "calibration_batches", "default_calibration_text", "default_eval_text", "left_padded_batches", "make_forward_loop",
     "module_device", "read_texts", "token_stream",
 ]

@@ -9,6 +9,8 @@ row, ``d`` and ``m`` are float16:
 | INT8 symmetric                              | Q8_0  | d, 32 x int8 q         | q * d                  |
 | INT4 symmetric (signed)                     | Q4_0  | d, 16 B nibbles        | (q - 8) * d            |
 | INT4 asymmetric, or INT4 unsigned           | Q4_1  | d, m, 16 B nibbles     | q * d + m              |
+| INT4 symmetric g32 on the k-quant grid      | Q4_K  | ``lowbit.export.k_quants``                      |
+| INT6 symmetric g16 on the k-quant grid      | Q6_K  | ``lowbit.export.k_quants``                      |
 
 Nibble byte j of a block holds element j (low) and element j + 16 (high). lowbit's scale groups must be
 per tensor, per output channel or blocks of a multiple of 32 along the input dim (a group of 128 is written
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.export.k_quants import K_QUANTS, encode_k_quant, k_quant_for, on_k_quant_grid
 from lowbit.export.weights import QuantizedWeight, active_activation_quantizers, quantized_weight, weight_quantizer
 from lowbit.files import atomic_directory
 
@@ -54,8 +57,12 @@ def _gguf():
 
 
 def gguf_type(weight: QuantizedWeight) -> str:
-    """The GGUF type ("Q8_0", "Q4_0", "Q4_1") holding ``weight``'s grid exactly; ValueError naming the layer."""
+    """The GGUF type ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K") holding ``weight``'s grid exactly; ValueError
+    naming the layer."""
     fmt = weight.format
+    kind = k_quant_for(fmt.num_bits, fmt.block_size) if fmt.kind == "int" and not fmt.unsigned else None
+    if kind is not None and (kind.name == "Q6_K" or on_k_quant_grid(weight, kind)):
+        return kind.name
     if fmt.kind == "int" and fmt.num_bits == 8 and not fmt.unsigned:
         name = "Q8_0"
     elif fmt.kind == "int" and fmt.num_bits == 4:
@@ -66,8 +73,8 @@ def gguf_type(weight: QuantizedWeight) -> str:
         asym = "-asym" if fmt.kind == "int_asym" else ("-unsigned" if fmt.unsigned else "")
         raise ValueError(
             f"layer {weight.name!r}: weight format {fmt.kind} {fmt.num_bits}-bit{asym} has no GGUF type that holds "
-            "it exactly; GGUF export takes INT8 symmetric (Q8_0), INT4 symmetric (Q4_0), INT4 asymmetric or "
-            "unsigned (Q4_1)")
+            "it exactly; GGUF export takes INT8 symmetric (Q8_0), INT4 symmetric (Q4_0; Q4_K on its grid), INT4 "
+            "asymmetric or unsigned (Q4_1), INT6 symmetric in blocks of 16 (Q6_K)")
     if weight.group_size % BLOCK:
         raise ValueError(
             f"layer {weight.name!r}: {name} needs scale groups of a multiple of {BLOCK} along the input dim; this "
@@ -89,6 +96,8 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 
 def encode_blocks(weight: QuantizedWeight, type_name: str) -> np.ndarray:
     """``weight`` as GGUF blocks: uint8 (N, K / 32 * block bytes) in the layouts of the module docstring."""
+    if type_name in K_QUANTS:
+        return encode_k_quant(weight, K_QUANTS[type_name])
     rows, columns = weight.codes.shape
     codes = weight.codes.reshape(rows, columns // BLOCK, BLOCK).numpy()
     step = weight.steps_per(BLOCK)
@@ -238,7 +247,8 @@ def _file_type(gguf, planned: list) -> int:
     quantized = {k: v for k, v in counts.items() if k.startswith("Q")}
     if not quantized:
         return gguf.LlamaFileType.MOSTLY_F16 if "F16" in counts else gguf.LlamaFileType.ALL_F32
-    return getattr(gguf.LlamaFileType, "MOSTLY_" + max(quantized, key=quantized.get))
+    most = max(quantized, key=quantized.get)
+    return getattr(gguf.LlamaFileType, "MOSTLY_" + ("Q4_K_S" if most == "Q4_K" else most))  # S: Q4_K throughout
 
 
 def export_gguf(model: nn.Module, export_dir: str | Path, *, tokenizer=None, overwrite: bool = False,

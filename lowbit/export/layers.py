@@ -6,7 +6,8 @@ quantizer stages (two for W4A8: INT4 blocks then FP8 per tensor), the enabled in
 ``pre_quant_scale`` the input is multiplied by, and the first stage packed by ``lowbit.compress``
 (codes and scales computed by ``lowbit.formats``, exactly what fake quantization multiplies).
 Quantized linears whose weight quantizer is disabled, and plain ``nn.Linear`` modules, are listed as
-excluded (kept in high precision).
+excluded (kept in high precision). Fused MoE experts count as one linear per expert and projection, under
+their checkpoint names (``lowbit.export.experts``).
 
 Export scales are *divisors* (``x_hat = code * weight_scale``), the convention of ModelOpt's unified
 checkpoint, compressed-tensors and vLLM; lowbit's fake quantization multiplies by ``qmax / amax`` and
@@ -25,6 +26,7 @@ from torch import nn
 from lowbit import formats
 from lowbit.compress.convert import linear_weight
 from lowbit.compress.packed import PackedWeight, WeightFormat, quantize_weight
+from lowbit.export.experts import checkpoint_renamer, expert_projections_of, fused_keys, router_names
 from lowbit.modules import is_quantized
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 
@@ -65,7 +67,8 @@ class QuantizedLinear:
         stage = self.stages[0]
         amax = None if stage.amax is None else stage.amax.detach()
         amin = None if stage.amin is None else stage.amin.detach()
-        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin)
+        return quantize_weight(self.weight.detach(), self.weight_format(), amax=amax, amin=amin,
+                               block_amax=stage.block_amax)
 
     def weight_step(self, maxbound: float) -> torch.Tensor:
         """The first stage's float32 step per scale group in its view shape, as checkpoints store ``weight_scale``:
@@ -122,16 +125,15 @@ def _enabled_stages(quantizer: nn.Module | None) -> tuple[TensorQuantizer, ...]:
     return ()
 
 
-def _input_quantizer(module: nn.Module) -> tuple[TensorQuantizer | None, torch.Tensor | None]:
+def _input_quantizer(quantizer: nn.Module | None) -> tuple[TensorQuantizer | None, torch.Tensor | None]:
     """(the enabled input quantizer, the pre_quant_scale any input stage multiplies by)."""
-    quantizer = getattr(module, "input_quantizer", None)
     stages = list(quantizer) if isinstance(quantizer, SequentialQuantizer) else [quantizer]
     stages = [q for q in stages if isinstance(q, TensorQuantizer)]
     scales = [q.pre_quant_scale for q in stages if q.pre_quant_scale is not None]
     enabled = [q for q in stages if q.is_enabled]
     if len(enabled) > 1:
-        name = type(module).__name__
-        raise ValueError(f"{name}: a sequential input quantizer ({len(enabled)} stages) has no export layout")
+        raise ValueError(f"{type(quantizer).__name__}: a sequential input quantizer ({len(enabled)} stages) has no "
+                         "export layout")
     return (enabled[0] if enabled else None), (scales[0].detach().float().flatten() if scales else None)
 
 
@@ -143,7 +145,9 @@ def quantized_linears(model: nn.Module) -> tuple[dict[str, QuantizedLinear], lis
     """
     layers: dict[str, QuantizedLinear] = {}
     excluded: list[str] = []
+    rename = checkpoint_renamer(model)
     for name, module in model.named_modules():
+        name = rename(name)
         weight = linear_weight(module) if is_quantized(module) else None
         if weight is None:
             if isinstance(module, nn.Linear) and name:
@@ -155,9 +159,18 @@ def quantized_linears(model: nn.Module) -> tuple[dict[str, QuantizedLinear], lis
             continue
         if any(stage.pre_quant_scale is not None for stage in stages):
             raise ValueError(f"{name}.weight_quantizer has a pre_quant_scale: fold it into the weight before export")
-        input_quantizer, pre_quant_scale = _input_quantizer(module)
+        input_quantizer, pre_quant_scale = _input_quantizer(getattr(module, "input_quantizer", None))
         layers[name] = QuantizedLinear(name, module, weight.detach(), stages, input_quantizer, pre_quant_scale)
-    return layers, excluded
+    for expert in expert_projections_of(model):  # fused MoE experts, one layer per expert and projection
+        if expert.weight_quantizer is None:
+            excluded.append(expert.name)
+            continue
+        if expert.weight_quantizer.pre_quant_scale is not None:
+            raise ValueError(f"{expert.name}: its weight quantizer has a pre_quant_scale; fold it into the weight")
+        input_quantizer, pre_quant_scale = _input_quantizer(expert.input_quantizer)
+        layers[expert.name] = QuantizedLinear(expert.name, model, expert.weight.detach(), (expert.weight_quantizer,),
+                                              input_quantizer, pre_quant_scale)
+    return layers, excluded + router_names(model)
 
 
 def kv_cache_quantizers(model: nn.Module) -> dict[str, tuple[TensorQuantizer, TensorQuantizer]]:
@@ -176,7 +189,12 @@ def dense_state_dict(model: nn.Module, replaced: set[str], dtype: torch.dtype | 
     written once (the first name), as ``save_pretrained`` does."""
     state = {}
     seen: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict().items():
+    rename, fused = checkpoint_renamer(model), fused_keys(model)
+    floats = {f"{e.name}.weight": e.weight for e in expert_projections_of(model) if e.name not in replaced}
+    for key, tensor in [*model.state_dict().items(), *floats.items()]:
+        if key in fused:
+            continue
+        key = rename(key)
         if "_quantizer." in key or key.rpartition(".")[0] in replaced and key.endswith(".weight"):
             continue
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())

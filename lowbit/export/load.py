@@ -12,7 +12,7 @@ are loaded as they are, and every quantized linear becomes a ``CompressedLinear`
   lowbit quantized Linear holding the dequantized weight (``code * weight_scale``; W4A8 then rounded to the
   FP8 stage) with the export's input quantizer, and said so in a warning.
 
-KV-cache scales are refused (lowbit rebuilds no quantized attention from an export).
+A quantized KV cache (k/v scales, FP8 or NVFP4) becomes the attention modules' k/v quantizers (``kv_cache``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import PackedWeight, WeightFormat
 from lowbit.compress.packing import pack_uint4
 from lowbit.export.compressed_tensors import NVFP4_RANGE, unpack_int32
+from lowbit.export.kv_cache import pop_kv_scales, restore_kv_cache
 from lowbit.export.modelopt_hf import unpack_int4_rows
 from lowbit.modules.registry import convert_module
 from lowbit.quantizer import TensorQuantizer
@@ -104,7 +105,7 @@ def _dense_blocks(codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
 
 def _modelopt_input(algo: str, t: dict[str, torch.Tensor]) -> TensorQuantizer:
     scale, pre_quant_scale = t.get("input_scale"), t.get("pre_quant_scale")
-    if algo in ("FP8", "W4A8_AWQ"):
+    if algo in ("FP8", "W4A8_AWQ") and scale is not None:  # FP8 without input_scale: weight-only
         return _quantizer({"num_bits": FP8}, scale * formats.E4M3.max_value, pre_quant_scale)
     if algo == "FP8_PER_CHANNEL_PER_TOKEN":
         return _quantizer({"num_bits": FP8, "block_sizes": PER_TOKEN}, None, pre_quant_scale)
@@ -121,19 +122,28 @@ def _modelopt_input(algo: str, t: dict[str, torch.Tensor]) -> TensorQuantizer:
 def _modelopt_layers(directory: Path, linear_names: list[str]) -> dict[str, dict]:
     """{layer name: its hf_quant_config fields} from hf_quant_config.json."""
     details = json.loads((directory / "hf_quant_config.json").read_text())["quantization"]
-    if details.get("kv_cache_quant_algo"):
-        raise ValueError(f"{directory}: a quantized KV cache ({details['kv_cache_quant_algo']}) cannot be loaded "
-                         "by load_quantized; export without KV-cache quantization")
     if details["quant_algo"] == "MIXED_PRECISION":
         return details["quantized_layers"]
     excluded = details.get("exclude_modules", [])
     return {name: details for name in linear_names if not any(fnmatch.fnmatch(name, p) for p in excluded)}
 
 
+def _kv_cache_algo(directory: Path, method: str, quant_config: dict) -> str | None:
+    """The export's KV-cache format: ModelOpt's kv_cache_quant_algo, or FP8 for compressed-tensors' 8-bit float
+    kv_cache_scheme; ValueError for any other scheme."""
+    if method == "modelopt":
+        return json.loads((directory / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
+    scheme = quant_config.get("kv_cache_scheme")
+    if not scheme:
+        return None
+    if scheme.get("num_bits") == 8 and scheme.get("type") == "float" and scheme.get("strategy", "tensor") == "tensor":
+        return "FP8"
+    raise ValueError(f"{directory}: kv_cache_scheme {scheme} is not a static per-tensor FP8 cache, the one "
+                     "compressed-tensors KV format lowbit loads")
+
+
 def _ct_layers(config: dict, linear_names: list[str]) -> dict[str, dict]:
     """{layer name: its compressed-tensors scheme} from config_groups (targets "Linear" or layer names)."""
-    if config.get("kv_cache_scheme"):
-        raise ValueError("a quantized KV cache (kv_cache_scheme) cannot be loaded by load_quantized")
     ignore = config.get("ignore", [])
     layers = {}
     for group in config["config_groups"].values():
@@ -218,6 +228,9 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
     else:
         layers = _ct_layers(quant_config, linears)
     layers = {name: entry for name, entry in layers.items() if f"{name}.weight_scale" in tensors}
+    kv_algo = _kv_cache_algo(directory, method, quant_config)
+    if kv_algo is not None:
+        restore_kv_cache(model, pop_kv_scales(tensors, method), kv_algo)
     dense_layers = []
     for name, entry in layers.items():
         original = model.get_submodule(name)

@@ -204,16 +204,25 @@ def layer_config(layer: QuantizedLinear, algo: str) -> dict:
     return fields
 
 
+def kv_cache_algo(config: QuantizerAttributeConfig) -> str | None:
+    """ModelOpt's kv_cache_quant_algo for a k/v quantizer: static per-tensor FP8 / INT8, or NVFP4 (E2M1 blocks of
+    16 along head_dim with E4M3 block scales; the per-tensor amax is what the export keeps); None if neither."""
+    if config.block_scale_bits == (4, 3) and config.num_bits == (2, 1) and _k_blocks(config) == 16:
+        return "NVFP4"
+    return KV_CACHE_ALGOS.get(config.num_bits) if _is_per_tensor(config) and config.num_bits != (2, 1) else None
+
+
 def kv_cache_tensors(model: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:
     """(kv_cache_quant_algo, {'<attn>.k_proj.k_scale': amax/448, ...}); ValueError if formats are mixed."""
     algos, tensors = set(), {}
     for name, (k, v) in kv_cache_quantizers(model).items():
         for quantizer, key in ((k, "k_proj.k_scale"), (v, "v_proj.v_scale")):
-            algo = KV_CACHE_ALGOS.get(quantizer.config.num_bits) if _is_per_tensor(quantizer.config) else None
-            if algo is None or quantizer.amax is None:
+            algo = kv_cache_algo(quantizer.config)
+            if algo is None or quantizer.amax is None or quantizer.amax.numel() != 1:
                 raise ValueError(f"{name}: KV cache quantizer {quantizer.config.format_name} "
                                  f"{quantizer.config.granularity} (calibrated: {quantizer.amax is not None}) has "
-                                 f"no ModelOpt format; allowed are static per-tensor {sorted(KV_CACHE_ALGOS.values())}")
+                                 f"no ModelOpt format; allowed are static per-tensor {sorted(KV_CACHE_ALGOS.values())} "
+                                 "or NVFP4 blocks of 16 under a calibrated per-tensor amax")
             algos.add(algo)
             tensors[f"{name}.{key}"] = (quantizer.amax.detach().float() / KV_CACHE_MAXBOUND).reshape(())
     if len(algos) > 1:

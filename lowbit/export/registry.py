@@ -19,6 +19,8 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from lowbit.rotation.quarot import check_no_online_rotation
+
 Exporter = Callable[..., Path]
 
 TARGETS: dict[str, str] = {
@@ -66,4 +68,5 @@ def get_exporter(name: str) -> Exporter:
 
 def export(model, export_dir: str | Path, format: str, **options) -> Path:
     """Export ``model`` to ``export_dir`` as ``format`` (see ``export_formats()``); returns the path written."""
+    check_no_online_rotation(model, f"export to {format}")
     return get_exporter(format)(model, export_dir, **options)

@@ -6,9 +6,10 @@ of 32 along the last axis.
     scale_e8m0 = shared_exp + 127 as uint8                                (0xFF: NaN)
     x_hat      = elements * 2**shared_exp
 
-emax_elem is the exponent of the element format's largest value (E2M1 2, E4M3 8, E5M2 15). A block
-holding NaN or +-inf gets scale 0xFF (NaN), so it dequantizes to NaN, as the spec prescribes for a
-NaN scale.
+``block_amax`` (optional, shape (..., K // 32)) replaces each block's own max |x| in the shared-exponent
+formula: a scale search (``lowbit.formats.scale_search``) chooses it. emax_elem is the exponent of the
+element format's largest value (E2M1 2, E4M3 8, E5M2 15). A block holding NaN or +-inf gets scale 0xFF
+(NaN), so it dequantizes to NaN, as the spec prescribes for a NaN scale.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def quantize_mx(
     x: torch.Tensor,
     element_format: FloatFormat,
     block_size: int = MX_BLOCK_SIZE,
+    block_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (..., K) to MX: returns ``(elements, scale_e8m0)``.
 
@@ -61,7 +63,9 @@ def quantize_mx(
     Raises ValueError when K is not divisible by ``block_size``.
     """
     blocks = to_blocks(as_float32(x, "x"), block_size)
-    shared_exponent = _shared_exponent(blocks.abs().amax(dim=-1), element_format)
+    amax = blocks.abs().amax(dim=-1) if block_amax is None else as_float32(block_amax, "block_amax").reshape(
+        blocks.shape[:-1])
+    shared_exponent = _shared_exponent(amax, element_format)
     elements = round_to_format(blocks / pow2(shared_exponent).unsqueeze(-1), element_format)
     return elements.reshape(x.shape), float_to_e8m0(shared_exponent)
 
@@ -84,6 +88,7 @@ def fake_quant_mx(
     x: torch.Tensor,
     element_format: FloatFormat,
     block_size: int = MX_BLOCK_SIZE,
+    block_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dequantize_mx(*quantize_mx(x, element_format, block_size))`` in ``x``'s dtype."""
-    return dequantize_mx(*quantize_mx(x, element_format, block_size), dtype=x.dtype)
+    """``dequantize_mx(*quantize_mx(x, element_format, block_size, block_amax))`` in ``x``'s dtype."""
+    return dequantize_mx(*quantize_mx(x, element_format, block_size, block_amax), dtype=x.dtype)

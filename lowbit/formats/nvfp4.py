@@ -6,7 +6,9 @@ per block and a float32 scale per tensor.
     codes        = e2m1(x / (block_scale * global_scale))           (RNE, saturating at +-6)
     x_hat        = decode_e2m1(codes) * block_scale * global_scale
 
-A zero-amax block stores scale 1.0, as ModelOpt does. A block whose scale underflows E4M3 to 0
+``block_amax`` (optional, shape (..., K // 16)) replaces each block's own max |x| in the block-scale formula:
+a scale search (``lowbit.formats.scale_search``) chooses it; elements beyond ``6 * block_scale *
+global_scale`` saturate. A zero-amax block stores scale 1.0, as ModelOpt does. A block whose scale underflows E4M3 to 0
 gets elements 0 (ModelOpt would divide by zero there).
 """
 
@@ -27,13 +29,15 @@ def _global_scale(x32: torch.Tensor, global_amax: torch.Tensor | float | None) -
 
 
 def _scale_and_round(
-    x: torch.Tensor, global_amax: torch.Tensor | float | None, block_size: int
+    x: torch.Tensor, global_amax: torch.Tensor | float | None, block_size: int,
+    block_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(E2M1 values as float32 blocks (..., K // block_size, block_size), block scales, global scale)."""
     x32 = as_float32(x, "x")
     blocks = to_blocks(x32, block_size)
     global_scale = _global_scale(x32, global_amax)
-    amax = blocks.abs().amax(dim=-1)
+    amax = blocks.abs().amax(dim=-1) if block_amax is None else as_float32(block_amax, "block_amax").reshape(
+        blocks.shape[:-1])
     block_scale = round_to_format(torch.where(amax == 0, 1.0, amax / (E2M1.max_value * global_scale)), E4M3)
     divisor = (block_scale * global_scale).unsqueeze(-1)
     is_zero = divisor == 0
@@ -45,6 +49,7 @@ def quantize_nvfp4(
     x: torch.Tensor,
     global_amax: torch.Tensor | float | None = None,
     block_size: int = NVFP4_BLOCK_SIZE,
+    block_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (..., K) to NVFP4: returns ``(codes, block_scale, global_scale)``.
 
@@ -53,7 +58,7 @@ def quantize_nvfp4(
     ``global_scale``: float32 scalar tensor (``global_amax`` defaults to ``x.abs().amax()``).
     Raises ValueError when K is not divisible by ``block_size``.
     """
-    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size)
+    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size, block_amax)
     codes = encode_e2m1(elements).reshape(x.shape)
     return codes, block_scale.to(torch.float8_e4m3fn), global_scale
 
@@ -78,11 +83,12 @@ def fake_quant_nvfp4(
     x: torch.Tensor,
     global_amax: torch.Tensor | float | None = None,
     block_size: int = NVFP4_BLOCK_SIZE,
+    block_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dequantize_nvfp4(*quantize_nvfp4(x, global_amax, block_size))`` in ``x``'s dtype.
+    """``dequantize_nvfp4(*quantize_nvfp4(x, global_amax, block_size, block_amax))`` in ``x``'s dtype.
 
     Computed without the round trip through codes (same values; a NaN in a block makes the whole
     block NaN either way).
     """
-    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size)
+    elements, block_scale, global_scale = _scale_and_round(x, global_amax, block_size, block_amax)
     return (elements * (block_scale * global_scale).unsqueeze(-1)).reshape(x.shape).to(x.dtype)

@@ -5,7 +5,9 @@
 - ``cpu``: torch's CPU INT4 / INT8 weight-only kernels; ``ops``: the Triton kernels as custom ops.
 - ``fp8_matmul`` / ``int8_matmul``: W8A8 on 8-bit activation and weight codes.
 - ``fp8_linear``: W8A8 FP8 from 16-bit activations (Triton activation quantization + ``_scaled_mm``).
-- ``triton_w4``, ``nibbles``, ``fp8_quant``: the Triton kernels (imported lazily; CPU never needs triton).
+- ``triton_w4``: the Triton W4A16 kernels, one file each (``w4_matmul``, ``w4_gemv``, ``w4_dequantize``, sharing
+  ``w4_shared`` and the nibble decoders of ``nibbles``); ``fp8_quant``: FP8 activation codes (imported lazily; CPU
+  never needs triton).
 """
 
 from lowbit.kernels import ops  # noqa: F401  (registers the lowbit:: custom ops; triton is imported on first call)

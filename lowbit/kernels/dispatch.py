@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu
+from lowbit.kernels import cpu, ops
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -89,7 +89,7 @@ def _w4_operands(packed: PackedWeight) -> tuple:
 
 
 def _cuda_w4(x: torch.Tensor, codes, scale, zero_point, global_scale, kind, group_size, zero_offset, bias=None):
-    return torch.ops.lowbit.w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset)
+    return ops.w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset)
 
 
 def _cpu_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, bias=None):

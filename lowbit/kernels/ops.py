@@ -24,10 +24,20 @@ from lowbit.kernels import scaled
 DEQUANTIZE_FIRST_ROWS = 128
 
 
-@torch.library.custom_op("lowbit::w4_linear", mutates_args=())
 def w4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
               global_scale: torch.Tensor | None, bias: torch.Tensor | None, kind: str, group_size: int,
               zero_offset: int) -> torch.Tensor:
+    """``lowbit::w4_linear`` (same arguments) under ``torch.compile``; in eager mode its implementation called
+    directly: the op's dispatch would add host time to every call and nothing else."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size,
+                                          zero_offset)
+    return _w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset)
+
+
+def _w4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               global_scale: torch.Tensor | None, bias: torch.Tensor | None, kind: str, group_size: int,
+               zero_offset: int) -> torch.Tensor:
     from lowbit.kernels import triton_w4
 
     arguments = dict(kind=kind, group_size=group_size, zero_point=zero_point, global_scale=global_scale,
@@ -39,7 +49,10 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_po
     return triton_w4.w4_matmul(x, codes, scale, bias=bias, **arguments)
 
 
-@w4_linear.register_fake
+_w4_linear_op = torch.library.custom_op("lowbit::w4_linear", _w4_linear, mutates_args=())
+
+
+@_w4_linear_op.register_fake
 def _(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset):
     return x.new_empty(x.shape[0], codes.shape[0])
 
@@ -59,6 +72,9 @@ def _(x, codes, inverse_scale, inverse_scale_row, bias, activation_amax, out_dty
 
 def fp8_linear(x: torch.Tensor, weight: scaled.Fp8Weight, bias: torch.Tensor | None,
                activation_amax: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``scaled.fp8_linear`` (same arguments) through the ``lowbit::fp8_linear`` op."""
+    """``scaled.fp8_linear`` (same arguments): through the ``lowbit::fp8_linear`` op under ``torch.compile``,
+    directly in eager mode (as ``w4_linear``)."""
+    if not torch.compiler.is_compiling():
+        return scaled.fp8_linear(x, weight, bias, activation_amax, out_dtype)
     return torch.ops.lowbit.fp8_linear(x, weight.codes, weight.inverse_scale, weight.inverse_scale_row, bias,
                                        activation_amax, out_dtype)

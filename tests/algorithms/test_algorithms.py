@@ -24,7 +24,8 @@ def quantized(model, preset, batches, block=16):
 
 
 def test_registry_names():
-    assert sorted(ALGORITHMS) == ["awq_clip", "awq_full", "awq_lite", "gptq", "max", "scale_estimation", "smoothquant"]
+    assert sorted(ALGORITHMS) == ["awq_clip", "awq_full", "awq_lite", "block_scale_search", "gptq", "hqq", "max",
+                                  "scale_estimation", "smoothquant"]
 
 
 def test_smoothquant_scales_follow_the_formula(model, batches):

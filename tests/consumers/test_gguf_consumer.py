@@ -1,5 +1,6 @@
 """GGUF read back by its consumers: gguf's reader (dequantize == the file's blocks == lowbit's codes times
-float16 steps) and transformers (``from_pretrained(dir, gguf_file=...)`` dequantizes and undoes the q/k
+float16 steps; for Q4_K / Q6_K after ``snap_k_quant_scales``, lowbit's fake-quantized weights up to float32
+rounding) and transformers (``from_pretrained(dir, gguf_file=...)`` dequantizes and undoes the q/k
 permutation: logits within 1e-2 relative of lowbit's model, the tokenizer rebuilt from the file)."""
 
 import copy
@@ -14,13 +15,19 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers needs it to load a GGUF file
 pytestmark = pytest.mark.consumer
 
+def weight_only(weight_cfg):
+    return {"quant_cfg": {"*weight_quantizer": weight_cfg, "*input_quantizer": {"enable": False},
+                          "*lm_head*": {"enable": False}, "default": {"enable": False}}, "algorithm": "max"}
+
+
 CONFIGS = {  # weight-only: GGUF holds no activation quantization
     "Q8_0": lowbit.INT8_WEIGHT_ONLY_CFG,
     "Q4_0": lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG,
-    "Q4_1": {"quant_cfg": {"*weight_quantizer": {"num_bits": 4, "asymmetric": True, "block_sizes": {-1: 32}},
-                           "*input_quantizer": {"enable": False}, "*lm_head*": {"enable": False},
-                           "default": {"enable": False}}, "algorithm": "max"},
+    "Q4_1": weight_only({"num_bits": 4, "asymmetric": True, "block_sizes": {-1: 32}}),
+    "Q4_K": weight_only({"num_bits": 4, "block_sizes": {-1: 32}}),  # then snapped onto the k-quant grid
+    "Q6_K": weight_only({"num_bits": 6, "block_sizes": {-1: 16}}),
 }
+TOLERANCES = {"Q4_1": 2.0**-10, "Q4_K": 2.0**-22, "Q6_K": 2.0**-22}  # else 2**-11: float16 d; k-quants: 2 ulp
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +37,13 @@ def bundled():
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def exported(request, bundled, tmp_path_factory):
+    from lowbit.export import snap_k_quant_scales
     from lowbit.export.gguf import export_gguf
 
     model, tokenizer = bundled
     quantized = lowbit.quantize(copy.deepcopy(model), copy.deepcopy(CONFIGS[request.param]))
+    if request.param.endswith("_K"):
+        assert len(snap_k_quant_scales(quantized)) == 7 * model.config.num_hidden_layers
     path = export_gguf(quantized, tmp_path_factory.mktemp(request.param), tokenizer=tokenizer)
     return request.param, quantized, path
 
@@ -47,7 +57,7 @@ def test_reader_dequantizes_lowbit_weights(exported, bundled):
     assert tensor.tensor_type.name == type_name
     from_file = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
     fake = layer.weight_quantizer(layer.weight.detach()).double().numpy()
-    relative = 2.0 ** (-10 if type_name == "Q4_1" else -11)  # the float16 rounding of d (and m)
+    relative = TOLERANCES.get(type_name, 2.0**-11)  # the float16 rounding of d (and m); k-quants: float32's
     assert np.abs(from_file - fake).max() <= relative * np.abs(fake).max()
     q = tensors["blk.3.attn_q.weight"]  # stored permuted: undo it by the definition (rows 2i, 2i+1 -> i, i + d/2)
     values = gguf.quants.dequantize(q.data, q.tensor_type).astype(np.float64)

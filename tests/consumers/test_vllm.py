@@ -6,8 +6,10 @@ within 0.05 nats mean absolute of it, or, where lowbit's own reload of the same 
 float32 rounding) or lowbit's model run in vLLM's dtype is already further than that from the in-memory model,
 within 1.25 times that floor (dynamic FP8 activations: reload floor 0.050 nats, bfloat16 floor 0.086 nats on
 this model, see bench/results/export_2026-12-07.md).
-MIXED_PRECISION is expected to fail to load: vLLM 0.32 on CPU has kernels for no ModelOpt format besides
-FP8_PER_CHANNEL_PER_TOKEN (block FP8 needs AMX, MXFP8 / NVFP4 / W4A16 NVFP4 have none), measured.
+MIXED_PRECISION is expected to fail to load. vLLM 0.32's MIXED_PRECISION path exists on CPU and parses the
+checkpoint, but on CPU it has kernels for no ModelOpt format besides FP8_PER_CHANNEL_PER_TOKEN (measured). Block FP8
+needs AMX; MXFP8, NVFP4 and W4A16 NVFP4 have no kernel; FP8 per tensor lacks static_scaled_fp8_quant. So two
+formats cannot run together.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ CASES = [
     "compressed-tensors W4A16 g128 GPTQ",
     "compressed-tensors FP8",
     pytest.param("modelopt MIXED_PRECISION", marks=pytest.mark.xfail(
-        strict=True, reason="vLLM 0.32 CPU: no kernel for a second ModelOpt format (measured)")),
+        strict=True, reason="vLLM 0.32 CPU: MIXED_PRECISION parses; no kernel for a second ModelOpt format")),
 ]
 
 

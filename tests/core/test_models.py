@@ -28,6 +28,7 @@ EIGHT_BIT = ("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "INT8_DEFAULT_C
              "INT8_SMOOTHQUANT_CFG")
 FOUR_BIT = ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG", "NVFP4_DEFAULT_CFG",
             "NVFP4_AWQ_LITE_CFG", "W4A16_NVFP4_CFG", "MXFP4_DEFAULT_CFG")
+LOW_BIT = ("INT3_BLOCKWISE_WEIGHT_ONLY_CFG", "INT2_BLOCKWISE_WEIGHT_ONLY_CFG")
 
 
 class LlamaPresets:
@@ -66,7 +67,7 @@ def llama_presets() -> LlamaPresets:
 
 
 def test_preset_lists_cover_every_preset():
-    assert set(EIGHT_BIT) | set(FOUR_BIT) | {"MXFP8_DEFAULT_CFG", "FP8_KV_CFG"} == set(lowbit.PRESETS)
+    assert set(EIGHT_BIT) | set(FOUR_BIT) | set(LOW_BIT) | {"MXFP8_DEFAULT_CFG", "FP8_KV_CFG"} == set(lowbit.PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(lowbit.PRESETS))

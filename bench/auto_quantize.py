@@ -1,0 +1,248 @@
+"""auto_quantize on the bundled model: against pure formats and random assignments, and against ModelOpt's.
+
+    python bench/auto_quantize.py [--part lowbit|modelopt|all] [--calib-samples 8] [--batch-size 2]
+                                  [--steps 4] [--eval-tokens 4096] [--threads 1] [--out bench/results]
+
+Data: calibration windows of 256 tokens from the bundled calibration text (seed 0), ``--batch-size`` per
+batch; both libraries get the same batches, ``num_calib_steps = num_score_steps = --steps``,
+``forward_step = model(**batch, labels=input_ids)``, ``loss_func = output.loss``. Scoring: the first
+``--eval-tokens`` held-out tokens, windows of 256, stride 128, against the float model side by side
+(``lowbit.eval.divergence``): mean per-token KL (nats) and perplexity. Effective bits are lowbit's
+(scales included, ``lowbit.search.cost``); for ModelOpt's models also ModelOpt's own count (elements only).
+
+Part ``lowbit`` (formats NVFP4_DEFAULT_CFG + FP8_DEFAULT_CFG + none, budget 4.8): one gradient search
+(``lowbit.search.auto.search``), then the calibrated candidates switched to: every searched layer in NVFP4,
+every one in FP8, the search's choice, three random assignments (seeds 0, 1, 2: groups visited in random
+order, each moved to a random costlier choice that keeps the budget), and a KL-scored search
+(``method="kl_div"``, one score batch). Then the Pareto sweep (the same scores re-solved at each budget,
+measured perplexity beside the predicted score) drawn to ``auto_quantize_pareto.png`` and
+``auto_quantize_layers.png``.
+
+Part ``modelopt`` (needs nvidia-modelopt; formats INT4_AWQ_CFG + FP8_DEFAULT_CFG + none, budgets 5, 6, 7):
+per budget, a fresh float model through lowbit's search and choice (``lowbit.search.auto.search`` then
+``apply``: what ``auto_quantize`` runs) and a fresh one through ``modelopt.torch.quantization.auto_quantize``,
+one after the other in this process, each timed from the call to its return (calibration + scoring +
+search): wall seconds and the process's CPU seconds (``time.process_time``, less sensitive to other work on a
+shared machine), then both scored. Times are one run each; compare them as
+ratios taken side by side. ModelOpt counts element bits only (INT4 4, FP8 8), lowbit scales too (INT4 g128
+4.125), so at one budget ModelOpt's model holds more bits by lowbit's count: a third row per budget re-solves
+lowbit's scores at ModelOpt's bits (scales included) for the comparison at equal size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import calibration_batches, default_calibration_text, default_eval_text
+from lowbit.eval import divergence, format_table
+from lowbit.report import run_context
+from lowbit.search.auto import search
+
+SEQ_LEN, STRIDE = 256, 128
+NVFP4_FP8 = ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
+INT4_FP8 = ["INT4_AWQ_CFG", "FP8_DEFAULT_CFG"]
+BUDGET = 4.8
+PEER_BUDGETS = (5.0, 6.0, 7.0)
+SWEEP = (4.6, 4.8, 5.0, 6.0, 7.0, 8.0)
+
+
+def forward_step(model, batch):
+    return model(**batch, labels=batch["input_ids"])
+
+
+def loss_func(output, batch):
+    return output.loss
+
+
+class Scorer:
+    """KL to the float model and perplexity on the held-out tokens (module docstring)."""
+
+    def __init__(self, reference, tokenizer, eval_tokens: int) -> None:
+        self.reference, self.tokenizer, self.eval_tokens = reference, tokenizer, eval_tokens
+
+    def __call__(self, model) -> dict:
+        scores = divergence(model, self.reference, self.tokenizer, default_eval_text(), seq_len=SEQ_LEN,
+                            stride=STRIDE, max_tokens=self.eval_tokens, progress=False)
+        return {"KL": round(scores.mean_kl, 5), "perplexity": round(scores.perplexity, 3)}
+
+
+def random_assignment(state, seed: int, budget: float) -> list[str]:
+    """Every group at its cheapest choice, then groups in random order each moved to a random costlier choice
+    that keeps the total within the budget."""
+    rng = random.Random(seed)
+    choice = [min(g.bits, key=g.bits.get) for g in state.groups]
+    order = list(range(len(state.groups)))
+    rng.shuffle(order)
+    for index in order:
+        options = [c for c in state.choices if state.groups[index].bits[c] > state.groups[index].bits[choice[index]]]
+        rng.shuffle(options)
+        for option in options:
+            trial = choice[:index] + [option] + choice[index + 1:]
+            if state.bits_of(trial) <= budget:
+                choice = trial
+                break
+    return choice
+
+
+def lowbit_part(batches, score: Scorer, steps: int, out: Path) -> list[dict]:
+    from lowbit.search.plots import plot_layer_scores, plot_pareto
+
+    model, _ = lowbit.assets.load_default_model()
+    start = time.perf_counter()
+    calibrated, state = search(model, {"effective_bits": BUDGET}, NVFP4_FP8, batches, forward_step, loss_func,
+                               num_calib_steps=steps, num_score_steps=steps)
+    seconds = time.perf_counter() - start
+    rows = []
+
+    def measure(name: str, choice: list[str], extra: dict | None = None) -> dict:
+        calibrated.apply({m: c for g, c in zip(state.groups, choice, strict=True) for m in g.modules})
+        row = {"assignment": name, "effective bits": round(state.bits_of(choice), 4), **score(model),
+               **(extra or {})}
+        rows.append(row)
+        print(row, flush=True)
+        return row
+
+    for name in NVFP4_FP8:
+        measure(f"every layer {name}", [name] * len(state.groups))
+    measure(f"auto_quantize gradient @ {BUDGET}", [g.choice for g in state.groups],
+            {"search s": round(seconds, 1)})
+    randoms = [measure(f"random seed {seed} @ {BUDGET}", random_assignment(state, seed, BUDGET)) for seed in range(3)]
+    rows.append({"assignment": "random, mean of 3 seeds",
+                 "effective bits": round(sum(r["effective bits"] for r in randoms) / 3, 4),
+                 "KL": round(sum(r["KL"] for r in randoms) / 3, 5),
+                 "perplexity": round(sum(r["perplexity"] for r in randoms) / 3, 3)})
+    kl_model, _ = lowbit.assets.load_default_model()
+    start = time.perf_counter()
+    kl_calibrated, kl_state = search(kl_model, {"effective_bits": BUDGET}, NVFP4_FP8, batches, lambda m, b: m(**b),
+                                     method="kl_div", num_calib_steps=steps, num_score_steps=1)
+    kl_seconds = time.perf_counter() - start
+    kl_calibrated.apply(kl_state.assignment)
+    row = {"assignment": f"auto_quantize kl_div @ {BUDGET}", "effective bits": round(kl_state.effective_bits, 4),
+           **score(kl_model), "search s": round(kl_seconds, 1)}
+    rows.append(row)
+    print(row, flush=True)
+    del kl_calibrated, kl_model
+
+    front = [state.resolve(bits) for bits in SWEEP]
+    perplexities = []
+    for resolved in front:
+        calibrated.apply(resolved.assignment)
+        perplexities.append(score(model)["perplexity"])
+    plot_pareto(front, out / "auto_quantize_pareto.png", perplexities,
+                title="auto_quantize NVFP4 + FP8 + none, bundled model")
+    plot_layer_scores(state, out / "auto_quantize_layers.png")
+    sweep = [{"budget": b, "effective bits": round(s.effective_bits, 4), "predicted score": f"{s.score:.4g}",
+              "perplexity": p} for b, s, p in zip(SWEEP, front, perplexities, strict=True)]
+    return rows, sweep
+
+
+def modelopt_bits(model) -> tuple[float, float]:
+    """(lowbit effective bits with scales, ModelOpt's count: element bits only) of a ModelOpt-quantized model."""
+    lowbit_total = modelopt_total = numel_total = 0
+    for _, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is None or not isinstance(module, torch.nn.Linear):  # ModelOpt also wraps the embedding
+            continue
+        weight = module.weight
+        numel = weight.numel()
+        numel_total += numel
+        if not quantizer.is_enabled:
+            lowbit_total += 16 * numel
+            modelopt_total += 16 * numel
+        elif quantizer.num_bits == 4:  # INT4 g128, a 16-bit scale per block
+            lowbit_total += 4 * numel + 16 * numel // 128
+            modelopt_total += 4 * numel
+        else:  # FP8 per tensor, one FP32 scale
+            lowbit_total += 8 * numel + 32
+            modelopt_total += 8 * numel
+    return lowbit_total / numel_total, modelopt_total / numel_total
+
+
+def modelopt_part(batches, score: Scorer, steps: int) -> list[dict]:
+    import modelopt
+    import modelopt.torch.quantization as mtq
+
+    rows = []
+    for budget in PEER_BUDGETS:
+        model, _ = lowbit.assets.load_default_model()
+        start, cpu = time.perf_counter(), time.process_time()
+        calibrated, state = search(model, {"effective_bits": budget}, INT4_FP8, batches, forward_step, loss_func,
+                                   num_calib_steps=steps, num_score_steps=steps)
+        calibrated.apply(state.assignment)  # what auto_quantize does; the candidates stay for the equal-bits row
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        ours = {"library": f"lowbit {lowbit.__version__}", "budget": budget,
+                "effective bits (lowbit)": round(state.effective_bits, 4), "effective bits (modelopt count)": "",
+                **score(model), "wall s": round(seconds, 1), "CPU s": round(cpu_seconds, 1)}
+        print(ours, flush=True)
+        peer, _ = lowbit.assets.load_default_model()
+        start, cpu = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer, _ = mtq.auto_quantize(peer, constraints={"effective_bits": budget}, quantization_formats=INT4_FP8,
+                                        data_loader=batches, forward_step=forward_step, loss_func=loss_func,
+                                        num_calib_steps=steps, num_score_steps=steps, verbose=False)
+        peer_seconds, peer_cpu = time.perf_counter() - start, time.process_time() - cpu
+        with_scales, modelopt_count = modelopt_bits(peer)
+        theirs = {"library": f"modelopt {modelopt.__version__}", "budget": budget,
+                  "effective bits (lowbit)": round(with_scales, 4),
+                  "effective bits (modelopt count)": round(modelopt_count, 4), **score(peer),
+                  "wall s": round(peer_seconds, 1), "CPU s": round(peer_cpu, 1)}
+        print(theirs, flush=True)
+        ours["wall vs modelopt"] = f"{seconds / peer_seconds:.2f}x"
+        ours["CPU vs modelopt"] = f"{cpu_seconds / peer_cpu:.2f}x"
+        equal = state.resolve(with_scales)  # the same scores, solved at ModelOpt's bits counted with scales
+        calibrated.apply(equal.assignment)
+        same_bits = {"library": "lowbit at modelopt's bits", "budget": round(with_scales, 4),
+                     "effective bits (lowbit)": round(equal.effective_bits, 4), "effective bits (modelopt count)": "",
+                     **score(model)}
+        print(same_bits, flush=True)
+        rows += [ours, theirs, same_bits]
+        del model, peer, calibrated
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("lowbit", "modelopt", "all"), default="all")
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    reference, tokenizer = lowbit.assets.load_default_model()
+    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=args.calib_samples,
+                                  seq_len=SEQ_LEN, batch_size=args.batch_size, seed=0)
+    score = Scorer(copy.deepcopy(reference), tokenizer, args.eval_tokens)
+    sections = [f"# auto_quantize on the bundled model\n\n{run_context(['python', *sys.argv])}\n".replace("'", "")]
+    float_row = {"assignment": "float (none)", "effective bits": 16.0, **score(reference)}
+    if args.part in ("lowbit", "all"):
+        rows, sweep = lowbit_part(batches, score, args.steps, out)
+        sections.append("## NVFP4 + FP8 + none at 4.8 bits\n\n" + format_table([float_row, *rows]))
+        sections.append("## Pareto sweep (gradient scores re-solved per budget)\n\n" + format_table(sweep))
+    if args.part in ("modelopt", "all"):
+        sections.append("## INT4_AWQ + FP8 + none against ModelOpt auto_quantize\n\n"
+                        + format_table(modelopt_part(batches, score, args.steps)))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    name = f"auto_quantize_{args.part}_{time.strftime('%Y-%m-%d')}.md"
+    (out / name).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
