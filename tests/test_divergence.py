@@ -84,6 +84,15 @@ def test_model_against_itself_has_zero_kl_and_full_top1(models, tokenizer):
     assert scores.tokens == MAX_TOKENS - 1
 
 
+def test_divergence_leaves_the_callers_grad_mode_as_it_was(models, tokenizer):
+    """divergence() walks two window generators in step; a no_grad held across their yields leaves the
+    caller's (thread-global) grad mode off when they finish in the other order than they started."""
+    reference, noisy = models
+    assert torch.is_grad_enabled()
+    divergence(noisy, reference, tokenizer, TEXT, SEQ_LEN, STRIDE, MAX_TOKENS, progress=False)
+    assert torch.is_grad_enabled()
+
+
 def test_mean_kl_equals_the_float64_formula(models, tokenizer):
     reference, noisy = models
     expected = reference_scores(reference, noisy, token_stream(tokenizer, TEXT)[:MAX_TOKENS])

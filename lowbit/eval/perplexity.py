@@ -65,20 +65,22 @@ def scored_windows(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride:
     ``log_probs`` has shape ``(end - first_scored, vocab)``: ``log softmax(logits[t - 1])`` for each scored
     token t, in the logits' dtype promoted to at least float32, on the model's device; ``targets`` holds
     the tokens t (int64, same device). Only one forward's logits are alive at a time: full-length windows
-    go through the model ``WINDOWS_PER_FORWARD`` at a time. Runs under ``torch.no_grad()`` in eval mode
-    (the model's mode is restored when the generator finishes or is closed).
+    go through the model ``WINDOWS_PER_FORWARD`` at a time. Each forward runs under ``torch.no_grad()`` (the
+    caller's grad mode is untouched between yields) in eval mode (the model's mode is restored when the
+    generator finishes or is closed).
     """
     device = module_device(model)
     windows = sliding_windows(len(tokens), seq_len, stride)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(windows), desc=desc, disable=not progress, leave=False) as bar:
+        with tqdm(total=len(windows), desc=desc, disable=not progress, leave=False) as bar:
             for group in _group_equal_lengths(windows, WINDOWS_PER_FORWARD):
                 inputs = torch.stack([tokens[begin:end] for begin, end, _ in group]).to(device)
-                logits = model(input_ids=inputs, use_cache=False).logits
-                log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-                del logits
+                with torch.no_grad():  # never across a yield: grad mode is the caller's thread state
+                    logits = model(input_ids=inputs, use_cache=False).logits
+                    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+                    del logits
                 for row, (begin, end, first) in enumerate(group):
                     yield log_probs[row, first - begin - 1 : end - begin - 1], inputs[row, first - begin :]
                     bar.update(1)
