@@ -32,25 +32,20 @@ TARGET_RATIO = 1.3
 MEGABYTE = 1e6
 
 
-def _status_bytes(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: this bench needs Linux")
-
-
 def child(argv: list[str]) -> None:
     """Run ``lowbit`` with ``argv`` in this process; print a JSON line with the peak and the import floor."""
     import torch  # noqa: F401  (the floor: what every run imports)
     import transformers  # noqa: F401
 
     from lowbit.cli import main
+    from lowbit.ptq.memory import status_bytes
 
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-    floor = _status_bytes("VmRSS")
+    floor = status_bytes("VmRSS")
+    if floor is None:
+        raise RuntimeError("/proc/self/status has no VmRSS: this bench needs Linux")
     main(argv)
-    print("MEMORY " + json.dumps({"floor": floor, "peak": _status_bytes("VmHWM")}))
+    print("MEMORY " + json.dumps({"floor": floor, "peak": status_bytes("VmHWM")}))
 
 
 def run_child(argv: list[str]) -> dict:

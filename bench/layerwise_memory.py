@@ -32,13 +32,6 @@ from pathlib import Path
 MEGABYTE = 1e6
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: this bench needs Linux")
-
-
 def make_checkpoint(args: argparse.Namespace, directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,9 +58,12 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (the floor: what every run imports)
 
     import lowbit
+    from lowbit.ptq.memory import status_bytes
 
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-    floor = _status_bytes("VmRSS")
+    floor = status_bytes("VmRSS")
+    if floor is None:
+        raise RuntimeError("/proc/self/status has no VmRSS: this bench needs Linux")
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=generator)
     batches = [{"input_ids": batch} for batch in ids.split(args.batch_size)]
@@ -83,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
                                        host_memory_budget=args.budget, offload_dir=Path(args.workdir) / "spill",
                                        overwrite=True)
     seconds = time.perf_counter() - start
-    record = {"floor": floor, "peak": _status_bytes("VmHWM"), "seconds": seconds,
+    record = {"floor": floor, "peak": status_bytes("VmHWM"), "seconds": seconds,
               "on_disk": result.activation_bytes_on_disk,
               "output": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
     if device.type == "cuda":

@@ -26,12 +26,14 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 KIB = 1024
 
 
-def _status_kib(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (``VmRSS``: resident now, ``VmHWM``: its peak since the
+    last reset); None where there is no such file or field (not Linux)."""
     try:
         match = re.search(rf"^{field}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
     except OSError:
         return None
-    return None if match is None else int(match.group(1))
+    return None if match is None else int(match.group(1)) * KIB
 
 
 def release_free_memory() -> None:
@@ -70,8 +72,7 @@ def return_large_frees() -> bool:
 
 def resident_bytes() -> int | None:
     """The process's resident set now (Linux ``VmRSS``), None where unknown."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * KIB
+    return status_bytes("VmRSS")
 
 
 class PeakMemory:
@@ -109,8 +110,7 @@ class PeakMemory:
         if self.start_rss is None:
             return None
         if self.exact:
-            peak = _status_kib("VmHWM")
-            peak_bytes = None if peak is None else peak * KIB
+            peak_bytes = status_bytes("VmHWM")
         else:
             scale = 1 if sys.platform == "darwin" else KIB  # ru_maxrss: bytes on macOS, KiB on Linux
             peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
