@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.eval.perplexity import scored_windows, sliding_windows, text_tokens
+from lowbit.files import atomic_file
 
 FORMAT = "lowbit-topk-reference"
 VERSION = "1"
@@ -122,17 +122,9 @@ def save_topk_reference(model: nn.Module, tokenizer, text: str | os.PathLike, pa
     tensors = {"tokens": tokens.contiguous(), **{name: torch.cat(parts) for name, parts in columns.items()}}
     metadata = {"format": FORMAT, "version": VERSION, "k": str(k), "vocab_size": str(vocab_size),
                 "seq_len": str(seq_len), "stride": str(stride)}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(handle)
-    try:
+    with atomic_file(path, overwrite=True) as staging:
         save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, target)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return target
+    return Path(path)
 
 
 class TopKReference:
