@@ -263,7 +263,8 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
     if dense_layers:
         logger.warning("load_quantized: %d layer(s) kept as dense dequantized weights (no CompressedLinear "
                        "storage for their format), e.g. %s", len(dense_layers), dense_layers[0])
-    missing, unexpected = model.load_state_dict({to_module_key(k): v for k, v in tensors.items()}, strict=False)
+    tensors = {to_module_key(key): value for key, value in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     rebuilt = tuple(f"{name}.weight" for name in layers) + tuple(f"{name}." for name in rebuilt_experts)
     state = model.state_dict()
     loaded = {state[key].data_ptr() for key in tensors if key in state}
