@@ -1,7 +1,8 @@
 """ONNX Q/DQ exports run by onnxruntime (CPU): outputs within 1e-2 relative of the fake-quantized model for
-every format, INT8 W8A8 and FP8 included, with either ``numerics`` (measured <= 3e-7 on these models: only
-onnxruntime's float kernels differ), the graph holds QuantizeLinear / DequantizeLinear with int8 / int4 / FP8
-initializers, and the file is written atomically.
+every format, INT8 W8A8 and FP8 included, with either ``numerics``; with "lowbit" (the graph is lowbit's math)
+within 1e-5 (measured 0 on the MLPs, <= 4.4e-7 on the CNNs, where only onnxruntime's float kernels differ);
+with "onnx" (steps for scales) measured up to 3.2e-3 (CNN INT8: a flipped activation code). The graph holds
+QuantizeLinear / DequantizeLinear with int8 / int4 / FP8 initializers, and the file is written atomically.
 
 Deeper static-W8A8 models are another matter: one activation code flipped by a float kernel's rounding
 spreads; bench/export_onnx_layers.py measures it on the bundled Llama, where lowbit's own float32 logits are
@@ -33,6 +34,7 @@ CASES = [(MLP, (8, 64), name, "lowbit") for name in INITIALIZER_TYPES] + \
     [(CNN, (2, 3, 16, 16), name, "lowbit") for name in W8A8] + \
     [(model_cls, shape, name, "onnx") for model_cls, shape in ((MLP, (8, 64)), (CNN, (2, 3, 16, 16))) for name in W8A8]
 STRICT = 1e-2  # the issue's bar, for every format
+EXACT_GRAPH = 1e-5  # numerics="lowbit" on the MLP / CNN: float-kernel rounding only
 
 
 def run(path, x):
@@ -57,14 +59,16 @@ def test_onnxruntime_runs_the_export(model_cls, shape, cfg_name, numerics, tmp_p
     with torch.no_grad():
         reference = model(fresh).double().numpy()
     result = run(path, fresh).astype(np.float64)
-    assert np.linalg.norm(result - reference) <= STRICT * np.linalg.norm(reference)
+    bound = EXACT_GRAPH if numerics == "lowbit" else STRICT
+    assert np.linalg.norm(result - reference) <= bound * np.linalg.norm(reference)
 
 
 @pytest.mark.parametrize("numerics", ["lowbit", "onnx"])
 @pytest.mark.parametrize("cfg_name", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
 def test_tiny_llama_w8a8(cfg_name, numerics, tmp_path):
     """A 2-layer Llama (seeded weights) with static INT8 / FP8 inputs on every linear: attention, RMSNorm and
-    SiLU run in onnxruntime's own float kernels between the quantized layers."""
+    SiLU run in onnxruntime's own float kernels between the quantized layers (measured on 3 inputs: 2.6e-7 ..
+    2.9e-7, and 5.0e-4 once for INT8 "lowbit", where a float kernel's rounding flipped an activation code)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.export.onnx_qdq import export_onnx
