@@ -211,12 +211,12 @@ class QDQLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
-        if self.input_step is not None:
-            if self.input_scale is not None:
-                x = x * self.input_scale
+        if self.input_scale is not None:  # lowbit's float32 math: x * scale, round, / scale, back to x's dtype
+            scaled = x.float() * self.input_scale
+            x = (torch.ops.lowbit.onnx_quantize_dequantize(scaled, self.input_step, self.input_fp8)
+                 / self.input_scale).to(x.dtype)
+        elif self.input_step is not None:
             x = torch.ops.lowbit.onnx_quantize_dequantize(x, self.input_step, self.input_fp8)
-            if self.input_scale is not None:
-                x = x / self.input_scale
         weight = torch.ops.lowbit.onnx_dequantize(self.weight_codes, self.weight_step, self.weight_zero_point,
                                                   self.axis, self.block_size)
         if self.weight_divisor is not None:

@@ -116,3 +116,12 @@ def test_narrow_range_input_is_refused():
         model = lowbit.quantize(MLP().eval(), cfg, lambda m: m(x))
     with pytest.raises(ValueError, match=r"layer 'fc1': input quantizer int8 per-tensor narrow_range"):
         export_copy(model)
+
+
+@pytest.mark.parametrize("cfg_name", ["int8_w8a8", "fp8"])
+def test_lowbit_numerics_are_exact_for_bfloat16_models(cfg_name):
+    """lowbit quantizes a bfloat16 input in float32 (x * scale, round, / scale) and casts back; so does the graph."""
+    x = sample((8, 64), 1)
+    model = quantized(MLP, cfg_name, x).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(export_copy(model, "lowbit")[0](x.bfloat16()), model(x.bfloat16()))
