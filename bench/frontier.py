@@ -3,6 +3,7 @@ NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and N
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
                              [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--out bench/results]
+                             [--methods "RTN,AutoRound"]
     python bench/frontier.py --combine bench/results/STEM RUN.jsonl [RUN.jsonl ...]
 
 Each run writes ``<out>/frontier_<model>[_<formats>]_<date>.md`` and ``.jsonl`` (its records); ``--combine``
@@ -121,6 +122,8 @@ def cases() -> list[Case]:
             lowbit_case(format, "GPTQ + scale estimation", GPTQ_SE),
             lowbit_case(format, "GPTQ + HQQ grid", {"method": "gptq", "hqq": True}),
             lowbit_case(format, "QuaRot + GPTQ + scale estimation", {**GPTQ_SE, **ROTATE}),
+            lowbit_case(format, "AutoRound", "autoround"),
+            lowbit_case(format, "AutoRound light (50 steps)", {"method": "autoround", "iterations": 50}),
             modelopt_case(format, "ModelOpt max (sym)", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", bits, group),
         ]
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
@@ -276,6 +279,19 @@ def read_records(paths: list[Path]) -> tuple[list[dict], Measurement, list[Case]
     return runs, baseline, [selected[i] for i in order], [results[i] for i in order]
 
 
+def _take_methods(argv: list[str]) -> tuple[list[str], set[str] | None]:
+    """``--methods A,B`` (method names as in the tables; RTN, the unit of the ratios, always runs) taken out of
+    ``argv``; None when not given."""
+    if "--methods" not in argv:
+        return argv, None
+    index = argv.index("--methods")
+    methods = set(argv[index + 1].split(",")) if index + 1 < len(argv) else set()
+    unknown = methods - {case.config for case in cases()}
+    if not methods or unknown:
+        raise SystemExit(f"--methods: unknown or missing method names {sorted(unknown)}")
+    return argv[:index] + argv[index + 2:], methods
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--combine"]:  # --combine OUT_STEM FILE.jsonl ...: one report from several runs of one model
@@ -286,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         write_results(Path(argv[1]).parent, Path(argv[1]).name, report(model, context, runs, baseline, selected,
                                                                       results), records)
         return 0
+    argv, methods = _take_methods(argv)
     args, selected = parse_bench_args(__doc__.split("\n\n")[0], argv, cases(), 1, "unused: one run per case",
                                       eval_tokens=2048)
+    if methods is not None:
+        selected = [case for case in selected if case.config in methods or case.config == "RTN"]
     formats = {case.format for case in selected}
     if NVFP4 in formats and W4 not in formats:  # the NVFP4 target is relative to W4A16 g128 RTN
         selected.insert(0, next(c for c in cases() if c.format == W4 and c.config == "RTN"))
