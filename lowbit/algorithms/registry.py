@@ -18,6 +18,7 @@ gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults)        autoround
+svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
 ================  =======================================================================  ================
 
 ``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
@@ -78,6 +79,7 @@ from lowbit.algorithms.scale_estimation import (
     start_ratios,
 )
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
+from lowbit.algorithms.svdquant import SVDQUANT_OPTIONS, check_svdquant_options, svdquant_layer, svdquant_weights
 from lowbit.algorithms.weights import weight_group_size
 from lowbit.attributes import check_type
 from lowbit.calibration import ForwardLoop, max_calibrate
@@ -100,6 +102,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
     "autoround": {**AUTOROUND_OPTIONS, **LAYERWISE_OPTIONS},
+    "svdquant": {**SVDQUANT_OPTIONS, **LAYERWISE_OPTIONS},
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
 }
 DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
@@ -182,6 +185,10 @@ def _autoround(**options) -> LayerPass:
     return LayerPass(partial(autoround_layer, **options), "autoround")
 
 
+def _svdquant(**options) -> LayerPass:
+    return LayerPass(partial(svdquant_layer, **options), "svdquant")
+
+
 LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
@@ -189,6 +196,7 @@ LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
     "autoround": _autoround,
+    "svdquant": _svdquant,
 }
 
 
@@ -280,6 +288,8 @@ def check_options(name: str, options: dict) -> dict:
         check_block_scale_search_options(options)
     if name == "autoround":
         check_autoround_options(options)
+    if name == "svdquant":
+        check_svdquant_options(options)
     if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
         raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
     if name == "gptq" and not options["percdamp"] > 0:
@@ -325,6 +335,8 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         for index, layer in enumerate(layers):
             if name == "autoround":
                 tunable_weights(layer, f"{stack_name}.{index}.")
+            if name == "svdquant":
+                svdquant_weights(layer, f"{stack_name}.{index}.")
             for weight_name, weight in row_weights(layer).items():
                 if weight.weight_quantizer.is_enabled:
                     _check_weight_quantizer(name, options, estimation is not None, weight,
