@@ -124,6 +124,7 @@ def cases() -> list[Case]:
             lowbit_case(format, "QuaRot + GPTQ + scale estimation", {**GPTQ_SE, **ROTATE}),
             lowbit_case(format, "AutoRound", "autoround"),
             lowbit_case(format, "AutoRound light (50 steps)", {"method": "autoround", "iterations": 50}),
+            lowbit_case(format, "QuaRot + AutoRound", {"method": "autoround", **ROTATE}),
             modelopt_case(format, "ModelOpt max (sym)", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", bits, group),
         ]
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
@@ -140,6 +141,9 @@ def cases() -> list[Case]:
               if format == NVFP4 else []),
             lowbit_case(format, "QuaRot + block scale search", {"method": "block_scale_search", **ROTATE}),
             lowbit_case(format, "AWQ + block scale search", AWQ_LITE_AS_MODELOPT, then=("block_scale_search",)),
+            lowbit_case(format, "SVDQuant (rank 32)", "svdquant"),
+            lowbit_case(format, "SVDQuant (rank 4)", {"method": "svdquant", "rank": 4}),
+            lowbit_case(format, "SVDQuant + block scale search", "svdquant", then=("block_scale_search",)),
             modelopt_case(format, "ModelOpt max", FORMATS[format][0]),
         ]
     found.append(modelopt_case(NVFP4, "ModelOpt awq_lite", "NVFP4_AWQ_LITE_CFG"))
