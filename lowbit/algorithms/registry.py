@@ -19,6 +19,7 @@ scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"    
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults)        autoround
 svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
+lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 ================  =======================================================================  ================
 
 ``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
@@ -71,6 +72,11 @@ from lowbit.algorithms.layerwise import (
     check_layer_inputs,
     run_layerwise,
 )
+from lowbit.algorithms.lora_correction import (
+    LORA_CORRECTION_OPTIONS,
+    check_lora_correction_options,
+    lora_correction_layer,
+)
 from lowbit.algorithms.scale_estimation import (
     OBJECTIVES,
     check_steps,
@@ -103,6 +109,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "hqq": dict(HQQ_OPTIONS),
     "autoround": {**AUTOROUND_OPTIONS, **LAYERWISE_OPTIONS},
     "svdquant": {**SVDQUANT_OPTIONS, **LAYERWISE_OPTIONS},
+    "lora_correction": {**LORA_CORRECTION_OPTIONS, **LAYERWISE_OPTIONS},
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
 }
 DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
@@ -189,6 +196,10 @@ def _svdquant(**options) -> LayerPass:
     return LayerPass(partial(svdquant_layer, **options), "svdquant")
 
 
+def _lora_correction(**options) -> LayerPass:
+    return LayerPass(partial(lora_correction_layer, **options), "lora_correction")
+
+
 LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
@@ -197,6 +208,7 @@ LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "scale_estimation": _scale_estimation,
     "autoround": _autoround,
     "svdquant": _svdquant,
+    "lora_correction": _lora_correction,
 }
 
 
@@ -290,6 +302,8 @@ def check_options(name: str, options: dict) -> dict:
         check_autoround_options(options)
     if name == "svdquant":
         check_svdquant_options(options)
+    if name == "lora_correction":
+        check_lora_correction_options(options)
     if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
         raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
     if name == "gptq" and not options["percdamp"] > 0:
@@ -335,8 +349,8 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         for index, layer in enumerate(layers):
             if name == "autoround":
                 tunable_weights(layer, f"{stack_name}.{index}.")
-            if name == "svdquant":
-                svdquant_weights(layer, f"{stack_name}.{index}.")
+            if name in ("svdquant", "lora_correction"):
+                svdquant_weights(layer, f"{stack_name}.{index}.", check_scaled=name == "svdquant")
             for weight_name, weight in row_weights(layer).items():
                 if weight.weight_quantizer.is_enabled:
                     _check_weight_quantizer(name, options, estimation is not None, weight,

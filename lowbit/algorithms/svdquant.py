@@ -34,7 +34,7 @@ from lowbit.algorithms.layerwise import LayerInputs, recalibrate_weights, tensor
 from lowbit.algorithms.scaling import apply_input_scale
 from lowbit.algorithms.smoothquant import check_alpha, smoothquant_scale
 from lowbit.modules.linear import QuantLinear
-from lowbit.modules.low_rank import add_low_rank
+from lowbit.modules.low_rank import LowRankQuantLinear, add_low_rank
 from lowbit.structure.groups import InputGroup, find_input_groups, row_weights
 from lowbit.structure.weights import QuantizableWeight
 
@@ -97,18 +97,20 @@ def svdquant_layer(layer: nn.Module, inputs: LayerInputs, rank: int = 32, alpha:
             split_linear(linear, rank, name)
 
 
-def svdquant_weights(layer: nn.Module, prefix: str = "") -> dict[str, QuantizableWeight]:
+def svdquant_weights(layer: nn.Module, prefix: str = "", check_scaled: bool = True) -> dict[str, QuantizableWeight]:
     """The weights of ``layer`` with an enabled weight quantizer; ValueError naming (after ``prefix``) the first
-    that is not a quantized nn.Linear (the low-rank branch lives in ``LowRankQuantLinear``) or a linear whose
-    input is scaled already (a model is smoothed once)."""
+    that is not a quantized nn.Linear (the low-rank branch lives in ``LowRankQuantLinear``) or, with
+    ``check_scaled``, a linear whose input is scaled already (a model is smoothed once). LoRA correction
+    checks the first only."""
     weights = {name: w for name, w in row_weights(layer).items() if w.weight_quantizer.is_enabled}
     for name, weight in weights.items():
-        if type(weight.module) is not QuantLinear:
-            raise ValueError(f"{prefix}{name}: SVDQuant's low-rank branch needs a quantized nn.Linear, got "
+        if type(weight.module) not in (QuantLinear, LowRankQuantLinear):
+            raise ValueError(f"{prefix}{name}: a low-rank float branch needs a quantized nn.Linear, got "
                              f"{type(weight.module).__name__}")
-    for name, weight in row_weights(layer).items():
-        if any(q.pre_quant_scale is not None for q in tensor_quantizers(weight.input_quantizer)):
-            raise ValueError(f"{prefix}{name}: input_quantizer already has a pre_quant_scale; smooth a model once")
+    scaled = [name for name, weight in row_weights(layer).items()
+              if any(q.pre_quant_scale is not None for q in tensor_quantizers(weight.input_quantizer))]
+    if check_scaled and scaled:
+        raise ValueError(f"{prefix}{scaled[0]}: input_quantizer already has a pre_quant_scale; smooth a model once")
     return weights
 
 
