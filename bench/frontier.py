@@ -125,6 +125,8 @@ def cases() -> list[Case]:
             lowbit_case(format, "AutoRound", "autoround"),
             lowbit_case(format, "AutoRound light (50 steps)", {"method": "autoround", "iterations": 50}),
             lowbit_case(format, "QuaRot + AutoRound", {"method": "autoround", **ROTATE}),
+            lowbit_case(format, "LoRA correction (rank 8)", "lora_correction"),
+            lowbit_case(format, "LoRA correction (rank 2)", {"method": "lora_correction", "rank": 2}),
             modelopt_case(format, "ModelOpt max (sym)", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", bits, group),
         ]
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
