@@ -127,7 +127,7 @@ def new_method_cases() -> list[Case]:
             lowbit_case(format, "SVDQuant (rank 4)", {"method": "svdquant", "rank": 4}),
             lowbit_case(format, "SVDQuant + block scale search", "svdquant", then=("block_scale_search",)),
             *[lowbit_case(format, f"SVDQuant (rank {rank}) + block scale search", {"method": "svdquant", "rank": rank},
-                          then=("block_scale_search",)) for rank in (4, 8)],
+                          then=("block_scale_search",)) for rank in (2, 4, 8)],
         ]
     return found
 
