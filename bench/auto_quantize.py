@@ -44,6 +44,7 @@ import torch
 import lowbit
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text
 from lowbit.eval import divergence, format_table
+from lowbit.presets import get_preset
 from lowbit.report import run_context
 from lowbit.search.auto import search
 
@@ -167,38 +168,54 @@ def modelopt_bits(model) -> tuple[float, float]:
     return lowbit_total / numel_total, modelopt_total / numel_total
 
 
-def modelopt_part(batches, score: Scorer, steps: int) -> list[dict]:
+def timed(run, *args) -> tuple[object, float, float]:
+    """``run(*args)``'s result, wall seconds and this process's CPU seconds."""
+    start, cpu = time.perf_counter(), time.process_time()
+    result = run(*args)
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
+def modelopt_part(batches, score: Scorer, steps: int, repeats: int) -> list[dict]:
     import modelopt
     import modelopt.torch.quantization as mtq
 
-    rows = []
-    for budget in PEER_BUDGETS:
+    def run_lowbit(budget):
         model, _ = lowbit.assets.load_default_model()
-        start, cpu = time.perf_counter(), time.process_time()
         calibrated, state = search(model, {"effective_bits": budget}, INT4_FP8, batches, forward_step, loss_func,
                                    num_calib_steps=steps, num_score_steps=steps)
         calibrated.apply(state.assignment)  # what auto_quantize does; the candidates stay for the equal-bits row
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-        ours = {"library": f"lowbit {lowbit.__version__}", "budget": budget,
-                "effective bits (lowbit)": round(state.effective_bits, 4), "effective bits (modelopt count)": "",
-                **score(model), "wall s": round(seconds, 1), "CPU s": round(cpu_seconds, 1)}
-        print(ours, flush=True)
+        return model, calibrated, state
+
+    def run_modelopt(budget):
         peer, _ = lowbit.assets.load_default_model()
-        start, cpu = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peer, _ = mtq.auto_quantize(peer, constraints={"effective_bits": budget}, quantization_formats=INT4_FP8,
                                         data_loader=batches, forward_step=forward_step, loss_func=loss_func,
                                         num_calib_steps=steps, num_score_steps=steps, verbose=False)
-        peer_seconds, peer_cpu = time.perf_counter() - start, time.process_time() - cpu
+        return peer
+
+    rows = []
+    for budget in PEER_BUDGETS:
+        times = []  # (lowbit wall, lowbit CPU, modelopt wall, modelopt CPU) per repeat, the two runs back to back
+        for _ in range(repeats):
+            (model, calibrated, state), seconds, cpu_seconds = timed(run_lowbit, budget)
+            peer, peer_seconds, peer_cpu = timed(run_modelopt, budget)
+            times.append((seconds, cpu_seconds, peer_seconds, peer_cpu))
+        ours = {"library": f"lowbit {lowbit.__version__}", "budget": budget,
+                "effective bits (lowbit)": round(state.effective_bits, 4), "effective bits (modelopt count)": "",
+                **score(model), "wall s": " / ".join(f"{t[0]:.1f}" for t in times),
+                "CPU s": " / ".join(f"{t[1]:.1f}" for t in times)}
+        print(ours, flush=True)
         with_scales, modelopt_count = modelopt_bits(peer)
         theirs = {"library": f"modelopt {modelopt.__version__}", "budget": budget,
                   "effective bits (lowbit)": round(with_scales, 4),
                   "effective bits (modelopt count)": round(modelopt_count, 4), **score(peer),
-                  "wall s": round(peer_seconds, 1), "CPU s": round(peer_cpu, 1)}
+                  "wall s": " / ".join(f"{t[2]:.1f}" for t in times),
+                  "CPU s": " / ".join(f"{t[3]:.1f}" for t in times)}
         print(theirs, flush=True)
-        ours["wall vs modelopt"] = f"{seconds / peer_seconds:.2f}x"
-        ours["CPU vs modelopt"] = f"{cpu_seconds / peer_cpu:.2f}x"
+        ours["wall vs modelopt"] = " / ".join(f"{t[0] / t[2]:.2f}x" for t in times)
+        ours["CPU vs modelopt"] = " / ".join(f"{t[1] / t[3]:.2f}x" for t in times)
         equal = state.resolve(with_scales)  # the same scores, solved at ModelOpt's bits counted with scales
         calibrated.apply(equal.assignment)
         same_bits = {"library": "lowbit at modelopt's bits", "budget": round(with_scales, 4),
@@ -210,9 +227,49 @@ def modelopt_part(batches, score: Scorer, steps: int) -> list[dict]:
     return rows
 
 
+def awq_part(batches, score: Scorer, steps: int) -> list[dict]:
+    """Plain ``quantize`` with INT4_AWQ_CFG against ``mtq.quantize`` with ModelOpt's, on the same batches (the
+    first ``steps // 4``, at least one, as auto_quantize calibrates AWQ, then all ``steps``), with the preset's
+    lm_head rule (head float) and without it (head in INT4, as auto_quantize searches it)."""
+    import modelopt.torch.quantization as mtq
+
+    def without_head(config: dict) -> dict:
+        config = copy.deepcopy(config)
+        rules = config["quant_cfg"]
+        if isinstance(rules, dict):
+            rules.pop("*lm_head*")
+        else:
+            config["quant_cfg"] = [rule for rule in rules if rule.get("quantizer_name") != "*lm_head*"]
+        return config
+
+    rows = []
+    for count in sorted({max(1, steps // 4), steps}):
+        def loop(model, count=count):
+            for batch in batches[:count]:
+                model(**batch)
+
+        for head in (False, True):
+            ours, _ = lowbit.assets.load_default_model()
+            config = get_preset("INT4_AWQ_CFG")
+            lowbit.quantize(ours, without_head(config) if head else config, loop)
+            peer, _ = lowbit.assets.load_default_model()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mtq.quantize(peer, without_head(mtq.INT4_AWQ_CFG) if head else mtq.INT4_AWQ_CFG, loop)
+            mine, theirs = score(ours), score(peer)
+            row = {"calibration batches": count, "lm_head": "INT4" if head else "float",
+                   "KL lowbit": mine["KL"], "KL modelopt": theirs["KL"],
+                   "KL lowbit / modelopt": f"{mine['KL'] / theirs['KL']:.4f}",
+                   "perplexity lowbit": mine["perplexity"], "perplexity modelopt": theirs["perplexity"]}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("lowbit", "modelopt", "all"), default="all")
+    parser.add_argument("--part", choices=("lowbit", "modelopt", "awq", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of both libraries per budget")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
@@ -236,7 +293,10 @@ def main(argv: list[str]) -> int:
         sections.append("## Pareto sweep (gradient scores re-solved per budget)\n\n" + format_table(sweep))
     if args.part in ("modelopt", "all"):
         sections.append("## INT4_AWQ + FP8 + none against ModelOpt auto_quantize\n\n"
-                        + format_table(modelopt_part(batches, score, args.steps)))
+                        + format_table(modelopt_part(batches, score, args.steps, args.repeats)))
+    if args.part in ("awq", "all"):
+        sections.append("## Plain INT4_AWQ_CFG quantize against mtq.quantize\n\n"
+                        + format_table(awq_part(batches, score, args.steps)))
     text = "\n\n".join(sections) + "\n"
     print(text)
     name = f"auto_quantize_{args.part}_{time.strftime('%Y-%m-%d')}.md"

@@ -24,6 +24,10 @@
 
    That is 3 passes of the layer (4 with non-analytic activation quantizers) besides the algorithm's
    own; within a pass each weight is fake-quantized once, not once per batch.
+3. Each quantized linear outside the blocks (an output head) is then a block of its own, on its inputs
+   captured in one more run of ``forward_loop`` (the float model's with ``layer_inputs="float"``), as
+   ModelOpt's awq_lite scales every quantized linear; other weights outside the blocks keep max
+   calibration (a warning names them).
 
 Only one decoder layer's statistics live at a time; the inputs of all batches for the current layer
 are kept (as GPTQ and AWQ do).
@@ -242,6 +246,8 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
             inputs = capture_layer_inputs(model, layers[0], forward_loop, full_pass and position == 0,
                                           calibrate=position == 0)
             report += _run_stack(stack_name, layers, inputs, transform, description, watch, layer_inputs, full_pass)
+        report += _run_outside(model, stacks, forward_loop, LayerPass(transform, description, watch), layer_inputs,
+                               full_pass)
     finally:
         model.train(was_training)
     return report
@@ -357,9 +363,47 @@ def recalibrate_weights(weight: QuantizableWeight) -> None:
     calibrate_weight(weight.weight_quantizer, weight.weight.detach())
 
 
-def _warn_outside(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]], description: str) -> None:
+def _outside(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]) -> tuple[dict[str, nn.Module], list[str]]:
+    """({name: module} of the row-reading quantized linears outside the blocks (an output head), the other
+    quantized weights outside them)."""
     inside = {id(m) for _, layers in stacks for m in layers.modules()}
-    outside = [n for n, w in quantizable_weights(model, enabled_only=True).items() if id(w.module) not in inside]
-    if outside:
-        logger.warning("%s works on the repeated blocks only; %d quantized weight(s) outside them keep max "
-                       "calibration: %s", description, len(outside), ", ".join(outside[:5]))
+    outside = {n: w for n, w in quantizable_weights(model, enabled_only=True).items() if id(w.module) not in inside}
+    names = {id(module): name for name, module in model.named_modules()}
+    linears = {names[id(w.module)]: w.module for w in outside.values() if w.reads_rows and w.module is not model}
+    others = [n for n, w in outside.items() if not (w.reads_rows and names[id(w.module)] in linears)]
+    return linears, others
+
+
+def _warn_outside(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]], description: str) -> None:
+    others = _outside(model, stacks)[1]
+    if others:
+        logger.warning("%s works on the repeated blocks and the linears outside them only; %d quantized weight(s) "
+                       "keep max calibration: %s", description, len(others), ", ".join(others[:5]))
+
+
+class _OwnBlock(nn.Module):
+    """A linear as a block: the layer passes hook the block around the linears they trace."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, *args, **kwargs):
+        return self.linear(*args, **kwargs)
+
+
+def _run_outside(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]], forward_loop: ForwardLoop,
+                 step: LayerPass, layer_inputs: str, full_pass: bool) -> list[LayerReport]:
+    """Each quantized linear outside the blocks (an output head, as ModelOpt's awq_lite and GPTQ also take it)
+    as a block of its own, after the stacks: its inputs captured in one more run of ``forward_loop`` up to it,
+    from the float model (``layer_inputs="float"``: every quantizer off meanwhile; AWQ's scales keep the float
+    output) or from the quantized one."""
+    report = []
+    for index, (name, module) in enumerate(_outside(model, stacks)[0].items()):
+        with quantizers_disabled(model) if layer_inputs == "float" else ExitStack():
+            inputs = capture_layer_inputs(model, module, forward_loop, full_pass=False, calibrate=False)
+        entry, _ = calibrate_block(_OwnBlock(module), inputs, step, "float", full_pass,
+                                   LayerReport(index, name, None, 0.0))
+        logger.info("%s", entry.describe(step.description))
+        report.append(entry)
+    return report

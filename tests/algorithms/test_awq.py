@@ -132,3 +132,50 @@ def test_grids_and_their_errors():
         clip_ratios(0.5, 1.5)
     with pytest.raises(ValueError, match="alpha_step"):
         alpha_grid(0)
+
+
+def test_awq_lite_scales_the_output_head_from_its_float_inputs():
+    """With lm_head's weight quantizer on, awq_lite searches it too (as ModelOpt's awq_lite does), on the float
+    model's final-norm outputs: its scale is the brute-force best (float64, written here) of the identity and
+    ModelOpt's formula over the alpha grid, and its output error is at most max calibration's."""
+    import copy
+
+    from lowbit import quantize
+    from lowbit.presets import get_preset
+
+    from .tiny_llama import forward_loop_for, tiny_llama
+
+    model = tiny_llama(seed=3)
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 96, (2, 12), generator=generator) for _ in range(2)]
+    config = get_preset("INT4_AWQ_CFG")
+    config["quant_cfg"].pop("*lm_head*")
+    config["quant_cfg"]["*weight_quantizer"]["block_sizes"] = {-1: 16, "type": "static"}
+    config["algorithm"] = {"method": "awq_lite", "alpha_step": 0.25, "scale_per_linear": True}
+    head = model.lm_head.weight.detach().double().clone()
+    inputs = []
+    handle = model.lm_head.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    x = torch.cat(inputs).reshape(-1, 64).double()
+    quantized = quantize(copy.deepcopy(model), config, forward_loop_for(batches))
+
+    def int4(weight):  # symmetric INT4 per group of 16 columns, max of the group
+        slabs = weight.reshape(weight.shape[0], -1, 16)
+        scale = slabs.abs().amax(-1, keepdim=True) / 7
+        return ((slabs / scale).round().clamp(-7, 7) * scale).reshape(weight.shape)
+
+    def error(scale):
+        return ((x @ (int4(head * scale) / scale - head).T) ** 2).sum().item()
+
+    slabs = head.abs().reshape(head.shape[0], -1, 16)
+    w_mean = (slabs / slabs.amax(-1, keepdim=True)).reshape(head.shape).mean(0)
+    candidates = [torch.ones(64, dtype=torch.float64)]
+    candidates += [reference_scale(x.abs().mean(0), alpha, w_mean) for alpha in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    best = min(candidates, key=error)
+    pre_quant_scale = quantized.lm_head.input_quantizer.pre_quant_scale
+    assert pre_quant_scale is not None
+    torch.testing.assert_close(pre_quant_scale.double(), 1 / best, rtol=1e-4, atol=0)
+    assert error(best) <= error(candidates[0])

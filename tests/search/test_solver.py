@@ -60,3 +60,25 @@ def test_infeasible_budget_and_bad_input_are_errors():
         solve_knapsack([[4, 8]], [[1]], 10)
     with pytest.raises(ValueError, match="finite and >= 0"):
         solve_knapsack([[-1, 8]], [[1, 0]], 10)
+
+
+def dense_dp(costs, scores, budget):
+    """Least total score within an integer budget: the textbook table over every cost 0..budget."""
+    best = [0.0] * (budget + 1)
+    for row, row_scores in zip(costs, scores, strict=True):
+        best = [min((best[b - c] + s for c, s in zip(row, row_scores, strict=True) if c <= b), default=math.inf)
+                for b in range(budget + 1)]
+    return best[budget]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_equals_dense_table_on_larger_instances(seed):
+    """Beyond brute force's reach (up to 30 groups of 5 choices): the sparse front equals the full table."""
+    rng = random.Random(500 + seed)
+    groups, choices = rng.randint(10, 30), rng.randint(2, 5)
+    costs = [[rng.randint(0, 60) for _ in range(choices)] for _ in range(groups)]
+    scores = [[rng.expovariate(1.0) for _ in range(choices)] for _ in range(groups)]
+    budget = rng.randint(sum(map(min, costs)), sum(map(max, costs)))
+    solution = solve_knapsack(costs, scores, budget)
+    assert solution.score == pytest.approx(dense_dp(costs, scores, budget), rel=1e-12)
+    assert solution.cost <= budget
