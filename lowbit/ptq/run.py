@@ -296,6 +296,7 @@ def print_plan(the_plan: Plan, settings: PtqSettings) -> None:
     for key, value in the_plan.estimates.items():
         if key.endswith("bytes") and value is not None:
             lines.append(f"  estimated {key.removesuffix('_bytes').replace('_', ' ')}: {value / MEGABYTE:.1f} MB")
-        elif key.endswith("seconds"):
-            lines.append(f"  estimated {key.removesuffix('_seconds').replace('_', ' ')}: {value:.1f} s")
+        elif key == "calibration_lower_bound_seconds":
+            lines.append(f"  estimated calibration: at least {value:.1f} s (a lower bound: matmul FLOPs at the "
+                         "measured matmul rate; searches, fake quantization and overheads not counted)")
     print("\n".join(lines))
