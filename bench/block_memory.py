@@ -14,8 +14,9 @@ resident-set peak over the run (Linux ``VmHWM``, reset after the imports) less t
 the run holds besides the block: the modules outside it (bf16) and two activation stores (the block's inputs and
 its outputs, ``samples seq_len hidden 2`` bytes each). Predicted: ``block_memory``'s terms. The "temporaries"
 column is the measured block peak less the weights, the larger of the forward and kept terms and the first
-forward's fixed 8 MB, in float32 copies of the block's weights: the figure ``lowbit.scale.memory.TEMPORARIES``
-takes (the largest over shapes, rounded up).
+forward's buffers (``lowbit.ptq.estimate.FIRST_FORWARD_KEPT``, 8 MB), in float32 copies of the block's weights:
+the figure ``lowbit.scale.memory.TEMPORARIES`` takes (the largest over shapes, rounded up). A one-block run does
+not show what earlier blocks leave in the heap; ``RUN_OVERHEAD`` in the prediction does (bench/layerwise_memory.py).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def _report(args, rows) -> None:
     import torch
     import transformers
 
+    from lowbit.ptq.estimate import FIRST_FORWARD_KEPT
+
     lines = [
         "# quantize_layerwise: one block's host peak on the CPU, measured against lowbit.scale.memory",
         "",
@@ -168,7 +171,7 @@ def _report(args, rows) -> None:
     ]
     for shape, preset, r in rows:
         predicted = r["weights"] + r["temporaries"] + max(r["forward"], r["kept"]) + r["fixed"]
-        residual = (r["measured"] - r["weights"] - max(r["forward"], r["kept"]) - r["fixed"]) / (4 * r["numel"])
+        residual = (r["measured"] - r["weights"] - max(r["forward"], r["kept"]) - FIRST_FORWARD_KEPT) / (4 * r["numel"])
         lines.append(f"| {shape} | {preset} | {r['algorithm']} | {r['weights'] / MEGABYTE:.1f} | "
                      f"{r['forward'] / MEGABYTE:.1f} | {r['kept'] / MEGABYTE:.1f} | {r['measured'] / MEGABYTE:.1f} | "
                      f"{predicted / MEGABYTE:.1f} | {r['measured'] / predicted:.2f} | {residual:.2f} | "

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowbit
 from lowbit.config import parse_config
-from lowbit.scale.memory import FIRST_FORWARD_KEPT, TEMPORARIES, block_memory
+from lowbit.scale.memory import RUN_OVERHEAD, TEMPORARIES, block_memory
 
 HIDDEN, INTERMEDIATE, KV_WIDTH = 128, 384, 64
 
@@ -44,7 +44,7 @@ def test_block_memory_is_the_documented_sum(block, algorithm, tokens):
     assert peak.weights == 2 * _numel()
     assert peak.temporaries == int(TEMPORARIES[algorithm] * 4 * _numel())
     assert (peak.forward, peak.kept) == (forward, kept)
-    assert peak.total == 2 * _numel() + peak.temporaries + max(forward, kept) + FIRST_FORWARD_KEPT
+    assert peak.total == 2 * _numel() + peak.temporaries + max(forward, kept) + RUN_OVERHEAD
 
 
 def test_awq_sample_size_follows_its_option(block):
