@@ -61,7 +61,7 @@ from lowbit.modules import is_quantized
 from lowbit.ptq.memory import return_large_frees
 from lowbit.quantizer import collecting_statistics
 from lowbit.scale.activations import ActivationStore, HostBudget, StoredCalls, split_call
-from lowbit.scale.memory import block_memory
+from lowbit.scale.memory import SKELETON_BYTES_PER_BLOCK, block_memory
 from lowbit.scale.output import PartWriter
 from lowbit.scale.shards import SafetensorsShards, materialise, meta_model, release
 from lowbit.structure.blocks import require_block_stacks
@@ -347,9 +347,10 @@ def full_pass_first(step: LayerPass | None, network: nn.Module, stacks: list) ->
 
 def _reserved(network: nn.Module, layers: nn.ModuleList, config: QuantizeConfig, full_pass: bool,
               calib_data: list[dict[str, Tensor]], device: torch.device, budget: int | None) -> int | None:
-    """Host bytes the budget keeps from the activations: the modules outside the blocks and the largest block at
-    its peak (on the CPU: ``lowbit.scale.memory``, the heavier of the max sweep and the algorithm when both
-    run); None without a budget; ValueError when the budget is smaller."""
+    """Host bytes the budget keeps from the activations: the modules outside the blocks, the model's skeleton
+    (``SKELETON_BYTES_PER_BLOCK`` a block) and the largest block at its peak (on the CPU: ``lowbit.scale.memory``,
+    the heavier of the max sweep and the algorithm when both run); None without a budget; ValueError when the
+    budget is smaller."""
     if budget is None:
         return None
     layer = max(layers, key=_bytes)
@@ -362,7 +363,7 @@ def _reserved(network: nn.Module, layers: nn.ModuleList, config: QuantizeConfig,
         peaks = [block_memory(layer, name, config.algorithm_options, sum(tokens), max(tokens)) for name in algorithms]
         block = max(peak.total for peak in peaks)
         what = f"the largest block at its peak under {' and '.join(algorithms)} ({block} bytes)"
-    reserved = _bytes(network) - _bytes(layers) + block
+    reserved = _bytes(network) - _bytes(layers) + block + SKELETON_BYTES_PER_BLOCK * len(layers)
     if reserved > budget:
         raise ValueError(f"host_memory_budget={budget} bytes is below the {reserved} bytes the run holds besides "
                          f"activations (the modules outside the blocks and {what})")

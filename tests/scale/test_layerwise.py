@@ -18,7 +18,7 @@ from lowbit import assets
 from lowbit.compress.convert import compressible_linears
 from lowbit.data import calibration_batches, make_forward_loop
 from lowbit.hf import load_causal_lm
-from lowbit.scale.memory import RUN_OVERHEAD, TEMPORARIES
+from lowbit.scale.memory import RUN_OVERHEAD, SKELETON_BYTES_PER_BLOCK, TEMPORARIES
 from lowbit.scale.output import join_safetensors
 
 
@@ -156,7 +156,7 @@ def test_activations_on_disk_beyond_the_budget(tiny, tmp_path):
     numel = 4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
     block = (4 * numel + int(TEMPORARIES["awq_lite"] * 4 * numel)
              + max(32 * (5 * 128 + 8 * 64) * 4, 128 * (6 * 64 + 128 + 128) * 4 + 128 * 128 * 4) + RUN_OVERHEAD)
-    reserved = 4 * (128 * 64 * 2 + 64) + block
+    reserved = 4 * (128 * 64 * 2 + 64) + block + 3 * SKELETON_BYTES_PER_BLOCK
     activation_bytes = 2 * 16 * 64 * 4  # one batch's hidden states, float32
     on_disk = lowbit.quantize_layerwise(directory, config, batches, tmp_path / "disk", dtype=torch.float32,
                                         host_memory_budget=reserved + 3 * activation_bytes,
