@@ -14,7 +14,8 @@ resident size after importing torch, transformers and lowbit (the floor), its pe
 run (Linux ``VmHWM``, reset to the floor with ``/proc/self/clear_refs`` after the imports), the wall time, the
 most activation bytes on disk at once, and the output's size. On CUDA the process may use
 ``W / gpu-ratio`` bytes of the GPU (``torch.cuda.set_per_process_memory_fraction``); its peak allocated GPU
-memory is reported too. The table goes to stdout and to ``out/layerwise_<device>_<date>.md``.
+memory is reported too. The table goes to stdout and to ``out/layerwise_memory_[cuda_]<date>.md``.
+``--preset INT4_GPTQ``: INT4 blockwise weights with GPTQ (``lowbit ptq --qformat int4_gptq``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ import time
 from pathlib import Path
 
 MEGABYTE = 1e6
+PRESET_ALGORITHMS = {"INT4_GPTQ": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq")}  # lowbit ptq --qformat int4_gptq
+
+
+def preset_config(name: str) -> dict:
+    """A preset by name, or ``INT4_GPTQ``: INT4 blockwise weights with the GPTQ algorithm."""
+    import lowbit
+
+    preset, algorithm = PRESET_ALGORITHMS.get(name, (name, None))
+    config = lowbit.get_preset(preset)
+    if algorithm is not None:
+        config["algorithm"] = algorithm
+    return config
 
 
 def make_checkpoint(args: argparse.Namespace, directory: Path) -> None:
@@ -75,12 +88,12 @@ def child(args: argparse.Namespace) -> None:
     preset = args.preset[-1]
     out = Path(args.workdir) / f"out-{preset}"
     start = time.perf_counter()
-    result = lowbit.quantize_layerwise(args.checkpoint, lowbit.get_preset(preset), batches, out, device=device,
+    result = lowbit.quantize_layerwise(args.checkpoint, preset_config(preset), batches, out, device=device,
                                        host_memory_budget=args.budget, offload_dir=Path(args.workdir) / "spill",
                                        overwrite=True)
     seconds = time.perf_counter() - start
     record = {"floor": floor, "peak": status_bytes("VmHWM"), "seconds": seconds,
-              "on_disk": result.activation_bytes_on_disk,
+              "on_disk": result.activation_bytes_on_disk, "reserved": result.reserved_bytes,
               "output": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
     if device.type == "cuda":
         record["gpu_peak"] = torch.cuda.max_memory_allocated(device)
@@ -174,22 +187,25 @@ def _report(args, presets, checkpoint, weight_bytes, budget, gpu_bytes, rows) ->
         + (f"; GPU memory the process may use = W / {args.gpu_ratio} = {gpu_bytes / MEGABYTE:.1f} MB" if cuda else ""),
         f"- calibration: {args.samples} random windows of {args.seq_len} tokens, batches of {args.batch_size}",
         "- floor: resident after importing torch, transformers, lowbit; peak: VmHWM over the run (reset after imports)",
+        "- reserved: what quantize_layerwise kept from the budget for the modules outside the blocks and a block at "
+        "its peak (lowbit.scale.memory); the rest held activations, disk beyond it",
         "",
-        "| preset | wall s | host peak MB | peak - floor MB | (peak - floor) / budget | activations on disk MB |"
-        + (" GPU peak MB | GPU peak / W |" if cuda else "") + " output MB |",
-        "|---|---|---|---|---|---|" + ("---|---|" if cuda else "") + "---|",
+        "| preset | wall s | host peak MB | peak - floor MB | (peak - floor) / budget | reserved MB | "
+        "activations on disk MB |" + (" GPU peak MB | GPU peak / W |" if cuda else "") + " output MB |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "") + "---|",
     ]
     for preset, r in rows:
         above = r["peak"] - r["floor"]
         gpu = f" {r['gpu_peak'] / MEGABYTE:.1f} | {r['gpu_peak'] / weight_bytes:.2f} |" if cuda else ""
         lines.append(f"| {preset} | {r['seconds']:.1f} | {r['peak'] / MEGABYTE:.1f} | {above / MEGABYTE:.1f} | "
-                     f"{above / budget:.2f} | {r['on_disk'] / MEGABYTE:.1f} |{gpu} {r['output'] / MEGABYTE:.1f} |")
+                     f"{above / budget:.2f} | {r['reserved'] / MEGABYTE:.1f} | {r['on_disk'] / MEGABYTE:.1f} |{gpu} "
+                     f"{r['output'] / MEGABYTE:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    (out / f"layerwise_{'cuda' if cuda else 'cpu'}_{stamp}.md").write_text(text)
+    (out / f"layerwise_memory_{'cuda_' if cuda else ''}{stamp}.md").write_text(text)
 
 
 if __name__ == "__main__":

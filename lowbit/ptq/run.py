@@ -116,11 +116,11 @@ def run_ptq(settings: PtqSettings, argv: list[str]) -> dict:
     print_plan(the_plan, settings)
     if settings.dry_run:
         return the_plan.as_dict()
-    if settings.low_memory_mode:
-        return _run_layerwise(settings, config, the_plan, argv)
     dtype = next(skeleton.parameters()).dtype
     del skeleton
     return_large_frees()
+    if settings.low_memory_mode:
+        return _run_layerwise(settings, config, the_plan, dtype, argv)
     peak = PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -191,7 +191,10 @@ def _export_and_reload(model: nn.Module, tokenizer, settings: PtqSettings, batch
     return record
 
 
-def _run_layerwise(settings: PtqSettings, config: dict, the_plan: Plan, argv: list[str]) -> dict:
+def _run_layerwise(settings: PtqSettings, config: dict, the_plan: Plan, dtype: torch.dtype, argv: list[str]) -> dict:
+    """``--low-memory-mode``: the layer-wise runner writes the packed checkpoint block by block; the export is
+    then loaded back (packed, so smaller than the float model) and, with ``--tasks ppl``, its perplexity scored.
+    No KL: the float reference would be the whole float model in memory, which this mode exists to avoid."""
     runner = check_layerwise_runner()
     peak = PeakMemory()
     peak.start()
@@ -200,13 +203,37 @@ def _run_layerwise(settings: PtqSettings, config: dict, the_plan: Plan, argv: li
     tokenizer = AutoTokenizer.from_pretrained(settings.model_directory, local_files_only=True,
                                               trust_remote_code=settings.trust_remote_code)
     started = time.perf_counter()
-    result = runner(settings.model_directory, config, calibration_data(settings, tokenizer), settings.export_path,
-                    device=settings.device, overwrite=settings.overwrite)
+    batches = calibration_data(settings, tokenizer)
+    result = runner(settings.model_directory, config, batches, settings.export_path, device=settings.device,
+                    dtype=dtype, overwrite=settings.overwrite)
     tokenizer.save_pretrained(settings.export_path)
+    seconds = {"quantize": time.perf_counter() - started}
+    peak.phase("quantize")
+    reloaded = reload_export(settings.export_path, LOWBIT_EXPORT, settings.device, dtype)
+    with torch.no_grad():
+        logits = reloaded(**{key: value.to(settings.device) for key, value in batches[0].items()}).logits
+    rows = []
+    if settings.evaluates:
+        started = time.perf_counter()
+        rows = [{"model": f"{settings.qformat} (layer-wise, reloaded)",
+                 "perplexity": perplexity(reloaded, tokenizer, default_eval_text(), seq_len=settings.seq_len,
+                                          stride=max(1, settings.seq_len // EVAL_STRIDE_DIVISOR),
+                                          max_tokens=settings.eval_tokens, progress=settings.progress)}]
+        seconds["evaluate"] = time.perf_counter() - started
+    peak.phase("reload")
+    path = settings.export_path
     report = {**run_context(["lowbit", *argv]), "settings": _settings_record(settings), "plan": the_plan.as_dict(),
-              "seconds": {"quantize": time.perf_counter() - started}, "layerwise": repr(result),
+              "rows": rows, "seconds": seconds,
+              "layerwise": {"blocks": len(result.layers), "activation_bytes_on_disk": result.activation_bytes_on_disk,
+                            "seconds": result.seconds},
+              "export": {"path": str(path), "format": LOWBIT_EXPORT, "reloaded": True,
+                         "bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()),
+                         "reloaded_logits_finite": bool(torch.isfinite(logits).all())},
               "measured": {"host_peak_bytes": peak.host_peak(), "gpu_peak_bytes": peak.gpu_peak(),
-                           "host_method": peak.method}}
+                           "host_method": peak.method,
+                           **{f"{name}_phase_bytes": value for name, value in peak.phases.items()}}}
+    if rows:
+        print(format_table(_display(rows)))
     with atomic_file(report_path(settings.export_path), overwrite=True) as staging:
         staging.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
@@ -269,6 +296,7 @@ def print_plan(the_plan: Plan, settings: PtqSettings) -> None:
     for key, value in the_plan.estimates.items():
         if key.endswith("bytes") and value is not None:
             lines.append(f"  estimated {key.removesuffix('_bytes').replace('_', ' ')}: {value / MEGABYTE:.1f} MB")
-        elif key.endswith("seconds"):
-            lines.append(f"  estimated {key.removesuffix('_seconds').replace('_', ' ')}: {value:.1f} s")
+        elif key == "calibration_lower_bound_seconds":
+            lines.append(f"  estimated calibration: at least {value:.1f} s (a lower bound: matmul FLOPs at the "
+                         "measured matmul rate; searches, fake quantization and overheads not counted)")
     print("\n".join(lines))

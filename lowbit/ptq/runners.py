@@ -44,6 +44,23 @@ def check_layerwise_runner() -> Callable:
     return runner
 
 
+def check_layerwise_qformat(qformat: str, auto_quantize_bits: float | None) -> None:
+    """ValueError when ``--low-memory-mode`` cannot run ``qformat`` (its algorithm needs the whole model) or is
+    asked for an auto_quantize search (which scores the whole model at once)."""
+    if auto_quantize_bits is not None:
+        raise ValueError("--low-memory-mode with --auto-quantize-bits: the format search scores the whole model at "
+                         "once; pass one of them")
+    if _method(QFORMATS[qformat].config()) == "smoothquant":
+        allowed = [name for name, q in QFORMATS.items() if _method(q.config()) != "smoothquant"]
+        raise ValueError(f"--low-memory-mode with --qformat {qformat!r}: SmoothQuant runs on the whole model, not "
+                         f"block by block; allowed with --low-memory-mode are {', '.join(allowed)}")
+
+
+def _method(config: dict) -> str | None:
+    algorithm = config.get("algorithm")
+    return algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+
+
 def check_auto_quantize() -> Callable:
     """``lowbit.search.auto_quantize``; ValueError saying it is not in this install yet."""
     search = _entry(AUTO_QUANTIZE_ENTRY)
@@ -75,8 +92,8 @@ def check_budget(model: nn.Module, bits: float, qformats: tuple[str, ...]) -> di
 
 def run_auto_quantize(model: nn.Module, bits: float, qformats: tuple[str, ...],
                       batches: list[dict[str, torch.Tensor]]) -> dict:
-    """Quantize ``model`` in place by ``lowbit.search.auto_quantize`` (KL scores: no gradients); returns its
-    search state as a dict for the report."""
+    """Quantize ``model`` in place by ``lowbit.search.auto_quantize`` (KL scores: no gradients); returns what the
+    report keeps of its search state: effective bits, total score, method, the format chosen per module."""
     search = check_auto_quantize()
     device = next(model.parameters()).device
 
@@ -86,4 +103,5 @@ def run_auto_quantize(model: nn.Module, bits: float, qformats: tuple[str, ...],
     _, state = search(model, constraints={"effective_bits": bits},
                       quantization_formats=[QFORMATS[name].config() for name in qformats],
                       data_loader=batches, forward_step=forward_step, method="kl_div")
-    return state.to_dict() if hasattr(state, "to_dict") else {"state": repr(state)}
+    return {"effective_bits": state.effective_bits, "score": state.score, "method": state.method,
+            "assignment": state.assignment}

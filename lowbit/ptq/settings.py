@@ -14,7 +14,7 @@ from lowbit.assets import default_model_path
 from lowbit.files import check_writable
 from lowbit.hf import DEFAULT_SOURCE
 from lowbit.ptq.qformats import KV_QFORMATS, LOWBIT_EXPORT, QFORMATS, check_choice, check_export, default_export
-from lowbit.ptq.runners import check_auto_quantize, check_budget, check_layerwise_runner
+from lowbit.ptq.runners import check_auto_quantize, check_budget, check_layerwise_qformat, check_layerwise_runner
 
 TASKS = ("quant", "ppl")
 DEVICES = ("cpu", "cuda")
@@ -121,6 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> PtqSettings:
     if (args.auto_quantize_bits is None) != (not quant):
         raise ValueError("--auto-quantize-bits B and --quant a,b go together: the budget in bits per weight and "
                          "the formats to choose from")
+    if args.low_memory_mode:
+        check_layerwise_qformat(args.qformat, args.auto_quantize_bits)
     if args.auto_quantize_bits is not None and args.kv_cache_qformat != "none":
         raise ValueError("--auto-quantize-bits with --kv-cache-qformat: lowbit does not yet add a KV cache to an "
                          "auto_quantize search; pass --kv-cache-qformat none")

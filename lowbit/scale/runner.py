@@ -58,8 +58,10 @@ from lowbit.config import QuantizeConfig, parse_config
 from lowbit.convert import quantize
 from lowbit.files import atomic_directory, check_writable
 from lowbit.modules import is_quantized
+from lowbit.ptq.memory import return_large_frees
 from lowbit.quantizer import collecting_statistics
 from lowbit.scale.activations import ActivationStore, HostBudget, StoredCalls, split_call
+from lowbit.scale.memory import SKELETON_BYTES_PER_BLOCK, block_memory
 from lowbit.scale.output import PartWriter
 from lowbit.scale.shards import SafetensorsShards, materialise, meta_model, release
 from lowbit.structure.blocks import require_block_stacks
@@ -69,11 +71,10 @@ logger = logging.getLogger(__name__)
 WRITER = "lowbit.quantize_layerwise"
 SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-# Host memory a block takes at its peak, in blocks' weights (calibration dtype). On the CPU the block runs there:
-# weights, their fake-quantized copy reused over a pass, float32 temporaries of calibration and packing; measured
-# 7.6x (FP8 max, Llama hidden 1024, bench/results/layerwise_cpu_2026-12-07.md). On an accelerator the host holds
-# the block as read, on its way to the device, and the packed result on its way to the file.
-RESIDENT_BLOCKS = {"cpu": 8, "accelerator": 2}
+# Host memory a block takes at its peak on an accelerator, in blocks' weights: the block as read, on its way to
+# the device, and the packed result on its way to the file. On the CPU the block runs on the host: its peak is
+# the algorithm's (lowbit.scale.memory).
+ACCELERATOR_RESIDENT_BLOCKS = 2
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LayerwiseResult:
     layers: list[LayerReport] = field(default_factory=list)
     activation_bytes_on_disk: int = 0
     seconds: float = 0.0
+    reserved_bytes: int | None = None  # of the budget: the modules outside the blocks and a block at its peak
 
 
 def quantize_layerwise(
@@ -106,8 +108,10 @@ def quantize_layerwise(
     ``calib_data``: the batches (dicts of model inputs, e.g. ``lowbit.data.calibration_batches``); ``device``:
     where each block runs; ``dtype``: of the weights while calibrating (default: the checkpoint's
     ``config.json`` dtype); ``host_memory_budget``: bytes of host memory for the run's tensors (None: no limit):
-    the modules outside the blocks and a block at its peak (``RESIDENT_BLOCKS`` blocks' weights) are reserved
-    (ValueError if the budget is smaller), the rest holds activations, which go to files under ``offload_dir``
+    the modules outside the blocks and a block at its peak (``lowbit.scale.memory``: per algorithm, measured) are
+    reserved (ValueError if the budget is smaller; with a budget glibc's mmap threshold is fixed, process-wide,
+    so that freed temporaries leave the resident set: ``lowbit.ptq.memory.return_large_frees``), the rest holds
+    activations, which go to files under ``offload_dir``
     (default: the system's temporary directory) beyond it. Algorithms: ``max`` and the layer-wise ones
     (``awq_lite``, ``awq_clip``, ``awq_full``, ``gptq``, ``scale_estimation``); ``smoothquant`` needs the whole
     model.
@@ -129,8 +133,12 @@ def quantize_layerwise(
                          f"{type(network).__name__} has {[name for name, _ in stacks]}")
     stack_name, layers = stacks[0]
     _check_outside(network, layers)
-    budget = HostBudget(_activation_allowance(network, layers, host_memory_budget, device), offload_dir)
-    result = LayerwiseResult(Path(output_dir))
+    reserved = _reserved(network, layers, config, full_pass_first(step, network, stacks), calib_data, device,
+                         host_memory_budget)
+    if host_memory_budget is not None:
+        return_large_frees()
+    budget = HostBudget(None if reserved is None else host_memory_budget - reserved, offload_dir)
+    result = LayerwiseResult(Path(output_dir), reserved_bytes=reserved)
     writes = distributed.is_first_rank()  # distributed: every rank calibrates, the first writes
     try:
         with atomic_directory(output_dir, WRITER, overwrite) if writes else nullcontext() as staging:
@@ -143,7 +151,7 @@ def quantize_layerwise(
             for _, module in outside:  # packed and written on the host at the end: the device keeps one block
                 module.to("cpu")
             sweep = _Sweep(network, stack_name, layers, first, shards, device, budget)
-            full_pass = step is not None and not ranges_measured_per_layer(network, stacks)
+            full_pass = full_pass_first(step, network, stacks)
             if full_pass:  # the whole model's max calibration first, as lowbit.quantize does
                 sweep.run(None, layer_inputs, full_pass, writer=None)
             result.layers = sweep.run(step, layer_inputs, full_pass, writer)
@@ -331,18 +339,35 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _activation_allowance(network: nn.Module, layers: nn.ModuleList, budget: int | None,
-                          device: torch.device) -> int | None:
-    """Host bytes left for activations: the budget less the modules outside the blocks and ``RESIDENT_BLOCKS``
-    blocks' weights (in the calibration dtype); ValueError when that is negative."""
+def full_pass_first(step: LayerPass | None, network: nn.Module, stacks: list) -> bool:
+    """A layer-wise algorithm needs the whole model's max calibration first (a first sweep) when some static
+    activation quantizer is not an analytic input range (module docstring, step 3)."""
+    return step is not None and not ranges_measured_per_layer(network, stacks)
+
+
+def _reserved(network: nn.Module, layers: nn.ModuleList, config: QuantizeConfig, full_pass: bool,
+              calib_data: list[dict[str, Tensor]], device: torch.device, budget: int | None) -> int | None:
+    """Host bytes the budget keeps from the activations: the modules outside the blocks, the model's skeleton
+    (``SKELETON_BYTES_PER_BLOCK`` a block) and the largest block at its peak (on the CPU: ``lowbit.scale.memory``,
+    the heavier of the max sweep and the algorithm when both run); None without a budget; ValueError when the
+    budget is smaller."""
     if budget is None:
         return None
-    blocks = RESIDENT_BLOCKS["cpu" if device.type == "cpu" else "accelerator"]
-    reserved = _bytes(network) - _bytes(layers) + blocks * max(_bytes(layer) for layer in layers)
+    layer = max(layers, key=_bytes)
+    if device.type != "cpu":
+        block = ACCELERATOR_RESIDENT_BLOCKS * _bytes(layer)
+        what = f"{ACCELERATOR_RESIDENT_BLOCKS} blocks' weights"
+    else:
+        algorithms = [config.algorithm] + (["max"] if full_pass and config.algorithm != "max" else [])
+        tokens = [next(iter(b.values())).numel() for b in calib_data]
+        peaks = [block_memory(layer, name, config.algorithm_options, sum(tokens), max(tokens)) for name in algorithms]
+        block = max(peak.total for peak in peaks)
+        what = f"the largest block at its peak under {' and '.join(algorithms)} ({block} bytes)"
+    reserved = _bytes(network) - _bytes(layers) + block + SKELETON_BYTES_PER_BLOCK * len(layers)
     if reserved > budget:
         raise ValueError(f"host_memory_budget={budget} bytes is below the {reserved} bytes the run holds besides "
-                         f"activations (the modules outside the blocks and {blocks} blocks' weights at their peak)")
-    return budget - reserved
+                         f"activations (the modules outside the blocks and {what})")
+    return reserved
 
 
 def _check_outside(network: nn.Module, layers: nn.ModuleList) -> None:

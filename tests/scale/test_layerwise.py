@@ -18,6 +18,7 @@ from lowbit import assets
 from lowbit.compress.convert import compressible_linears
 from lowbit.data import calibration_batches, make_forward_loop
 from lowbit.hf import load_causal_lm
+from lowbit.scale.memory import RUN_OVERHEAD, SKELETON_BYTES_PER_BLOCK, TEMPORARIES
 from lowbit.scale.output import join_safetensors
 
 
@@ -148,8 +149,14 @@ def test_activations_on_disk_beyond_the_budget(tiny, tmp_path):
     directory, model, batches = tiny
     config = _awq_int4(16)
     in_memory = lowbit.quantize_layerwise(directory, config, batches, tmp_path / "ram", dtype=torch.float32)
-    # float32: embedding, head and final norm, then 8 blocks (q, o; k, v half size; gate, up, down; 2 norms)
-    reserved = 4 * (128 * 64 * 2 + 64) + 8 * 4 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)
+    # float32: embedding, head and final norm, then a block at its AWQ peak (lowbit.scale.memory's formula): its
+    # weights (q, o; k, v half size; gate, up, down; 2 norms), float32 temporaries, the larger of one batch's
+    # forward (32 tokens) and the sampled inputs of every linear (all 128 tokens: q, k, v, o, gate, up read 64
+    # columns, down 128) plus one group's copy (128 columns) and its Gram matrix, and the run's overhead
+    numel = 4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    block = (4 * numel + int(TEMPORARIES["awq_lite"] * 4 * numel)
+             + max(32 * (5 * 128 + 8 * 64) * 4, 128 * (6 * 64 + 128 + 128) * 4 + 128 * 128 * 4) + RUN_OVERHEAD)
+    reserved = 4 * (128 * 64 * 2 + 64) + block + 3 * SKELETON_BYTES_PER_BLOCK
     activation_bytes = 2 * 16 * 64 * 4  # one batch's hidden states, float32
     on_disk = lowbit.quantize_layerwise(directory, config, batches, tmp_path / "disk", dtype=torch.float32,
                                         host_memory_budget=reserved + 3 * activation_bytes,
