@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import distributed
+from lowbit.algorithms.gptq_micro import MicroScaleGrid, is_micro_scaled, micro_block_size
 from lowbit.algorithms.layerwise import LayerInputs, weights_reused
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.algorithms.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
@@ -198,15 +199,21 @@ def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tup
 
 def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
                act_order: bool = False, static_groups: bool = False,
-               estimate_range: RangeEstimator | None = None) -> list[tuple[str, float]]:
+               estimate_range: RangeEstimator | None = None, block_scales: str = "max") -> list[tuple[str, float]]:
     """GPTQ every linear with an enabled weight quantizer in ``layer`` (``linears_with_hessians``), replacing
     its weight; each weight quantizer gets the grid GPTQ used. With ``estimate_range`` (e.g. scale
     estimation), that sets the quantizer's range from the Hessian first, and GPTQ keeps it as the fixed
-    grid of every group. Symmetric and asymmetric integer grids. Returns (name, loss).
+    grid of every group. Symmetric and asymmetric integer grids, and NVFP4 / MX weights (``gptq_micro``: each
+    block's scale chosen by ``block_scales`` when the loop reaches it). Returns (name, loss).
     """
     losses = []
     for name, linear, hessian in linears_with_hessians(layer, inputs):
         quantizer = linear.weight_quantizer
+        if is_micro_scaled(quantizer):
+            losses.append((name, _gptq_micro_scaled(linear, name, hessian, block_scales, block_size=block_size,
+                                                    percdamp=percdamp, act_order=act_order,
+                                                    static_groups=static_groups)))
+            continue
         group_size = gptq_group_size(linear, name)
         fixed = None
         if estimate_range is not None:
@@ -235,9 +242,24 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
     return losses
 
 
+def _gptq_micro_scaled(linear: QuantizableWeight, name: str, hessian: Tensor, block_scales: str,
+                       **options) -> float:
+    """GPTQ of one NVFP4 / MX weight (``gptq_micro``): weight replaced, block maxima stored; returns the loss."""
+    quantizer = linear.weight_quantizer
+    grid = MicroScaleGrid.of(quantizer, linear.weight, micro_block_size(linear, name, block_scales), block_scales)
+    result = gptq_quantize(linear.weight.detach(), hessian, grid.block_amax, grid.quantize_column,
+                           group_size=grid.block_size, **options)
+    with torch.no_grad():
+        linear.weight.copy_(result.weight)
+    grid.store(quantizer, linear.weight, result.group_amax)
+    return result.loss
+
+
 def gptq_group_size(linear: QuantizableWeight, name: str) -> int:
     """Columns sharing one grid; ValueError if GPTQ cannot handle the weight quantizer (``weights`` module,
-    plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them)."""
+    plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them, and NVFP4 / MX blocks)."""
+    if is_micro_scaled(linear.weight_quantizer):
+        return micro_block_size(linear, name)
     if getattr(getattr(linear.weight_quantizer, "config", None), "keeps_amin", False):
         return estimation_group_size(linear, name)
     return weight_group_size(linear, name)
