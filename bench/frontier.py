@@ -2,7 +2,8 @@
 NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
-                             [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--out bench/results]
+                             [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--methods "RTN;GPTQ"]
+                             [--out bench/results]
     python bench/frontier.py --combine bench/results/STEM RUN.jsonl [RUN.jsonl ...]
 
 Each run writes ``<out>/frontier_<model>[_<formats>]_<date>.md`` and ``.jsonl`` (its records); ``--combine``
@@ -18,7 +19,8 @@ change beside it, and the calibration + quantization wall time as a ratio to RTN
 the machine is shared, so times are indicative). Peers run in the same process: ModelOpt (its max calibration at
 every format, its awq_lite at W4; its integers are symmetric only) and NNCF (``compress_weights`` INT4_SYM g128,
 data-free and with AWQ + scale estimation; NNCF has no 3- or 2-bit integer mode and no W4A4 FP4 for torch). A case
-that cannot run records why (GPTQ needs static group scales: NVFP4 / MX block scales are not).
+that cannot run records why. GPTQ on NVFP4 / MX fixes each block's scale when its column loop reaches the block
+(``lowbit.algorithms.gptq_micro``).
 
 Under the tables, the issue's targets, each by KL and by perplexity delta: the best lowbit W4A16 g128 entry
 <= 0.40x RTN's, W3A16 g128 <= 0.45x RTN's, the best W4A4 NVFP4 <= 1.2x W4A16 g128 RTN's; and whether the best
@@ -140,7 +142,28 @@ def cases() -> list[Case]:
             modelopt_case(format, "ModelOpt max", FORMATS[format][0]),
         ]
     found.append(modelopt_case(NVFP4, "ModelOpt awq_lite", "NVFP4_AWQ_LITE_CFG"))
+    found += micro_gptq_cases()
     return found
+
+
+def micro_gptq_cases() -> list[Case]:
+    """GPTQ on NVFP4 / MX weights (``lowbit.algorithms.gptq_micro``) with each block's scale searched when the
+    column loop reaches it (by the block's squared error, or by GPTQ's loss), with act-order, and with QuaRot;
+    then the KL study of GPTQ's options at W4 / W3 g128 (act-order, Hessian damping, layer inputs, with QuaRot
+    and scale estimation or HQQ's grid)."""
+    search = {"method": "gptq", "block_scales": "mse"}
+    found = [lowbit_case(format, name, algorithm) for format in (NVFP4, MXFP4) for name, algorithm in (
+        ("GPTQ + block scale search", search),
+        ("GPTQ + block scales by GPTQ loss", {"method": "gptq", "block_scales": "loss"}),
+        ("GPTQ act-order + block scale search", {**search, "act_order": True, "static_groups": True}),
+        ("QuaRot + GPTQ + block scale search", {**search, **ROTATE}))]
+    act_order = {**GPTQ_SE, "act_order": True}
+    return found + [lowbit_case(format, name, algorithm) for format in (W4, W3) for name, algorithm in (
+        ("GPTQ act-order + scale estimation", act_order),
+        ("QuaRot + GPTQ act-order + scale estimation", {**act_order, **ROTATE}),
+        ("QuaRot + GPTQ act-order + HQQ grid", {"method": "gptq", "hqq": True, "act_order": True, **ROTATE}),
+        ("QuaRot + GPTQ + scale estimation, damp 0.1", {**GPTQ_SE, "percdamp": 0.1, **ROTATE}),
+        ("QuaRot + GPTQ + scale estimation, quantized inputs", {**GPTQ_SE, "layer_inputs": "quantized", **ROTATE}))]
 
 
 def _nncf(format: str, method: str, mode: str, **options) -> Case:
@@ -276,6 +299,19 @@ def read_records(paths: list[Path]) -> tuple[list[dict], Measurement, list[Case]
     return runs, baseline, [selected[i] for i in order], [results[i] for i in order]
 
 
+def _methods_option(argv: list[str]) -> tuple[set[str] | None, list[str]]:
+    """``--methods "A;B"`` (method names as in the table, ``;``-separated) taken out of ``argv``: run only those
+    rows (the other rows of a combined report come from earlier runs of the same workload)."""
+    if "--methods" not in argv:
+        return None, argv
+    index = argv.index("--methods")
+    names = {name.strip() for name in argv[index + 1].split(";")}
+    unknown = sorted(names - {case.config for case in cases()})
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {sorted({case.config for case in cases()})}")
+    return names, argv[:index] + argv[index + 2:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--combine"]:  # --combine OUT_STEM FILE.jsonl ...: one report from several runs of one model
@@ -286,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         write_results(Path(argv[1]).parent, Path(argv[1]).name, report(model, context, runs, baseline, selected,
                                                                       results), records)
         return 0
+    methods, argv = _methods_option(argv)
     args, selected = parse_bench_args(__doc__.split("\n\n")[0], argv, cases(), 1, "unused: one run per case",
                                       eval_tokens=2048)
+    if methods is not None:
+        selected = [case for case in selected if case.config in methods]
     formats = {case.format for case in selected}
     if NVFP4 in formats and W4 not in formats:  # the NVFP4 target is relative to W4A16 g128 RTN
         selected.insert(0, next(c for c in cases() if c.format == W4 and c.config == "RTN"))

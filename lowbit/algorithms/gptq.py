@@ -40,6 +40,7 @@ from lowbit.structure.groups import find_input_groups
 from lowbit.structure.weights import QuantizableWeight
 
 GroupAmax = Callable[[Tensor], Tensor]  # (out, group_size) slab -> amax for that group
+GroupChooser = Callable[[Tensor, Tensor], Tensor]  # (slab, the group's (g, g) block of U) -> amax for that group
 ColumnQuantizer = Callable[[Tensor, Tensor], Tensor]  # (column (out,), group amax) -> quantized column
 DAMPING_RETRIES = 6
 
@@ -106,13 +107,16 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     fixed_groups: list[Tensor] | None = None,
+    choose_group: GroupChooser | None = None,
 ) -> GptqResult:
     """GPTQ of ``weight`` ``(out, in)`` with Hessian ``hessian`` ``(in, in)`` (see the module docstring).
 
     ``group_size`` (None = all ``in`` columns) must divide ``in``; ``block_size`` is rounded down to a
     multiple of it (at least one group) so a group never straddles a lazy-update block. ``fixed_groups``
     (one entry per group, in column order) implies static groups. Computes in float32, or float64 when
-    ``weight`` is float64. Neither input is modified.
+    ``weight`` is float64. Neither input is modified. ``choose_group`` (dynamic groups only) replaces
+    ``group_amax`` at each group's first column and also gets the group's ``(g, g)`` block of ``U``, so that a
+    grid can be chosen by GPTQ's own loss over the group (``gptq_micro``'s ``block_scales="loss"``).
     """
     out_features, columns = weight.shape
     group_size = columns if group_size is None else group_size
@@ -120,6 +124,9 @@ def gptq_quantize(
     _check_options(hessian, columns, group_size, block_size, percdamp, act_order, static_groups)
     if fixed_groups is not None and len(fixed_groups) != columns // group_size:
         raise ValueError(f"fixed_groups has {len(fixed_groups)} entries, expected {columns // group_size} groups")
+    if choose_group is not None and static_groups:
+        raise ValueError("choose_group picks a group's grid from its current weights: it needs dynamic groups "
+                         "(static_groups=False, no fixed_groups)")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype).clone()
@@ -150,7 +157,9 @@ def gptq_quantize(
             column = start + i
             if not static_groups and column % group_size == 0:
                 # the group's current weights: all of them are in this block (or, for one group, in w)
-                groups.append(group_amax(block[:, i : i + group_size] if group_size < columns else w))
+                slab = block[:, i : i + group_size] if group_size < columns else w
+                groups.append(group_amax(slab) if choose_group is None else
+                              choose_group(slab, upper[column : column + group_size, column : column + group_size]))
             q = quantize_column(block[:, i], groups[group_of[column]])
             error = (block[:, i] - q) / upper[column, column]
             block[:, i:] -= error[:, None] * upper[column, column:stop][None, :]
@@ -248,7 +257,8 @@ def _gptq_micro_scaled(linear: QuantizableWeight, name: str, hessian: Tensor, bl
     quantizer = linear.weight_quantizer
     grid = MicroScaleGrid.of(quantizer, linear.weight, micro_block_size(linear, name, block_scales), block_scales)
     result = gptq_quantize(linear.weight.detach(), hessian, grid.block_amax, grid.quantize_column,
-                           group_size=grid.block_size, **options)
+                           group_size=grid.block_size,
+                           choose_group=grid.block_amax_by_loss if block_scales == "loss" else None, **options)
     with torch.no_grad():
         linear.weight.copy_(result.weight)
     grid.store(quantizer, linear.weight, result.group_amax)

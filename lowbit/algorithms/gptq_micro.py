@@ -11,7 +11,10 @@ For a weight ``W`` ``(out, in)`` with blocks of ``b`` columns:
 2. When the column loop reaches a block's first column, the block's ``block_amax`` ``(out, 1)`` is chosen from
    the block's current, error-updated weights ``(out, b)`` (or, with ``static_groups``, from the weights before
    GPTQ, up front, as ``act_order`` needs): ``"max"`` its own max |w| (the format's default scale), ``"mse"`` or
-   ``"4over6"`` the per-block scale search of ``lowbit.formats.scale_search`` on those weights.
+   ``"4over6"`` the per-block scale search of ``lowbit.formats.scale_search`` on those weights (least squared
+   error of the block rounded alone), ``"loss"`` the same ``"mse"`` candidates ranked per row by GPTQ's own loss
+   over the block, ``sum_j e_j^2`` with ``e_j = (w_j - q_j) / U_jj`` and each error pushed onto the block's
+   later columns as the loop will (``U`` the Cholesky factor of the inverse Hessian; dynamic blocks only).
 3. Each column ``w_j`` of the block is quantized by the format's own function on blocks of one element with
    the block's ``block_amax``: ``fake_quant_nvfp4(w_j[:, None], global_amax, 1, block_amax)`` (the scale formula
    reads only ``block_amax``, so this is the value the ``b``-wide block gives that element); its error goes onto
@@ -30,11 +33,18 @@ from torch import Tensor
 
 from lowbit import formats
 from lowbit.formats.minifloat import FloatFormat
-from lowbit.formats.scale_search import MX_METHODS, NVFP4_METHODS, mx_block_amax, nvfp4_block_amax
+from lowbit.formats.scale_search import (
+    MX_METHODS,
+    NVFP4_METHODS,
+    mx_block_amax,
+    mx_candidates,
+    nvfp4_block_amax,
+    nvfp4_candidates,
+)
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.weights import QuantizableWeight
 
-BLOCK_SCALE_CHOICES = ("max", *sorted(set(NVFP4_METHODS) | set(MX_METHODS)))  # gptq's block_scales option
+BLOCK_SCALE_CHOICES = ("max", *sorted(set(NVFP4_METHODS) | set(MX_METHODS)), "loss")  # gptq's block_scales
 NVFP4_SCALE_BITS, MX_SCALE_BITS = (4, 3), (8, 0)
 
 
@@ -50,7 +60,7 @@ def micro_block_size(linear: QuantizableWeight, name: str, block_scales: str = "
     lacks)."""
     quantizer = linear.weight_quantizer
     config = quantizer.config
-    allowed = ("max", *(NVFP4_METHODS if config.block_scale_bits == NVFP4_SCALE_BITS else MX_METHODS))
+    allowed = ("max", *(NVFP4_METHODS if config.block_scale_bits == NVFP4_SCALE_BITS else MX_METHODS), "loss")
     if block_scales not in allowed:
         raise ValueError(f"{name}: gptq block_scales={block_scales!r} is not defined for {config.format_name}; "
                          f"allowed are {list(allowed)}")
@@ -71,7 +81,7 @@ class MicroScaleGrid:
     module docstring), ``quantize_column(column, block_amax)`` rounds one column on it (step 3)."""
 
     block_size: int
-    block_scales: str  # "max", "mse" or "4over6"
+    block_scales: str  # "max", "mse", "4over6" or "loss"
     global_amax: Tensor | None  # NVFP4: () float32; MX: None
     element_format: FloatFormat | None  # MX: the element format; NVFP4: None (E2M1)
 
@@ -89,6 +99,25 @@ class MicroScaleGrid:
         if self.element_format is None:
             return nvfp4_block_amax(slab, self.global_amax, self.block_scales, self.block_size)
         return mx_block_amax(slab, self.element_format, self.block_scales, self.block_size)
+
+    def block_amax_by_loss(self, slab: Tensor, upper: Tensor) -> Tensor:
+        """``(out, 1)`` block maxima among the ``"mse"`` candidates of ``slab`` ``(out, b)``, each row's with the least
+        GPTQ loss over the block (module docstring, step 2; ``upper`` is the block's ``(b, b)`` part of ``U``)."""
+        if self.element_format is None:
+            found = nvfp4_candidates(slab, self.global_amax, "mse", self.block_size)
+        else:
+            found = mx_candidates(slab, self.element_format, "mse", self.block_size)
+        candidates = torch.stack(found)  # (C, out, 1)
+        w = slab.detach().to(upper.dtype).expand(len(found), *slab.shape).clone()  # (C, out, b)
+        loss = torch.zeros(w.shape[:2], dtype=upper.dtype, device=w.device)
+        for i in range(w.shape[2]):
+            column = w[:, :, i]
+            q = self.quantize_column(column.reshape(-1), candidates.reshape(-1, 1)).reshape(column.shape)
+            error = (column - q) / upper[i, i]
+            w[:, :, i:] -= error[:, :, None] * upper[i, i:]
+            loss += error.square()
+        choice = loss.argmin(dim=0)  # the first minimum: the default scale wins ties
+        return candidates.gather(0, choice[None, :, None])[0]
 
     def quantize_column(self, column: Tensor, block_amax: Tensor) -> Tensor:
         """``column`` ``(out,)`` quantize-dequantized with its block's scale from ``block_amax`` ``(out, 1)``."""

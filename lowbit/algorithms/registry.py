@@ -15,8 +15,8 @@ awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512     
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
                   scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free),  gptq_micro
-                  block_scales="max" (NVFP4 / MX: "mse" or "4over6" searches each block's
-                  scale when the column loop reaches it)
+                  block_scales="max" (NVFP4 / MX: "mse" / "4over6" search each block's
+                  scale when the column loop reaches it, "loss" by GPTQ's loss)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
@@ -369,3 +369,6 @@ def _check_micro_scaled(options: dict, estimates: bool, linear: QuantizableWeigh
     if options["act_order"] and not options["static_groups"]:
         raise ValueError(f"{full_name}: act_order=True with NVFP4 / MX blocks needs static_groups=True (each "
                          "block stays a contiguous slab of the original columns)")
+    if options["block_scales"] == "loss" and options["static_groups"]:
+        raise ValueError(f"{full_name}: gptq block_scales='loss' ranks a block's scales by GPTQ's loss from its "
+                         "current weights; it needs static_groups=False")

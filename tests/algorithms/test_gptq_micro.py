@@ -39,17 +39,42 @@ def nvfp4_element(x, block_amax, global_amax):
     return e2m1(x / (s * g)) * s * g
 
 
-def nvfp4_mse_amax(slab, global_amax):
-    """The block maxima among the E4M3 scales -3..+4 codes from the default with the least block squared error."""
+def nvfp4_mse_candidates(slab, global_amax):
+    """Block maxima (out,): the block's own, then those of the E4M3 scales -3..+4 codes from its default scale."""
     g = global_amax / (6 * 448)
     default = e4m3_code(slab.abs().amax(1) / (6 * g))
-    best, best_error = slab.abs().amax(1), None
-    for step in (0, -3, -2, -1, 1, 2, 3, 4):
-        candidate = slab.abs().amax(1) if step == 0 else E4M3_VALUES[(default + step).clamp(1, 126)] * 6 * g
-        error = (nvfp4_element(slab, candidate[:, None], global_amax) - slab).square().sum(1)
-        best = best if best_error is None else torch.where(error < best_error, candidate, best)
-        best_error = error if best_error is None else torch.minimum(error, best_error)
-    return best
+    steps = (-3, -2, -1, 1, 2, 3, 4)
+    return [slab.abs().amax(1)] + [E4M3_VALUES[(default + step).clamp(1, 126)] * 6 * g for step in steps]
+
+
+def first_least(candidates, errors):
+    """Per row, the candidate with the least error (the first of equals)."""
+    choice = torch.stack(errors).argmin(0)  # argmin returns the first minimum
+    return torch.stack(candidates).gather(0, choice[None])[0]
+
+
+def nvfp4_mse_amax(w, inverse, j, block, global_amax):
+    """The candidate with the least squared error of the block rounded alone."""
+    slab = w[:, j : j + block]
+    candidates = nvfp4_mse_candidates(slab, global_amax)
+    errors = [(nvfp4_element(slab, c[:, None], global_amax) - slab).square().sum(1) for c in candidates]
+    return first_least(candidates, errors)
+
+
+def nvfp4_loss_amax(w, inverse, j, block, global_amax):
+    """The candidate with the least GPTQ loss sum (w_k - q_k)^2 / inverse_kk over the block, each candidate's
+    errors pushed onto the block's later columns (a copy of the loop below, run once per candidate)."""
+    candidates = nvfp4_mse_candidates(w[:, j : j + block], global_amax)
+    errors = []
+    for candidate in candidates:
+        wc, inv, loss = w.clone(), inverse.clone(), torch.zeros(w.shape[0], dtype=torch.float64)
+        for k in range(j, j + block):
+            q = nvfp4_element(wc[:, k], candidate, global_amax)
+            loss += (wc[:, k] - q).square() / inv[k, k]
+            wc -= ((wc[:, k] - q) / inv[k, k])[:, None] * inv[k][None, :]
+            inv = inv - inv[:, k : k + 1] @ inv[k : k + 1, :] / inv[k, k]
+        errors.append(loss)
+    return first_least(candidates, errors)
 
 
 def mx_element(x, block_amax):
@@ -63,11 +88,11 @@ def reference_micro_gptq(weight, hessian, block, percdamp, element, choose, orde
     columns = w.shape[1]
     h += percdamp * h.diagonal().mean() * torch.eye(columns, dtype=torch.float64)
     inverse = torch.linalg.inv(h)
-    fixed = [choose(w[:, b : b + block]) for b in range(0, columns, block)]
+    fixed = [choose(w, inverse, b) for b in range(0, columns, block)]
     quantized = torch.zeros_like(w)
     for step, j in enumerate(range(columns) if order is None else order):
         if not static and step % block == 0:
-            fixed[j // block] = choose(w[:, j : j + block])  # the block's current weights
+            fixed[j // block] = choose(w, inverse, j)  # from the block's current weights
         q = element(w[:, j], fixed[j // block])
         quantized[:, j] = q
         error = (w[:, j] - q) / inverse[j, j]
@@ -84,21 +109,27 @@ def problem(seed, out=8, columns=64):
     return weight, 2 * x.T @ x / x.shape[0]
 
 
-@pytest.mark.parametrize("search", ["max", "mse"])
+@pytest.mark.parametrize("search", ["max", "mse", "loss"])
 def test_nvfp4_gptq_equals_float64_reference(search):
     weight, hessian = problem(3)
     global_amax = weight.abs().amax()
     grid = MicroScaleGrid(16, search, global_amax.float(), None)
-    result = gptq_quantize(weight, hessian, grid.block_amax, grid.quantize_column, group_size=16, block_size=32)
-
-    def choose(slab):
-        return slab.abs().amax(1) if search == "max" else nvfp4_mse_amax(slab, global_amax)
+    result = gptq_quantize(weight, hessian, grid.block_amax, grid.quantize_column, group_size=16, block_size=32,
+                           choose_group=grid.block_amax_by_loss if search == "loss" else None)
+    choices = {"max": lambda w, inverse, j: w[:, j : j + 16].abs().amax(1),
+               "mse": lambda w, inverse, j: nvfp4_mse_amax(w, inverse, j, 16, global_amax),
+               "loss": lambda w, inverse, j: nvfp4_loss_amax(w, inverse, j, 16, global_amax)}
+    choose = choices[search]
 
     expected, blocks = reference_micro_gptq(weight, hessian, 16, 0.01,
                                             lambda c, a: nvfp4_element(c, a, global_amax), choose)
     # float32 scales inside lowbit's formats vs float64 here: values agree to float32 rounding, codes exactly
     torch.testing.assert_close(result.weight, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.cat(result.group_amax, 1).double(), blocks, rtol=1e-6, atol=0)
+    if search == "loss":  # the loss ranks the candidates differently from the block's own squared error here
+        mse_blocks = reference_micro_gptq(weight, hessian, 16, 0.01, lambda c, a: nvfp4_element(c, a, global_amax),
+                                          choices["mse"])[1]
+        assert not torch.equal(blocks, mse_blocks)
     rtn = nvfp4_element(weight, weight.reshape(8, 4, 16).abs().amax(-1).repeat_interleave(16, 1), global_amax)
     assert result.loss < float(((weight - rtn) @ hessian * (weight - rtn)).sum() / 2)  # GPTQ's loss beats RTN's
 
@@ -109,13 +140,15 @@ def test_mx_gptq_act_order_static_equals_float64_reference():
     grid = MicroScaleGrid(32, "max", None, E2M1)
     result = gptq_quantize(weight, hessian, grid.block_amax, grid.quantize_column, group_size=32,
                            act_order=True, static_groups=True)
-    expected, blocks = reference_micro_gptq(weight, hessian, 32, 0.01, mx_element, lambda s: s.abs().amax(1),
+    expected, blocks = reference_micro_gptq(weight, hessian, 32, 0.01, mx_element,
+                                            lambda w, inverse, j: w[:, j : j + 32].abs().amax(1),
                                             order=order.tolist(), static=True)
     torch.testing.assert_close(result.weight, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.cat(result.group_amax, 1).double(), blocks, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(("preset", "options"), [("NVFP4_DEFAULT_CFG", {"block_scales": "mse"}),
+                                                 ("NVFP4_DEFAULT_CFG", {"block_scales": "loss"}),
                                                  ("MXFP4_DEFAULT_CFG", {})])
 def test_gptq_on_a_model_keeps_its_codes_and_beats_rtn(model, batches, preset, options):
     block = 16 if preset.startswith("NVFP4") else 32
@@ -143,6 +176,8 @@ def test_gptq_micro_option_errors(model, batches):
         run_algorithm("gptq", mx, loop, {"block_scales": "4over6"})
     with pytest.raises(ValueError, match="needs static_groups=True"):
         run_algorithm("gptq", nvfp4, loop, {"act_order": True})
+    with pytest.raises(ValueError, match="needs static_groups=False"):
+        run_algorithm("gptq", mx, loop, {"block_scales": "loss", "act_order": True, "static_groups": True})
     with pytest.raises(ValueError, match="fix an integer grid"):
         run_algorithm("gptq", nvfp4, loop, {"scale_estimation": True})
     int4 = quantized(model, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", batches)
