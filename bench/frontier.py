@@ -148,7 +148,8 @@ def cases() -> list[Case]:
 
 def micro_gptq_cases() -> list[Case]:
     """GPTQ on NVFP4 / MX weights (``lowbit.algorithms.gptq_micro``) with each block's scale searched when the
-    column loop reaches it (by the block's squared error, or by GPTQ's loss), with act-order, and with QuaRot;
+    column loop reaches it (by the block's squared error, or by GPTQ's loss), with act-order, with QuaRot, and
+    rounding the least-squares weight for the quantized inputs (``input_error``, ``gptq_target``);
     then the KL study of GPTQ's options at W4 / W3 g128 (act-order, Hessian damping, layer inputs, with QuaRot
     and scale estimation or HQQ's grid)."""
     search = {"method": "gptq", "block_scales": "mse"}
@@ -156,7 +157,9 @@ def micro_gptq_cases() -> list[Case]:
         ("GPTQ + block scale search", search),
         ("GPTQ + block scales by GPTQ loss", {"method": "gptq", "block_scales": "loss"}),
         ("GPTQ act-order + block scale search", {**search, "act_order": True, "static_groups": True}),
-        ("QuaRot + GPTQ + block scale search", {**search, **ROTATE}))]
+        ("QuaRot + GPTQ + block scale search", {**search, **ROTATE}),
+        ("GPTQ + block scale search + input error", {**search, "input_error": True}),
+        ("QuaRot + GPTQ + block scale search + input error", {**search, "input_error": True, **ROTATE}))]
     act_order = {**GPTQ_SE, "act_order": True}
     return found + [lowbit_case(format, name, algorithm) for format in (W4, W3) for name, algorithm in (
         ("GPTQ act-order + scale estimation", act_order),

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lowbit import distributed
 from lowbit.algorithms.gptq_micro import MicroScaleGrid, is_micro_scaled, micro_block_size
+from lowbit.algorithms.gptq_target import input_error_target, linears_with_input_error
 from lowbit.algorithms.layerwise import LayerInputs, weights_reused
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.algorithms.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
@@ -208,19 +209,27 @@ def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tup
 
 def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
                act_order: bool = False, static_groups: bool = False,
-               estimate_range: RangeEstimator | None = None, block_scales: str = "max") -> list[tuple[str, float]]:
+               estimate_range: RangeEstimator | None = None, block_scales: str = "max",
+               input_error: bool = False) -> list[tuple[str, float]]:
     """GPTQ every linear with an enabled weight quantizer in ``layer`` (``linears_with_hessians``), replacing
     its weight; each weight quantizer gets the grid GPTQ used. With ``estimate_range`` (e.g. scale
     estimation), that sets the quantizer's range from the Hessian first, and GPTQ keeps it as the fixed
     grid of every group. Symmetric and asymmetric integer grids, and NVFP4 / MX weights (``gptq_micro``: each
-    block's scale chosen by ``block_scales`` when the loop reaches it). Returns (name, loss).
+    block's scale chosen by ``block_scales`` when the loop reaches it). With ``input_error`` (``gptq_target``),
+    GPTQ rounds the least-squares weight for the quantized inputs with their Hessian. Returns (name, loss).
     """
     losses = []
-    for name, linear, hessian in linears_with_hessians(layer, inputs):
+    if input_error:
+        found = linears_with_input_error(layer, inputs)
+    else:
+        found = ((name, linear, hessian, None) for name, linear, hessian in linears_with_hessians(layer, inputs))
+    for name, linear, hessian, cross in found:
         quantizer = linear.weight_quantizer
+        weight = linear.weight.detach() if cross is None else input_error_target(linear.weight, hessian, cross,
+                                                                                 percdamp)
         if is_micro_scaled(quantizer):
-            losses.append((name, _gptq_micro_scaled(linear, name, hessian, block_scales, block_size=block_size,
-                                                    percdamp=percdamp, act_order=act_order,
+            losses.append((name, _gptq_micro_scaled(linear, name, weight, hessian, block_scales,
+                                                    block_size=block_size, percdamp=percdamp, act_order=act_order,
                                                     static_groups=static_groups)))
             continue
         group_size = gptq_group_size(linear, name)
@@ -229,7 +238,7 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
             estimate_range(linear, name, hessian)
             fixed = _stored_groups(quantizer, linear.weight, group_size)
         result = gptq_quantize(
-            linear.weight.detach(),
+            weight,
             hessian,
             group_amax=lambda slab, q=quantizer: _group_range(q, slab),
             quantize_column=lambda column, grid, q=quantizer: _quantize_column(q, column, grid),
@@ -251,12 +260,13 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
     return losses
 
 
-def _gptq_micro_scaled(linear: QuantizableWeight, name: str, hessian: Tensor, block_scales: str,
+def _gptq_micro_scaled(linear: QuantizableWeight, name: str, weight: Tensor, hessian: Tensor, block_scales: str,
                        **options) -> float:
-    """GPTQ of one NVFP4 / MX weight (``gptq_micro``): weight replaced, block maxima stored; returns the loss."""
+    """GPTQ of ``weight`` (the linear's, or its ``gptq_target``) on the linear's NVFP4 / MX grid (``gptq_micro``):
+    the linear's weight replaced, block maxima stored; returns the loss."""
     quantizer = linear.weight_quantizer
-    grid = MicroScaleGrid.of(quantizer, linear.weight, micro_block_size(linear, name, block_scales), block_scales)
-    result = gptq_quantize(linear.weight.detach(), hessian, grid.block_amax, grid.quantize_column,
+    grid = MicroScaleGrid.of(quantizer, weight, micro_block_size(linear, name, block_scales), block_scales)
+    result = gptq_quantize(weight, hessian, grid.block_amax, grid.quantize_column,
                            group_size=grid.block_size,
                            choose_group=grid.block_amax_by_loss if block_scales == "loss" else None, **options)
     with torch.no_grad():

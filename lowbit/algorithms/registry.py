@@ -16,7 +16,9 @@ awq_full          awq_lite's and awq_clip's options                             
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
                   scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free),  gptq_micro
                   block_scales="max" (NVFP4 / MX: "mse" / "4over6" search each block's
-                  scale when the column loop reaches it, "loss" by GPTQ's loss)
+                  scale when the column loop reaches it, "loss" by GPTQ's loss),
+                  input_error=False (True: round the least-squares weight for the
+                  quantized inputs, W4A4; gptq_target)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 ================  =======================================================================  ================
@@ -97,7 +99,8 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "awq_clip": {**AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
-             "scale_estimation": False, "hqq": False, "block_scales": "max", **LAYERWISE_OPTIONS},
+             "scale_estimation": False, "hqq": False, "block_scales": "max", "input_error": False,
+             **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
@@ -167,12 +170,14 @@ def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_cl
     return LayerPass(layer_pass, description, watch)
 
 
-def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq, block_scales) -> LayerPass:
+def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq, block_scales,
+          input_error) -> LayerPass:
     estimate_range = hqq_linear_range if hqq else _range_estimator(scale_estimation)
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                         static_groups=static_groups, estimate_range=estimate_range, block_scales=block_scales)
+                         static_groups=static_groups, estimate_range=estimate_range, block_scales=block_scales,
+                         input_error=input_error)
     return LayerPass(layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else "")
-                     + ("" if block_scales == "max" else f"+{block_scales}"))
+                     + ("" if block_scales == "max" else f"+{block_scales}") + ("+input_error" if input_error else ""))
 
 
 def _scale_estimation(**options) -> LayerPass:
@@ -276,6 +281,9 @@ def check_options(name: str, options: dict) -> dict:
         check_block_scale_search_options(options)
     if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
         raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
+    if name == "gptq" and options["input_error"] and (options["hqq"] or options["scale_estimation"] is not False):
+        raise ValueError("algorithm 'gptq': input_error=True changes the weight GPTQ rounds; the grids of hqq and "
+                         "scale_estimation are fitted to the original weight: choose one")
     if name == "gptq" and options["block_scales"] not in BLOCK_SCALE_CHOICES:
         raise ValueError(f"algorithm 'gptq': block_scales={options['block_scales']!r}; allowed: "
                          f"{list(BLOCK_SCALE_CHOICES)}")

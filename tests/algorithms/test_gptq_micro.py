@@ -9,6 +9,7 @@ import torch
 import lowbit.convert as convert
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.gptq_micro import MicroScaleGrid
+from lowbit.algorithms.gptq_target import InputErrorAccumulator, input_error_target
 from lowbit.algorithms.registry import run_algorithm
 from lowbit.formats.minifloat import E2M1
 
@@ -185,3 +186,34 @@ def test_gptq_micro_option_errors(model, batches):
         run_algorithm("gptq", int4, loop, {"block_scales": "mse"})
     after = nvfp4.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_input_error_target_is_the_ridge_least_squares_weight():
+    """``V = W C (H_q + d I)^-1`` against float64 least squares of the stacked system [Xq; sqrt(n d / 2) I] V^T =
+    [X W^T; 0] (the ridge problem argmin (2/n) ||X W^T - Xq V^T||^2 + d ||V||^2 written as plain least squares)."""
+    generator = torch.Generator().manual_seed(5)
+    x = correlated_inputs(generator, 300, 32).double()
+    xq = x + 0.1 * torch.randn(x.shape, generator=generator, dtype=torch.float64)  # a quantization-like error
+    weight = torch.randn(6, 32, generator=generator, dtype=torch.float64)
+    accumulator = InputErrorAccumulator(32)
+    for rows in (slice(0, 120), slice(120, 300)):
+        accumulator.add(x[rows], xq[rows])
+    hessian_q, cross = accumulator.result()  # float32 products: compared to float64 to float32 rounding
+    torch.testing.assert_close(hessian_q.double(), 2 * xq.T @ xq / 300, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cross.double(), 2 * x.T @ xq / 300, rtol=1e-5, atol=1e-4)
+    target = input_error_target(weight, 2 * xq.T @ xq / 300, 2 * x.T @ xq / 300, percdamp=0.01)
+    d = 0.01 * (2 * xq.T @ xq / 300).diagonal().mean()
+    stacked = torch.cat([xq, (300 * d / 2).sqrt() * torch.eye(32, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(stacked, torch.cat([x @ weight.T, torch.zeros(32, 6, dtype=torch.float64)])).solution
+    torch.testing.assert_close(target, expected.T, rtol=1e-7, atol=1e-9)
+    assert (target - weight).abs().max() > 0.01  # the input error moves the weight
+
+
+def test_input_error_gptq_lowers_the_w4a4_output_error(model, batches):
+    plain = quantized(model, "NVFP4_DEFAULT_CFG", batches)
+    run_algorithm("gptq", plain, forward_loop_for(batches), {"block_size": 32})
+    aware = quantized(model, "NVFP4_DEFAULT_CFG", batches)
+    report = run_algorithm("gptq", aware, forward_loop_for(batches), {"block_size": 32, "input_error": True})
+    assert all(entry.mse_after < entry.mse_max for entry in report), report
+    reference = logits(model, batches)
+    assert (logits(aware, batches) - reference).square().mean() < (logits(plain, batches) - reference).square().mean()
