@@ -158,8 +158,7 @@ def micro_gptq_cases() -> list[Case]:
         ("GPTQ + block scales by GPTQ loss", {"method": "gptq", "block_scales": "loss"}),
         ("GPTQ act-order + block scale search", {**search, "act_order": True, "static_groups": True}),
         ("QuaRot + GPTQ + block scale search", {**search, **ROTATE}),
-        ("GPTQ + block scale search + input error", {**search, "input_error": True}),
-        ("QuaRot + GPTQ + block scale search + input error", {**search, "input_error": True, **ROTATE}))]
+        ("GPTQ + block scale search + input error", {**search, "input_error": True}))]
     act_order = {**GPTQ_SE, "act_order": True}
     return found + [lowbit_case(format, name, algorithm) for format in (W4, W3) for name, algorithm in (
         ("GPTQ act-order + scale estimation", act_order),
