@@ -111,6 +111,30 @@ def modelopt_case(format: str, method: str, preset: str, bits: int | None = None
     return Case(format, "modelopt", method, apply, fold)
 
 
+def new_method_cases() -> list[Case]:
+    """AutoRound (auto-round's defaults, its 'light' recipe of 50 steps, after QuaRot) and LoRA correction
+    (NNCF's rank 8, and rank 2) at the integer formats; SVDQuant at W4A4 (rank 32 as published, rank 4 for the
+    bundled model's width of 256, and followed by the block scale search)."""
+    found = []
+    for format in INTEGER:
+        found += [
+            lowbit_case(format, "AutoRound", "autoround"),
+            lowbit_case(format, "AutoRound light (50 steps)", {"method": "autoround", "iterations": 50}),
+            lowbit_case(format, "QuaRot + AutoRound", {"method": "autoround", **ROTATE}),
+            lowbit_case(format, "LoRA correction (rank 8)", "lora_correction"),
+            lowbit_case(format, "LoRA correction (rank 2)", {"method": "lora_correction", "rank": 2}),
+        ]
+    for format in (NVFP4, MXFP4):
+        found += [
+            lowbit_case(format, "SVDQuant (rank 32)", "svdquant"),
+            lowbit_case(format, "SVDQuant (rank 4)", {"method": "svdquant", "rank": 4}),
+            lowbit_case(format, "SVDQuant + block scale search", "svdquant", then=("block_scale_search",)),
+            *[lowbit_case(format, f"SVDQuant (rank {rank}) + block scale search", {"method": "svdquant", "rank": rank},
+                          then=("block_scale_search",)) for rank in (2, 4, 8)],
+        ]
+    return found
+
+
 def cases() -> list[Case]:
     found = []
     for format in INTEGER:
@@ -130,6 +154,7 @@ def cases() -> list[Case]:
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
     found.append(_nncf(W4, "NNCF INT4_SYM data-free", "INT4_SYM"))
     found.append(_nncf(W4, "NNCF INT4_SYM AWQ + scale estimation", "INT4_SYM", awq=True, scale_estimation=True))
+    found += new_method_cases()
     for format in (NVFP4, MXFP4):
         found += [
             lowbit_case(format, "RTN", "max"),
