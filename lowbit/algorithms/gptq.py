@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import distributed
+from lowbit.algorithms.gptq_micro import MicroScaleGrid, is_micro_scaled, micro_block_size
+from lowbit.algorithms.gptq_target import input_error_target, linears_with_input_error
 from lowbit.algorithms.layerwise import LayerInputs, weights_reused
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.algorithms.weights import effective_input, quantize_column, set_weight_amax, weight_group_size
@@ -39,6 +41,7 @@ from lowbit.structure.groups import find_input_groups
 from lowbit.structure.weights import QuantizableWeight
 
 GroupAmax = Callable[[Tensor], Tensor]  # (out, group_size) slab -> amax for that group
+GroupChooser = Callable[[Tensor, Tensor], Tensor]  # (slab, the group's (g, g) block of U) -> amax for that group
 ColumnQuantizer = Callable[[Tensor, Tensor], Tensor]  # (column (out,), group amax) -> quantized column
 DAMPING_RETRIES = 6
 
@@ -105,13 +108,16 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     fixed_groups: list[Tensor] | None = None,
+    choose_group: GroupChooser | None = None,
 ) -> GptqResult:
     """GPTQ of ``weight`` ``(out, in)`` with Hessian ``hessian`` ``(in, in)`` (see the module docstring).
 
     ``group_size`` (None = all ``in`` columns) must divide ``in``; ``block_size`` is rounded down to a
     multiple of it (at least one group) so a group never straddles a lazy-update block. ``fixed_groups``
     (one entry per group, in column order) implies static groups. Computes in float32, or float64 when
-    ``weight`` is float64. Neither input is modified.
+    ``weight`` is float64. Neither input is modified. ``choose_group`` (dynamic groups only) replaces
+    ``group_amax`` at each group's first column and also gets the group's ``(g, g)`` block of ``U``, so that a
+    grid can be chosen by GPTQ's own loss over the group (``gptq_micro``'s ``block_scales="loss"``).
     """
     out_features, columns = weight.shape
     group_size = columns if group_size is None else group_size
@@ -119,6 +125,9 @@ def gptq_quantize(
     _check_options(hessian, columns, group_size, block_size, percdamp, act_order, static_groups)
     if fixed_groups is not None and len(fixed_groups) != columns // group_size:
         raise ValueError(f"fixed_groups has {len(fixed_groups)} entries, expected {columns // group_size} groups")
+    if choose_group is not None and static_groups:
+        raise ValueError("choose_group picks a group's grid from its current weights: it needs dynamic groups "
+                         "(static_groups=False, no fixed_groups)")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype).clone()
@@ -149,7 +158,9 @@ def gptq_quantize(
             column = start + i
             if not static_groups and column % group_size == 0:
                 # the group's current weights: all of them are in this block (or, for one group, in w)
-                groups.append(group_amax(block[:, i : i + group_size] if group_size < columns else w))
+                slab = block[:, i : i + group_size] if group_size < columns else w
+                groups.append(group_amax(slab) if choose_group is None else
+                              choose_group(slab, upper[column : column + group_size, column : column + group_size]))
             q = quantize_column(block[:, i], groups[group_of[column]])
             error = (block[:, i] - q) / upper[column, column]
             block[:, i:] -= error[:, None] * upper[column, column:stop][None, :]
@@ -198,22 +209,36 @@ def linears_with_hessians(layer: nn.Module, inputs: LayerInputs) -> Iterator[tup
 
 def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, percdamp: float = 0.01,
                act_order: bool = False, static_groups: bool = False,
-               estimate_range: RangeEstimator | None = None) -> list[tuple[str, float]]:
+               estimate_range: RangeEstimator | None = None, block_scales: str = "max",
+               input_error: bool = False) -> list[tuple[str, float]]:
     """GPTQ every linear with an enabled weight quantizer in ``layer`` (``linears_with_hessians``), replacing
     its weight; each weight quantizer gets the grid GPTQ used. With ``estimate_range`` (e.g. scale
     estimation), that sets the quantizer's range from the Hessian first, and GPTQ keeps it as the fixed
-    grid of every group. Symmetric and asymmetric integer grids. Returns (name, loss).
+    grid of every group. Symmetric and asymmetric integer grids, and NVFP4 / MX weights (``gptq_micro``: each
+    block's scale chosen by ``block_scales`` when the loop reaches it). With ``input_error`` (``gptq_target``),
+    GPTQ rounds the least-squares weight for the quantized inputs with their Hessian. Returns (name, loss).
     """
     losses = []
-    for name, linear, hessian in linears_with_hessians(layer, inputs):
+    if input_error:
+        found = linears_with_input_error(layer, inputs)
+    else:
+        found = ((name, linear, hessian, None) for name, linear, hessian in linears_with_hessians(layer, inputs))
+    for name, linear, hessian, cross in found:
         quantizer = linear.weight_quantizer
+        weight = linear.weight.detach() if cross is None else input_error_target(linear.weight, hessian, cross,
+                                                                                 percdamp)
+        if is_micro_scaled(quantizer):
+            losses.append((name, _gptq_micro_scaled(linear, name, weight, hessian, block_scales,
+                                                    block_size=block_size, percdamp=percdamp, act_order=act_order,
+                                                    static_groups=static_groups)))
+            continue
         group_size = gptq_group_size(linear, name)
         fixed = None
         if estimate_range is not None:
             estimate_range(linear, name, hessian)
             fixed = _stored_groups(quantizer, linear.weight, group_size)
         result = gptq_quantize(
-            linear.weight.detach(),
+            weight,
             hessian,
             group_amax=lambda slab, q=quantizer: _group_range(q, slab),
             quantize_column=lambda column, grid, q=quantizer: _quantize_column(q, column, grid),
@@ -235,9 +260,26 @@ def gptq_layer(layer: nn.Module, inputs: LayerInputs, block_size: int = 128, per
     return losses
 
 
+def _gptq_micro_scaled(linear: QuantizableWeight, name: str, weight: Tensor, hessian: Tensor, block_scales: str,
+                       **options) -> float:
+    """GPTQ of ``weight`` (the linear's, or its ``gptq_target``) on the linear's NVFP4 / MX grid (``gptq_micro``):
+    the linear's weight replaced, block maxima stored; returns the loss."""
+    quantizer = linear.weight_quantizer
+    grid = MicroScaleGrid.of(quantizer, weight, micro_block_size(linear, name, block_scales), block_scales)
+    result = gptq_quantize(weight, hessian, grid.block_amax, grid.quantize_column,
+                           group_size=grid.block_size,
+                           choose_group=grid.block_amax_by_loss if block_scales == "loss" else None, **options)
+    with torch.no_grad():
+        linear.weight.copy_(result.weight)
+    grid.store(quantizer, linear.weight, result.group_amax)
+    return result.loss
+
+
 def gptq_group_size(linear: QuantizableWeight, name: str) -> int:
     """Columns sharing one grid; ValueError if GPTQ cannot handle the weight quantizer (``weights`` module,
-    plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them)."""
+    plus asymmetric integers as ``scale_estimation.estimation_group_size`` allows them, and NVFP4 / MX blocks)."""
+    if is_micro_scaled(linear.weight_quantizer):
+        return micro_block_size(linear, name)
     if getattr(getattr(linear.weight_quantizer, "config", None), "keeps_amin", False):
         return estimation_group_size(linear, name)
     return weight_group_size(linear, name)

@@ -14,7 +14,11 @@ awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,      
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
-                  scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free)
+                  scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free),  gptq_micro
+                  block_scales="max" (NVFP4 / MX: "mse" / "4over6" search each block's
+                  scale when the column loop reaches it, "loss" by GPTQ's loss),
+                  input_error=False (True: round the least-squares weight for the
+                  quantized inputs, W4A4; gptq_target)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults)        autoround
@@ -64,6 +68,7 @@ from lowbit.algorithms.block_scale_search import (
     searchable_weights,
 )
 from lowbit.algorithms.gptq import RangeEstimator, gptq_group_size, gptq_layer, linears_with_hessians
+from lowbit.algorithms.gptq_micro import BLOCK_SCALE_CHOICES, is_micro_scaled, micro_block_size
 from lowbit.algorithms.hqq import HQQ_OPTIONS, check_hqq_options, hqq, hqq_linear_range, hqq_weights
 from lowbit.algorithms.layerwise import (
     LayerInputs,
@@ -104,7 +109,8 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "awq_clip": {**AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "awq_full": {**AWQ_LITE_OPTIONS, **AWQ_CLIP_OPTIONS, **LAYERWISE_OPTIONS},
     "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False,
-             "scale_estimation": False, "hqq": False, **LAYERWISE_OPTIONS},
+             "scale_estimation": False, "hqq": False, "block_scales": "max", "input_error": False,
+             **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
     "autoround": {**AUTOROUND_OPTIONS, **LAYERWISE_OPTIONS},
@@ -177,11 +183,14 @@ def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_cl
     return LayerPass(layer_pass, description, watch)
 
 
-def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq) -> LayerPass:
+def _gptq(block_size, percdamp, act_order, static_groups, scale_estimation, hqq, block_scales,
+          input_error) -> LayerPass:
     estimate_range = hqq_linear_range if hqq else _range_estimator(scale_estimation)
     layer_pass = partial(gptq_layer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                         static_groups=static_groups, estimate_range=estimate_range)
-    return LayerPass(layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else ""))
+                         static_groups=static_groups, estimate_range=estimate_range, block_scales=block_scales,
+                         input_error=input_error)
+    return LayerPass(layer_pass, "gptq" + ("+scale_estimation" if scale_estimation else "") + ("+hqq" if hqq else "")
+                     + ("" if block_scales == "max" else f"+{block_scales}") + ("+input_error" if input_error else ""))
 
 
 def _scale_estimation(**options) -> LayerPass:
@@ -306,6 +315,12 @@ def check_options(name: str, options: dict) -> dict:
         check_lora_correction_options(options)
     if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
         raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
+    if name == "gptq" and options["input_error"] and (options["hqq"] or options["scale_estimation"] is not False):
+        raise ValueError("algorithm 'gptq': input_error=True changes the weight GPTQ rounds; the grids of hqq and "
+                         "scale_estimation are fitted to the original weight: choose one")
+    if name == "gptq" and options["block_scales"] not in BLOCK_SCALE_CHOICES:
+        raise ValueError(f"algorithm 'gptq': block_scales={options['block_scales']!r}; allowed: "
+                         f"{list(BLOCK_SCALE_CHOICES)}")
     if name == "gptq" and not options["percdamp"] > 0:
         raise ValueError(f"algorithm 'gptq': percdamp={options['percdamp']!r} must be a number > 0")
     estimation = _scale_estimation_options(name, options)
@@ -373,6 +388,12 @@ def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: Q
                             full_name: str) -> None:
     """ValueError if the algorithm cannot work on this linear's (enabled) weight quantizer."""
     estimates = estimates or options.get("hqq", False)
+    if name == "gptq" and is_micro_scaled(linear.weight_quantizer):
+        _check_micro_scaled(options, estimates, linear, full_name)
+        return
+    if name == "gptq" and options["block_scales"] != "max":
+        raise ValueError(f"{full_name}: gptq block_scales={options['block_scales']!r} applies to NVFP4 / MX "
+                         "weights only; integer grids take scale_estimation or hqq")
     if estimates:
         estimation_group_size(linear, full_name)
     if name in ("awq_clip", "awq_full"):
@@ -383,3 +404,17 @@ def _check_weight_quantizer(name: str, options: dict, estimates: bool, linear: Q
     if options["act_order"] and not options["static_groups"] and not estimates and group_size < linear.in_features:
         raise ValueError(f"{full_name}: act_order=True with group-wise scales needs static_groups=True (or "
                          "scale_estimation, whose grid is fixed before GPTQ)")
+
+
+def _check_micro_scaled(options: dict, estimates: bool, linear: QuantizableWeight, full_name: str) -> None:
+    """ValueError if GPTQ's options do not fit this NVFP4 / MX weight quantizer (``gptq_micro``)."""
+    if estimates:
+        raise ValueError(f"{full_name}: scale_estimation and hqq fix an integer grid; NVFP4 / MX weights choose "
+                         "their block scales with gptq's block_scales option")
+    micro_block_size(linear, full_name, options["block_scales"])
+    if options["act_order"] and not options["static_groups"]:
+        raise ValueError(f"{full_name}: act_order=True with NVFP4 / MX blocks needs static_groups=True (each "
+                         "block stays a contiguous slab of the original columns)")
+    if options["block_scales"] == "loss" and options["static_groups"]:
+        raise ValueError(f"{full_name}: gptq block_scales='loss' ranks a block's scales by GPTQ's loss from its "
+                         "current weights; it needs static_groups=False")

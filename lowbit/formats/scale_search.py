@@ -52,22 +52,27 @@ def _e4m3_neighbours(scale: torch.Tensor, steps: tuple[int, ...]) -> list[torch.
     return [torch.clamp(codes + step, 1, 126).to(torch.uint8).view(torch.float8_e4m3fn).float() for step in steps]
 
 
-def nvfp4_block_amax(x: torch.Tensor, global_amax: torch.Tensor | float | None = None, method: str = "mse",
-                     block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
-    """The ``block_amax`` (..., K // block_size) of the NVFP4 scale each block's search picks (see the module
-    docstring); ``global_amax`` as in ``quantize_nvfp4``."""
+def nvfp4_candidates(x: torch.Tensor, global_amax: torch.Tensor | float | None = None, method: str = "mse",
+                     block_size: int = NVFP4_BLOCK_SIZE) -> list[torch.Tensor]:
+    """The ``block_amax`` candidates (each (..., K // block_size), the default first) of ``method`` for NVFP4."""
     if method not in NVFP4_METHODS:
         raise ValueError(f"NVFP4 scale search: method={method!r}; allowed are {list(NVFP4_METHODS)}")
     x32 = as_float32(x, "x")
     amax = to_blocks(x32, block_size).abs().amax(-1)
     if method == "4over6":
-        candidates = [amax, amax * (E2M1.max_value / 4)]
-    else:
-        global_scale = _global_scale(x32, global_amax)
-        unit = E2M1.max_value * global_scale
-        default = (amax / unit).clamp(max=E4M3.max_value).to(torch.float8_e4m3fn).float()
-        neighbours = _e4m3_neighbours(default.clamp_min(2.0**-9), E4M3_STEPS[1:])
-        candidates = [amax, *(torch.where(amax > 0, s * unit, amax) for s in neighbours)]
+        return [amax, amax * (E2M1.max_value / 4)]
+    unit = E2M1.max_value * _global_scale(x32, global_amax)
+    default = (amax / unit).clamp(max=E4M3.max_value).to(torch.float8_e4m3fn).float()
+    neighbours = _e4m3_neighbours(default.clamp_min(2.0**-9), E4M3_STEPS[1:])
+    return [amax, *(torch.where(amax > 0, s * unit, amax) for s in neighbours)]
+
+
+def nvfp4_block_amax(x: torch.Tensor, global_amax: torch.Tensor | float | None = None, method: str = "mse",
+                     block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
+    """The ``block_amax`` (..., K // block_size) of the NVFP4 scale each block's search picks (see the module
+    docstring); ``global_amax`` as in ``quantize_nvfp4``."""
+    x32 = as_float32(x, "x")
+    candidates = nvfp4_candidates(x32, global_amax, method, block_size)
 
     def fake_quant(block_amax):
         return fake_quant_nvfp4(x32, global_amax, block_size, block_amax=block_amax)
@@ -75,13 +80,12 @@ def nvfp4_block_amax(x: torch.Tensor, global_amax: torch.Tensor | float | None =
     return _best(x32, block_size, candidates, fake_quant)
 
 
-def mx_block_amax(x: torch.Tensor, element_format: FloatFormat, method: str = "mse",
-                  block_size: int = MX_BLOCK_SIZE) -> torch.Tensor:
-    """The ``block_amax`` (..., K // block_size) of the shared exponent each MX block's search picks."""
+def mx_candidates(x: torch.Tensor, element_format: FloatFormat, method: str = "mse",
+                  block_size: int = MX_BLOCK_SIZE) -> list[torch.Tensor]:
+    """The ``block_amax`` candidates (each (..., K // block_size), the default first) of ``method`` for MX."""
     if method not in MX_METHODS:
         raise ValueError(f"MX scale search: method={method!r}; allowed are {list(MX_METHODS)}")
-    x32 = as_float32(x, "x")
-    amax = to_blocks(x32, block_size).abs().amax(-1)
+    amax = to_blocks(as_float32(x, "x"), block_size).abs().amax(-1)
     usable = torch.isfinite(amax) & (amax > 0)
     exponent = torch.where(usable, _shared_exponent(amax, element_format), 0.0)
     top = 127 - element_format.max_exponent  # 2**(e + emax) stays a float32 normal
@@ -89,7 +93,14 @@ def mx_block_amax(x: torch.Tensor, element_format: FloatFormat, method: str = "m
     def block_amax_of(step: int) -> torch.Tensor:
         return torch.where(usable, pow2(torch.clamp(exponent + step, -127, top) + element_format.max_exponent), amax)
 
-    candidates = [amax] + [block_amax_of(step) for step in MX_EXPONENT_STEPS[1:]]
+    return [amax] + [block_amax_of(step) for step in MX_EXPONENT_STEPS[1:]]
+
+
+def mx_block_amax(x: torch.Tensor, element_format: FloatFormat, method: str = "mse",
+                  block_size: int = MX_BLOCK_SIZE) -> torch.Tensor:
+    """The ``block_amax`` (..., K // block_size) of the shared exponent each MX block's search picks."""
+    x32 = as_float32(x, "x")
+    candidates = mx_candidates(x32, element_format, method, block_size)
 
     def fake_quant(block_amax):
         return fake_quant_mx(x32, element_format, block_size, block_amax=block_amax)
