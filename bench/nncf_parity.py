@@ -16,6 +16,7 @@ window by window (``lowbit.eval.divergence``), with the top-1 agreement and the 
 Usage (from the repository root):
     python bench/nncf_parity.py                       # both tables, full held-out text
     python bench/nncf_parity.py --only parity --max-tokens 16384 [--model default]
+    python bench/nncf_parity.py --only parity --cases "int8_asym,int4_sym g128 r1.0"   # some parity cases
 Entry points for other benchmarks: ``compare_with_nncf(model_factory, evaluate, dataset)`` and
 ``selection_study(model_factory, evaluate, dataset)``, each returning rows (dicts) for
 ``lowbit.eval.table.format_table``.
@@ -211,7 +212,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens")
     parser.add_argument("--calibration-samples", type=int, default=64, help="dataset items of 256 tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--cases", type=lambda text: [name.strip() for name in text.split(",")],
+                        help=f"comma-separated parity cases (default: all of {[case.name for case in PARITY_CASES]})")
     args = parser.parse_args()
+    by_name = {case.name: case for case in PARITY_CASES}
+    unknown = sorted(set(args.cases or ()) - set(by_name))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; allowed are {list(by_name)}")
+    cases = tuple(by_name[name] for name in args.cases) if args.cases else PARITY_CASES
     torch.set_num_threads(args.threads)
     try:
         model_factory, evaluate, dataset = _default_setup(args.model, args.max_tokens, args.calibration_samples)
@@ -226,7 +234,10 @@ def main() -> None:
         import nncf
 
         print(f"\n## lowbit vs nncf {nncf.__version__}\n")
-        rows = compare_with_nncf(model_factory, evaluate, dataset)
+        rows = []
+        for case in cases:  # one at a time, each row printed when done: a run cut short keeps its rows
+            rows += compare_with_nncf(model_factory, evaluate, dataset, (case,))
+            print(rows[-1], flush=True)
         print(format_table(rows), flush=True)
         scores = [{"name": f"{library} {row['case']}", "delta": row[f"{library} delta %"], "KL": row[f"{library} KL"]}
                   for row in rows for library in ("lowbit", "nncf")]
