@@ -84,6 +84,26 @@ def _smoothquant_w8a8() -> dict:
     return config
 
 
+def _mixed_int8_w4a16() -> dict:
+    """compressed-tensors mixed-precision from two formats that both have vLLM CPU kernels: W8A8 INT8
+    SmoothQuant on q/k/v (as in ``_smoothquant_w8a8``), W4A16 g128 on gate/up/down; o_proj float."""
+    config = _smoothquant_w8a8()
+    config["quant_cfg"]["*mlp*weight_quantizer"] = lowbit.get_preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")[
+        "quant_cfg"]["*weight_quantizer"]
+    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
+    return config
+
+
+def _mixed_fp8_w4a16() -> dict:
+    """compressed-tensors mixed-precision: FP8 per-channel / per-token on the attention linears, W4A16 g128 on
+    gate/up/down."""
+    config = lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
+    config["quant_cfg"]["*mlp*weight_quantizer"] = lowbit.get_preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG")[
+        "quant_cfg"]["*weight_quantizer"]
+    config["quant_cfg"]["*mlp*input_quantizer"] = {"enable": False}
+    return config
+
+
 def _fp8_dynamic() -> dict:
     return lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG")
 
@@ -95,6 +115,8 @@ CASES = {  # name: (config, export format, vLLM dtype)
     "compressed-tensors W4A16 g128 GPTQ": (
         lambda: _preset("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", algorithm="gptq"), "compressed-tensors", "bfloat16"),
     "compressed-tensors FP8": (_fp8_dynamic, "compressed-tensors", "float32"),
+    "compressed-tensors mixed-precision W8A8 INT8 + W4A16": (_mixed_int8_w4a16, "compressed-tensors", "bfloat16"),
+    "compressed-tensors mixed-precision FP8 + W4A16": (_mixed_fp8_w4a16, "compressed-tensors", "bfloat16"),
     "modelopt MIXED_PRECISION FP8 weight-only MLP": (_mixed_fp8_weight_only, "hf", "bfloat16"),
     # the noise floor: the float model itself (save_pretrained), vLLM against transformers in the same dtype
     "float bfloat16 (no quantization)": (None, None, "bfloat16"),

@@ -1,15 +1,24 @@
 """vLLM (CPU build) loads and generates from lowbit's exports of the bundled model and computes its model.
 
-Runs ``bench/export_vllm.py`` (its docstring has the protocol) in a subprocess per case and checks: 8 tokens
-generated; vLLM's 128 prompt log-probabilities closer to lowbit's quantized model than to the float model, and
-within 0.05 nats mean absolute of it, or, where lowbit's own reload of the same export (weights equal to one
-float32 rounding) or lowbit's model run in vLLM's dtype is already further than that from the in-memory model,
-within 1.25 times that floor (dynamic FP8 activations: reload floor 0.050 nats, bfloat16 floor 0.086 nats on
-this model, see bench/results/export_2026-12-07.md).
-MIXED_PRECISION is expected to fail to load. vLLM 0.32's MIXED_PRECISION path exists on CPU and parses the
-checkpoint, but on CPU it has kernels for no ModelOpt format besides FP8_PER_CHANNEL_PER_TOKEN (measured). Block FP8
-needs AMX; MXFP8, NVFP4 and W4A16 NVFP4 have no kernel; FP8 per tensor lacks static_scaled_fp8_quant. So two
-formats cannot run together.
+Runs ``bench/export_vllm.py`` (its docstring has the protocol) once per case in a subprocess, one vLLM engine
+per export, and shares the row between this module's tests: 8 tokens generated; vLLM's prompt log-probabilities
+of 128 held-out tokens closer to lowbit's in-memory quantized model than to the float model, and within 0.05 nats
+mean absolute of it.
+
+Strict expected failure, measured (bench/results/vllm_fp8_numerics_2026-12-07.md): FP8 with dynamic per-token
+activations misses 0.05 (compressed-tensors in float32 0.054, ModelOpt in bfloat16, the only dtypes vLLM's
+ModelOpt loader takes, 0.070), though closer to lowbit than to the float model. vLLM's CPU FP8 arithmetic
+(``QuantFP8.forward_native`` + ``ChannelWiseTorchFP8ScaledMMLinearKernel``) computes the same codes and values as
+lowbit up to one float32 rounding (activation codes ``x * (1 / (amax / 448))`` against lowbit's
+``x * (448 / amax)``: 1 code in 33,024 differs at layer 0; GEMM on codes, then the scales). On this model any such
+rounding grows through the E4M3 activation codes of 8 layers: lowbit's own model moves 0.047-0.062 nats when its
+embeddings are multiplied by 1 + 1e-7 N(0, 1). A reference built from vLLM's exact arithmetic is 0.024 from vLLM
+and 0.053 from lowbit.
+
+Mixed precision runs as compressed-tensors mixed-precision (W8A8 INT8 + W4A16, both with CPU kernels). ModelOpt
+MIXED_PRECISION is not a case here: vLLM 0.32 CPU has a kernel for no ModelOpt format besides
+FP8_PER_CHANNEL_PER_TOKEN, so no two ModelOpt formats run together (bench/export_vllm.py's case
+"modelopt MIXED_PRECISION" records the failure; 3 minutes of CI for a known outcome).
 """
 
 from __future__ import annotations
@@ -25,26 +34,49 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.consumer, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-TOLERANCE, FLOOR_FACTOR = 0.05, 1.25
-CASES = [
-    "modelopt FP8_PER_CHANNEL_PER_TOKEN",
-    "compressed-tensors W8A8 INT8 SmoothQuant",
-    "compressed-tensors W4A16 g128 GPTQ",
-    "compressed-tensors FP8",
-    pytest.param("modelopt MIXED_PRECISION", marks=pytest.mark.xfail(
-        strict=True, reason="vLLM 0.32 CPU: MIXED_PRECISION parses; no kernel for a second ModelOpt format")),
-]
+TOLERANCE = 0.05
+FP8_CHAOS = pytest.mark.xfail(strict=True, reason="FP8 per-token activations: any float32 rounding difference "
+                              "moves this model's logprobs ~0.05 nats (module docstring)")
+FP8_PER_TOKEN = ["modelopt FP8_PER_CHANNEL_PER_TOKEN", "compressed-tensors FP8"]
+RUNNING = ["modelopt FP8_PER_CHANNEL_PER_TOKEN", "compressed-tensors W8A8 INT8 SmoothQuant",
+           "compressed-tensors W4A16 g128 GPTQ", "compressed-tensors FP8",
+           "compressed-tensors mixed-precision W8A8 INT8 + W4A16"]
+AGREEING = [pytest.param(case, marks=FP8_CHAOS) if case in FP8_PER_TOKEN else case for case in RUNNING]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_vllm_loads_generates_and_agrees(tmp_path, case):
-    out = tmp_path / "rows.json"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "bench" / "export_vllm.py"), "--case", case, "--json", str(out)],
-                   check=True, env=environment, timeout=900)
-    row = json.loads(out.read_text())["rows"][0]
+@pytest.fixture(scope="module")
+def bench_row(tmp_path_factory):
+    """The bench's row for a case, run once per module (vLLM takes minutes per export on 2 cores)."""
+    workdir, rows = tmp_path_factory.mktemp("vllm"), {}
+
+    def row(case: str) -> dict:
+        if case not in rows:
+            out = workdir / f"{len(rows)}.json"
+            environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+            subprocess.run([sys.executable, str(ROOT / "bench" / "export_vllm.py"), "--case", case, "--json",
+                            str(out)], check=True, env=environment, timeout=900)
+            rows[case] = json.loads(out.read_text())["rows"][0]
+        return rows[case]
+
+    return row
+
+
+@pytest.mark.parametrize("case", RUNNING)
+def test_vllm_loads_and_generates(bench_row, case):
+    row = bench_row(case)
     assert row["error"] is None, row["error"]
     assert row["generated"] == 8
+
+
+@pytest.mark.parametrize("case", RUNNING)
+def test_vllm_closer_to_lowbit_than_to_float(bench_row, case):
+    row = bench_row(case)
+    assert row["error"] is None, row["error"]
     assert row["vllm_vs_lowbit"] < row["vllm_vs_float"], row
-    floor = max(row["lowbit_reload_vs_lowbit"], row["lowbit_dtype_vs_lowbit"])
-    assert row["vllm_vs_lowbit"] <= max(TOLERANCE, FLOOR_FACTOR * floor), row
+
+
+@pytest.mark.parametrize("case", AGREEING)
+def test_vllm_agrees_with_lowbit(bench_row, case):
+    row = bench_row(case)
+    assert row["error"] is None, row["error"]
+    assert row["vllm_vs_lowbit"] <= TOLERANCE, row
