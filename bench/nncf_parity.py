@@ -114,8 +114,8 @@ def compare_with_nncf(model_factory: ModelFactory, evaluate: Evaluate, dataset: 
         rows.append({
             "case": case.name,
             "float ppl": ours.reference_perplexity,
-            "lowbit KL": round(ours.mean_kl, 5),
-            "nncf KL": round(theirs.mean_kl, 5),
+            "lowbit KL": _significant(ours.mean_kl),
+            "nncf KL": _significant(theirs.mean_kl),
             "lowbit top-1 %": round(100 * ours.top1, 2),
             "nncf top-1 %": round(100 * theirs.top1, 2),
             "lowbit delta %": round(_delta_pct(ours), 3),
@@ -127,6 +127,11 @@ def compare_with_nncf(model_factory: ModelFactory, evaluate: Evaluate, dataset: 
             "time lowbit/nncf": round(lowbit_seconds / nncf_seconds, 2),
         })
     return rows
+
+
+def _significant(kl: float) -> float:
+    """``kl`` to 4 significant digits: INT8 cases sit near 1e-4, where 5 decimals leave 2 digits."""
+    return float(f"{kl:.4g}")
 
 
 def _delta_pct(scores: Divergence) -> float:
@@ -146,7 +151,7 @@ def selection_study(model_factory: ModelFactory, evaluate: Evaluate, dataset: li
     def row(name: str, scores: Divergence, plan) -> dict:
         defining = [entry for entry in plan.layers if entry.ratio_defining]
         share = sum(e.layer.num_weights for e in defining if e.primary) / sum(e.layer.num_weights for e in defining)
-        return {"selection": name, "KL": round(scores.mean_kl, 5), "top-1 %": round(100 * scores.top1, 2),
+        return {"selection": name, "KL": _significant(scores.mean_kl), "top-1 %": round(100 * scores.top1, 2),
                 "ppl": scores.perplexity, "delta %": round(_delta_pct(scores), 3),
                 "MiB": round(plan.summary().compressed_bytes / MIB, 3), "4-bit layers": len(plan.primary_names),
                 "4-bit share %": round(100 * share, 1)}
@@ -170,7 +175,7 @@ def selection_study(model_factory: ModelFactory, evaluate: Evaluate, dataset: li
     mean_ppl = sum(s.perplexity for s in random_scores) / len(random_scores)
     reference = random_scores[0].reference_perplexity
     random_rows.append({"selection": "random, mean of seeds",
-                        "KL": round(sum(s.mean_kl for s in random_scores) / len(random_scores), 5),
+                        "KL": _significant(sum(s.mean_kl for s in random_scores) / len(random_scores)),
                         "top-1 %": round(100 * sum(s.top1 for s in random_scores) / len(random_scores), 2),
                         "ppl": mean_ppl, "delta %": round(100 * (mean_ppl / reference - 1), 3)})
     return sorted(metric_rows, key=lambda r: r["KL"]) + random_rows
