@@ -2,7 +2,8 @@
 NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
-                             [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--out bench/results]
+                             [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--methods "RTN;GPTQ"]
+                             [--out bench/results]
     python bench/frontier.py --combine bench/results/STEM RUN.jsonl [RUN.jsonl ...]
 
 Each run writes ``<out>/frontier_<model>[_<formats>]_<date>.md`` and ``.jsonl`` (its records); ``--combine``
@@ -107,6 +108,30 @@ def modelopt_case(format: str, method: str, preset: str, bits: int | None = None
     return Case(format, "modelopt", method, apply, fold)
 
 
+def new_method_cases() -> list[Case]:
+    """AutoRound (auto-round's defaults, its 'light' recipe of 50 steps, after QuaRot) and LoRA correction
+    (NNCF's rank 8, and rank 2) at the integer formats; SVDQuant at W4A4 (rank 32 as published, rank 4 for the
+    bundled model's width of 256, and followed by the block scale search)."""
+    found = []
+    for format in INTEGER:
+        found += [
+            lowbit_case(format, "AutoRound", "autoround"),
+            lowbit_case(format, "AutoRound light (50 steps)", {"method": "autoround", "iterations": 50}),
+            lowbit_case(format, "QuaRot + AutoRound", {"method": "autoround", **ROTATE}),
+            lowbit_case(format, "LoRA correction (rank 8)", "lora_correction"),
+            lowbit_case(format, "LoRA correction (rank 2)", {"method": "lora_correction", "rank": 2}),
+        ]
+    for format in (NVFP4, MXFP4):
+        found += [
+            lowbit_case(format, "SVDQuant (rank 32)", "svdquant"),
+            lowbit_case(format, "SVDQuant (rank 4)", {"method": "svdquant", "rank": 4}),
+            lowbit_case(format, "SVDQuant + block scale search", "svdquant", then=("block_scale_search",)),
+            *[lowbit_case(format, f"SVDQuant (rank {rank}) + block scale search", {"method": "svdquant", "rank": rank},
+                          then=("block_scale_search",)) for rank in (2, 4, 8)],
+        ]
+    return found
+
+
 def cases() -> list[Case]:
     found = []
     for format in INTEGER:
@@ -126,6 +151,7 @@ def cases() -> list[Case]:
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
     found.append(_nncf(W4, "NNCF INT4_SYM data-free", "INT4_SYM"))
     found.append(_nncf(W4, "NNCF INT4_SYM AWQ + scale estimation", "INT4_SYM", awq=True, scale_estimation=True))
+    found += new_method_cases()
     for format in (NVFP4, MXFP4):
         found += [
             lowbit_case(format, "RTN", "max"),
@@ -276,6 +302,19 @@ def read_records(paths: list[Path]) -> tuple[list[dict], Measurement, list[Case]
     return runs, baseline, [selected[i] for i in order], [results[i] for i in order]
 
 
+def _methods_option(argv: list[str]) -> tuple[set[str] | None, list[str]]:
+    """``--methods "A;B"`` (method names as in the table, ``;``-separated) taken out of ``argv``: run only those
+    rows (the other rows of a combined report come from earlier runs of the same workload)."""
+    if "--methods" not in argv:
+        return None, argv
+    index = argv.index("--methods")
+    names = {name.strip() for name in argv[index + 1].split(";")}
+    unknown = sorted(names - {case.config for case in cases()})
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {sorted({case.config for case in cases()})}")
+    return names, argv[:index] + argv[index + 2:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--combine"]:  # --combine OUT_STEM FILE.jsonl ...: one report from several runs of one model
@@ -286,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         write_results(Path(argv[1]).parent, Path(argv[1]).name, report(model, context, runs, baseline, selected,
                                                                       results), records)
         return 0
+    methods, argv = _methods_option(argv)
     args, selected = parse_bench_args(__doc__.split("\n\n")[0], argv, cases(), 1, "unused: one run per case",
                                       eval_tokens=2048)
+    if methods is not None:
+        selected = [case for case in selected if case.config in methods]
     formats = {case.format for case in selected}
     if NVFP4 in formats and W4 not in formats:  # the NVFP4 target is relative to W4A16 g128 RTN
         selected.insert(0, next(c for c in cases() if c.format == W4 and c.config == "RTN"))

@@ -17,6 +17,9 @@ gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=
                   scale_estimation=False, hqq=False (True: HQQ's grid, fixed, data-free)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
+autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults)        autoround
+svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
+lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 ================  =======================================================================  ================
 
 ``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
@@ -52,6 +55,7 @@ from functools import partial
 
 from torch import nn
 
+from lowbit.algorithms.autoround import AUTOROUND_OPTIONS, autoround_layer, check_autoround_options, tunable_weights
 from lowbit.algorithms.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
 from lowbit.algorithms.block_scale_search import (
     BLOCK_SCALE_SEARCH_OPTIONS,
@@ -68,6 +72,11 @@ from lowbit.algorithms.layerwise import (
     check_layer_inputs,
     run_layerwise,
 )
+from lowbit.algorithms.lora_correction import (
+    LORA_CORRECTION_OPTIONS,
+    check_lora_correction_options,
+    lora_correction_layer,
+)
 from lowbit.algorithms.scale_estimation import (
     OBJECTIVES,
     check_steps,
@@ -76,6 +85,7 @@ from lowbit.algorithms.scale_estimation import (
     start_ratios,
 )
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, check_alpha, smoothquant
+from lowbit.algorithms.svdquant import SVDQUANT_OPTIONS, check_svdquant_options, svdquant_layer, svdquant_weights
 from lowbit.algorithms.weights import weight_group_size
 from lowbit.attributes import check_type
 from lowbit.calibration import ForwardLoop, max_calibrate
@@ -97,6 +107,9 @@ DEFAULT_OPTIONS: dict[str, dict] = {
              "scale_estimation": False, "hqq": False, **LAYERWISE_OPTIONS},
     "scale_estimation": {**SCALE_ESTIMATION_OPTIONS, **LAYERWISE_OPTIONS},
     "hqq": dict(HQQ_OPTIONS),
+    "autoround": {**AUTOROUND_OPTIONS, **LAYERWISE_OPTIONS},
+    "svdquant": {**SVDQUANT_OPTIONS, **LAYERWISE_OPTIONS},
+    "lora_correction": {**LORA_CORRECTION_OPTIONS, **LAYERWISE_OPTIONS},
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
 }
 DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
@@ -175,12 +188,27 @@ def _scale_estimation(**options) -> LayerPass:
     return LayerPass(partial(scale_estimation_layer, estimate_range=_range_estimator(options)), "scale_estimation")
 
 
+def _autoround(**options) -> LayerPass:
+    return LayerPass(partial(autoround_layer, **options), "autoround")
+
+
+def _svdquant(**options) -> LayerPass:
+    return LayerPass(partial(svdquant_layer, **options), "svdquant")
+
+
+def _lora_correction(**options) -> LayerPass:
+    return LayerPass(partial(lora_correction_layer, **options), "lora_correction")
+
+
 LAYER_PASSES: dict[str, Callable[..., LayerPass]] = {
     "awq_lite": _awq_lite,
     "awq_clip": _awq_clip,
     "awq_full": _awq_full,
     "gptq": _gptq,
     "scale_estimation": _scale_estimation,
+    "autoround": _autoround,
+    "svdquant": _svdquant,
+    "lora_correction": _lora_correction,
 }
 
 
@@ -270,6 +298,12 @@ def check_options(name: str, options: dict) -> dict:
         check_hqq_options(options)
     if name == "block_scale_search":
         check_block_scale_search_options(options)
+    if name == "autoround":
+        check_autoround_options(options)
+    if name == "svdquant":
+        check_svdquant_options(options)
+    if name == "lora_correction":
+        check_lora_correction_options(options)
     if name == "gptq" and options["hqq"] and options["scale_estimation"] is not False:
         raise ValueError("algorithm 'gptq': hqq=True and scale_estimation both fix GPTQ's grid; choose one")
     if name == "gptq" and not options["percdamp"] > 0:
@@ -313,6 +347,10 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
     estimation = _scale_estimation_options(name, options)
     for stack_name, layers in require_block_stacks(model, f"algorithm {name!r}"):
         for index, layer in enumerate(layers):
+            if name == "autoround":
+                tunable_weights(layer, f"{stack_name}.{index}.")
+            if name in ("svdquant", "lora_correction"):
+                svdquant_weights(layer, f"{stack_name}.{index}.", check_scaled=name == "svdquant")
             for weight_name, weight in row_weights(layer).items():
                 if weight.weight_quantizer.is_enabled:
                     _check_weight_quantizer(name, options, estimation is not None, weight,

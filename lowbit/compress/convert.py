@@ -17,6 +17,7 @@ from lowbit.compress.experts import CompressedExpertsMixin, check_experts_format
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import SCALE_DTYPES, PackedWeight, WeightFormat, quantize_weight
 from lowbit.modules import is_quantized
+from lowbit.modules.low_rank import LowRankQuantLinear
 from lowbit.quantizer import TensorQuantizer
 from lowbit.structure.weights import is_hf_conv1d, weights_by_slot
 
@@ -89,6 +90,10 @@ def compress(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> nn.M
             pack_module_weight(module, scale_dtype), module.bias, module.input_quantizer, module.output_quantizer,
             dtype=linear_weight(module).dtype,
         )
+        if isinstance(module, LowRankQuantLinear):  # the float branch: LoRA adapters, the same formula
+            compressed.add_lora(module.lora_a.shape[0])
+            compressed.lora_a, compressed.lora_b = module.lora_a, module.lora_b
+            compressed.lora_scale = module.lora_scale
         if not name:
             return compressed
         model.set_submodule(name, compressed)

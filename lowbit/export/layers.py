@@ -28,6 +28,7 @@ from lowbit.compress.convert import linear_weight
 from lowbit.compress.packed import PackedWeight, WeightFormat, quantize_weight
 from lowbit.export.experts import checkpoint_renamer, expert_projections_of, fused_keys, router_names
 from lowbit.modules import is_quantized
+from lowbit.modules.low_rank import LowRankQuantLinear
 from lowbit.quantizer import SequentialQuantizer, TensorQuantizer
 
 
@@ -153,6 +154,9 @@ def quantized_linears(model: nn.Module) -> tuple[dict[str, QuantizedLinear], lis
             if isinstance(module, nn.Linear) and name:
                 excluded.append(name)
             continue
+        if isinstance(module, LowRankQuantLinear):
+            raise ValueError(f"{name}: its low-rank float branch (SVDQuant, LoRA correction) has no place in the "
+                             "export formats; lowbit.compress keeps it (CompressedLinear's LoRA adapters)")
         stages = _enabled_stages(getattr(module, "weight_quantizer", None))
         if not stages:
             excluded.append(name)

@@ -13,6 +13,7 @@ are loaded as they are, and every quantized linear becomes a ``CompressedLinear`
   FP8 stage) with the export's input quantizer, and said so in a warning.
 
 A quantized KV cache (k/v scales, FP8 or NVFP4) becomes the attention modules' k/v quantizers (``kv_cache``).
+Fused MoE experts, exported per expert, are stacked back into compressed experts (``load_experts``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lowbit.compress.packed import PackedWeight, WeightFormat
 from lowbit.compress.packing import pack_uint4
 from lowbit.export.compressed_tensors import NVFP4_RANGE, unpack_int32
 from lowbit.export.kv_cache import pop_kv_scales, restore_kv_cache
+from lowbit.export.load_experts import expert_layer_names, load_experts, module_key
 from lowbit.export.modelopt_hf import unpack_int4_rows
 from lowbit.modules.registry import convert_module
 from lowbit.quantizer import TensorQuantizer
@@ -223,27 +225,34 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_file(str(directory / "model.safetensors"))
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    expert_layers = [layer for experts in expert_layer_names(model).values() for names in experts for layer in names]
     if method == "modelopt":
-        layers = _modelopt_layers(directory, linears)
+        layers = _modelopt_layers(directory, linears + expert_layers)
     else:
-        layers = _ct_layers(quant_config, linears)
+        layers = _ct_layers(quant_config, linears + expert_layers)
     layers = {name: entry for name, entry in layers.items() if f"{name}.weight_scale" in tensors}
     kv_algo = _kv_cache_algo(directory, method, quant_config)
     if kv_algo is not None:
         restore_kv_cache(model, pop_kv_scales(tensors, method), kv_algo)
-    dense_layers = []
-    for name, entry in layers.items():
-        original = model.get_submodule(name)
-        shape = (original.out_features, original.in_features)
-        own = _layer_tensors(tensors, name)
-        if method == "modelopt":
-            packed, dense = _modelopt_weight(entry["quant_algo"], own, shape, entry.get("group_size"))
-            input_quantizer = _modelopt_input(entry["quant_algo"], own)
-        else:
-            packed, dense = _ct_weight(entry, own, shape)
-            input_quantizer = _ct_input(entry, own)
+
+    def read_layer(name: str, shape: tuple[int, int]):
+        """(PackedWeight or None, dense weight or None, input quantizer) of exported layer ``name``; its
+        tensors leave ``tensors``."""
+        entry, own = layers[name], _layer_tensors(tensors, name)
         for key in own:
             del tensors[f"{name}.{key}"]
+        if method == "modelopt":
+            packed, dense = _modelopt_weight(entry["quant_algo"], own, shape, entry.get("group_size"))
+            return packed, dense, _modelopt_input(entry["quant_algo"], own)
+        packed, dense = _ct_weight(entry, own, shape)
+        return packed, dense, _ct_input(entry, own)
+
+    to_module_key = module_key(model)
+    rebuilt_experts = load_experts(model, tensors, set(layers), read_layer)
+    dense_layers = []
+    for name in [name for name in layers if name not in set(expert_layers)]:
+        original = model.get_submodule(name)
+        packed, dense, input_quantizer = read_layer(name, (original.out_features, original.in_features))
         if packed is None:
             _dense_quantized(original, dense.to(dtype), input_quantizer)
             dense_layers.append(name)
@@ -254,8 +263,9 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
     if dense_layers:
         logger.warning("load_quantized: %d layer(s) kept as dense dequantized weights (no CompressedLinear "
                        "storage for their format), e.g. %s", len(dense_layers), dense_layers[0])
+    tensors = {to_module_key(key): value for key, value in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    rebuilt = tuple(f"{name}.weight" for name in layers)  # dense: assigned above; compressed: buffers
+    rebuilt = tuple(f"{name}.weight" for name in layers) + tuple(f"{name}." for name in rebuilt_experts)
     state = model.state_dict()
     loaded = {state[key].data_ptr() for key in tensors if key in state}
     missing = [key for key in missing if not key.startswith(rebuilt) and "_quantizer." not in key

@@ -1,17 +1,36 @@
 """ONNX with QuantizeLinear / DequantizeLinear, written by torch.onnx's dynamo exporter (``lowbit[onnx]``,
 which needs ``onnxscript``), opset 21.
 
-Each quantized Linear / Conv1d-3d becomes, in an export copy of the model (the model itself is untouched):
+Each quantized Linear / Conv1d-3d becomes, in an export copy of the model (the model itself is untouched), one
+of two graphs (``numerics``), both with ONNX's own Q/DQ math: QuantizeLinear = saturate(round_half_even(x / s))
+(FP8: cast to float8e4m3fn, round to nearest even, saturating), DequantizeLinear = (q - zero_point) * s, float32.
 
-    x_q = DequantizeLinear(QuantizeLinear(x * pre_quant_scale, s_x, 0), s_x, 0)      (static per-tensor input)
-    w   = DequantizeLinear(codes, step, zero_point, axis, block_size)               (constant initializers)
+``numerics="onnx"`` (default): the usual QDQ form, which runtimes fuse into integer kernels (onnxruntime's
+MatMulIntegerToFloat, TensorRT's int8 / FP8 GEMMs); the scales are steps, ``s_x = amax / bound`` and
+``step = 1 / scale``:
+
+    x_q = DequantizeLinear(QuantizeLinear(x * pre_quant_scale, s_x, 0), s_x, 0)
+    w   = DequantizeLinear(codes, step, zero_point, axis, block_size)
     y   = Gemm / Conv(x_q, w, bias)
 
-with ONNX's own math: QuantizeLinear = saturate(round_half_even(x / s_x)) (FP8: cast to float8e4m3fn,
-saturating), DequantizeLinear = (q - zero_point) * step in float32. The codes, steps and zero points are
-lowbit's own (``lowbit.export.weights``); s_x = amax / 127 (INT8) or amax / 448 (FP8 E4M3). lowbit's fake
-quantization multiplies by the reciprocal (x * qmax / amax, codes / scale), so the two agree up to float32
-rounding of the scales (and the rare element whose rounding that flips).
+lowbit (ModelOpt's convention) multiplies by ``scale = bound / amax`` before rounding and divides by it after;
+``x / s_x`` and ``codes * step`` differ from that by float32 rounding (a dequantized value one ulp off, rarely a
+code), which static activation quantization then carries on.
+
+``numerics="lowbit"``: the graph computes lowbit's fake quantization bit for bit, the scale in a Mul / Div
+around unit-step Q/DQ (runtimes run it, but no longer fuse its Q/DQ into integer GEMMs):
+
+    x_q = Div(DequantizeLinear(QuantizeLinear(Mul(x * pre_quant_scale, scale_x), 1, 0), 1, 0), scale_x)
+    w   = Div(DequantizeLinear(codes, 1), scale_w)           (symmetric INT / FP8 weights, scale_w per block)
+    w   = DequantizeLinear(codes, step, zero_point, axis, block_size)       (asymmetric INT: lowbit's own form)
+
+Measured (bench/results/export_onnx_layers_2026-12-07.md, bundled Llama W8A8, 4 x 128 tokens): "lowbit"'s graph
+run in torch equals lowbit's logits (0), "onnx"'s is up to 3 % away; onnxruntime, whose float kernels round
+differently, is 1-3 % from lowbit with either (15 of 16 runs), as far as lowbit's own float32 logits are from
+the same model computed in float64 (0.4-3 %): one flipped activation code spreads through the later static
+W8A8 layers. On small models "lowbit" runs in onnxruntime within 5e-4 (MLP: bit for bit), "onnx" within 3.2e-3.
+
+The codes, steps and zero points are lowbit's own (``lowbit.export.weights``); bound = 127 (INT8) or 448 (FP8).
 
 | lowbit weight                                | initializer                        | DequantizeLinear          |
 |----------------------------------------------|------------------------------------|---------------------------|
@@ -33,11 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.export.weights import active_activation_quantizers, quantized_weight, weight_quantizer
+from lowbit import formats
+from lowbit.export.weights import QuantizedWeight, active_activation_quantizers, quantized_weight, weight_quantizer
 from lowbit.files import atomic_directory, atomic_file
 
 OPSET = 21
 INPUT_BOUNDS = {"int8": 127.0, "e4m3": 448.0}
+NUMERICS = ("lowbit", "onnx")
 CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
@@ -103,10 +124,26 @@ TRANSLATIONS = {
 }
 
 
-class QDQLayer(nn.Module):
-    """The export form of one quantized Linear / Conv (module docstring): constant codes, steps, input scale."""
+def _unit(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=like.device)
 
-    def __init__(self, name: str, module: nn.Module):
+
+def _weight_divisor(weight: QuantizedWeight, shape: torch.Size, block_size: int) -> torch.Tensor:
+    """lowbit's multiplicative weight scale, shaped to divide the dequantized (N, ...) weight: () per tensor,
+    (N, 1, ...) per channel, (N, K // block_size, 1) per block (on the (N, K // block_size, block_size) view)."""
+    scale = weight.packed.scale.float()
+    if block_size:
+        return scale.reshape(shape[0], -1, 1).contiguous()
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(shape[0], *[1] * (len(shape) - 1)).contiguous()
+
+
+class QDQLayer(nn.Module):
+    """The export form of one quantized Linear / Conv (module docstring): constant codes and scales (or steps),
+    the input's scale (or step)."""
+
+    def __init__(self, name: str, module: nn.Module, numerics: str = "onnx"):
         super().__init__()
         weight = quantized_weight(name, module)
         fmt = weight.format
@@ -127,7 +164,12 @@ class QDQLayer(nn.Module):
         self.int4 = fmt.num_bits == 4
         self.block_size = 0 if fmt.block_size is None or fmt.block_size == shape[1] else fmt.block_size
         step, zero = weight.step, weight.zero_point
-        if self.block_size == 0:  # per tensor: a scalar; per channel: (N,) on axis 0
+        # lowbit divides symmetric codes by its scale (asymmetric: (codes - zp) * step, which is DequantizeLinear)
+        divides = numerics == "lowbit" and fmt.kind != "int_asym"
+        self.register_buffer("weight_divisor", _weight_divisor(weight, shape, self.block_size) if divides else None)
+        if divides:
+            step, self.block_size = _unit(step), 0
+        elif self.block_size == 0:  # per tensor: a scalar; per channel: (N,) on axis 0
             per_channel = fmt.per_channel or fmt.block_size is not None
             step = step[:, 0] if per_channel else step[0, 0]
             zero = None if zero is None else (zero[:, 0] if per_channel else zero[0, 0])
@@ -135,9 +177,9 @@ class QDQLayer(nn.Module):
         self.register_buffer("weight_step", step.contiguous())
         self.register_buffer("weight_zero_point", None if zero is None else zero.to(codes.dtype).contiguous())
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        self._input(name, module)
+        self._input(name, module, numerics)
 
-    def _input(self, name: str, module: nn.Module) -> None:
+    def _input(self, name: str, module: nn.Module, numerics: str) -> None:
         active = dict(active_activation_quantizers(module))
         if "output_quantizer" in active:
             raise ValueError(f"layer {name!r}: output quantization is not exported to ONNX")
@@ -146,33 +188,55 @@ class QDQLayer(nn.Module):
         self.register_buffer("pre_quant_scale", None if scale is None else scale.detach().float().clone())
         self.input_fp8 = False
         self.register_buffer("input_step", None)
+        self.register_buffer("input_scale", None)
         if quantizer is None or not quantizer.is_enabled:
             return
         config = quantizer.config
         if config.format_name not in INPUT_BOUNDS or config.is_dynamic or quantizer.amax is None \
-                or quantizer.amax.numel() != 1:
+                or quantizer.amax.numel() != 1 or config.narrow_range or config.signed_scale:
             raise ValueError(
-                f"layer {name!r}: input quantizer {config.format_name} {config.granularity} "
+                f"layer {name!r}: input quantizer {config.format_name} {config.granularity}"
+                f"{' narrow_range' if config.narrow_range else ''}{' signed_scale' if config.signed_scale else ''} "
                 f"({'calibrated' if quantizer.amax is not None else 'uncalibrated'}); ONNX export takes a "
                 f"calibrated static per-tensor input in {sorted(INPUT_BOUNDS)}")
         self.input_fp8 = config.format_name == "e4m3"
-        self.input_step = quantizer.amax.detach().float().reshape(()) / INPUT_BOUNDS[config.format_name]
+        amax = quantizer.amax.detach().float().reshape(())
+        if numerics == "onnx":
+            self.input_step = amax / INPUT_BOUNDS[config.format_name]
+            return
+        self.input_step = _unit(amax)
+        self.input_scale = (formats.quantize_fp(amax, amax, formats.E4M3) if self.input_fp8 else
+                            formats.quantize_int(amax, amax, 8))[1]  # the scale lowbit's fake quant uses
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
-        if self.input_step is not None:
+        if self.input_scale is not None:  # lowbit's float32 math: x * scale, round, / scale, back to x's dtype
+            scaled = x.float() * self.input_scale
+            x = (torch.ops.lowbit.onnx_quantize_dequantize(scaled, self.input_step, self.input_fp8)
+                 / self.input_scale).to(x.dtype)
+        elif self.input_step is not None:
             x = torch.ops.lowbit.onnx_quantize_dequantize(x, self.input_step, self.input_fp8)
         weight = torch.ops.lowbit.onnx_dequantize(self.weight_codes, self.weight_step, self.weight_zero_point,
-                                                  self.axis, self.block_size).to(x.dtype)
+                                                  self.axis, self.block_size)
+        if self.weight_divisor is not None:
+            blocks = weight.reshape(*self.weight_divisor.shape[:2], -1) if self.weight_divisor.dim() == 3 else weight
+            weight = (blocks / self.weight_divisor).reshape(self.weight_codes.shape)
+        weight = weight.to(x.dtype)
         if self.convolution is None:
             return F.linear(x, weight, self.bias)
         return self.convolution(x, weight, self.bias, *self.conv_options)
 
 
-def export_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` with every quantized layer replaced by a ``QDQLayer`` (all checked first), and the
-    names of its INT4 code buffers (written as ONNX int4 / uint4)."""
+def _check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics={numerics!r}; allowed: {', '.join(map(repr, NUMERICS))}")
+
+
+def export_copy(model: nn.Module, numerics: str = "onnx") -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with every quantized layer replaced by a ``QDQLayer`` of ``numerics`` (all checked
+    first), and the names of its INT4 code buffers (written as ONNX int4 / uint4)."""
+    _check_numerics(numerics)
     layers = {}
     for name, module in model.named_modules():
         for attribute in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
@@ -187,7 +251,7 @@ def export_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
             continue
         if not isinstance(module, nn.Linear) and not any(isinstance(module, c) for c in CONVOLUTIONS):
             raise ValueError(f"layer {name!r}: {type(module).__name__} is not exported to ONNX (Linear, Conv1d-3d)")
-        layers[name] = QDQLayer(name, module)
+        layers[name] = QDQLayer(name, module, numerics)
     exported = copy.deepcopy(model)
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
@@ -216,8 +280,8 @@ def _as_int4(proto, names: list[str]) -> None:
         raise RuntimeError(f"torch.onnx did not keep the INT4 code initializers {sorted(missing)}")
 
 
-def _write(model: nn.Module, sample_input, path: Path, dynamic_shapes=None) -> None:
-    exported, int4 = export_copy(model)
+def _write(model: nn.Module, sample_input, path: Path, dynamic_shapes, numerics: str) -> None:
+    exported, int4 = export_copy(model, numerics)
     args, kwargs = (sample_input, None) if isinstance(sample_input, tuple) else (
         ((), sample_input) if isinstance(sample_input, dict) else ((sample_input,), None))
     program = torch.onnx.export(exported, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
@@ -239,8 +303,12 @@ def _require_onnx() -> None:
 
 
 def export_onnx(model: nn.Module, sample_input, path: str | Path, *, overwrite: bool = False,
-                dynamic_shapes=None) -> Path:
+                dynamic_shapes=None, numerics: str = "onnx") -> Path:
     """Write ``model`` (quantized by lowbit) as one ONNX file with Q/DQ nodes (module docstring).
+
+    ``numerics``: "onnx" (scales as Q/DQ steps, the form runtimes fuse into integer kernels; off from lowbit
+    by float32 rounding) or "lowbit" (the graph computes lowbit's fake quantization exactly: scales in Mul / Div
+    around unit-step Q/DQ).
 
     ``sample_input``: a tensor, a tuple of positional tensors or a dict of keyword tensors, traced once;
     ``dynamic_shapes`` is torch.onnx.export's (e.g. ``{"input_ids": {0: "batch", 1: "sequence"}}``), else
@@ -248,14 +316,16 @@ def export_onnx(model: nn.Module, sample_input, path: str | Path, *, overwrite: 
     The layers are checked before exporting; the file is written beside ``path`` and renamed into place
     (an existing file is refused unless ``overwrite``). Returns ``path``.
     """
+    _check_numerics(numerics)
     _require_onnx()
     with atomic_file(path, overwrite) as staging:
-        _write(model, sample_input, staging, dynamic_shapes)
+        _write(model, sample_input, staging, dynamic_shapes, numerics)
     return Path(path)
 
 
 def export_onnx_dir(model: nn.Module, export_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
-                    sample_input=None, sample_text: str = "Hello, world", file_name: str = "model.onnx") -> Path:
+                    sample_input=None, sample_text: str = "Hello, world", file_name: str = "model.onnx",
+                    numerics: str = "onnx") -> Path:
     """``export_onnx`` in the registry's call shape: ``export_dir/file_name`` (plus the tokenizer files);
     the sample input is ``sample_input`` or ``tokenizer(sample_text)``'s input_ids, whose batch and sequence
     dims are then left dynamic."""
@@ -265,9 +335,10 @@ def export_onnx_dir(model: nn.Module, export_dir: str | Path, *, tokenizer=None,
             raise ValueError("sample_input=None and tokenizer=None: ONNX export traces the model once; pass one")
         sample_input = {"input_ids": tokenizer(sample_text, return_tensors="pt")["input_ids"]}
         dynamic_shapes = {"input_ids": {0: "batch", 1: "sequence"}}
+    _check_numerics(numerics)
     _require_onnx()
     with atomic_directory(export_dir, writer="export_onnx", overwrite=overwrite) as staging:
-        _write(model, sample_input, staging / file_name, dynamic_shapes)
+        _write(model, sample_input, staging / file_name, dynamic_shapes, numerics)
         if tokenizer is not None:
             from lowbit.export.model_files import save_tokenizer
 

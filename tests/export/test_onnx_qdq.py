@@ -1,5 +1,6 @@
 """ONNX Q/DQ export, without onnx: the export copy (custom ops in eager mode, ONNX's Q/DQ math) computes what
-the fake-quantized model computes, and formats ONNX cannot express are refused naming the layer.
+the fake-quantized model computes (numerics="lowbit": bit for bit; "onnx", scales as steps: within float32
+rounding), and formats ONNX cannot express are refused naming the layer.
 (The ONNX file run by onnxruntime: tests/consumers/test_onnx_consumer.py.)"""
 
 import copy
@@ -68,14 +69,18 @@ def quantized(model_cls, cfg_name, x):
 CASES = [(MLP, (8, 64), name) for name in CONFIGS] + [(CNN, (2, 3, 16, 16), name) for name in ("int8_w8a8", "fp8")]
 
 
+@pytest.mark.parametrize("numerics", ["lowbit", "onnx"])
 @pytest.mark.parametrize("model_cls,shape,cfg_name", CASES)
-def test_export_copy_computes_the_fake_quantized_model(model_cls, shape, cfg_name):
+def test_export_copy_computes_the_fake_quantized_model(model_cls, shape, cfg_name, numerics):
     x = sample(shape, 1)
     model = quantized(model_cls, cfg_name, x)
-    exported, int4 = export_copy(model)
+    exported, int4 = export_copy(model, numerics)
     with torch.no_grad():
-        reference, result = model(x).double(), exported(x).double()
-    assert (result - reference).norm() <= 1e-5 * reference.norm()
+        reference, result = model(x), exported(x)
+    if numerics == "lowbit":  # the same float32 operations as lowbit's fake quantization
+        assert torch.equal(result, reference)
+    else:  # x / step and codes * step for lowbit's x * scale and codes / scale: measured <= 2.6e-7
+        assert (result.double() - reference.double()).norm() <= 1e-5 * reference.double().norm()
     assert bool(int4) == cfg_name.startswith("int4")
     assert any(isinstance(m, nn.Linear) and hasattr(m, "weight_quantizer") for m in model.modules())  # untouched
 
@@ -92,3 +97,31 @@ def test_formats_onnx_cannot_express_are_refused(cfg, message):
         model = lowbit.quantize(MLP().eval(), copy.deepcopy(cfg), lambda m: m(x))
     with pytest.raises(ValueError, match=rf"layer 'fc1'.*{message}"):
         export_copy(model)
+
+
+def test_unknown_numerics_is_refused():
+    x = sample((8, 64), 2)
+    model = quantized(MLP, "int8_w8a8", x)
+    with pytest.raises(ValueError, match=r"numerics='exact'; allowed: 'lowbit', 'onnx'"):
+        export_copy(model, "exact")
+
+
+def test_narrow_range_input_is_refused():
+    """ONNX's int8 QuantizeLinear saturates at -128; a narrow-range input quantizer (-127) is not written."""
+    x = sample((8, 64), 2)
+    cfg = copy.deepcopy(lowbit.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"]["*input_quantizer"] = {**cfg["quant_cfg"]["*input_quantizer"], "narrow_range": True}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = lowbit.quantize(MLP().eval(), cfg, lambda m: m(x))
+    with pytest.raises(ValueError, match=r"layer 'fc1': input quantizer int8 per-tensor narrow_range"):
+        export_copy(model)
+
+
+@pytest.mark.parametrize("cfg_name", ["int8_w8a8", "fp8"])
+def test_lowbit_numerics_are_exact_for_bfloat16_models(cfg_name):
+    """lowbit quantizes a bfloat16 input in float32 (x * scale, round, / scale) and casts back; so does the graph."""
+    x = sample((8, 64), 1)
+    model = quantized(MLP, cfg_name, x).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(export_copy(model, "lowbit")[0](x.bfloat16()), model(x.bfloat16()))
