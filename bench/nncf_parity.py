@@ -16,6 +16,7 @@ window by window (``lowbit.eval.divergence``), with the top-1 agreement and the 
 Usage (from the repository root):
     python bench/nncf_parity.py                       # both tables, full held-out text
     python bench/nncf_parity.py --only parity --max-tokens 16384 [--model default]
+    python bench/nncf_parity.py --only parity --cases "int8_asym,int4_sym g128 r1.0"   # some parity cases
 Entry points for other benchmarks: ``compare_with_nncf(model_factory, evaluate, dataset)`` and
 ``selection_study(model_factory, evaluate, dataset)``, each returning rows (dicts) for
 ``lowbit.eval.table.format_table``.
@@ -113,8 +114,8 @@ def compare_with_nncf(model_factory: ModelFactory, evaluate: Evaluate, dataset: 
         rows.append({
             "case": case.name,
             "float ppl": ours.reference_perplexity,
-            "lowbit KL": round(ours.mean_kl, 5),
-            "nncf KL": round(theirs.mean_kl, 5),
+            "lowbit KL": _significant(ours.mean_kl),
+            "nncf KL": _significant(theirs.mean_kl),
             "lowbit top-1 %": round(100 * ours.top1, 2),
             "nncf top-1 %": round(100 * theirs.top1, 2),
             "lowbit delta %": round(_delta_pct(ours), 3),
@@ -126,6 +127,11 @@ def compare_with_nncf(model_factory: ModelFactory, evaluate: Evaluate, dataset: 
             "time lowbit/nncf": round(lowbit_seconds / nncf_seconds, 2),
         })
     return rows
+
+
+def _significant(kl: float) -> float:
+    """``kl`` to 4 significant digits: INT8 cases sit near 1e-4, where 5 decimals leave 2 digits."""
+    return float(f"{kl:.4g}")
 
 
 def _delta_pct(scores: Divergence) -> float:
@@ -145,7 +151,7 @@ def selection_study(model_factory: ModelFactory, evaluate: Evaluate, dataset: li
     def row(name: str, scores: Divergence, plan) -> dict:
         defining = [entry for entry in plan.layers if entry.ratio_defining]
         share = sum(e.layer.num_weights for e in defining if e.primary) / sum(e.layer.num_weights for e in defining)
-        return {"selection": name, "KL": round(scores.mean_kl, 5), "top-1 %": round(100 * scores.top1, 2),
+        return {"selection": name, "KL": _significant(scores.mean_kl), "top-1 %": round(100 * scores.top1, 2),
                 "ppl": scores.perplexity, "delta %": round(_delta_pct(scores), 3),
                 "MiB": round(plan.summary().compressed_bytes / MIB, 3), "4-bit layers": len(plan.primary_names),
                 "4-bit share %": round(100 * share, 1)}
@@ -169,7 +175,7 @@ def selection_study(model_factory: ModelFactory, evaluate: Evaluate, dataset: li
     mean_ppl = sum(s.perplexity for s in random_scores) / len(random_scores)
     reference = random_scores[0].reference_perplexity
     random_rows.append({"selection": "random, mean of seeds",
-                        "KL": round(sum(s.mean_kl for s in random_scores) / len(random_scores), 5),
+                        "KL": _significant(sum(s.mean_kl for s in random_scores) / len(random_scores)),
                         "top-1 %": round(100 * sum(s.top1 for s in random_scores) / len(random_scores), 2),
                         "ppl": mean_ppl, "delta %": round(100 * (mean_ppl / reference - 1), 3)})
     return sorted(metric_rows, key=lambda r: r["KL"]) + random_rows
@@ -211,7 +217,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N held-out tokens")
     parser.add_argument("--calibration-samples", type=int, default=64, help="dataset items of 256 tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--cases", type=lambda text: [name.strip() for name in text.split(",")],
+                        help=f"comma-separated parity cases (default: all of {[case.name for case in PARITY_CASES]})")
     args = parser.parse_args()
+    by_name = {case.name: case for case in PARITY_CASES}
+    unknown = sorted(set(args.cases or ()) - set(by_name))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; allowed are {list(by_name)}")
+    cases = tuple(by_name[name] for name in args.cases) if args.cases else PARITY_CASES
     torch.set_num_threads(args.threads)
     try:
         model_factory, evaluate, dataset = _default_setup(args.model, args.max_tokens, args.calibration_samples)
@@ -226,7 +239,10 @@ def main() -> None:
         import nncf
 
         print(f"\n## lowbit vs nncf {nncf.__version__}\n")
-        rows = compare_with_nncf(model_factory, evaluate, dataset)
+        rows = []
+        for case in cases:  # one at a time, each row printed when done: a run cut short keeps its rows
+            rows += compare_with_nncf(model_factory, evaluate, dataset, (case,))
+            print(rows[-1], flush=True)
         print(format_table(rows), flush=True)
         scores = [{"name": f"{library} {row['case']}", "delta": row[f"{library} delta %"], "KL": row[f"{library} KL"]}
                   for row in rows for library in ("lowbit", "nncf")]
