@@ -135,6 +135,17 @@ def new_method_cases() -> list[Case]:
     return found
 
 
+def autoround_cases() -> list[Case]:
+    """AutoRound's combinations at W4 / W3 g128 (``bench/results/frontier_w4w3_2026-12-07.md``): on the quantized
+    blocks' inputs, and refining GPTQ's rounding (GPTQ + scale estimation first, then AutoRound on its codes)."""
+    autoround = {"method": "autoround"}
+    return [lowbit_case(format, name, algorithm, then) for format in (W4, W3) for name, algorithm, then in (
+        ("AutoRound, quantized inputs", {**autoround, "layer_inputs": "quantized"}, ()),
+        ("AutoRound, quantized inputs, float targets", {**autoround, "layer_inputs": "quantized_float_targets"}, ()),
+        ("GPTQ + scale estimation, then AutoRound", GPTQ_SE, (autoround,)),
+    )]
+
+
 def cases() -> list[Case]:
     found = []
     for format in INTEGER:
@@ -154,7 +165,7 @@ def cases() -> list[Case]:
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
     found.append(_nncf(W4, "NNCF INT4_SYM data-free", "INT4_SYM"))
     found.append(_nncf(W4, "NNCF INT4_SYM AWQ + scale estimation", "INT4_SYM", awq=True, scale_estimation=True))
-    found += new_method_cases()
+    found += new_method_cases() + autoround_cases()
     for format in (NVFP4, MXFP4):
         found += [
             lowbit_case(format, "RTN", "max"),

@@ -15,8 +15,9 @@ in ``[0, 1]``, start 1; ``alpha`` asymmetric only):
 
 With ``V = 0``, ``alpha = beta = 1`` this is the format's own round-to-nearest. ``round`` passes gradients
 straight through (STE), ``clamp`` passes none outside its range. The loss is the block's output MSE against
-the float block's output on the same calibration inputs (every batch, each step), with every weight of the
-block quantized this way and the block's other quantizers off.
+the float block's output on the same calibration inputs (every batch, each step), or the float model's output
+of the block where the runner gives it (``layer_inputs="quantized_float_targets"``, ``lowbit.algorithms.layerwise``),
+with every weight of the block quantized this way and the block's other quantizers off.
 
 For ``t = 0 .. iterations - 1`` (auto-round's defaults: 200 steps, ``lr = 1 / iterations``, the same rate for
 the clipping factors):
@@ -179,8 +180,10 @@ def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200
     weights = tunable_weights(layer)
     if not weights:
         return 0.0
-    with quantizers_disabled(layer):
-        references = list(inputs.forward(layer))
+    references = inputs.targets
+    if references is None:
+        with quantizers_disabled(layer):
+            references = list(inputs.forward(layer))
     roundings = {}
     for name, weight in weights.items():
         group_size = estimation_group_size(weight, name)

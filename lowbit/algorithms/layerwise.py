@@ -18,7 +18,11 @@
    - the output now gives ``mse_after``;
    - the next layer's inputs are the float outputs (``layer_inputs="float"``, the default: every layer
      is calibrated on the float model's activations, as ModelOpt's awq_lite and NNCF collect their
-     statistics) or the quantized ones (``"quantized"``: errors propagate as they will at inference).
+     statistics) or the quantized ones (``"quantized"``: errors propagate as they will at inference);
+     ``"quantized_float_targets"`` feeds the quantized outputs too, but the block's reference (what its
+     algorithm fits, ``LayerInputs.targets``, and what ``mse_max`` / ``mse_after`` measure against) is the float
+     model's output of the block (the float block on the float model's inputs, one more pass): a block can then
+     make up for the error of the blocks before it (auto-round's ``enable_quanted_input``).
      On the bundled model float inputs gave the lower perplexity for most algorithms (GPTQ + scale
      estimation INT4 d ppl 0.35 -> 0.21, NVFP4 AWQ 1.22 -> 1.12; W4A8 AWQ 0.92 -> 0.94).
 
@@ -256,21 +260,32 @@ def run_layerwise(model: nn.Module, forward_loop: ForwardLoop, transform: LayerT
 def _run_stack(stack_name: str, layers: nn.ModuleList, inputs: LayerInputs, transform: LayerTransform,
                description: str, watch: LayerWatch | None, layer_inputs: str, full_pass: bool) -> list[LayerReport]:
     report = []
+    float_inputs = inputs if layer_inputs == QUANTIZED_FLOAT_TARGETS else None
     progress = tqdm(layers, desc=description, unit="layer")
     for index, layer in enumerate(progress):
         entry, outputs = calibrate_block(layer, inputs, LayerPass(transform, description, watch), layer_inputs,
-                                         full_pass, LayerReport(index, f"{stack_name}.{index}", None, 0.0))
+                                         full_pass, LayerReport(index, f"{stack_name}.{index}", None, 0.0),
+                                         float_inputs=float_inputs)
         report.append(entry)
         progress.set_postfix(mse_max=f"{entry.mse_max:.3g}", mse_after=f"{entry.mse_after:.3g}")
+        if float_inputs is not None:
+            float_inputs = float_inputs.replaced(inputs.targets)
         inputs = inputs.replaced(outputs)
         del outputs
     return report
 
 
 def calibrate_block(layer: nn.Module, inputs: LayerInputs, step: LayerPass, layer_inputs: str, full_pass: bool,
-                    entry: LayerReport, new_store: Callable[[], OutputStore] = list) -> tuple[LayerReport, OutputStore]:
+                    entry: LayerReport, new_store: Callable[[], OutputStore] = list,
+                    float_inputs: LayerInputs | None = None) -> tuple[LayerReport, OutputStore]:
     """One block of the layer-wise run (module docstring, step 2): its report (``entry`` with the measured
-    errors) and the outputs that feed the next block, in a store from ``new_store``."""
+    errors) and the outputs that feed the next block, in a store from ``new_store``. ``float_inputs`` (the float
+    model's inputs of the block) is needed by, and only by, ``layer_inputs="quantized_float_targets"``: the float
+    outputs are then left in ``inputs.targets``."""
+    if (layer_inputs == QUANTIZED_FLOAT_TARGETS) != (float_inputs is not None):
+        raise ValueError(f"layer_inputs={layer_inputs!r} with{'out' if float_inputs is None else ''} the float "
+                         f"model's block inputs: only {QUANTIZED_FLOAT_TARGETS!r} takes them (this runner "
+                         f"allows {list(LAYER_INPUTS[:2])})")
     ranges = InputRanges(row_weights(layer).values())
     reference = new_store()
     with ExitStack() as float_pass:
@@ -281,6 +296,12 @@ def calibrate_block(layer: nn.Module, inputs: LayerInputs, step: LayerPass, laye
             float_pass.enter_context(ranges.recording())
         for output in inputs.forward(layer):
             reference.append(output)
+    if float_inputs is not None:
+        reference = new_store()
+        with quantizers_disabled(layer):
+            for output in float_inputs.forward(layer):
+                reference.append(output)
+        inputs.targets = reference
     if not full_pass:
         ranges.apply()  # max calibration of the inputs, from the float layer's
     with weights_reused(layer), ranges.recording():
@@ -297,7 +318,8 @@ def calibrate_block(layer: nn.Module, inputs: LayerInputs, step: LayerPass, laye
     return entry, reference if outputs is None else outputs
 
 
-LAYER_INPUTS = ("float", "quantized")
+QUANTIZED_FLOAT_TARGETS = "quantized_float_targets"
+LAYER_INPUTS = ("float", "quantized", QUANTIZED_FLOAT_TARGETS)
 
 
 def check_layer_inputs(layer_inputs: str) -> str:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from lowbit import distributed
 from lowbit.algorithms.layerwise import (
+    QUANTIZED_FLOAT_TARGETS,
     LayerPass,
     LayerReport,
     calibrate_block,
@@ -295,7 +296,11 @@ def _algorithm_pass(config: QuantizeConfig) -> tuple[LayerPass | None, str]:
     if config.algorithm == "smoothquant":
         raise ValueError("algorithm 'smoothquant' runs on the whole model (one pass over every block); "
                          "quantize_layerwise takes 'max' and the layer-wise algorithms")
-    return layer_pass(config.algorithm, options)
+    step, layer_inputs = layer_pass(config.algorithm, options)
+    if layer_inputs == QUANTIZED_FLOAT_TARGETS:
+        raise ValueError(f"quantize_layerwise: layer_inputs={layer_inputs!r} is not supported block by block (it "
+                         "keeps the float model's activations beside the quantized ones); use 'float' or 'quantized'")
+    return step, layer_inputs
 
 
 def _check_source(model) -> Path:

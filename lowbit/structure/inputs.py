@@ -22,6 +22,7 @@ class LayerInputs:
     def __init__(self, calls: list[tuple[tuple, dict]]) -> None:
         self.calls = calls
         self.ranges = None  # the block's measured InputRanges, while the layer-wise runner works on it
+        self.targets = None  # the float model's outputs of the block, when the runner fits the block to them
 
     def __len__(self) -> int:
         return len(self.calls)
