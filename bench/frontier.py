@@ -136,13 +136,17 @@ def new_method_cases() -> list[Case]:
 
 
 def autoround_cases() -> list[Case]:
-    """AutoRound's combinations at W4 / W3 g128 (``bench/results/frontier_w4w3_2026-12-07.md``): on the quantized
-    blocks' inputs, and refining GPTQ's rounding (GPTQ + scale estimation first, then AutoRound on its codes)."""
+    """AutoRound's options at W4 / W3 g128 (``bench/results/frontier_w4w3_2026-12-07.md``): on the quantized
+    blocks' inputs, fitted to the float model's block outputs (``layer_inputs="quantized_float_targets"``), and
+    one calibration batch of 8 windows a step (``batches_per_step=1``: with ``--calib-samples 32`` each step costs
+    what a step on 8 windows does)."""
     autoround = {"method": "autoround"}
     return [lowbit_case(format, name, algorithm, then) for format in (W4, W3) for name, algorithm, then in (
         ("AutoRound, quantized inputs", {**autoround, "layer_inputs": "quantized"}, ()),
         ("AutoRound, quantized inputs, float targets", {**autoround, "layer_inputs": "quantized_float_targets"}, ()),
-        ("GPTQ + scale estimation, then AutoRound", GPTQ_SE, (autoround,)),
+        ("AutoRound, float targets, 1 batch a step", {**autoround, "layer_inputs": "quantized_float_targets",
+                                                      "batches_per_step": 1}, ()),
+        ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
     )]
 
 

@@ -19,11 +19,16 @@ the float block's output on the same calibration inputs (every batch, each step)
 of the block where the runner gives it (``layer_inputs="quantized_float_targets"``, ``lowbit.algorithms.layerwise``),
 with every weight of the block quantized this way and the block's other quantizers off.
 
+With ``batches_per_step = k > 0`` step ``t`` takes the loss over ``k`` of the ``n`` calibration batches only,
+batches ``t k, .., t k + k - 1`` (mod ``n``), as auto-round draws a minibatch of its samples each step: more
+calibration windows at the cost of ``k`` per step (0: every batch, each step).
+
 For ``t = 0 .. iterations - 1`` (auto-round's defaults: 200 steps, ``lr = 1 / iterations``, the same rate for
 the clipping factors):
 
-1. ``L_t`` = the loss at the current tunables; the tunables with the least ``L_t`` so far are kept (``t = 0``
-   is round-to-nearest, so the kept result is never worse than it on the calibration data);
+1. ``L_t`` = the loss at the current tunables (on step ``t``'s batches); the tunables with the least ``L_t`` so
+   far are kept (``t = 0`` is round-to-nearest, so with every batch each step the kept result is never worse than
+   it on the calibration data);
 2. ``p -= lr_t * sign(dL_t / dp)`` for every tunable ``p``, ``lr_t = lr * (1 - t / iterations)`` (linear
    decay to 0) with ``minmax_lr`` for the clipping factors; then ``V`` is clamped to ``[-0.5, 0.5]`` and
    ``alpha``, ``beta`` to ``[0, 1]``. The result of the last step is scored too.
@@ -47,7 +52,7 @@ from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, q
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
 
-AUTOROUND_OPTIONS = {"iterations": 200, "lr": 0.005, "minmax_lr": 0.005}
+AUTOROUND_OPTIONS = {"iterations": 200, "lr": 0.005, "minmax_lr": 0.005, "batches_per_step": 0}
 TINY = 2.0**-24  # lowbit.formats' threshold below which a range quantizes to 0
 
 
@@ -124,7 +129,7 @@ def signed_gradient_step(tunables: list[tuple[Tensor, float, float, float]], gra
             tensor.clamp_(low, high)
 
 
-LossOf = Callable[[dict[str, Tensor]], Tensor]  # {name: w_hat (out, in)} -> scalar loss
+LossOf = Callable[[dict[str, Tensor], int], Tensor]  # ({name: w_hat (out, in)}, step t) -> scalar loss
 
 
 def autoround(roundings: dict[str, Rounding], loss_of: LossOf, iterations: int = 200, lr: float = 0.005,
@@ -134,7 +139,7 @@ def autoround(roundings: dict[str, Rounding], loss_of: LossOf, iterations: int =
     keeps the clipping factors at 1 (rounding only)."""
     best, best_loss = None, float("inf")
     for t in range(iterations + 1):
-        loss = loss_of({name: r.quantized() for name, r in roundings.items()})
+        loss = loss_of({name: r.quantized() for name, r in roundings.items()}, t)
         if float(loss.detach()) < best_loss:
             best_loss = float(loss.detach())
             best = {name: _detached(r) for name, r in roundings.items()}
@@ -174,9 +179,10 @@ def tunable_weights(layer: nn.Module, prefix: str = "") -> dict[str, Quantizable
 
 
 def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200, lr: float = 0.005,
-                    minmax_lr: float = 0.005) -> float:
-    """AutoRound of every tunable weight of ``layer`` against its float output on ``inputs``; replaces each
-    weight by its quantized value and stores the range in its quantizer. Returns the best loss."""
+                    minmax_lr: float = 0.005, batches_per_step: int = 0) -> float:
+    """AutoRound of every tunable weight of ``layer`` against its float output on ``inputs`` (or
+    ``inputs.targets``); replaces each weight by its quantized value and stores the range in its quantizer.
+    Returns the best loss."""
     weights = tunable_weights(layer)
     if not weights:
         return 0.0
@@ -191,15 +197,16 @@ def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200
         roundings[name] = Rounding.start_at(IntGrid.of(weight.weight_quantizer), weight.weight.detach().float(),
                                             start, group_size)
 
-    def loss_of(quantized: dict[str, Tensor]) -> Tensor:
+    def loss_of(quantized: dict[str, Tensor], step: int) -> Tensor:
         parameters = {f"{name}.weight": w_hat.t() if weights[name].kind == "transposed" else w_hat
                       for name, w_hat in quantized.items()}
-        total = 0.0
-        for (args, kwargs), reference in zip(inputs.calls, references, strict=True):
+        total, chosen = 0.0, step_batches(step, batches_per_step, len(references))
+        for index in chosen:
+            args, kwargs = inputs.calls[index]
             output = functional_call(layer, parameters, args, kwargs)
             output = output[0] if isinstance(output, (tuple, list)) else output
-            total = total + (output.float() - reference.float()).square().mean()
-        return total / len(references)
+            total = total + (output.float() - references[index].float()).square().mean()
+        return total / len(chosen)
 
     with quantizers_disabled(layer), torch.enable_grad():
         best, loss = autoround(roundings, loss_of, iterations, lr, minmax_lr)
@@ -211,10 +218,20 @@ def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200
     return loss
 
 
+def step_batches(step: int, batches_per_step: int, batches: int) -> list[int]:
+    """The batches step ``step`` takes: ``step k .. step k + k - 1`` mod ``batches`` (``k = batches_per_step``,
+    at most ``batches``; 0: all of them)."""
+    if batches_per_step <= 0 or batches_per_step >= batches:
+        return list(range(batches))
+    return [(step * batches_per_step + i) % batches for i in range(batches_per_step)]
+
+
 def check_autoround_options(options: dict) -> None:
-    """ValueError naming the option unless iterations >= 1, lr > 0, minmax_lr >= 0."""
-    checks = {"iterations": options["iterations"] >= 1, "lr": options["lr"] > 0, "minmax_lr": options["minmax_lr"] >= 0}
-    allowed = {"iterations": "an int >= 1", "lr": "> 0", "minmax_lr": ">= 0 (0: no clipping factors)"}
+    """ValueError naming the option unless iterations >= 1, lr > 0, minmax_lr >= 0, batches_per_step >= 0."""
+    checks = {"iterations": options["iterations"] >= 1, "lr": options["lr"] > 0, "minmax_lr": options["minmax_lr"] >= 0,
+              "batches_per_step": options["batches_per_step"] >= 0}
+    allowed = {"iterations": "an int >= 1", "lr": "> 0", "minmax_lr": ">= 0 (0: no clipping factors)",
+               "batches_per_step": "an int >= 0 (0: every batch each step)"}
     for key, ok in checks.items():
         if not ok:
             raise ValueError(f"autoround: {key}={options[key]!r} must be {allowed[key]}")

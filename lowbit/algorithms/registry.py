@@ -21,7 +21,8 @@ gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=
                   quantized inputs, W4A4; gptq_target)
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
-autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults)        autoround
+autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults),       autoround
+                  batches_per_step=0 (k > 0: a minibatch of k batches each step)
 svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
 lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 ================  =======================================================================  ================
@@ -31,7 +32,9 @@ quantizers, data-free.
 
 Every layer-wise algorithm (all but max and smoothquant) also takes ``layer_inputs="float"`` (each
 layer calibrated on the float model's activations, as ModelOpt and NNCF do) or ``"quantized"`` (on the
-outputs of the already quantized layers before it); see ``lowbit.algorithms.layerwise``.
+outputs of the already quantized layers before it) or ``"quantized_float_targets"`` (those inputs, the float
+model's block outputs as the reference: AutoRound then fits each block to the float model); see
+``lowbit.algorithms.layerwise``.
 
 Chaining: ``scale_estimation`` = True (its defaults) or a dict of its options runs scale estimation on
 each layer after AWQ's scale (and clip) search, or before GPTQ, which then keeps the estimated grid as

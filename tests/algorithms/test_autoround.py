@@ -146,7 +146,7 @@ def test_signed_gradient_descent_matches_float64_reference(asymmetric):
     grid = IntGrid(3, asymmetric=asymmetric)
     rounding = Rounding.start_at(grid, w, grid.own_range(w.reshape(8, -1, 16)), 16)
     iterations, lr = 12, 0.04
-    best, loss = autoround({"linear": rounding}, lambda q: (x @ (q["linear"] - w).T).square().mean(),
+    best, loss = autoround({"linear": rounding}, lambda q, t: (x @ (q["linear"] - w).T).square().mean(),
                            iterations=iterations, lr=lr, minmax_lr=lr)
     ref_w_hat, ref_loss = reference_autoround(w.numpy(), x.numpy(), 3, asymmetric, 16, iterations, lr, lr)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)

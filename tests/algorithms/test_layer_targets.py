@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.algorithms.autoround import autoround_layer, step_batches
 from lowbit.algorithms.layerwise import run_layerwise
+from lowbit.structure.inputs import LayerInputs
 
 from .test_autoround import TwoBlocks, int_config, outlier_data
 from .tiny_llama import forward_loop_for
@@ -69,3 +71,25 @@ def test_layer_inputs_errors_name_the_value():
     config = {**int_config(False), "algorithm": {"method": "gptq", "layer_inputs": "quantized_float_targets"}}
     with pytest.raises(ValueError, match="quantize_layerwise: layer_inputs='quantized_float_targets'"):
         lowbit.quantize_layerwise("/nonexistent", config, [], "/nonexistent-out")
+
+
+def test_autoround_minibatches_cycle_through_the_batches():
+    # batches_per_step k: step t takes batches t k .. t k + k - 1 mod n (written out for n = 4)
+    assert [step_batches(t, 1, 4) for t in range(5)] == [[0], [1], [2], [3], [0]]
+    assert [step_batches(t, 3, 4) for t in range(3)] == [[0, 1, 2], [3, 0, 1], [2, 3, 0]]
+    assert step_batches(7, 0, 4) == step_batches(7, 4, 4) == step_batches(7, 9, 4) == [0, 1, 2, 3]
+
+
+def test_autoround_minibatch_loss_is_the_chosen_batches_mse_float64():
+    """With batches_per_step=1 and lr tiny enough that no rounding moves, the best loss autoround_layer returns is
+    the least over steps of the block's output MSE on step t's batch: here min over the 2 batches, in float64."""
+    _, x = outlier_data(WIDTH, WIDTH, tokens=96, seed=14)
+    batches = [x.float().reshape(2, 48, WIDTH)[i : i + 1] for i in range(2)]
+    model = lowbit.quantize(TwoBlocks(WIDTH, seed=15), int_config(False))
+    block = model.layers[0]
+    inputs = LayerInputs([((batch,), {}) for batch in batches])
+    per_batch = [float((block_float64(block, b.double(), True) - block_float64(block, b.double(), False))
+                       .square().mean()) for b in batches]  # before autoround_layer replaces the weights
+    loss = autoround_layer(block, inputs, iterations=3, lr=1e-9, minmax_lr=0.0, batches_per_step=1)
+    assert abs(per_batch[0] - per_batch[1]) > 1e-3 * per_batch[0]  # the batches tell the steps apart
+    assert loss == pytest.approx(min(per_batch), rel=1e-4)
