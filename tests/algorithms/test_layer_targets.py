@@ -26,10 +26,11 @@ def fake_quant_int4_float64(w):
 def block_float64(block, x, quantized):
     first, second = block[0], block[2]
     w1, w2 = (layer.weight.detach().double() for layer in (first, second))
+    b1, b2 = (layer.bias.detach().double() for layer in (first, second))
     if quantized:
         w1, w2 = fake_quant_int4_float64(w1), fake_quant_int4_float64(w2)
-    hidden = torch.nn.functional.gelu(x @ w1.T + first.bias.double())
-    return hidden @ w2.T + second.bias.double()
+    hidden = torch.nn.functional.gelu(x @ w1.T + b1)
+    return hidden @ w2.T + b2
 
 
 def record_blocks(layer_inputs, batches):
