@@ -139,7 +139,7 @@ def autoround_cases() -> list[Case]:
     """AutoRound's options at W4 / W3 g128 (``bench/results/frontier_w4w3_2026-12-07.md``): on the quantized
     blocks' inputs, fitted to the float model's block outputs (``layer_inputs="quantized_float_targets"``), and
     one calibration batch of 8 windows a step (``batches_per_step=1``: with ``--calib-samples 32`` each step costs
-    what a step on 8 windows does)."""
+    what a step on 8 windows does), and started from GPTQ + scale estimation's codes and grid (``start="gptq"``)."""
     autoround = {"method": "autoround"}
     return [lowbit_case(format, name, algorithm, then) for format in (W4, W3) for name, algorithm, then in (
         ("AutoRound, quantized inputs", {**autoround, "layer_inputs": "quantized"}, ()),
@@ -147,6 +147,9 @@ def autoround_cases() -> list[Case]:
         ("AutoRound, float targets, 1 batch a step", {**autoround, "layer_inputs": "quantized_float_targets",
                                                       "batches_per_step": 1}, ()),
         ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
+        ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
+        ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",
+                                                                   "layer_inputs": "quantized_float_targets"}, ()),
     )]
 
 

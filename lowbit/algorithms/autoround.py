@@ -33,6 +33,13 @@ the clipping factors):
    decay to 0) with ``minmax_lr`` for the clipping factors; then ``V`` is clamped to ``[-0.5, 0.5]`` and
    ``alpha``, ``beta`` to ``[0, 1]``. The result of the last step is scored too.
 
+Started from GPTQ (``start="gptq"``): GPTQ + scale estimation quantizes the block first (``lowbit.algorithms.
+gptq``); its grid is the start range and ``V`` starts at ``(w_gptq - w) / d`` (``d`` the grid step, ``1 / s``
+symmetric), the offset that gives GPTQ's codes from the float weight ``w``, with ``V`` in ``[-1, 1]`` (GPTQ's
+error feedback moves most codes by at most a step from round-to-nearest's; a code further away starts at the
+reachable neighbour on its side). Step 1 at ``t = 0`` then scores GPTQ's result, and the descent refines it on
+the block's output.
+
 The kept tunables are written back as the quantized weight ``w_hat`` and the quantizer's static range
 ``(amin, amax)``: the format re-rounds ``w_hat`` to the same codes, so export and packing need nothing new.
 """
@@ -52,7 +59,8 @@ from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, q
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
 
-AUTOROUND_OPTIONS = {"iterations": 200, "lr": 0.005, "minmax_lr": 0.005, "batches_per_step": 0}
+AUTOROUND_OPTIONS = {"iterations": 200, "lr": 0.005, "minmax_lr": 0.005, "batches_per_step": 0, "start": "rtn"}
+STARTS = ("rtn", "gptq")
 TINY = 2.0**-24  # lowbit.formats' threshold below which a range quantizes to 0
 
 
@@ -63,8 +71,9 @@ def round_ste(x: Tensor) -> Tensor:
 
 @dataclass
 class Rounding:
-    """The tunables of one weight ``(out, in)`` seen as groups ``(out, n, g)``: ``offset`` V ``(out, n, g)``,
-    ``min_scale`` alpha (asymmetric; else None) and ``max_scale`` beta ``(out, n, 1)``, and the start range."""
+    """The tunables of one weight ``(out, in)`` seen as groups ``(out, n, g)``: ``offset`` V ``(out, n, g)`` in
+    ``[-offset_bound, offset_bound]``, ``min_scale`` alpha (asymmetric; else None) and ``max_scale`` beta
+    ``(out, n, 1)``, and the start range."""
 
     grid: IntGrid
     groups: Tensor
@@ -72,6 +81,7 @@ class Rounding:
     offset: Tensor
     min_scale: Tensor | None
     max_scale: Tensor
+    offset_bound: float = 0.5
 
     @classmethod
     def start_at(cls, grid: IntGrid, weight: Tensor, start: tuple[Tensor | None, Tensor], group_size: int
@@ -82,6 +92,14 @@ class Rounding:
         ones = torch.ones_like(start[1])
         return cls(grid, groups, start, torch.zeros_like(groups).requires_grad_(),
                    ones.clone().requires_grad_() if grid.asymmetric else None, ones.requires_grad_())
+
+    def start_from(self, w_hat: Tensor) -> None:
+        """``V = clamp((w_hat - w) / d, -1, 1)`` in ``[-1, 1]``: the offsets that give ``w_hat``'s codes (``w_hat``
+        ``(out, in)`` on the start grid, e.g. GPTQ's; module docstring), ``d`` the start grid's step."""
+        step = grid_step(self.grid, *self.start)
+        with torch.no_grad():
+            self.offset.copy_(((w_hat.reshape(self.groups.shape) - self.groups) / step).clamp(-1.0, 1.0))
+        self.offset_bound = 1.0
 
     def range(self) -> tuple[Tensor | None, Tensor]:
         """``(alpha amin0 or None, beta amax0)``."""
@@ -96,10 +114,20 @@ class Rounding:
     def tunables(self, lr: float, minmax_lr: float) -> list[tuple[Tensor, float, float, float]]:
         """``(tensor, learning rate, low, high)``: V in ``[-0.5, 0.5]``, the clipping factors in ``[0, 1]``
         (none with ``minmax_lr = 0``)."""
-        found = [(self.offset, lr, -0.5, 0.5)]
+        found = [(self.offset, lr, -self.offset_bound, self.offset_bound)]
         if minmax_lr > 0:
             found += [(scale, minmax_lr, 0.0, 1.0) for scale in (self.min_scale, self.max_scale) if scale is not None]
         return found
+
+
+def grid_step(grid: IntGrid, amin: Tensor | None, amax: Tensor) -> Tensor:
+    """The grid's step ``d``: ``(max(amax, 0) - min(amin, 0)) / qmax`` asymmetric, ``amax / qmax`` symmetric (1
+    where the range is below ``2**-24``)."""
+    if grid.asymmetric:
+        low, high = amin.clamp(max=0), amax.clamp(min=0)
+        return torch.where((high - low) <= TINY, 1.0, (high - low) / grid.qmax)
+    qmax = formats.int_range(grid.num_bits, grid.unsigned, grid.narrow_range)[1]
+    return torch.where(amax <= TINY, 1.0, amax / qmax)
 
 
 def fake_quant_ste(grid: IntGrid, w: Tensor, offset: Tensor, amin: Tensor | None, amax: Tensor) -> Tensor:
@@ -179,13 +207,18 @@ def tunable_weights(layer: nn.Module, prefix: str = "") -> dict[str, Quantizable
 
 
 def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200, lr: float = 0.005,
-                    minmax_lr: float = 0.005, batches_per_step: int = 0) -> float:
+                    minmax_lr: float = 0.005, batches_per_step: int = 0,
+                    start_pass: Callable[[nn.Module, LayerInputs], object] | None = None) -> float:
     """AutoRound of every tunable weight of ``layer`` against its float output on ``inputs`` (or
     ``inputs.targets``); replaces each weight by its quantized value and stores the range in its quantizer.
-    Returns the best loss."""
+    ``start_pass`` (e.g. GPTQ's layer pass) quantizes the block first: the descent starts from its codes and grid
+    (``Rounding.start_from``), from the float weights. Returns the best loss."""
     weights = tunable_weights(layer)
     if not weights:
         return 0.0
+    float_weights = {name: weight.weight.detach().float().clone() for name, weight in weights.items()}
+    if start_pass is not None:
+        start_pass(layer, inputs)
     references = inputs.targets
     if references is None:
         with quantizers_disabled(layer):
@@ -194,8 +227,10 @@ def autoround_layer(layer: nn.Module, inputs: LayerInputs, iterations: int = 200
     for name, weight in weights.items():
         group_size = estimation_group_size(weight, name)
         start = quantizer_range(weight.weight_quantizer, weight.weight, group_size)
-        roundings[name] = Rounding.start_at(IntGrid.of(weight.weight_quantizer), weight.weight.detach().float(),
-                                            start, group_size)
+        roundings[name] = Rounding.start_at(IntGrid.of(weight.weight_quantizer), float_weights[name], start,
+                                            group_size)
+        if start_pass is not None:
+            roundings[name].start_from(weight.weight.detach().float())
 
     def loss_of(quantized: dict[str, Tensor], step: int) -> Tensor:
         parameters = {f"{name}.weight": w_hat.t() if weights[name].kind == "transposed" else w_hat
@@ -227,7 +262,10 @@ def step_batches(step: int, batches_per_step: int, batches: int) -> list[int]:
 
 
 def check_autoround_options(options: dict) -> None:
-    """ValueError naming the option unless iterations >= 1, lr > 0, minmax_lr >= 0, batches_per_step >= 0."""
+    """ValueError naming the option unless iterations >= 1, lr > 0, minmax_lr >= 0, batches_per_step >= 0 and
+    start is one of ``STARTS``."""
+    if options["start"] not in STARTS:
+        raise ValueError(f"autoround: start={options['start']!r}; allowed: {list(STARTS)}")
     checks = {"iterations": options["iterations"] >= 1, "lr": options["lr"] > 0, "minmax_lr": options["minmax_lr"] >= 0,
               "batches_per_step": options["batches_per_step"] >= 0}
     allowed = {"iterations": "an int >= 1", "lr": "> 0", "minmax_lr": ">= 0 (0: no clipping factors)",

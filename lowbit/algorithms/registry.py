@@ -22,7 +22,8 @@ gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=
 scale_estimation  min_ratio=0.7, ratio_step=0.02, steps=1, objective="block"               scale_estimation
 hqq               iterations=20, lp_norm=0.7, beta=10.0, kappa=1.01 (data-free)           hqq
 autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaults),       autoround
-                  batches_per_step=0 (k > 0: a minibatch of k batches each step)
+                  batches_per_step=0 (k > 0: a minibatch of k batches each step),
+                  start="rtn" ("gptq": from GPTQ + scale estimation's codes and grid)
 svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
 lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 ================  =======================================================================  ================
@@ -200,8 +201,12 @@ def _scale_estimation(**options) -> LayerPass:
     return LayerPass(partial(scale_estimation_layer, estimate_range=_range_estimator(options)), "scale_estimation")
 
 
-def _autoround(**options) -> LayerPass:
-    return LayerPass(partial(autoround_layer, **options), "autoround")
+def _autoround(start, **options) -> LayerPass:
+    """AutoRound from round-to-nearest, or (``start="gptq"``) from GPTQ + scale estimation's codes and grid."""
+    if start == "rtn":
+        return LayerPass(partial(autoround_layer, **options), "autoround")
+    gptq_start = partial(gptq_layer, estimate_range=_range_estimator(True))
+    return LayerPass(partial(autoround_layer, start_pass=gptq_start, **options), "gptq+scale_estimation+autoround")
 
 
 def _svdquant(**options) -> LayerPass:
