@@ -150,6 +150,8 @@ def autoround_cases() -> list[Case]:
         ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",
                                                                    "layer_inputs": "quantized_float_targets"}, ()),
+        ("AutoRound from GPTQ + scale estimation, float targets, 1 batch a step", {
+            **autoround, "start": "gptq", "layer_inputs": "quantized_float_targets", "batches_per_step": 1}, ()),
     )]
 
 
