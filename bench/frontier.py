@@ -146,6 +146,8 @@ def autoround_cases() -> list[Case]:
         ("AutoRound, quantized inputs, float targets", {**autoround, "layer_inputs": "quantized_float_targets"}, ()),
         ("AutoRound, float targets, 1 batch a step", {**autoround, "layer_inputs": "quantized_float_targets",
                                                       "batches_per_step": 1}, ()),
+        ("AutoRound, float targets, 1 batch a step, 400 steps", {
+            **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, "iterations": 400}, ()),
         ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
         ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",

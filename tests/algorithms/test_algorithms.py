@@ -300,7 +300,8 @@ def test_layer_inputs_float_or_quantized(model, batches, layer_inputs):
 def test_layer_inputs_error_leaves_the_model_untouched(model, batches):
     scaled = quantized(model, "INT4_AWQ_CFG", batches)
     before = copy.deepcopy(scaled.state_dict())
-    with pytest.raises(ValueError, match="layer_inputs='sequential'; allowed: \\['float', 'quantized'\\]"):
+    allowed = "\\['float', 'quantized', 'quantized_float_targets'\\]"
+    with pytest.raises(ValueError, match=f"layer_inputs='sequential'; allowed: {allowed}"):
         run_algorithm("awq_lite", scaled, forward_loop_for(batches), {"layer_inputs": "sequential"})
     after = scaled.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
