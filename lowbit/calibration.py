@@ -90,16 +90,16 @@ def calibration_pass(model: nn.Module, forward_loop: ForwardLoop, quantizers: li
         model.train(was_training)
 
 
-def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None, float_model: bool = False) -> None:
+def max_calibrate(model: nn.Module, forward_loop: ForwardLoop | None) -> None:
     """Weights from themselves; activations from their calibrators while ``forward_loop`` runs through the
-    model with quantized weights (:func:`calibration_pass`), or through the float model (``float_model``)."""
+    model with quantized weights (:func:`calibration_pass`)."""
     calibrate_weights(model)
     activations = static_activation_quantizers(model)
     if not activations:
         return
     if forward_loop is None:
         raise ValueError("forward_loop is None, but activation quantizers need calibration data")
-    calibration_pass(model, forward_loop, activations, float_model=float_model)
+    calibration_pass(model, forward_loop, activations)
     missing = [q for q in activations if q.amax is None]
     if missing:
         warnings.warn(

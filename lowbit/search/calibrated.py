@@ -2,11 +2,6 @@
 
 Each format is calibrated with its own algorithm (``lowbit.quantize`` with the format's config restricted
 to the searched modules: AWQ, GPTQ, SmoothQuant, max ... on the whole model at once, as ModelOpt does).
-Plain ``max`` measures the activation ranges on the float model (every quantizer off during the pass, as
-ModelOpt calibrates), not with this format's weights in every searched module (``lowbit.quantize``'s
-default): in the searched model a module's neighbours hold other choices, and its score is measured with
-them float. (Bundled model, FP8 everywhere, 4 batches: KL 0.00625 calibrated on the float model, 0.00651
-with FP8 weights; 2026-12-07.)
 What a module then holds is kept as its :class:`ModuleState` for that format: the quantizer modules in its
 slots, and the parameters the algorithm changed (AWQ scales weight columns, GPTQ rewrites the weight),
 which are put back to float before the next format calibrates. The :data:`NONE` state is disabled
@@ -22,13 +17,13 @@ switched module by module: ValueError naming the format and the parameter.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.layerwise import without_layer_errors
 from lowbit.attributes import QuantizerAttributeConfig
-from lowbit.calibration import max_calibrate
 from lowbit.convert import quantize
 from lowbit.quantizer import TensorQuantizer, reusing_outputs
 from lowbit.search.candidates import NONE, SearchFormat
@@ -62,12 +57,8 @@ class CalibratedModules:
         one's state; the parameters go back to float afterwards."""
         names = list(self.modules) if modules is None else modules
         snapshot = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-        config = search_format.for_modules(set(names))
-        if config.algorithm == "max" and not config.algorithm_options:
-            quantize(self.model, replace(config, algorithm=None))
-            max_calibrate(self.model, forward_loop, float_model=True)
-        else:
-            quantize(self.model, config, forward_loop)
+        with without_layer_errors():  # the per-layer error report of a layer-wise algorithm is not read here
+            quantize(self.model, search_format.for_modules(set(names)), forward_loop)
         owners = {id(p): (module_name, param_name) for module_name in names
                   for param_name, p in self.modules[module_name].named_parameters(recurse=False)}
         states = {name: ModuleState({slot: getattr(self.modules[name], slot)
