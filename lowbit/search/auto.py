@@ -179,11 +179,15 @@ def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterab
 def calibrate_formats(model: nn.Module, formats: list[SearchFormat], modules: list[str], data_loader: Iterable,
                       forward_step: Callable, num_calib_steps: int) -> CalibratedModules:
     """Every format calibrated over ``modules`` with its own algorithm (``CalibratedModules.calibrate``) on the
-    first ``calibration_steps`` batches of ``data_loader``."""
+    first ``calibration_steps`` batches of ``data_loader``. An AWQ scale search compares its candidates' losses
+    in bfloat16 where :func:`resolve_score_dtype` gives bfloat16 for ``"auto"`` (AWQ's ``loss_dtype``: the
+    search's matmuls ~4x faster there; none of the bundled model's 57 choices changed), so that a search and
+    :func:`apply_search_state` on one machine calibrate alike."""
     calibrated = CalibratedModules(model, modules)
+    awq_loss_dtype = "bfloat16" if resolve_score_dtype("auto", model) == torch.bfloat16 else None
     for search_format in formats:
         steps = calibration_steps(search_format, num_calib_steps)
-        calibrated.calibrate(search_format, _steps(data_loader, forward_step, steps))
+        calibrated.calibrate(search_format, _steps(data_loader, forward_step, steps), awq_loss_dtype=awq_loss_dtype)
     return calibrated
 
 
