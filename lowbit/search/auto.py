@@ -120,6 +120,8 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     calibrated.apply({})
     names = [f.name for f in formats]
     score_batches = list(itertools.islice(data_loader, num_score_steps))
+    if not score_batches:
+        raise ValueError("data_loader gave no batch to score with")
     if method == "gradient":
         tracing = GroupTracing(model, searched)  # rides on the first score batch's forward
         module_scores = gradient_scores(calibrated, names, score_batches, forward_step, loss_func, dtype, tracing)

@@ -80,7 +80,7 @@ def gradient_scores(calibrated: CalibratedModules, formats: list[str], batches: 
         """``module_f(x) - module(x)`` per format; in float32 on inputs cast up when the pass is in ``lower``."""
         busy.add(name)
         try:
-            with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+            with torch.no_grad(), torch.autocast(y.device.type, enabled=False) if lower is not None else nullcontext():
                 if lower is not None:
                     args, kwargs = _cast_floats((args, kwargs), model_dtype)
                     y = _first(module(*args, **kwargs))

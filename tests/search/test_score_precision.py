@@ -131,3 +131,33 @@ def test_score_dtype_is_resolved_and_checked():
     for bad in ("bf16", torch.int8, 16):
         with pytest.raises(ValueError, match="score_dtype="):
             resolve_score_dtype(bad, model)
+
+
+def tiny_gpt2():
+    """GPT-2's Conv1D linears (weight stored (in, out)): not the plain linear the change formula describes, so
+    they are called in float32 on inputs cast up while the pass runs in bfloat16."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[:, [3, 17]] *= 20  # outlier channels
+    return model
+
+
+def test_bfloat16_scores_of_called_modules_follow_the_float64_reference(batches):
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc"]
+    formats = ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"]
+    calibrated = calibrate_formats(tiny_gpt2(), search_formats(formats), names, batches, lambda m, b: m(b),
+                                   len(batches))
+    assert not any(linear_change(calibrated.modules[n], calibrated.states[f][n].slots,
+                                 calibrated.modules[n].weight, calibrated.modules[n].weight, torch.bfloat16)
+                   for n in names for f in formats)
+    scores = gradient_scores(calibrated, formats, batches, forward_step, loss_func, torch.bfloat16)
+    for name in names:
+        expected = {f: fisher_reference(calibrated, name, f, batches) for f in formats}
+        for search_format in formats:
+            assert scores[name][search_format] == pytest.approx(expected[search_format], rel=5e-2)
+        assert sorted(formats, key=scores[name].get) == sorted(formats, key=expected.get)
