@@ -149,6 +149,8 @@ def autoround_cases() -> list[Case]:
         ("AutoRound, float targets, 1 batch a step, 400 steps", {
             **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, "iterations": 400}, ()),
         ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
+        ("QuaRot + AutoRound, float targets, 1 batch a step", {
+            **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, **ROTATE}, ()),
         ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",
                                                                    "layer_inputs": "quantized_float_targets"}, ()),
