@@ -6,12 +6,13 @@
 CPU, else dequantize + F.linear) or, when both activations and weights are 8-bit and no gradient is needed, a
 true W8A8 matmul on the very codes fake quantization would round to: ``int8_matmul`` (``torch._int_mm``) for
 INT8 on any device, ``fp8_linear`` (Triton activation quantization + ``torch._scaled_mm``) for FP8 E4M3 on
-CUDA >= sm89.
+CUDA >= sm89. On the CPU, FP8 (W8A8 and weight-only) and NVFP4 weight-only layers run ``kernels.cpu_fp`` (a C
+kernel built at run time where a compiler exists) for up to ``GEMV_MAX_ROWS`` rows, else dequantize.
 
 Thin forward: ``prepare(dtype)`` (called by ``compress``, and on the first call after a move to another
 device) decides the kernel once for the device and activation dtype (``lowbit.kernels.prepare_linear``) and
 derives its operands, for weight-only layers (input and output quantizers disabled, no LoRA) and for FP8
-W8A8 on CUDA; a call then checks the input's dtype, device and gradient and runs that one op. The derived
+W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op. The derived
 operands are not buffers: the state dict holds the canonical packed tensors only.
 The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit import formats
@@ -219,7 +221,7 @@ def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: Packed
     """FP8 W8A8 on the CPU: ``cpu_fp.fp8_w8a8_rows`` for few rows, else fake-quantized x times the dequantized
     weight (the unprepared path)."""
     if rows.shape[0] > cpu_fp.GEMV_MAX_ROWS:
-        return weight_only_linear(quantizer(rows), packed, bias)
+        return F.linear(quantizer(rows), cpu_fp.dequantized(packed, (codes, divisor), dtype), bias)
     out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_amax).to(dtype)
     return out if bias is None else out + bias
 

@@ -3,7 +3,8 @@
 torch has no CPU kernel that reads E4M3 or E2M1 weights (its CPU ``_scaled_mm`` emulates: 15-30x slower than the
 bf16 matmul here; its INT4 / INT8 kernels take uniform integer grids, not these), and a dequantization per call
 writes and reads back a bf16 weight 4-9x the bytes of the codes. For few rows of activations (decoding: M <=
-``GEMV_MAX_ROWS``) this kernel reads each code once and multiplies in float32:
+``GEMV_MAX_ROWS``) this kernel reads each code once and multiplies in float32 (more rows: ``dequantized`` writes
+the bf16 weight in one pass, bit for bit ``PackedWeight.dequantize``'s, for torch's matmul):
 
     fp8:   out[m, n] = (sum_k x[m, k] * e4m3(codes[n, k])) / divisor[n]       (divisor: the weight's scale,
                                                                                 times the activation scale for W8A8)
@@ -72,6 +73,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
     library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 4 + [_INT] * 3 + [_POINTER]
+    library.lowbit_fp8_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 3 + [_POINTER]
+    library.lowbit_nvfp4_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 2 + [_POINTER]
     return library
 
 
@@ -179,6 +182,23 @@ def _nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
 @_nvfp4_rows.register_fake
 def _(x, codes, scale):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+def dequantized(packed: PackedWeight, operands: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``packed.dequantize(dtype)`` bit for bit (N, K), for many-row products: bfloat16 written by the C kernel
+    in one pass over the codes (``operands``: ``fp8_operands`` / ``nvfp4_operands``), other dtypes by torch."""
+    if dtype != torch.bfloat16 or torch.compiler.is_compiling():
+        return packed.dequantize(dtype)
+    n, k = packed.shape
+    codes, scale = operands
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    if fp8_accepts(packed):
+        _library().lowbit_fp8_dequantize_bf16(codes.data_ptr(), _E4M3_TABLE.data_ptr(), scale.data_ptr(),
+                                              scale.numel() > 1, n, k, out.data_ptr())
+    else:
+        _library().lowbit_nvfp4_dequantize_bf16(codes.data_ptr(), _E2M1_TABLE.data_ptr(), scale.data_ptr(), n, k,
+                                                out.data_ptr())
+    return out
 
 
 def weight_only_kernel(packed: PackedWeight) -> tuple | None:

@@ -97,3 +97,65 @@ void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table,
         }
     }
 }
+
+/* The weight in bfloat16 for many-row products (then torch's matmul): out[n, k] = bf16(w[n, k]) with w the
+ * float32 weight of the formulas above (fp8: fl32(e4m3 / divisor), as formats.dequantize_fp) and bf16 rounding to
+ * nearest even, as torch's cast (no NaN or inf occurs). */
+static inline uint16_t bf16_nearest_even(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+#ifdef LOWBIT_AVX512
+static inline void store_bf16(uint16_t *out, __m512 value) {
+    __m512i bits = _mm512_castps_si512(value);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#endif
+
+void lowbit_fp8_dequantize_bf16(const uint8_t *codes, const float *table, const float *divisor,
+                                int64_t divisor_per_row, int64_t N, int64_t K, uint16_t *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * K;
+        float d = divisor[divisor_per_row ? n : 0];
+        int64_t k = 0;
+#ifdef LOWBIT_AVX512
+        for (; k + 16 <= K; k += 16) {
+            __m512 w = _mm512_mul_ps(e4m3_times_2_pow_minus_8(row + k), _mm512_set1_ps(256.0f));
+            store_bf16(out + n * K + k, _mm512_div_ps(w, _mm512_set1_ps(d)));
+        }
+#endif
+        for (; k < K; k++) out[n * K + k] = bf16_nearest_even(table[row[k]] / d);
+    }
+}
+
+void lowbit_nvfp4_dequantize_bf16(const uint8_t *codes, const float *table, const float *scale, int64_t N,
+                                  int64_t K, uint16_t *out) {
+    int64_t blocks = K / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * (K / 2);
+        for (int64_t b = 0; b < blocks; b++) {
+            float s = scale[n * blocks + b];
+#ifdef LOWBIT_AVX512
+            uint64_t packed;
+            memcpy(&packed, row + 8 * b, 8);
+            __m128i bytes = _mm_cvtsi64_si128((long long)packed);
+            __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+            __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+            __m512i nibbles = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+            __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, _mm512_loadu_ps(table)), _mm512_set1_ps(s));
+            store_bf16(out + n * K + 16 * b, w);
+#else
+            for (int64_t j = 0; j < 16; j++) {
+                uint8_t byte = row[8 * b + j / 2];
+                out[n * K + 16 * b + j] = bf16_nearest_even(table[(j & 1) ? byte >> 4 : byte & 0x0F] * s);
+            }
+#endif
+        }
+    }
+}

@@ -8,8 +8,9 @@
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
 | CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
-| CPU    | FP8 E4M3 per channel / tensor, NVFP4; a C     | <= GEMV_MAX_ROWS (16)    | ``cpu_fp`` (codes decoded in     |
-|        | compiler at run time (``kernels.cpu_fp``)     | more rows                | registers); else dequantize      |
+| CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (16)    | ``cpu_fp`` C kernel (codes       |
+|        | a C compiler at run time (``kernels.cpu_fp``) |                          | decoded in registers)            |
+|        |                                               | more rows                | ``cpu_fp.dequantized``, F.linear |
 | any    | anything else                                 | any                      | formats dequantize, F.linear     |
 
 ``prepare_linear`` makes this choice once, for one device and activation dtype, and returns a
@@ -110,7 +111,7 @@ def _dequantize_first(x: torch.Tensor, packed: PackedWeight, bias=None):
 
 def _cpu_fp(x: torch.Tensor, rows_function, operands, packed, bias=None):
     if x.shape[0] > cpu_fp.GEMV_MAX_ROWS:
-        return _dequantize_first(x, packed, bias)
+        return F.linear(x, cpu_fp.dequantized(packed, operands, x.dtype), bias)
     out = rows_function(x, *operands).to(x.dtype)
     return out if bias is None else out + bias
 

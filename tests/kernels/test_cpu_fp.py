@@ -116,3 +116,14 @@ def test_other_formats_have_no_kernel():
     for fmt in (WeightFormat("float", (4, 3), block_size=32), WeightFormat("mx", (2, 1), block_size=32),
                 WeightFormat("int", 4, block_size=16)):
         assert cpu_fp.weight_only_kernel(quantize_weight(_weight((32, 256), seed=6), fmt)) is None
+
+
+@pytest.mark.parametrize("fmt", [FP8_PER_TENSOR, FP8_PER_CHANNEL, NVFP4])
+def test_bf16_dequantization_equals_torch_bit_for_bit(fmt):
+    """Many-row products dequantize in C: the bf16 weight of ``PackedWeight.dequantize`` (float32, then torch's
+    round-to-nearest-even cast), every bit; float32 asks torch."""
+    packed = quantize_weight(_weight((48, 272 if fmt.kind == "float" else 256), seed=7), fmt)
+    _, operands = cpu_fp.weight_only_kernel(packed)
+    assert torch.equal(cpu_fp.dequantized(packed, operands, torch.bfloat16).view(torch.int16),
+                       _reference_weight(packed).float().to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(cpu_fp.dequantized(packed, operands, torch.float32), packed.dequantize(torch.float32))
