@@ -2,8 +2,9 @@
 
     python bench/cpu_fp_layer.py --out bench/results      # writes bench/results/cpu_fp_layer_<date>.md
 
-Shapes (N, K) 5632 x 2048 and 2048 x 5632 (a 2048-wide Llama's MLP), M = 1 (decoding) and 256 (prefill); weights
-normal with 1 % x40 outliers, fixed seed, bf16 activations. Options:
+Shapes (N, K) 5632 x 2048 and 2048 x 5632 (a 2048-wide Llama's MLP), M = 1 (decoding), 4 (the most rows the C kernel
+takes), 16 (a short prompt) and 256 (prefill); weights normal with 1 % x40 outliers, fixed seed, bf16 activations.
+Options:
 
 - ``bf16 linear``: ``F.linear`` on the bf16 weight (the baseline);
 - ``fp8 _scaled_mm``: torch's CPU ``torch._scaled_mm`` on E4M3 activation and weight codes, per-tensor scales;
@@ -12,7 +13,8 @@ normal with 1 % x40 outliers, fixed seed, bf16 activations. Options:
   (lowbit's path before this bench);
 - ``fp8 / nvfp4 inductor fused``: ``torch.compile`` (Inductor, C++ codegen) of decode + multiply + sum over K
   (M = 1 only; needs a compiler at run time);
-- ``fp8 / nvfp4 lowbit C kernel``: ``lowbit.kernels.cpu_fp`` (codes decoded in registers; M <= 16);
+- ``fp8 / nvfp4 lowbit C kernel``: ``lowbit.kernels.cpu_fp`` (codes decoded in registers; M <= 4);
+- ``fp8 / nvfp4 C dequantize + linear``: ``cpu_fp.dequantized`` (the bf16 weight in one C pass), ``F.linear``;
 - ``compressed ... layer``: the ``CompressedLinear`` compress() builds (presets W4A16_NVFP4, FP8_DEFAULT with and
   without its activation quantizer), i.e. the kernel plus the layer's per-call work.
 
@@ -47,7 +49,7 @@ from lowbit.eval import format_table  # noqa: E402
 from lowbit.kernels import cpu_fp  # noqa: E402
 
 SHAPES = [(5632, 2048), (2048, 5632)]
-ROWS = [1, 256]
+ROWS = [1, 4, 16, 256]
 SEED = 0
 
 
@@ -97,8 +99,13 @@ def options(w: torch.Tensor, x: torch.Tensor, inductor: bool) -> dict:
         "fp8 dequantize + linear": (lambda: F.linear(x, fp8.dequantize(torch.bfloat16)), fp8_ref),
         "nvfp4 dequantize + linear": (lambda: F.linear(x, nvfp4.dequantize(torch.bfloat16)), nvfp4_ref),
     }
-    if x.shape[0] <= cpu_fp.GEMV_MAX_ROWS and cpu_fp.available():
+    if cpu_fp.available():
         fp8_operands, nvfp4_operands = cpu_fp.fp8_operands(fp8), cpu_fp.nvfp4_operands(nvfp4)
+        found["fp8 C dequantize + linear"] = (
+            lambda: F.linear(x, cpu_fp.dequantized(fp8, fp8_operands, torch.bfloat16)), fp8_ref)
+        found["nvfp4 C dequantize + linear"] = (
+            lambda: F.linear(x, cpu_fp.dequantized(nvfp4, nvfp4_operands, torch.bfloat16)), nvfp4_ref)
+    if x.shape[0] <= cpu_fp.GEMV_MAX_ROWS and cpu_fp.available():
         found["fp8 lowbit C kernel"] = (lambda: cpu_fp.fp8_rows(x, *fp8_operands), fp8_ref)
         found["nvfp4 lowbit C kernel"] = (lambda: cpu_fp.nvfp4_rows(x, *nvfp4_operands), nvfp4_ref)
     if inductor and x.shape[0] == 1:

@@ -8,7 +8,7 @@
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
 | CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
-| CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (16)    | ``cpu_fp`` C kernel (codes       |
+| CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel (codes       |
 |        | a C compiler at run time (``kernels.cpu_fp``) |                          | decoded in registers)            |
 |        |                                               | more rows                | ``cpu_fp.dequantized``, F.linear |
 | any    | anything else                                 | any                      | formats dequantize, F.linear     |
