@@ -217,12 +217,12 @@ def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, bia
 
 
 def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: PackedWeight, codes, divisor,
-                  activation_amax, dtype, bias=None) -> torch.Tensor:
+                  activation_scale, dtype, bias=None) -> torch.Tensor:
     """FP8 W8A8 on the CPU: ``cpu_fp.fp8_w8a8_rows`` for few rows, else fake-quantized x times the dequantized
     weight (the unprepared path)."""
     if rows.shape[0] > cpu_fp.GEMV_MAX_ROWS:
-        return F.linear(quantizer(rows), cpu_fp.dequantized(packed, (codes, divisor), dtype), bias)
-    out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_amax).to(dtype)
+        return F.linear(quantizer(rows), cpu_fp.dequantized(packed, cpu_fp.fp8_operands(packed), dtype), bias)
+    out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_scale).to(dtype)
     return out if bias is None else out + bias
 
 
@@ -240,7 +240,7 @@ def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.
     else:
         return None
     if packed.codes.device.type == "cpu" and cpu_fp.available():
-        operands = (quantizer, packed, *cpu_fp.fp8_operands(packed), amax, dtype)
+        operands = (quantizer, packed, *cpu_fp.fp8_w8a8_operands(packed, amax), dtype)
         return PreparedLinear(_cpu_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
     operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype)
     return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])

@@ -150,16 +150,28 @@ def _fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> to
     return out
 
 
-def fp8_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
-                  activation_amax: torch.Tensor | None) -> torch.Tensor:
-    """FP8 W8A8, x (M, K) -> float32 (M, N): x's E4M3 values ``formats.quantize_fp(x, amax, E4M3)`` (static
-    ``activation_amax``, else each row's max |x|) through ``fp8_rows``, then divided by x's scale:
+def fp8_w8a8_operands(packed: PackedWeight, activation_amax: torch.Tensor | None) -> tuple:
+    """(codes, divisor, activation scale) for ``fp8_w8a8_rows``: with a static per-tensor ``activation_amax`` its
+    scale ``formats.quantize_fp`` forms, ``448 / amax``, computed once and folded into the divisor; None: dynamic
+    per-row scales, formed per call."""
+    codes, divisor = fp8_operands(packed)
+    if activation_amax is None:
+        return codes, divisor, None
+    _, scale = formats.quantize_fp(torch.zeros(()), activation_amax.float().reshape(()), formats.E4M3)
+    return codes, (divisor * scale).contiguous(), scale
 
-        out[m, n] = (sum_k codes_x[m, k] * codes_w[n, k]) / w_scale[n] / x_scale[m]
+
+def fp8_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
+                  activation_scale: torch.Tensor | None) -> torch.Tensor:
+    """FP8 W8A8, x (M, K) -> float32 (M, N): x's E4M3 values (``formats.quantize_fp``'s rounding of ``x *
+    x_scale``; ``x_scale`` the static one, or per row from each row's max |x|) through ``fp8_rows``:
+
+        out[m, n] = (sum_k codes_x[m, k] * codes_w[n, k]) / (w_scale[n] * x_scale[m])
 
     Products of two E4M3 values are exact in float32; the sums round in float32 (as ``torch._scaled_mm``)."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True) if activation_amax is None else activation_amax
-    values, scale = formats.quantize_fp(x, amax, formats.E4M3)
+    if activation_scale is not None:
+        return fp8_rows(formats.round_to_format(x.float() * activation_scale, formats.E4M3), codes, divisor)
+    values, scale = formats.quantize_fp(x, x.detach().abs().amax(dim=-1, keepdim=True), formats.E4M3)
     return fp8_rows(values, codes, divisor) / scale
 
 

@@ -106,7 +106,7 @@ def test_fp8_w8a8_rows_multiply_activation_codes(static):
     x_scale = 448.0 / amax
     x_codes = (x.float() * x_scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
     reference = (x_codes @ packed.codes.double().T) / packed.scale.double().T / x_scale.double()
-    out = cpu_fp.fp8_w8a8_rows(x, *cpu_fp.fp8_operands(packed), amax if static else None)
+    out = cpu_fp.fp8_w8a8_rows(x, *cpu_fp.fp8_w8a8_operands(packed, amax if static else None))
     bound = (k + 3) * U * ((x_codes.abs() @ packed.codes.double().abs().T) / packed.scale.double().T
                            / x_scale.double())
     assert ((out.double() - reference).abs() <= bound).all()
