@@ -9,6 +9,7 @@ the bf16 weight in one pass, bit for bit ``PackedWeight.dequantize``'s, for torc
     fp8:   out[m, n] = (sum_k x[m, k] * e4m3(codes[n, k])) / divisor[n]       (divisor: the weight's scale,
                                                                                 times the activation scale for W8A8)
     nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(c[n, k]) * fl32(block_scale[n, k / 16] * global_scale))
+                                                                               (block_scale: E4M3)
 
 E4M3 and E2M1 values are exact in float32, so the weights are the format's own values (NVFP4: the float32
 products ``PackedWeight.dequantize`` forms before its cast to the activation dtype; FP8: the codes, the scale
@@ -75,9 +76,9 @@ def _library() -> ctypes.CDLL | None:
                       "CPU call", stacklevel=3)
         return None
     library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
-    library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 4 + [_INT] * 3 + [_POINTER]
+    library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 5 + [ctypes.c_float] + [_INT] * 3 + [_POINTER]
     library.lowbit_fp8_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 3 + [_POINTER]
-    library.lowbit_nvfp4_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 2 + [_POINTER]
+    library.lowbit_nvfp4_dequantize_bf16.argtypes = [_POINTER] * 4 + [ctypes.c_float] + [_INT] * 2 + [_POINTER]
     return library
 
 
@@ -126,10 +127,9 @@ def fp8_operands(packed: PackedWeight) -> tuple:
 
 
 def nvfp4_operands(packed: PackedWeight) -> tuple:
-    """(codes uint8 (N, K / 2), block scales float32 (N, K / 16)) for ``nvfp4_rows``: each block's
-    ``fl32(block_scale * global_scale)``, formed once (4 bytes per 16 weights beside the 8 + 1 stored)."""
-    scale = packed.scale.float() * packed.global_scale.float()
-    return packed.codes, scale.contiguous()
+    """(codes uint8 (N, K / 2), block scales viewed as uint8 (N, K / 16), global scale float32 ()) for
+    ``nvfp4_rows``: the stored tensors, no copy; the kernel forms each block's ``fl32(block_scale * global)``."""
+    return packed.codes, packed.scale.view(torch.uint8), packed.global_scale.float().reshape(())
 
 
 def fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
@@ -175,27 +175,33 @@ def fp8_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
     return fp8_rows(values, codes, divisor) / scale
 
 
-def nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
+               global_scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> float32 (M, N) by the nvfp4 formula of the module docstring (M <= ``GEMV_MAX_ROWS``); the
     ``lowbit::cpu_nvfp4_rows`` custom op under ``torch.compile``, as ``fp8_rows``."""
     if torch.compiler.is_compiling():
-        return torch.ops.lowbit.cpu_nvfp4_rows(x, codes, scale)
-    return _nvfp4_rows(x, codes, scale)
+        return torch.ops.lowbit.cpu_nvfp4_rows(x, codes, block_scale, global_scale)
+    return _nvfp4_rows(x, codes, block_scale, global_scale)
 
 
 @torch.library.custom_op("lowbit::cpu_nvfp4_rows", mutates_args=(), device_types="cpu")
-def _nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
+                global_scale: torch.Tensor) -> torch.Tensor:
     rows = x.float().contiguous()
     m, k = rows.shape
     out = torch.empty(m, codes.shape[0], dtype=torch.float32)
-    _library().lowbit_nvfp4_gemv(rows.data_ptr(), codes.data_ptr(), _E2M1_TABLE.data_ptr(), scale.data_ptr(), m,
-                                 codes.shape[0], k, out.data_ptr())
+    _library().lowbit_nvfp4_gemv(rows.data_ptr(), codes.data_ptr(), _E2M1_TABLE.data_ptr(), block_scale.data_ptr(),
+                                 _E4M3_TABLE.data_ptr(), global_scale.item(), m, codes.shape[0], k, out.data_ptr())
     return out
 
 
 @_fp8_rows.register_fake
+def _(x, codes, divisor):
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
 @_nvfp4_rows.register_fake
-def _(x, codes, scale):
+def _(x, codes, block_scale, global_scale):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
@@ -205,14 +211,15 @@ def dequantized(packed: PackedWeight, operands: tuple, dtype: torch.dtype) -> to
     if dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return packed.dequantize(dtype)
     n, k = packed.shape
-    codes, scale = operands
     out = torch.empty(n, k, dtype=torch.bfloat16)
     if fp8_accepts(packed):
-        _library().lowbit_fp8_dequantize_bf16(codes.data_ptr(), _E4M3_TABLE.data_ptr(), scale.data_ptr(),
-                                              scale.numel() > 1, n, k, out.data_ptr())
+        codes, divisor = operands
+        _library().lowbit_fp8_dequantize_bf16(codes.data_ptr(), _E4M3_TABLE.data_ptr(), divisor.data_ptr(),
+                                              divisor.numel() > 1, n, k, out.data_ptr())
     else:
-        _library().lowbit_nvfp4_dequantize_bf16(codes.data_ptr(), _E2M1_TABLE.data_ptr(), scale.data_ptr(), n, k,
-                                                out.data_ptr())
+        codes, block_scale, global_scale = operands
+        _library().lowbit_nvfp4_dequantize_bf16(codes.data_ptr(), _E2M1_TABLE.data_ptr(), block_scale.data_ptr(),
+                                                _E4M3_TABLE.data_ptr(), global_scale.item(), n, k, out.data_ptr())
     return out
 
 

@@ -4,10 +4,10 @@
  * AVX-512 path. Rows of x (M, K) float32, weight (N, K), out (M, N) float32, parallel over N (OpenMP):
  *
  *   fp8:   out[m, n] = (sum_k x[m, k] * e4m3(codes[n, k])) / divisor[n or 0]
- *   nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(nibble(n, k)) * scale[n, k / 16])
+ *   nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(nibble(n, k)) * fl32(e4m3(block_scale[n, k / 16]) * global))
  *
  * The E4M3 / E2M1 values are exact in float32; the products and sums round in float32. NVFP4's weight is the
- * same float32 product PackedWeight.dequantize forms (e2m1 value times the block's float32 scale). Nibble k of a
+ * same float32 products PackedWeight.dequantize forms (the block scale, then the e2m1 value times it). Nibble k of a
  * row is the low half of byte k / 2 for even k, the high half for odd k. E4M3 code 0x7F / 0xFF (NaN) never
  * occurs in lowbit's saturating codes; the AVX-512 decoder reads it as 480 (the table as NaN).
  */
@@ -60,13 +60,13 @@ void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, c
     }
 }
 
-void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table, const float *scale,
-                       int64_t M, int64_t N, int64_t K, float *out) {
+void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table, const uint8_t *block_scale,
+                       const float *e4m3_table, float global_scale, int64_t M, int64_t N, int64_t K, float *out) {
     int64_t blocks = K / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * (K / 2);
-        const float *row_scale = scale + n * blocks;
+        const uint8_t *row_scale = block_scale + n * blocks;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             int64_t rows = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
             float sums[ROW_TILE] = {0};
@@ -81,7 +81,8 @@ void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table,
                 __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
                 __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
                 __m512i nibbles = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-                __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, values), _mm512_set1_ps(row_scale[b]));
+                float s = e4m3_table[row_scale[b]] * global_scale;
+                __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, values), _mm512_set1_ps(s));
                 for (int64_t r = 0; r < rows; r++)
                     acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * b), w, acc[r]);
             }
@@ -89,7 +90,7 @@ void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table,
 #else
             for (int64_t k = 0; k < K; k++) {
                 uint8_t byte = row[k / 2];
-                float w = table[(k & 1) ? byte >> 4 : byte & 0x0F] * row_scale[k / 16];
+                float w = table[(k & 1) ? byte >> 4 : byte & 0x0F] * (e4m3_table[row_scale[k / 16]] * global_scale);
                 for (int64_t r = 0; r < rows; r++) sums[r] += x[(m0 + r) * K + k] * w;
             }
 #endif
@@ -133,14 +134,14 @@ void lowbit_fp8_dequantize_bf16(const uint8_t *codes, const float *table, const 
     }
 }
 
-void lowbit_nvfp4_dequantize_bf16(const uint8_t *codes, const float *table, const float *scale, int64_t N,
-                                  int64_t K, uint16_t *out) {
+void lowbit_nvfp4_dequantize_bf16(const uint8_t *codes, const float *table, const uint8_t *block_scale,
+                                  const float *e4m3_table, float global_scale, int64_t N, int64_t K, uint16_t *out) {
     int64_t blocks = K / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * (K / 2);
         for (int64_t b = 0; b < blocks; b++) {
-            float s = scale[n * blocks + b];
+            float s = e4m3_table[block_scale[n * blocks + b]] * global_scale;
 #ifdef LOWBIT_AVX512
             uint64_t packed;
             memcpy(&packed, row + 8 * b, 8);
