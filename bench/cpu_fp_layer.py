@@ -20,8 +20,8 @@ Options:
 
 Each option runs ``--repeats`` rounds, interleaved (every option once per round, so load falls on all alike);
 the table gives the median ms and ``x bf16`` = bf16's median / the option's, and the fastest call of each
-(``best``: on a shared machine the least disturbed one) with its ratio to bf16's fastest. ``rel. err`` = relative Frobenius
-error to the float64 product of the format's values (for ``_scaled_mm``: of the activation and weight codes).
+(``best``: on a shared machine the least disturbed one) with its ratio to bf16's fastest. ``rel. err`` = relative
+Frobenius error to the float64 product of the format's values (``_scaled_mm``: of the activation and weight codes).
 """
 
 from __future__ import annotations
