@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
 
 SOURCE = Path(__file__).with_name("cpu_fp_gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 # Above this many rows, ``dequantized`` + torch's matmul: on one core of the 2-core CI machine (5632 x 2048, best of
 # 25 calls) the kernel takes 1.1 / 1.8 / 3.4 ms at 1 / 4 / 8 rows (FP8; NVFP4 1.1 / 1.5 / 2.5), dequantize +
 # F.linear 2.8 / 2.8 / 2.9 (2.4 / 2.4 / 2.6); bf16 F.linear 1.5.
@@ -77,6 +77,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
     library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 5 + [ctypes.c_float] + [_INT] * 3 + [_POINTER]
+    library.lowbit_fp8_w8a8_gemv.argtypes = [_POINTER, ctypes.c_float] + [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
     library.lowbit_fp8_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 3 + [_POINTER]
     library.lowbit_nvfp4_dequantize_bf16.argtypes = [_POINTER] * 4 + [ctypes.c_float] + [_INT] * 2 + [_POINTER]
     return library
@@ -170,9 +171,25 @@ def fp8_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
 
     Products of two E4M3 values are exact in float32; the sums round in float32 (as ``torch._scaled_mm``)."""
     if activation_scale is not None:
-        return fp8_rows(formats.round_to_format(x.float() * activation_scale, formats.E4M3), codes, divisor)
+        if torch.compiler.is_compiling():
+            return fp8_rows(formats.round_to_format(x.float() * activation_scale, formats.E4M3), codes, divisor)
+        return _static_w8a8_rows(x, codes, divisor, activation_scale)
     values, scale = formats.quantize_fp(x, x.detach().abs().amax(dim=-1, keepdim=True), formats.E4M3)
     return fp8_rows(values, codes, divisor) / scale
+
+
+def _static_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
+                      activation_scale: torch.Tensor) -> torch.Tensor:
+    """``fp8_w8a8_rows`` with a static scale in one C call: the kernel rounds ``x * scale`` to E4M3 itself (the rule
+    of ``formats.minifloat``; tests compare it with torch's float8 cast)."""
+    rows = x.float().contiguous()
+    m, k = rows.shape
+    out = torch.empty(m, codes.shape[0], dtype=torch.float32)
+    if _library().lowbit_fp8_w8a8_gemv(rows.data_ptr(), activation_scale.item(), codes.data_ptr(),
+                                       _E4M3_TABLE.data_ptr(), divisor.data_ptr(), divisor.numel() > 1, m,
+                                       codes.shape[0], k, out.data_ptr()):
+        raise MemoryError(f"lowbit_fp8_w8a8_gemv: no memory for {m} x {k} activation values")
+    return out
 
 
 def nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,

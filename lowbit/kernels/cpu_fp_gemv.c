@@ -11,7 +11,9 @@
  * row is the low half of byte k / 2 for even k, the high half for odd k. E4M3 code 0x7F / 0xFF (NaN) never
  * occurs in lowbit's saturating codes; the AVX-512 decoder reads it as 480 (the table as NaN).
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -58,6 +60,31 @@ void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, c
             for (int64_t r = 0; r < rows; r++) out[(m0 + r) * N + n] = sums[r] / d;
         }
     }
+}
+
+/* FP8 W8A8 from float32 activations: x's E4M3 values e4m3(x * x_scale) (round to nearest even, saturating at
+ * +-448: lowbit.formats.minifloat's rule, the step of the value's binade, at least the subnormals' 2**-9), then
+ * lowbit_fp8_gemv. NaN stays NaN. */
+static inline float e4m3_round(float value) {
+    float magnitude = fabsf(value) > 448.0f ? 448.0f : fabsf(value);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, 4);
+    bits &= 0x7F800000u;
+    if (bits < (121u << 23)) bits = 121u << 23; /* 2**-6, E4M3's smallest normal binade */
+    bits -= 3u << 23;                          /* step: 2**(exponent - 3 mantissa bits) */
+    float step;
+    memcpy(&step, &bits, 4);
+    return copysignf(rintf(magnitude / step) * step, value);
+}
+
+int lowbit_fp8_w8a8_gemv(const float *x, float x_scale, const uint8_t *codes, const float *table,
+                         const float *divisor, int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
+    float *values = malloc((size_t)(M * K) * sizeof(float));
+    if (values == NULL) return 1;
+    for (int64_t i = 0; i < M * K; i++) values[i] = e4m3_round(x[i] * x_scale);
+    lowbit_fp8_gemv(values, codes, table, divisor, divisor_per_row, M, N, K, out);
+    free(values);
+    return 0;
 }
 
 void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table, const uint8_t *block_scale,

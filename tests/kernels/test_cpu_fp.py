@@ -127,3 +127,22 @@ def test_bf16_dequantization_equals_torch_bit_for_bit(fmt):
     assert torch.equal(cpu_fp.dequantized(packed, operands, torch.bfloat16).view(torch.int16),
                        _reference_weight(packed).float().to(torch.bfloat16).view(torch.int16))
     assert torch.equal(cpu_fp.dequantized(packed, operands, torch.float32), packed.dequantize(torch.float32))
+
+
+def test_w8a8_activation_rounding_matches_torch_float8_cast():
+    """Static scale: the C kernel rounds ``x * scale`` to E4M3 itself. Every E4M3 value, every midpoint between
+    neighbours (ties to even), subnormals, values past 448 (saturate) and their negatives, read back through an
+    identity weight (codes 1.0, scale 1; amax 448 gives scale 1), equal torch's cast of the clamped values."""
+    positives = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    midpoints = (positives[:-1] + positives[1:]) / 2
+    extra = torch.tensor([448.5, 464.0, 1e6, 3e-3, 1e-4, 2.0**-10, 2.0**-11 * 3])
+    values = torch.cat([positives, midpoints, extra])
+    values = torch.cat([values, -values])
+    k = 256
+    x = torch.cat([values, torch.randn(-values.numel() % k, generator=torch.Generator().manual_seed(8)) * 100])
+    x = x.reshape(-1, k)
+    identity = (torch.eye(k, dtype=torch.uint8) * 0x38).view(torch.float8_e4m3fn)
+    packed = quantize_weight(torch.zeros(k, k), FP8_PER_TENSOR).with_tensors(
+        {"codes": identity, "scale": torch.ones(1, 1)})
+    out = cpu_fp.fp8_w8a8_rows(x, *cpu_fp.fp8_w8a8_operands(packed, torch.tensor(448.0)))
+    assert torch.equal(out, x.clamp(-448, 448).to(torch.float8_e4m3fn).float())
