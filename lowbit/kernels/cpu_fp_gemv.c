@@ -21,6 +21,9 @@
 #endif
 
 #define ROW_TILE 8 /* rows of x sharing one decoded weight vector */
+/* Smaller weights run on the calling thread: a fork and join costs more than they take (and on a shared machine a
+ * descheduled worker stalls the join). */
+#define PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* E4M3 as float16 is the same bits shifted by 7 with the exponent bias 15 instead of 7: value * 2**-8, exact
  * for subnormals too. */
@@ -35,7 +38,7 @@ static inline __m512 e4m3_times_2_pow_minus_8(const uint8_t *codes) {
 
 void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
                      int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * K;
         float d = divisor[divisor_per_row ? n : 0];
@@ -90,7 +93,7 @@ int lowbit_fp8_w8a8_gemv(const float *x, float x_scale, const uint8_t *codes, co
 void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table, const uint8_t *block_scale,
                        const float *e4m3_table, float global_scale, int64_t M, int64_t N, int64_t K, float *out) {
     int64_t blocks = K / 16;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * (K / 2);
         const uint8_t *row_scale = block_scale + n * blocks;
@@ -146,7 +149,7 @@ static inline void store_bf16(uint16_t *out, __m512 value) {
 
 void lowbit_fp8_dequantize_bf16(const uint8_t *codes, const float *table, const float *divisor,
                                 int64_t divisor_per_row, int64_t N, int64_t K, uint16_t *out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * K;
         float d = divisor[divisor_per_row ? n : 0];
@@ -164,7 +167,7 @@ void lowbit_fp8_dequantize_bf16(const uint8_t *codes, const float *table, const 
 void lowbit_nvfp4_dequantize_bf16(const uint8_t *codes, const float *table, const uint8_t *block_scale,
                                   const float *e4m3_table, float global_scale, int64_t N, int64_t K, uint16_t *out) {
     int64_t blocks = K / 16;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * (K / 2);
         for (int64_t b = 0; b < blocks; b++) {
