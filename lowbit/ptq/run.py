@@ -179,14 +179,20 @@ def _export_and_reload(model: nn.Module, tokenizer, settings: PtqSettings, batch
     """Export, load back, compare logits; RuntimeError when the reloaded model strays (``RELOAD_RTOL``)."""
     if not settings.exports:
         return None
+    started = time.perf_counter()
     path = write_export(model, tokenizer, settings)
+    seconds = {"write": time.perf_counter() - started}
     peak.phase("export")
+    started = time.perf_counter()
     reloaded = reload_export(path, settings.export_format, settings.device, dtype)
     record = {"path": str(path), "format": settings.export_format,
               "bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()),
-              "quantization_logits_difference": quantization_difference, "reloaded": reloaded is not None}
+              "quantization_logits_difference": quantization_difference, "reloaded": reloaded is not None,
+              "seconds": seconds}
     if reloaded is not None:
         record.update(check_reload(model, reloaded, batch))
+        _synchronize()
+        seconds["reload"] = time.perf_counter() - started
         peak.phase("reload")
     return record
 
