@@ -1,7 +1,7 @@
 """Wall time of ``lowbit ptq --qformat int4_awq`` against ModelOpt's hf_ptq path, same model, same windows.
 
     python bench/ptq_vs_modelopt.py [--hidden 512 --intermediate 1408 --layers 4 --vocab 32000]
-        [--calib-size 32 --batch-size 8 --seq-len 256] [--repeats 3] [--device cpu|cuda] [--dtype auto]
+        [--calib-size 16 --batch-size 8 --seq-len 256] [--repeats 3] [--device cpu|cuda] [--dtype auto]
         [--workdir DIR] [--out bench/results] [--note "shared 2-core machine"]
 
 Setup (untimed): a ``LlamaForCausalLM`` of the given shape with seeded random weights (normal, std 0.02; norms 1;
@@ -24,9 +24,10 @@ wall time, per round, and its median (issue #21's bar: at most 0.5).
     unified HF checkpoint, and then loads the export back and checks it against the in-memory model (it always
     does; that reload is counted in lowbit's time). Stage seconds from the JSON report beside the export.
 (b) ModelOpt, hf_ptq's steps through ModelOpt's public API: the tokenizer with left padding,
-    ``AutoModelForCausalLM.from_pretrained`` in the same dtype onto the same device (``device_map``, as hf_ptq's
-    ``get_model``), the same windows in batches of B on the device, ``mtq.quantize(model, INT4_AWQ_CFG,
-    create_forward_loop(dataloader=batches))``, then under ``torch.inference_mode`` ``export_hf_checkpoint`` and
+    ``AutoModelForCausalLM.from_pretrained`` in the same dtype onto the same device (``device_map`` as hf_ptq's
+    ``get_model`` where accelerate is installed, else loaded then moved, as lowbit does), the same windows in
+    batches of B on the device, ``mtq.quantize(model, INT4_AWQ_CFG, create_forward_loop(dataloader=batches))``,
+    then under ``torch.inference_mode`` ``export_hf_checkpoint`` and
     the tokenizer saved with its own padding side.
 
 Not reproduced from hf_ptq (recorded in the results file): its dataset download (no network: both sides use the
@@ -43,6 +44,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -241,8 +243,8 @@ NOT_REPRODUCED = (
 def _header(args: argparse.Namespace, checkpoint: Path, loads: list) -> list[str]:
     import torch
 
-    if args.device == "cuda":
-        device = torch.cuda.get_device_name(0)
+    if args.device == "cuda":  # with nvcc, ModelOpt compiles its CUDA extension on first use (then cached)
+        device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, nvcc {shutil.which('nvcc') or 'absent'}"
     else:
         device = f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
     weight_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
@@ -252,7 +254,7 @@ def _header(args: argparse.Namespace, checkpoint: Path, loads: list) -> list[str
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {device}"
         + (f"; {args.note}" if args.note else ""),
         f"- versions: {_versions()}",
-        f"- command: `python bench/ptq_vs_modelopt.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/ptq_vs_modelopt.py {shlex.join(sys.argv[1:])}`",
         f"- load average (1, 5, 15 min) before: {loads[0]}, after: {loads[1]}",
         f"- model: random Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
         f"{args.vocab}, {args.hidden // 64} heads: {weight_bytes / MEGABYTE:.1f} MB of bf16 safetensors; loaded in "
@@ -316,7 +318,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--calib-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
