@@ -240,7 +240,7 @@ NOT_REPRODUCED = (
     "of at most 16384 token rows per input group through their Gram matrix (its INT4_AWQ preset).")
 
 
-def _header(args: argparse.Namespace, checkpoint: Path, loads: list) -> list[str]:
+def _header(args: argparse.Namespace, checkpoint: Path, loads: list, rounds: list) -> list[str]:
     import torch
 
     if args.device == "cuda":  # with nvcc, ModelOpt compiles its CUDA extension on first use (then cached)
@@ -255,14 +255,15 @@ def _header(args: argparse.Namespace, checkpoint: Path, loads: list) -> list[str
         + (f"; {args.note}" if args.note else ""),
         f"- versions: {_versions()}",
         f"- command: `python bench/ptq_vs_modelopt.py {shlex.join(sys.argv[1:])}`",
-        f"- load average (1, 5, 15 min) before: {loads[0]}, after: {loads[1]}",
+        f"- load average (1, 5, 15 min) before: {loads[0]}, after the last finished round: {loads[1]}",
         f"- model: random Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
         f"{args.vocab}, {args.hidden // 64} heads: {weight_bytes / MEGABYTE:.1f} MB of bf16 safetensors; loaded in "
         f"{torch_dtype_name(args)} on {args.device} by both sides",
         f"- calibration: {args.calib_size} windows of {args.seq_len} tokens of the bundled calibration text (seed 0), "
         f"batches of {args.batch_size}; INT4 AWQ (awq_lite, alpha step 0.1, g128), no KV-cache quantization",
         f"- lowbit command: `{' '.join(lowbit_command(args, Path('DIR'), Path('OUT'))[1:])}`",
-        f"- untimed warm-up rounds before the timed ones: {args.warmup}",
+        f"- untimed warm-up rounds before the timed ones: {args.warmup}; timed rounds finished: {len(rounds)} of "
+        f"{args.repeats}",
     ]
 
 
@@ -295,7 +296,7 @@ def report(args: argparse.Namespace, checkpoint: Path, rounds: list[dict[str, di
                           for i, r in enumerate(rounds))
     extension = "; ".join(f"`{line}`" for line in last["extension"]) or "none"
     lines = [
-        *_header(args, checkpoint, loads),
+        *_header(args, checkpoint, loads, rounds),
         "",
         f"**ratio lowbit / ModelOpt wall time: median {median_ratio:.3f}** (per round: "
         f"{', '.join(f'{r:.3f}' for r in ratios)}); issue #21's bar <= {BAR}: "
@@ -342,19 +343,20 @@ def main() -> None:
     for index in range(args.warmup):
         for side in SIDES:
             print(f"warm-up {index + 1}: {side} {run_side(side, args, checkpoint, workdir)['wall']:.2f} s", flush=True)
-    loads = [tuple(round(x, 2) for x in os.getloadavg())]
+    before = tuple(round(x, 2) for x in os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / f"ptq_vs_modelopt_{args.device}_{datetime.date.today().isoformat()}.md"
     rounds = []
     for index in range(args.repeats):
         order = SIDES if index % 2 == 0 else SIDES[::-1]
         records = {side: run_side(side, args, checkpoint, workdir) for side in order}
         rounds.append(records)
         print(f"round {index + 1}: " + ", ".join(f"{side} {records[side]['wall']:.2f} s" for side in SIDES), flush=True)
-    loads.append(tuple(round(x, 2) for x in os.getloadavg()))
-    text = report(args, checkpoint, rounds, loads)
+        # rewritten after every round: a run cut short by a time limit still leaves its finished rounds
+        text = report(args, checkpoint, rounds, [before, tuple(round(x, 2) for x in os.getloadavg())])
+        results.write_text(text)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"ptq_vs_modelopt_{args.device}_{datetime.date.today().isoformat()}.md").write_text(text)
 
 
 if __name__ == "__main__":
