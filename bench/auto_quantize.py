@@ -20,11 +20,12 @@ measured perplexity beside the predicted score) drawn to ``auto_quantize_pareto.
 
 Part ``modelopt`` (needs nvidia-modelopt; formats INT4_AWQ_CFG + FP8_DEFAULT_CFG + none, budgets 5, 6, 7):
 per budget, a fresh float model through lowbit's search and choice (``lowbit.search.auto.search`` then
-``apply``: what ``auto_quantize`` runs) and a fresh one through ``modelopt.torch.quantization.auto_quantize``,
-one after the other in this process, each timed from the call to its return (calibration + scoring +
-search): wall seconds and the process's CPU seconds (``time.process_time``, less sensitive to other work on a
-shared machine), then both scored. Times are one run each; compare them as
-ratios taken side by side. ModelOpt counts element bits only (INT4 4, FP8 8), lowbit scales too (INT4 g128
+``apply``: what ``auto_quantize`` runs, with its default ``score_dtype="auto"``) and a fresh one through
+``modelopt.torch.quantization.auto_quantize``, one after the other in this process (``--repeats`` pairs,
+lowbit first in even pairs, ModelOpt first in odd ones, after one untimed warm-up run of each), each timed
+from the call to its return (calibration + scoring + search): wall seconds and the process's CPU seconds
+(``time.process_time``, less sensitive to other work on a shared machine), then both scored. Compare times
+as ratios taken side by side. ModelOpt counts element bits only (INT4 4, FP8 8), lowbit scales too (INT4 g128
 4.125), so at one budget ModelOpt's model holds more bits by lowbit's count: a third row per budget re-solves
 lowbit's scores at ModelOpt's bits (scales included) for the comparison at equal size.
 """
@@ -195,12 +196,18 @@ def modelopt_part(batches, score: Scorer, steps: int, repeats: int) -> list[dict
                                         num_calib_steps=steps, num_score_steps=steps, verbose=False)
         return peer
 
+    run_lowbit(PEER_BUDGETS[0])  # untimed warm-up of each library: first-call costs (kernels, caches)
+    run_modelopt(PEER_BUDGETS[0])
     rows = []
     for budget in PEER_BUDGETS:
         times = []  # (lowbit wall, lowbit CPU, modelopt wall, modelopt CPU) per repeat, the two runs back to back
-        for _ in range(repeats):
-            (model, calibrated, state), seconds, cpu_seconds = timed(run_lowbit, budget)
-            peer, peer_seconds, peer_cpu = timed(run_modelopt, budget)
+        for repeat in range(repeats):
+            if repeat % 2:  # odd repeats run ModelOpt first: neither library always runs second
+                peer, peer_seconds, peer_cpu = timed(run_modelopt, budget)
+                (model, calibrated, state), seconds, cpu_seconds = timed(run_lowbit, budget)
+            else:
+                (model, calibrated, state), seconds, cpu_seconds = timed(run_lowbit, budget)
+                peer, peer_seconds, peer_cpu = timed(run_modelopt, budget)
             times.append((seconds, cpu_seconds, peer_seconds, peer_cpu))
         ours = {"library": f"lowbit {lowbit.__version__}", "budget": budget,
                 "effective bits (lowbit)": round(state.effective_bits, 4), "effective bits (modelopt count)": "",

@@ -23,7 +23,9 @@
      estimation INT4 d ppl 0.35 -> 0.21, NVFP4 AWQ 1.22 -> 1.12; W4A8 AWQ 0.92 -> 0.94).
 
    That is 3 passes of the layer (4 with non-analytic activation quantizers) besides the algorithm's
-   own; within a pass each weight is fake-quantized once, not once per batch.
+   own; within a pass each weight is fake-quantized once, not once per batch. Inside
+   :func:`without_layer_errors` the two error passes are skipped where they only measure (no analytic
+   input range recorded in them, float inputs for the next layer): the report's errors are then NaN.
 3. Each quantized linear outside the blocks (an output head) is then a block of its own, on its inputs
    captured in one more run of ``forward_loop`` (the float model's with ``layer_inputs="float"``), as
    ModelOpt's awq_lite scales every quantized linear; other weights outside the blocks keep max
@@ -36,8 +38,10 @@ are kept (as GPTQ and AWQ do).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -187,6 +191,20 @@ def calibrate_activations(layer: nn.Module, inputs: LayerInputs, skip: Iterable[
             pass
 
 
+_MEASURE_ERRORS: ContextVar[bool] = ContextVar("lowbit_layer_errors", default=True)
+
+
+@contextmanager
+def without_layer_errors() -> Iterator[None]:
+    """Layer-wise runs inside skip the passes that only measure each layer's ``mse_max`` / ``mse_after``
+    (module docstring): for callers that discard the report (``lowbit.search``'s candidates)."""
+    token = _MEASURE_ERRORS.set(False)
+    try:
+        yield
+    finally:
+        _MEASURE_ERRORS.reset(token)
+
+
 class OutputStore(Protocol):
     """Where a block's outputs go, batch by batch (a list; ``lowbit.scale`` spills them to disk)."""
 
@@ -283,15 +301,19 @@ def calibrate_block(layer: nn.Module, inputs: LayerInputs, step: LayerPass, laye
             reference.append(output)
     if not full_pass:
         ranges.apply()  # max calibration of the inputs, from the float layer's
-    with weights_reused(layer), ranges.recording():
-        entry.mse_max = mean_squared_error(inputs.forward(layer), reference)
+    measure = _MEASURE_ERRORS.get() or bool(ranges.quantizers) or layer_inputs != "float"
+    entry.mse_max = entry.mse_after = math.nan
+    if measure:
+        with weights_reused(layer), ranges.recording():
+            entry.mse_max = mean_squared_error(inputs.forward(layer), reference)
     inputs.ranges = ranges
     step.transform(layer, inputs)
     ranges.apply()
     calibrate_activations(layer, inputs, skip=ranges.quantizers)
     outputs = None if layer_inputs == "float" else new_store()
-    with weights_reused(layer):
-        entry.mse_after = mean_squared_error(inputs.forward(layer), reference, keep=outputs)
+    if measure:
+        with weights_reused(layer):
+            entry.mse_after = mean_squared_error(inputs.forward(layer), reference, keep=outputs)
     logger.info("%s %s: output MSE %.4g with max calibration, %.4g after", step.description, entry.name,
                 entry.mse_max, entry.mse_after)
     return entry, reference if outputs is None else outputs

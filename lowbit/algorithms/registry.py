@@ -10,7 +10,8 @@ max               none                                                          
 smoothquant       alpha=1.0 (ModelOpt's default), report=False (True: one more pass for     smoothquant
                   the per-layer error report)
 awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,                 awq
-                  scale_estimation=False
+                  scale_estimation=False, loss_dtype="float32" ("bfloat16": the scale
+                  search's loss products in bf16, ~4x faster with native bf16)
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
@@ -60,7 +61,14 @@ from functools import partial
 from torch import nn
 
 from lowbit.algorithms.autoround import AUTOROUND_OPTIONS, autoround_layer, check_autoround_options, tunable_weights
-from lowbit.algorithms.awq import AwqInputStatistics, alpha_grid, awq_clip_layer, awq_scale_layer, clip_ratios
+from lowbit.algorithms.awq import (
+    LOSS_DTYPES,
+    AwqInputStatistics,
+    alpha_grid,
+    awq_clip_layer,
+    awq_scale_layer,
+    clip_ratios,
+)
 from lowbit.algorithms.block_scale_search import (
     BLOCK_SCALE_SEARCH_OPTIONS,
     block_scale_search,
@@ -98,7 +106,8 @@ from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
 
-AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_per_linear": False, "scale_estimation": False}
+AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_per_linear": False, "scale_estimation": False,
+                    "loss_dtype": "float32"}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
 SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.02, "steps": 1, "objective": "block"}
 LAYERWISE_OPTIONS = {"layer_inputs": "float"}
@@ -151,17 +160,17 @@ def _chained(description: str, *passes: Callable[[nn.Module, LayerInputs], None]
     return layer_pass, description
 
 
-def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear):
+def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype):
     """AWQ's scale search as a layer pass, and the watch that collects its statistics in the runner's
     float reference pass."""
     statistics = AwqInputStatistics(max_tokens)
     layer_pass = partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens,
-                         scale_per_linear=scale_per_linear, statistics=statistics)
+                         scale_per_linear=scale_per_linear, statistics=statistics, loss_dtype=loss_dtype)
     return layer_pass, statistics.watching
 
 
-def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation) -> LayerPass:
-    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
+def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation, loss_dtype) -> LayerPass:
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype)
     layer_pass, description = _chained("awq_lite", scale_pass, scale_estimation=scale_estimation)
     return LayerPass(layer_pass, description, watch)
 
@@ -172,8 +181,8 @@ def _awq_clip(min_clip_ratio, shrink_step, max_clip_tokens) -> LayerPass:
 
 
 def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio, shrink_step,
-              max_clip_tokens) -> LayerPass:
-    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear)
+              max_clip_tokens, loss_dtype) -> LayerPass:
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype)
     layer_pass, description = _chained(
         "awq_full",
         scale_pass,
@@ -298,6 +307,8 @@ def check_options(name: str, options: dict) -> dict:
         check_layer_inputs(options["layer_inputs"])
     if "alpha_step" in options:
         alpha_grid(options["alpha_step"])
+    if options.get("loss_dtype", "float32") not in LOSS_DTYPES:
+        raise ValueError(f"algorithm {name!r}: loss_dtype={options['loss_dtype']!r}; allowed: {list(LOSS_DTYPES)}")
     if "min_clip_ratio" in options:
         clip_ratios(options["min_clip_ratio"], options["shrink_step"])
     for key in ("max_tokens", "max_clip_tokens", "block_size"):

@@ -12,8 +12,9 @@
    state per format (``lowbit.search.calibrated``), on the first ``num_calib_steps`` batches (a quarter of
    them for AWQ: :func:`calibration_steps`).
 3. Trace one batch for the decision groups (fused q/k/v, gate/up, one MoE layer's experts:
-   ``lowbit.search.candidates``).
-4. Score each group in each format on the first ``num_score_steps`` batches (``lowbit.search.scores``).
+   ``lowbit.search.candidates``): the first score batch's forward (``method="gradient"``), else one more.
+4. Score each group in each format on the first ``num_score_steps`` batches (``lowbit.search.scores``), the
+   gradient's forward and backward in ``score_dtype`` (:func:`resolve_score_dtype`).
 5. Solve the multiple-choice knapsack exactly (``lowbit.search.solver``), apply the choice.
 
 Returns ``(model, SearchState)``; the state saves to JSON and re-applies with :func:`apply_search_state`.
@@ -34,6 +35,7 @@ from lowbit.search.calibrated import CalibratedModules
 from lowbit.search.candidates import (
     DEFAULT_DISABLED_LAYERS,
     NONE,
+    GroupTracing,
     SearchFormat,
     decision_groups,
     search_formats,
@@ -59,6 +61,7 @@ def auto_quantize(
     num_score_steps: int = 128,
     disabled_layers: str | list[str] | None = DEFAULT_DISABLED_LAYERS,
     checkpoint: str | Path | None = None,
+    score_dtype: torch.dtype | str | None = "auto",
 ) -> tuple[nn.Module, SearchState]:
     """Choose a format (or none) per decision group of ``model`` under ``constraints`` (module docstring).
 
@@ -70,12 +73,14 @@ def auto_quantize(
     logits from ``forward_step``). ``disabled_layers``: module-name wildcards kept float (default: MoE routers).
     ``checkpoint``: a search-state file; when it exists (same formats and method), its scores are re-solved for
     this budget and applied without scoring (:func:`apply_search_state`), else the search writes it.
+    ``score_dtype``: the precision of the gradient scores' forward and backward (:func:`resolve_score_dtype`);
+    the calibration and the model returned are not affected.
     """
     if checkpoint is not None and Path(checkpoint).is_file():
         return model, _resume(model, SearchState.load(checkpoint), constraints, quantization_formats, data_loader,
                               forward_step, method, num_calib_steps)
     calibrated, state = search(model, constraints, quantization_formats, data_loader, forward_step, loss_func,
-                               method, num_calib_steps, num_score_steps, disabled_layers)
+                               method, num_calib_steps, num_score_steps, disabled_layers, score_dtype)
     calibrated.apply(state.assignment)
     if checkpoint is not None:
         state.save(checkpoint)
@@ -100,7 +105,7 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
            data_loader: Iterable | None = None, forward_step: Callable | None = None,
            loss_func: Callable | None = None, method: str = "gradient", num_calib_steps: int = 512,
            num_score_steps: int = 128, disabled_layers: str | list[str] | None = DEFAULT_DISABLED_LAYERS,
-           ) -> tuple[CalibratedModules, SearchState]:
+           score_dtype: torch.dtype | str | None = "auto") -> tuple[CalibratedModules, SearchState]:
     """:func:`auto_quantize`'s steps 1-5 without applying the choice: the calibrated candidates stay
     switchable, so other budgets are a re-solve and a switch away
     (``calibrated.apply(state.resolve(bits).assignment)``); the model is left in NONE (float)."""
@@ -110,17 +115,21 @@ def search(model: nn.Module, constraints: dict | None = None, quantization_forma
     formats, searched, disabled, costs, fixed_numel, bits = _prepare(
         model, constraints, quantization_formats, data_loader, forward_step, loss_func, method, num_calib_steps,
         num_score_steps, disabled_layers)
+    dtype = resolve_score_dtype(score_dtype, model)
     calibrated = calibrate_formats(model, formats, searched, data_loader, forward_step, num_calib_steps)
     calibrated.apply({})
-    first_batch = next(iter(data_loader))
-    with torch.no_grad():
-        groups = decision_groups(model, searched, lambda m: forward_step(m, first_batch))
     names = [f.name for f in formats]
     score_batches = list(itertools.islice(data_loader, num_score_steps))
+    if not score_batches:
+        raise ValueError("data_loader gave no batch to score with")
     if method == "gradient":
-        module_scores = gradient_scores(calibrated, names, score_batches, forward_step, loss_func)
+        tracing = GroupTracing(model, searched)  # rides on the first score batch's forward
+        module_scores = gradient_scores(calibrated, names, score_batches, forward_step, loss_func, dtype, tracing)
+        groups = tracing.groups
         group_scores = [{f: math.fsum(module_scores[m][f] for m in group) for f in names} for group in groups]
     else:
+        with torch.no_grad():
+            groups = decision_groups(model, searched, lambda m: forward_step(m, score_batches[0]))
         group_scores = kl_scores(calibrated, groups, names, score_batches, forward_step)
     group_states = [_group_state(group, costs, scores) for group, scores in zip(groups, group_scores, strict=True)]
     state = SearchState(method, {**constraints, "effective_bits": bits}, {f.name: f.config for f in formats},
@@ -172,11 +181,15 @@ def apply_search_state(model: nn.Module, state: SearchState, data_loader: Iterab
 def calibrate_formats(model: nn.Module, formats: list[SearchFormat], modules: list[str], data_loader: Iterable,
                       forward_step: Callable, num_calib_steps: int) -> CalibratedModules:
     """Every format calibrated over ``modules`` with its own algorithm (``CalibratedModules.calibrate``) on the
-    first ``calibration_steps`` batches of ``data_loader``."""
+    first ``calibration_steps`` batches of ``data_loader``. An AWQ scale search compares its candidates' losses
+    in bfloat16 where :func:`resolve_score_dtype` gives bfloat16 for ``"auto"`` (AWQ's ``loss_dtype``: the
+    search's matmuls ~4x faster there; none of the bundled model's 57 choices changed), so that a search and
+    :func:`apply_search_state` on one machine calibrate alike."""
     calibrated = CalibratedModules(model, modules)
+    awq_loss_dtype = "bfloat16" if resolve_score_dtype("auto", model) == torch.bfloat16 else None
     for search_format in formats:
         steps = calibration_steps(search_format, num_calib_steps)
-        calibrated.calibrate(search_format, _steps(data_loader, forward_step, steps))
+        calibrated.calibrate(search_format, _steps(data_loader, forward_step, steps), awq_loss_dtype=awq_loss_dtype)
     return calibrated
 
 
@@ -187,6 +200,27 @@ def calibration_steps(search_format: SearchFormat, num_calib_steps: int) -> int:
     if str(search_format.parsed.algorithm).startswith("awq"):
         return max(1, num_calib_steps // AWQ_STEP_DIVISOR)
     return num_calib_steps
+
+
+def resolve_score_dtype(score_dtype: torch.dtype | str | None, model: nn.Module) -> torch.dtype | None:
+    """The gradient scores' precision: ``"auto"`` is bfloat16 for a float32 model on a device with native
+    bfloat16 matmuls (a CUDA GPU that supports them; a CPU with AVX512-BF16 or AMX, where they run ~4x float32's
+    speed), else None, the model's own dtype; None or a floating torch.dtype is taken as given."""
+    if score_dtype is None or (isinstance(score_dtype, torch.dtype) and score_dtype.is_floating_point):
+        return score_dtype
+    if score_dtype != "auto":
+        raise ValueError(f"score_dtype={score_dtype!r}: allowed are 'auto', None or a floating torch.dtype "
+                         "(e.g. torch.bfloat16)")
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.dtype != torch.float32:
+        return None
+    if parameter.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if parameter.device.type == "cpu":
+        native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported")]
+        return torch.bfloat16 if any(native) else None
+    return None
 
 
 def _group_state(group: list[str], costs: dict[str, ModuleCost], scores: dict[str, float]) -> GroupState:

@@ -17,17 +17,19 @@ switched module by module: ValueError naming the format and the parameter.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.layerwise import without_layer_errors
 from lowbit.attributes import QuantizerAttributeConfig
 from lowbit.convert import quantize
 from lowbit.quantizer import TensorQuantizer, reusing_outputs
 from lowbit.search.candidates import NONE, SearchFormat
 
 ForwardLoop = Callable[[nn.Module], None]
+AWQ_SCALE_SEARCHES = ("awq_lite", "awq_full")
 
 
 @dataclass
@@ -51,12 +53,17 @@ class CalibratedModules:
         self._none: dict[str, ModuleState] = {}
 
     def calibrate(self, search_format: SearchFormat, forward_loop: ForwardLoop,
-                  modules: list[str] | None = None) -> None:
+                  modules: list[str] | None = None, awq_loss_dtype: str | None = None) -> None:
         """Quantize ``modules`` (default: all searched) in ``search_format`` with its algorithm and keep each
-        one's state; the parameters go back to float afterwards."""
+        one's state; the parameters go back to float afterwards. ``awq_loss_dtype``: AWQ's ``loss_dtype``
+        option for an AWQ scale search (``lowbit.algorithms.awq.search_awq_scale``), None: the format's own."""
         names = list(self.modules) if modules is None else modules
         snapshot = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-        quantize(self.model, search_format.for_modules(set(names)), forward_loop)
+        config = search_format.for_modules(set(names))
+        if awq_loss_dtype is not None and config.algorithm in AWQ_SCALE_SEARCHES:
+            config = replace(config, algorithm_options={**config.algorithm_options, "loss_dtype": awq_loss_dtype})
+        with without_layer_errors():  # the per-layer error report of a layer-wise algorithm is not read here
+            quantize(self.model, config, forward_loop)
         owners = {id(p): (module_name, param_name) for module_name in names
                   for param_name, p in self.modules[module_name].named_parameters(recurse=False)}
         states = {name: ModuleState({slot: getattr(self.modules[name], slot)

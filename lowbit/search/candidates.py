@@ -129,14 +129,37 @@ def decision_groups(model: nn.Module, modules: list[str], run_batch: Callable[[n
     modules whose weights read one input tensor join; so do the experts of one MoE layer. A module no
     batch reaches stays a group of its own.
     """
-    wanted = set(modules)
-    owner = {id(module): name for name, module in model.named_modules() if name in wanted}
-    weights = {name: w for name, w in row_weights(model).items() if id(w.module) in owner}
-    trace = GroupTrace(model, weights)
-    try:
+    with GroupTracing(model, modules) as tracing:
         run_batch(model)
-    finally:
-        input_groups = trace.close()
+    return tracing.groups
+
+
+class GroupTracing:
+    """:func:`decision_groups` around a batch the caller runs (one it runs anyway, such as the first score
+    batch): ``with tracing: <a forward>``, then ``tracing.groups``."""
+
+    def __init__(self, model: nn.Module, modules: list[str]) -> None:
+        self.model, self.modules = model, modules
+        self.groups: list[list[str]] | None = None
+        self._trace: GroupTrace | None = None
+        self._owner: dict[int, str] = {}
+
+    def __enter__(self) -> GroupTracing:
+        wanted = set(self.modules)
+        self._owner = {id(module): name for name, module in self.model.named_modules() if name in wanted}
+        weights = {name: w for name, w in row_weights(self.model).items() if id(w.module) in self._owner}
+        self._trace = GroupTrace(self.model, weights)
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        input_groups = self._trace.close()
+        if exc_type is None:
+            self.groups = _partition(self.modules, [[self._owner[id(w.module)] for w in group.linears.values()]
+                                                    for group in input_groups])
+
+
+def _partition(modules: list[str], input_groups: list[list[str]]) -> list[list[str]]:
+    """``modules`` split into the unions of ``input_groups`` and of each MoE layer's experts, in model order."""
     parent = {name: name for name in modules}
 
     def find(name: str) -> str:
@@ -149,8 +172,8 @@ def decision_groups(model: nn.Module, modules: list[str], run_batch: Callable[[n
         for other in names[1:]:
             parent[find(other)] = find(names[0])
 
-    for group in input_groups:
-        join([owner[id(w.module)] for w in group.linears.values()])
+    for names in input_groups:
+        join(names)
     experts: dict[str, list[str]] = {}
     for name in modules:
         match = EXPERT_NAME.match(name)
@@ -162,4 +185,3 @@ def decision_groups(model: nn.Module, modules: list[str], run_batch: Callable[[n
     for name in modules:
         groups.setdefault(find(name), []).append(name)
     return list(groups.values())
-
