@@ -110,8 +110,9 @@ def modelopt_command(args: argparse.Namespace, checkpoint: Path, export: Path) -
             "--device", args.device, "--dtype", torch_dtype_name(args)]
 
 
-def run_child(command: list[str], log: Path) -> tuple[float, int]:
-    """(wall seconds, peak resident bytes) of one subprocess; SystemExit with its log's tail when it fails."""
+def run_child(command: list[str], log: Path) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds (user + system), peak resident bytes) of one subprocess; SystemExit with its log's
+    tail when it fails."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with log.open("w") as output:
         started = time.perf_counter()
@@ -121,7 +122,7 @@ def run_child(command: list[str], log: Path) -> tuple[float, int]:
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: wait4 gives this child's own rusage
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{log.read_text()[-4000:]}")
-    return seconds, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
 def lowbit_stages(export: Path) -> dict:
@@ -148,10 +149,10 @@ def run_side(side: str, args: argparse.Namespace, checkpoint: Path, workdir: Pat
     export.with_name(export.name + ".ptq.json").unlink(missing_ok=True)
     log = workdir / f"{side}.log"
     command = (lowbit_command if side == "lowbit" else modelopt_command)(args, checkpoint, export)
-    seconds, host_peak = run_child(command, log)
+    seconds, cpu_seconds, host_peak = run_child(command, log)
     stages = lowbit_stages(export) if side == "lowbit" else modelopt_stages(log)
     shutil.rmtree(export)
-    return {"wall": seconds, "host_peak": host_peak, **stages}
+    return {"wall": seconds, "cpu": cpu_seconds, "host_peak": host_peak, **stages}
 
 
 def modelopt_child(args: argparse.Namespace) -> None:
@@ -272,14 +273,14 @@ def _table(by_side: dict[str, list[dict]], cuda: bool) -> list[str]:
         "Medians over the rounds (seconds; MB = 1e6 bytes). wall: spawn to exit, interpreter and imports included; "
         "other = wall minus the stages (imports, lowbit's plan).",
         "",
-        "| side | wall s | load s | calibrate + quantize s | export s | reload check s | other s | host peak MB |"
-        + (" GPU peak MB |" if cuda else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        "| side | wall s | CPU s | load s | calibrate + quantize s | export s | reload check s | other s "
+        "| host peak MB |" + (" GPU peak MB |" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for side, records in by_side.items():
         for record in records:
             record["other"] = record["wall"] - sum(record.get(stage) or 0 for stage in STAGES)
-        cells = [_cell(_median(records, key)) for key in ("wall", *STAGES, "other")]
+        cells = [_cell(_median(records, key)) for key in ("wall", "cpu", *STAGES, "other")]
         cells.append(_cell(_median(records, "host_peak"), MEGABYTE, 0))
         if cuda:
             cells.append(_cell(_median(records, "gpu_peak"), MEGABYTE, 0))
@@ -290,6 +291,7 @@ def _table(by_side: dict[str, list[dict]], cuda: bool) -> list[str]:
 def report(args: argparse.Namespace, checkpoint: Path, rounds: list[dict[str, dict]], loads: list) -> str:
     ratios = [r["lowbit"]["wall"] / r["modelopt"]["wall"] for r in rounds]
     median_ratio = statistics.median(ratios)
+    cpu_ratios = [r["lowbit"]["cpu"] / r["modelopt"]["cpu"] for r in rounds]
     by_side = {side: [r[side] for r in rounds] for side in SIDES}
     last = by_side["modelopt"][-1]
     per_round = "; ".join(f"{i + 1}: lowbit {r['lowbit']['wall']:.2f}, ModelOpt {r['modelopt']['wall']:.2f}"
@@ -301,6 +303,9 @@ def report(args: argparse.Namespace, checkpoint: Path, rounds: list[dict[str, di
         f"**ratio lowbit / ModelOpt wall time: median {median_ratio:.3f}** (per round: "
         f"{', '.join(f'{r:.3f}' for r in ratios)}); issue #21's bar <= {BAR}: "
         f"{'met' if median_ratio <= BAR else 'NOT met'}",
+        "",
+        f"ratio of CPU time (user + system, less sensitive to other processes on a shared machine): median "
+        f"{statistics.median(cpu_ratios):.3f} (per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})",
         "",
         *_table(by_side, args.device == "cuda"),
         "",
