@@ -57,6 +57,7 @@ PRESETS = {
     "int8_wo": "INT8_WEIGHT_ONLY_CFG",
     "nvfp4_wo": "W4A16_NVFP4_CFG",
     "fp8_w8a8": "FP8_DEFAULT_CFG",
+    "fp8_wo": "FP8_DEFAULT_CFG",  # its weight (E4M3 per tensor), the activations left unquantized (quant_config)
     "ceiling": None,
     "torchao_int4": None,
     "torchao_int8_wo": None,
@@ -68,6 +69,14 @@ SEED = 0
 HOST_SHAPE = 256
 HOST_CALLS = 2000
 STARTED = time.monotonic()
+
+
+def quant_config(fmt: str) -> dict:
+    """A copy of ``fmt``'s lowbit preset; weight-only formats (``*_wo``) with the input quantizers off."""
+    config = copy.deepcopy(getattr(lowbit, PRESETS[fmt]))
+    if fmt.endswith("_wo"):
+        config["quant_cfg"]["*input_quantizer"] = {"enable": False}
+    return config
 
 
 class TiledInput(nn.Module):
@@ -132,7 +141,7 @@ def build(model_name: str, fmt: str, args) -> nn.Module:
                   filter_fn=lambda module, name: name.rsplit(".", 1)[-1] in DECODER_LINEARS)
     elif PRESETS[fmt] is not None:
         batch = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(SEED))
-        config = copy.deepcopy(getattr(lowbit, PRESETS[fmt]))
+        config = quant_config(fmt)
         with torch.no_grad():
             model = compress(lowbit.quantize(model, config, lambda m: m(batch.to(args.device))))
     return model
@@ -180,7 +189,7 @@ def host_microseconds(fmt: str, device: str) -> float | None:
     layer = nn.Sequential(nn.Linear(HOST_SHAPE, HOST_SHAPE, bias=False)).to(device, torch.bfloat16)
     x = torch.randn(1, 1, HOST_SHAPE, generator=generator).to(device, torch.bfloat16)
     if PRESETS.get(fmt):
-        layer = compress(lowbit.quantize(layer, copy.deepcopy(getattr(lowbit, PRESETS[fmt])), lambda m: m(x)))
+        layer = compress(lowbit.quantize(layer, quant_config(fmt), lambda m: m(x)))
     elif fmt != "bf16":
         return None
     calls = []

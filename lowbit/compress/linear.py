@@ -6,12 +6,13 @@
 CPU, else dequantize + F.linear) or, when both activations and weights are 8-bit and no gradient is needed, a
 true W8A8 matmul on the very codes fake quantization would round to: ``int8_matmul`` (``torch._int_mm``) for
 INT8 on any device, ``fp8_linear`` (Triton activation quantization + ``torch._scaled_mm``) for FP8 E4M3 on
-CUDA >= sm89.
+CUDA >= sm89. On the CPU, FP8 (W8A8 and weight-only) and NVFP4 weight-only layers run ``kernels.cpu_fp`` (a C
+kernel built at run time where a compiler exists) for up to ``GEMV_MAX_ROWS`` rows, else dequantize.
 
 Thin forward: ``prepare(dtype)`` (called by ``compress``, and on the first call after a move to another
 device) decides the kernel once for the device and activation dtype (``lowbit.kernels.prepare_linear``) and
 derives its operands, for weight-only layers (input and output quantizers disabled, no LoRA) and for FP8
-W8A8 on CUDA; a call then checks the input's dtype, device and gradient and runs that one op. The derived
+W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op. The derived
 operands are not buffers: the state dict holds the canonical packed tensors only.
 The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
@@ -26,11 +27,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit import formats
 from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
-from lowbit.kernels import Fp8Weight, PreparedLinear, int8_matmul, prepare_linear, weight_only_linear
+from lowbit.kernels import Fp8Weight, PreparedLinear, cpu_fp, int8_matmul, prepare_linear, weight_only_linear
 from lowbit.kernels.dispatch import has_triton
 from lowbit.kernels.ops import fp8_linear
 from lowbit.quantizer import TensorQuantizer
@@ -114,7 +116,7 @@ class CompressedLinear(nn.Module):
             return
         if not _is_enabled(self.input_quantizer):
             self._prepared = prepare_linear(packed, packed.codes.device, dtype)
-        elif _w8a8_kind(self.input_quantizer, self.weight_format, packed.codes) == "fp8":
+        elif _w8a8_kind(self.input_quantizer, self.weight_format, packed.codes, cpu_kernel=True) == "fp8":
             self._prepared = _prepare_fp8(self.input_quantizer, packed, dtype)
 
     @property
@@ -214,9 +216,20 @@ def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, bia
     return fp8_linear(rows, weight, bias, activation_amax, dtype)
 
 
+def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: PackedWeight, codes, divisor,
+                  activation_scale, dtype, bias=None) -> torch.Tensor:
+    """FP8 W8A8 on the CPU: ``cpu_fp.fp8_w8a8_rows`` for few rows, else fake-quantized x times the dequantized
+    weight (the unprepared path)."""
+    if rows.shape[0] > cpu_fp.GEMV_MAX_ROWS:
+        return F.linear(quantizer(rows), cpu_fp.dequantized(packed, cpu_fp.fp8_operands(packed), dtype), bias)
+    out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_scale).to(dtype)
+    return out if bias is None else out + bias
+
+
 def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.dtype) -> PreparedLinear | None:
     """FP8 W8A8 with the activation amax fixed at preparation: static per tensor (calibrated), or dynamic per
-    row; None for the other activation configs (pre_quant_scale, dynamic per tensor), which stay per call."""
+    row; None for the other activation configs (pre_quant_scale, dynamic per tensor), which stay per call.
+    CUDA: ``fp8_linear``; CPU: ``_cpu_fp8_rows``."""
     config = quantizer.config
     if quantizer.pre_quant_scale is not None:
         return None
@@ -226,6 +239,9 @@ def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.
         amax = None
     else:
         return None
+    if packed.codes.device.type == "cpu" and cpu_fp.available():
+        operands = (quantizer, packed, *cpu_fp.fp8_w8a8_operands(packed, amax), dtype)
+        return PreparedLinear(_cpu_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
     operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype)
     return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
 
@@ -248,8 +264,10 @@ def _requires_grad(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.requires_grad
 
 
-def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tensor) -> str | None:
-    """'int8' / 'fp8' when a true 8-bit x 8-bit matmul computes what fake quantization would."""
+def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tensor,
+               cpu_kernel: bool = False) -> str | None:
+    """'int8' / 'fp8' when a true 8-bit x 8-bit matmul computes what fake quantization would. FP8 needs CUDA
+    >= sm89 with Triton, or with ``cpu_kernel`` (prepared layers) the CPU with ``kernels.cpu_fp``'s library."""
     if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled or quantizer._calib:
         return None
     config = quantizer.config
@@ -261,6 +279,7 @@ def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tenso
         if not weight_format.unsigned and not config.unsigned:
             return "int8"
     fp8_device = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and has_triton()
+    fp8_device = fp8_device or (cpu_kernel and x.device.type == "cpu" and cpu_fp.available())
     if config.num_bits == (4, 3) and weight_format.kind == "float" and weight_format.num_bits == (4, 3) and fp8_device:
         return "fp8"
     return None

@@ -8,6 +8,9 @@
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
 | CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
+| CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel (codes       |
+|        | a C compiler at run time (``kernels.cpu_fp``) |                          | decoded in registers)            |
+|        |                                               | more rows                | ``cpu_fp.dequantized``, F.linear |
 | any    | anything else                                 | any                      | formats dequantize, F.linear     |
 
 ``prepare_linear`` makes this choice once, for one device and activation dtype, and returns a
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu, ops
+from lowbit.kernels import cpu, cpu_fp, ops
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -106,6 +109,13 @@ def _dequantize_first(x: torch.Tensor, packed: PackedWeight, bias=None):
     return F.linear(x, packed.dequantize(x.dtype), bias)
 
 
+def _cpu_fp(x: torch.Tensor, rows_function, operands, packed, bias=None):
+    if x.shape[0] > cpu_fp.GEMV_MAX_ROWS:
+        return F.linear(x, cpu_fp.dequantized(packed, operands, x.dtype), bias)
+    out = rows_function(x, *operands).to(x.dtype)
+    return out if bias is None else out + bias
+
+
 @dataclass(frozen=True)
 class PreparedLinear:
     """``x (..., K) -> (..., N)``: ``function(rows (M, K), *operands, bias=bias)`` for activations of
@@ -138,6 +148,9 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
             return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
         if cpu.int8_accepts(packed.format):
             return PreparedLinear(_cpu_int8, (packed.codes, cpu.int8_scales(packed, dtype)), device, dtype, n)
+        kernel = cpu_fp.weight_only_kernel(packed)
+        if kernel is not None:
+            return PreparedLinear(_cpu_fp, (*kernel, packed), device, dtype, n)
     return PreparedLinear(_dequantize_first, (packed,), device, dtype, n)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from lowbit.export import export_formats
+from lowbit.ptq.memory import frozen_heap
 from lowbit.ptq.qformats import KV_QFORMATS, LOWBIT_EXPORT, QFORMATS
 from lowbit.ptq.run import run_ptq
 from lowbit.ptq.settings import BUILTIN, DEVICES, DTYPES, TASKS, settings_from_args
@@ -86,5 +87,6 @@ def add_ptq_parser(commands, positive_int) -> None:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    run_ptq(settings_from_args(args), argv)
+    with frozen_heap():
+        run_ptq(settings_from_args(args), argv)
     return 0

@@ -65,14 +65,17 @@ def _static_amaxes(quantizer: nn.Module) -> list[torch.Tensor | None]:
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor | None:
-    """The weight a layer computes with: packed layers dequantized, fake-quantized ones through their quantizer."""
+    """The weight a layer computes with, in float32 before any rounding to the model's dtype: packed layers
+    dequantized, fake-quantized ones through their quantizer on the float32 weight. (A bf16 model's quantizer
+    rounds its output to bf16, 2^-9 relative, which would hide a wrong code under ``WEIGHT_RTOL`` if compared
+    there; the codes and scales are the same either way.)"""
     if hasattr(module, "dequantized_weight"):
         return module.dequantized_weight(torch.float32)
     quantizer, weight = getattr(module, "weight_quantizer", None), getattr(module, "weight", None)
     if quantizer is None or not isinstance(weight, torch.Tensor):
         return None
     with torch.no_grad():
-        return (quantizer(weight) if quantizer.is_enabled else weight).float()
+        return quantizer(weight.float()) if quantizer.is_enabled else weight.float()
 
 
 def _relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:

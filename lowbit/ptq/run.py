@@ -6,7 +6,8 @@
    ``--seq-len`` tokens, or a .jsonl file's records, each a sample, padded on the left (``lowbit.data``). The
    tokenizer is only read, so the export keeps its own padding side.
 3. With ``--tasks ppl`` a float copy of the model is kept as the reference for KL (``lowbit.eval.divergence``).
-4. Quantize (``lowbit.quantize``, or the layer-wise runner, or ``auto_quantize``: ``lowbit.ptq.runners``).
+4. Quantize (``lowbit.quantize``, without the layer-wise passes that only measure per-layer errors, which the
+   report does not keep; or the layer-wise runner, or ``auto_quantize``: ``lowbit.ptq.runners``).
 5. Score on the held-out text: mean per-token KL to the float model, its 99th percentile, top-1 agreement and
    perplexity beside the float model's; with a KV-cache format once more with the k/v quantizers off, so the
    report shows the KV cache's own share of the KL.
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.algorithms.layerwise import without_layer_errors
 from lowbit.convert import disable_quantizer, enable_quantizer, quantize
 from lowbit.data import calibration_batches, default_calibration_text, default_eval_text, make_forward_loop
 from lowbit.data.padded import left_padded_batches
@@ -103,7 +105,8 @@ def _quantize(model: nn.Module, tokenizer, settings: PtqSettings, config: dict,
     """Quantize in place by the runner the settings ask for; returns what the report records of it."""
     if settings.auto_quantize_bits is not None:
         return {"auto_quantize": run_auto_quantize(model, settings.auto_quantize_bits, settings.quant, batches)}
-    quantize(model, config, make_forward_loop(batches, progress=settings.progress))
+    with without_layer_errors():  # the report holds no per-layer errors: skip the passes that only measure them
+        quantize(model, config, make_forward_loop(batches, progress=settings.progress))
     return {}
 
 
@@ -179,14 +182,20 @@ def _export_and_reload(model: nn.Module, tokenizer, settings: PtqSettings, batch
     """Export, load back, compare logits; RuntimeError when the reloaded model strays (``RELOAD_RTOL``)."""
     if not settings.exports:
         return None
+    started = time.perf_counter()
     path = write_export(model, tokenizer, settings)
+    seconds = {"write": time.perf_counter() - started}
     peak.phase("export")
+    started = time.perf_counter()
     reloaded = reload_export(path, settings.export_format, settings.device, dtype)
     record = {"path": str(path), "format": settings.export_format,
               "bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()),
-              "quantization_logits_difference": quantization_difference, "reloaded": reloaded is not None}
+              "quantization_logits_difference": quantization_difference, "reloaded": reloaded is not None,
+              "seconds": seconds}
     if reloaded is not None:
         record.update(check_reload(model, reloaded, batch))
+        _synchronize()
+        seconds["reload"] = time.perf_counter() - started
         peak.phase("reload")
     return record
 

@@ -14,6 +14,7 @@ from lowbit.compress.convert import compress, compressed_weight_bytes
 from lowbit.compress.linear import CompressedLinear
 from lowbit.compress.packed import WeightFormat, quantize_weight, storage_spec
 from lowbit.eval.size import model_size
+from lowbit.kernels import cpu_fp
 
 WEIGHT_ONLY = ["W4A16_NVFP4_CFG", "MXFP4_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG",
                "FP8_PER_CHANNEL_PER_TOKEN_CFG", "MXFP8_DEFAULT_CFG"]
@@ -37,9 +38,10 @@ def _quantized(preset: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 
 @pytest.mark.parametrize("preset", WEIGHT_ONLY)
-def test_outputs_equal_fake_quant_bitwise(preset):
-    """CPU: weight-only formats without a torch CPU kernel, and FP8 configs (no CPU FP8 kernel), run
-    dequantize + F.linear: bit-exact."""
+def test_outputs_equal_fake_quant_bitwise(preset, monkeypatch):
+    """CPU without lowbit's C kernels (no compiler: ``kernels.cpu_fp``; with them see test_cpu_fp_layers.py):
+    formats without a torch CPU kernel run dequantize + F.linear: bit-exact."""
+    monkeypatch.setattr(cpu_fp, "available", lambda: False)
     model, x = _quantized(preset)
     with torch.no_grad():
         expected = model(x)
@@ -118,7 +120,8 @@ def test_fp8_w8a8_calls_fused_fp8_linear_with_the_fake_quant_amax(monkeypatch, p
         x_hat = first.input_quantizer(x.float()).double()
         expected = x_hat @ first.weight_quantizer(first.weight.float()).double().T + first.bias.double()
     calls = []
-    monkeypatch.setattr(linear_module, "_w8a8_kind", lambda quantizer, fmt, x: "fp8")
+    monkeypatch.setattr(linear_module, "_w8a8_kind", lambda quantizer, fmt, x, **kwargs: "fp8")
+    monkeypatch.setattr(cpu_fp, "available", lambda: False)  # else the CPU prepares lowbit's own C kernel
     monkeypatch.setattr(linear_module, "fp8_linear", _reference_fp8_linear(calls))
     compressed = compress(model)
     with torch.no_grad():
@@ -170,7 +173,8 @@ def test_gradients_match_fake_quant_model():
     assert not any(b.requires_grad for b in compressed.buffers())
 
 
-def test_lora_adapters_train_on_a_frozen_packed_base():
+def test_lora_adapters_train_on_a_frozen_packed_base(monkeypatch):
+    monkeypatch.setattr(cpu_fp, "available", lambda: False)  # the same dequantize path with and without adapters
     model, x = _quantized("W4A16_NVFP4_CFG")
     compressed = compress(model)
     with torch.no_grad():
@@ -213,7 +217,8 @@ def test_compress_errors_leave_the_model_untouched():
         CompressedLinear(8, 8, WeightFormat("int", 4, 8)).add_lora(0)
 
 
-def test_compress_a_single_quantized_linear_returns_the_new_module():
+def test_compress_a_single_quantized_linear_returns_the_new_module(monkeypatch):
+    monkeypatch.setattr(cpu_fp, "available", lambda: False)  # bit-exact dequantize path
     layer = lowbit.quantize(_model()[0], copy.deepcopy(lowbit.W4A16_NVFP4_CFG))
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     with torch.no_grad():

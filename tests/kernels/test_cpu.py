@@ -135,7 +135,7 @@ def test_int4_operands_encode_lowbit_codes_exactly():
     (WeightFormat("int", 4, block_size=128), (40, 256)),  # N not a multiple of 16
     (WeightFormat("int", 4, block_size=128, unsigned=True), (32, 256)),
     (WeightFormat("int", 8, block_size=128), (32, 256)),  # INT8 blocks: one scale per row only
-    (WeightFormat("nvfp4", (2, 1), block_size=16), (32, 256)),
+    (WeightFormat("mx", (2, 1), block_size=32), (32, 256)),  # NVFP4 and FP8: kernels.cpu_fp (test_cpu_fp.py)
 ])
 def test_formats_without_a_cpu_kernel_dequantize_first(fmt, shape):
     packed = quantize_weight(_weight(shape, seed=5), fmt)

@@ -58,6 +58,7 @@ def test_every_qformat_runs_exports_and_loads_back(tmp_path, qformat):
     assert float_row["kl"] == 0.0 and quantized_row["kl"] > 0.0
     assert 1.0 < float_row["perplexity"] < quantized_row["perplexity"] * 1.5
     assert report["export"]["format"] == EXPORTS[qformat][0]
+    assert report["export"]["seconds"]["write"] > 0 and report["export"]["seconds"]["reload"] > 0
     assert report["export"]["weights_difference"] <= 1e-5
     assert report["plan"]["bytes_after"] < report["plan"]["bytes_before"]
     loader = load_causal_lm if report["export"]["format"] == "lowbit" else load_quantized
