@@ -30,36 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layerwise_memory import make_checkpoint, preset_config  # bench/ is this script's sys.path[0]
+
 MEGABYTE = 1e6
 VOCAB = 256
-PRESET_ALGORITHMS = {"INT4_GPTQ": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq")}
-
-
-def make_checkpoint(hidden: int, intermediate: int, directory: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         tie_word_embeddings=False, dtype="bfloat16")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.copy_(torch.ones_like(parameter) if "norm" in name else torch.randn_like(parameter) * 0.02)
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(directory)
-
-
-def preset_config(name: str) -> dict:
-    import lowbit
-
-    preset, algorithm = PRESET_ALGORITHMS.get(name, (name, None))
-    config = lowbit.get_preset(preset)
-    if algorithm is not None:
-        config["algorithm"] = algorithm
-    return config
 
 
 def child(args: argparse.Namespace) -> None:
@@ -119,7 +93,9 @@ def main() -> None:
     shapes = args.shape or ["512x1408", "1024x2816"]
     if args.make:
         hidden, intermediate = map(int, shapes[-1].split("x"))
-        make_checkpoint(hidden, intermediate, Path(args.checkpoint))
+        shape = argparse.Namespace(vocab=VOCAB, hidden=hidden, intermediate=intermediate, layers=1,
+                                   seq_len=args.seq_len)
+        make_checkpoint(shape, Path(args.checkpoint))
         return
     if args.child:
         args.preset = args.preset[-1]
