@@ -45,6 +45,18 @@ def reference_scale(x_mean, alpha, w_mean=None):
     return s / (s.max() * s.min()).sqrt()
 
 
+
+def brute_force_losses(x, weights, x_mean, alphas, w_mean) -> dict:
+    """float64 mean squared output error of INT4 g32 weights scaled by each candidate (None: no scaling)."""
+    x64 = x.double()
+    candidates = {None: torch.ones(x.shape[1], dtype=torch.float64)}
+    candidates.update({alpha: reference_scale(x_mean, alpha, w_mean) for alpha in alphas})
+    brute = {}
+    for alpha, s in candidates.items():
+        error = sum(float((x64 @ (int4_groups(w.double() * s) / s - w.double()).T).square().sum()) for w in weights)
+        brute[alpha] = error / (x.shape[0] * sum(w.shape[0] for w in weights))
+    return brute
+
 def test_awq_scale_formula(generator):
     mean = torch.rand(32, generator=generator, dtype=torch.float64) * 5
     mean[4] = 0.0
@@ -78,13 +90,7 @@ def test_awq_search_picks_the_brute_force_minimum(generator, with_weight_mean):
     best_alpha, scale, losses = search_awq_scale(x.T @ x, x.shape[0], weights, [int4_groups, int4_groups], mean,
                                                  alphas, w_mean)
 
-    x64 = x.double()
-    candidates = {None: torch.ones(32, dtype=torch.float64)}
-    candidates.update({alpha: reference_scale(mean, alpha, w_mean) for alpha in alphas})
-    brute = {}
-    for alpha, s in candidates.items():
-        error = sum(float((x64 @ (int4_groups(w.double() * s) / s - w.double()).T).square().sum()) for w in weights)
-        brute[alpha] = error / (x.shape[0] * 40)
+    brute = brute_force_losses(x, weights, mean, alphas, w_mean)
     assert list(losses) == list(brute)
     torch.testing.assert_close(torch.tensor(list(losses.values()), dtype=torch.float64),
                                torch.tensor(list(brute.values()), dtype=torch.float64), rtol=1e-4, atol=0)

@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms.awq import alpha_grid, normalised_weight_mean, search_awq_scale
-from tests.algorithms.test_awq import GROUP, inputs_with_outlier_channels, int4_groups, reference_scale
+from tests.algorithms.test_awq import GROUP, brute_force_losses, inputs_with_outlier_channels, int4_groups
 from tests.algorithms.tiny_llama import tiny_llama
 
 
@@ -23,13 +23,7 @@ def test_bfloat16_losses_follow_the_float64_brute_force(seed):
     alphas = alpha_grid(0.1)
     best, _, losses = search_awq_scale(x.T @ x, x.shape[0], weights, [int4_groups, int4_groups], mean, alphas,
                                        w_mean, torch.bfloat16)
-    x64 = x.double()
-    candidates = {None: torch.ones(32, dtype=torch.float64)}
-    candidates.update({alpha: reference_scale(mean, alpha, w_mean) for alpha in alphas})
-    brute = {}
-    for alpha, s in candidates.items():
-        error = sum(float((x64 @ (int4_groups(w.double() * s) / s - w.double()).T).square().sum()) for w in weights)
-        brute[alpha] = error / (x.shape[0] * 64)
+    brute = brute_force_losses(x, weights, mean, alphas, w_mean)
     for alpha in brute:
         assert losses[alpha] == pytest.approx(brute[alpha], rel=1e-2)
     assert brute[best] <= min(brute.values()) * 1.005
