@@ -487,10 +487,23 @@ class SequentialQuantizer(nn.Sequential):
     def needs_calibration(self) -> bool:
         return any(q.needs_calibration for q in self)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages in order, each on the previous one's float32 output, cast to ``x``'s dtype once at the end.
+
+        Rounding between stages to a bf16 model's dtype would round W4A8's INT4 values (code * step) to bf16 before
+        the FP8 stage: a double rounding that moves ~3 % of the FP8 codes one step (1.1 % of the weight, measured
+        on the bundled model) away from the export's ``fp8(code * step)``, which is what engines compute with."""
+        y = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        for quantizer in self:
+            y = quantizer(y)
+        return y.to(x.dtype)
+
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward``'s chain without calibration (``amax`` for the first stage)."""
+        y = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         for index, quantizer in enumerate(self):
-            x = quantizer.fake_quant(x, amax if index == 0 else None)
-        return x
+            y = quantizer.fake_quant(y, amax if index == 0 else None)
+        return y.to(x.dtype)
 
     def compute_amax(self, x: torch.Tensor) -> torch.Tensor:
         return self[0].compute_amax(x)
