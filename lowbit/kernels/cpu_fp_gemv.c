@@ -34,6 +34,17 @@ static inline __m512 e4m3_times_2_pow_minus_8(const uint8_t *codes) {
     __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
     return _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign));
 }
+
+/* One NVFP4 block: the 16 E2M1 values of 8 bytes (element 2j in byte j's low nibble) times the block's scale s. */
+static inline __m512 nvfp4_block(const uint8_t *bytes8, __m512 values, float s) {
+    uint64_t packed;
+    memcpy(&packed, bytes8, 8);
+    __m128i bytes = _mm_cvtsi64_si128((long long)packed);
+    __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    __m512i nibbles = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, values), _mm512_set1_ps(s));
+}
 #endif
 
 void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
@@ -105,14 +116,7 @@ void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table,
             __m512 acc[ROW_TILE];
             for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
-                uint64_t packed;
-                memcpy(&packed, row + 8 * b, 8);
-                __m128i bytes = _mm_cvtsi64_si128((long long)packed);
-                __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-                __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-                __m512i nibbles = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-                float s = e4m3_table[row_scale[b]] * global_scale;
-                __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, values), _mm512_set1_ps(s));
+                __m512 w = nvfp4_block(row + 8 * b, values, e4m3_table[row_scale[b]] * global_scale);
                 for (int64_t r = 0; r < rows; r++)
                     acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * b), w, acc[r]);
             }
@@ -173,14 +177,7 @@ void lowbit_nvfp4_dequantize_bf16(const uint8_t *codes, const float *table, cons
         for (int64_t b = 0; b < blocks; b++) {
             float s = e4m3_table[block_scale[n * blocks + b]] * global_scale;
 #ifdef LOWBIT_AVX512
-            uint64_t packed;
-            memcpy(&packed, row + 8 * b, 8);
-            __m128i bytes = _mm_cvtsi64_si128((long long)packed);
-            __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-            __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-            __m512i nibbles = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-            __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles, _mm512_loadu_ps(table)), _mm512_set1_ps(s));
-            store_bf16(out + n * K + 16 * b, w);
+            store_bf16(out + n * K + 16 * b, nvfp4_block(row + 8 * b, _mm512_loadu_ps(table), s));
 #else
             for (int64_t j = 0; j < 16; j++) {
                 uint8_t byte = row[8 * b + j / 2];
