@@ -111,15 +111,20 @@ def fisher_reference(calibrated, name, search_format, batches):
     return total
 
 
+def assert_scores_follow_reference(scores, calibrated, modules, formats, batches):
+    """Each score within 5 % of the float64 Fisher sum; each module ranks its formats as the reference does."""
+    for name in modules:
+        expected = {f: fisher_reference(calibrated, name, f, batches) for f in formats}
+        for search_format in formats:
+            assert scores[name][search_format] == pytest.approx(expected[search_format], rel=5e-2)
+        assert sorted(formats, key=scores[name].get) == sorted(formats, key=expected.get)
+
+
 def test_bfloat16_scores_follow_the_float64_reference_and_keep_the_order(calibrated, batches):
     """Under autocast the forward, backward and changes round to bfloat16: each score within 5 % of the float64
     Fisher sum (measured: 3.1 % at worst here), and every module ranks its formats as the reference does."""
     scores = gradient_scores(calibrated, NAMES, batches, forward_step, loss_func, torch.bfloat16)
-    for name in MODULES:
-        expected = {f: fisher_reference(calibrated, name, f, batches) for f in NAMES}
-        for search_format in NAMES:
-            assert scores[name][search_format] == pytest.approx(expected[search_format], rel=5e-2)
-        assert sorted(NAMES, key=scores[name].get) == sorted(NAMES, key=expected.get)
+    assert_scores_follow_reference(scores, calibrated, MODULES, NAMES, batches)
 
 
 def test_score_dtype_is_resolved_and_checked():
@@ -156,8 +161,4 @@ def test_bfloat16_scores_of_called_modules_follow_the_float64_reference(batches)
                                  calibrated.modules[n].weight, calibrated.modules[n].weight, torch.bfloat16)
                    for n in names for f in formats)
     scores = gradient_scores(calibrated, formats, batches, forward_step, loss_func, torch.bfloat16)
-    for name in names:
-        expected = {f: fisher_reference(calibrated, name, f, batches) for f in formats}
-        for search_format in formats:
-            assert scores[name][search_format] == pytest.approx(expected[search_format], rel=5e-2)
-        assert sorted(formats, key=scores[name].get) == sorted(formats, key=expected.get)
+    assert_scores_follow_reference(scores, calibrated, names, formats, batches)
