@@ -220,7 +220,7 @@ def modelopt_part(batches, score: Scorer, steps: int, repeats: int) -> list[dict
 
     # ModelOpt's own cost override (QuantizeConfig.effective_bits): INT4 g128 at 4.125 bits, its scales counted
     # as the effective bits (and lowbit) count them, so both searches hold the same budget
-    int4_counted = (dict(mtq.INT4_AWQ_CFG, effective_bits=INT4_WITH_SCALES), "INT4_AWQ_CFG_scales_counted")
+    int4_counted = dict(mtq.INT4_AWQ_CFG, effective_bits=INT4_WITH_SCALES)  # custom: ModelOpt names it CUSTOM_0
 
     def run_lowbit(budget):
         model, _ = lowbit.assets.load_default_model()
