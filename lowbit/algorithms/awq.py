@@ -5,7 +5,8 @@
 ``w_mean_j = mean over rows of |W_ij| / max|W_i, group of j|`` (each weight normalised by its own
 quantization group's max, rows of every linear of the group together), clamped to ``[1e-4, 1e4]`` and
 divided by ``sqrt(max s * min s)``, for ``alpha`` on a grid in ``[0, 1]``; the identity ``s = 1``
-(plain rounding) is a candidate too, so the search never does worse on its sample. The candidate whose
+(plain rounding) is a candidate too (``identity=True``), so the search never does worse on its sample;
+ModelOpt's grid has no identity (``identity=False``). The candidate whose
 quantized output ``X @ (Q(W * s) / s)^T`` is closest (MSE) to ``X @ W^T`` wins. The weights keep
 ``W * s``; the input gets ``1/s`` (``lowbit.algorithms.scaling``).
 
@@ -75,14 +76,17 @@ def search_awq_scale(
     alphas: list[float],
     weight_mean: Tensor | None = None,
     loss_dtype: torch.dtype = torch.float32,
+    identity: bool = True,
 ) -> tuple[float | None, Tensor, dict[float | None, float]]:
-    """The scale minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count`` over the identity and
-    ``awq_scale(activation_mean, alpha, weight_mean)`` for each ``alpha``.
+    """The scale minimising ``sum_i ||X (Q_i(W_i s)/s)^T - X W_i^T||^2 / count`` over
+    ``awq_scale(activation_mean, alpha, weight_mean)`` for each ``alpha``, and the identity ``s = 1`` when
+    ``identity`` (ModelOpt's awq_lite tries only the alphas: on one calibration batch the identity can win by
+    a fraction of a percent and lose on held-out data).
 
     ``gram``: ``G = X^T X`` (``(in, in)``, float32) of the ``tokens`` input rows ``X``; ``weights[i]``:
     ``(out_i, in)``; ``fake_quant[i]`` quantizes a weight of that shape; ``count = tokens * sum_i out_i``.
     Returns (best alpha, None for the identity; its scale; the loss of every candidate, the identity
-    under key None). Ties keep the identity, then the smaller alpha.
+    under key None). Ties keep the identity, then the smaller alpha; ``alphas`` must not be empty.
 
     Computed as ``sum_i sum((D_i G) * D_i)`` with ``D_i = Q_i(W_i s)/s - W_i``, the same sum without
     forming the ``(tokens, out)`` outputs: ``out * in^2`` per candidate instead of ``tokens * out * in``;
@@ -92,7 +96,7 @@ def search_awq_scale(
     model's 57 did).
     """
     count = tokens * sum(w.shape[0] for w in weights)
-    candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)}
+    candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)} if identity else {}
     candidates.update({alpha: awq_scale(activation_mean, alpha, weight_mean) for alpha in alphas})
     losses = {}
     gram_in = gram.to(loss_dtype)
@@ -241,7 +245,7 @@ class AwqInputStatistics:
 
 def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0.1, max_tokens: int = 4096,
                     scale_per_linear: bool = False, statistics: AwqInputStatistics | None = None,
-                    loss_dtype: str = "float32") -> None:
+                    loss_dtype: str = "float32", identity: bool = True) -> None:
     """Scale search for every group of linears with enabled weight quantizers in ``layer``.
 
     ``statistics``: collected on this layer's float inputs already (the runner's reference pass);
@@ -249,7 +253,8 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
     ``scale_per_linear``: each linear of a group gets its own search and scale, kept as its input
     quantizer's ``pre_quant_scale`` (as ModelOpt's awq_lite does; an extra input multiply per linear at
     inference), instead of one scale per group that can fold into the producing norm.
-    ``loss_dtype``: a key of :data:`LOSS_DTYPES`, the search's product dtype (:func:`search_awq_scale`).
+    ``loss_dtype``: a key of :data:`LOSS_DTYPES`, the search's product dtype; ``identity``: plain rounding
+    among the candidates (:func:`search_awq_scale`).
     """
     if statistics is None or statistics.layer is not layer:
         statistics = AwqInputStatistics(max_tokens)
@@ -272,10 +277,11 @@ def awq_scale_layer(layer: nn.Module, inputs: LayerInputs, alpha_step: float = 0
                 alpha_grid(alpha_step),
                 normalised_weight_mean(weights, _scale_group_size(linears[0])),
                 LOSS_DTYPES[loss_dtype],
+                identity,
             )
             placement = apply_input_scale(unit, scale, inputs.ranges)
-            logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g unscaled, %.4g chosen",
-                         list(unit.linears), alpha, placement, losses[None], losses[alpha])
+            logger.debug("awq_lite %s: alpha %s (%s), output MSE %.4g chosen", list(unit.linears), alpha,
+                         placement, losses[alpha])
             for linear in linears:
                 recalibrate_weights(linear)
 

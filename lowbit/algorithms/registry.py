@@ -11,7 +11,8 @@ smoothquant       alpha=1.0 (ModelOpt's default), report=False (True: one more p
                   the per-layer error report)
 awq_lite          alpha_step=0.1, max_tokens=4096, scale_per_linear=False,                 awq
                   scale_estimation=False, loss_dtype="float32" ("bfloat16": the scale
-                  search's loss products in bf16, ~4x faster with native bf16)
+                  search's loss products in bf16, ~4x faster with native bf16),
+                  identity=True (False: plain rounding is no candidate, ModelOpt's grid)
 awq_clip          min_clip_ratio=0.5, shrink_step=0.05, max_clip_tokens=512                awq
 awq_full          awq_lite's and awq_clip's options                                        awq
 gptq              block_size=128, percdamp=0.01, act_order=False, static_groups=False,     gptq
@@ -111,7 +112,7 @@ from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
 
 AWQ_LITE_OPTIONS = {"alpha_step": 0.1, "max_tokens": 4096, "scale_per_linear": False, "scale_estimation": False,
-                    "loss_dtype": "float32"}
+                    "loss_dtype": "float32", "identity": True}
 AWQ_CLIP_OPTIONS = {"min_clip_ratio": 0.5, "shrink_step": 0.05, "max_clip_tokens": 512}
 SCALE_ESTIMATION_OPTIONS = {"min_ratio": 0.7, "ratio_step": 0.02, "steps": 1, "objective": "block"}
 LAYERWISE_OPTIONS = {"layer_inputs": "float"}
@@ -164,17 +165,18 @@ def _chained(description: str, *passes: Callable[[nn.Module, LayerInputs], None]
     return layer_pass, description
 
 
-def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype):
+def _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype, identity):
     """AWQ's scale search as a layer pass, and the watch that collects its statistics in the runner's
     float reference pass."""
     statistics = AwqInputStatistics(max_tokens)
     layer_pass = partial(awq_scale_layer, alpha_step=alpha_step, max_tokens=max_tokens,
-                         scale_per_linear=scale_per_linear, statistics=statistics, loss_dtype=loss_dtype)
+                         scale_per_linear=scale_per_linear, statistics=statistics, loss_dtype=loss_dtype,
+                         identity=identity)
     return layer_pass, statistics.watching
 
 
-def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation, loss_dtype) -> LayerPass:
-    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype)
+def _awq_lite(alpha_step, max_tokens, scale_per_linear, scale_estimation, loss_dtype, identity) -> LayerPass:
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype, identity)
     layer_pass, description = _chained("awq_lite", scale_pass, scale_estimation=scale_estimation)
     return LayerPass(layer_pass, description, watch)
 
@@ -185,8 +187,8 @@ def _awq_clip(min_clip_ratio, shrink_step, max_clip_tokens) -> LayerPass:
 
 
 def _awq_full(alpha_step, max_tokens, scale_per_linear, scale_estimation, min_clip_ratio, shrink_step,
-              max_clip_tokens, loss_dtype) -> LayerPass:
-    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype)
+              max_clip_tokens, loss_dtype, identity) -> LayerPass:
+    scale_pass, watch = _awq_scale_pass(alpha_step, max_tokens, scale_per_linear, loss_dtype, identity)
     layer_pass, description = _chained(
         "awq_full",
         scale_pass,

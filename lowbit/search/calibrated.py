@@ -56,12 +56,17 @@ class CalibratedModules:
                   modules: list[str] | None = None, awq_loss_dtype: str | None = None) -> None:
         """Quantize ``modules`` (default: all searched) in ``search_format`` with its algorithm and keep each
         one's state; the parameters go back to float afterwards. ``awq_loss_dtype``: AWQ's ``loss_dtype``
-        option for an AWQ scale search (``lowbit.algorithms.awq.search_awq_scale``), None: the format's own."""
+        option for an AWQ scale search (``lowbit.algorithms.awq.search_awq_scale``), None: the format's own.
+        An AWQ scale search runs without its identity candidate (``identity=False``: ModelOpt's awq_lite grid):
+        on the one calibration batch auto_quantize gives AWQ, plain rounding won two of the bundled model's 57
+        searches by 0.07-0.45 % of output MSE, and those two choices alone made the INT4 model's perplexity
+        0.1 % worse than ModelOpt's at equal KL (bench/results/auto_quantize_modelopt_2026-12-07b.md)."""
         names = list(self.modules) if modules is None else modules
         snapshot = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         config = search_format.for_modules(set(names))
-        if awq_loss_dtype is not None and config.algorithm in AWQ_SCALE_SEARCHES:
-            config = replace(config, algorithm_options={**config.algorithm_options, "loss_dtype": awq_loss_dtype})
+        if config.algorithm in AWQ_SCALE_SEARCHES:
+            dtype = {} if awq_loss_dtype is None else {"loss_dtype": awq_loss_dtype}
+            config = replace(config, algorithm_options={**config.algorithm_options, "identity": False, **dtype})
         with without_layer_errors():  # the per-layer error report of a layer-wise algorithm is not read here
             quantize(self.model, config, forward_loop)
         owners = {id(p): (module_name, param_name) for module_name in names
