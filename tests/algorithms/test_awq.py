@@ -185,3 +185,34 @@ def test_awq_lite_scales_the_output_head_from_its_float_inputs():
     assert pre_quant_scale is not None
     torch.testing.assert_close(pre_quant_scale.double(), 1 / best, rtol=1e-4, atol=0)
     assert error(best) <= error(candidates[0])
+
+
+def test_awq_search_without_identity_picks_the_best_alpha_where_plain_rounding_wins():
+    generator = torch.Generator().manual_seed(35)  # a draw where plain rounding beats every alpha by ~10 %
+    x = torch.randn(256, 32, generator=generator)  # no outlier channels
+    weights = [torch.randn(24, 32, generator=generator)]
+    mean = x.abs().mean(0)
+    w_mean = normalised_weight_mean(weights, GROUP)
+    alphas = alpha_grid(0.1)
+    brute = brute_force_losses(x, weights, mean, alphas, w_mean)
+    assert min(brute, key=brute.get) is None  # the case this test is about
+
+    best_alpha, scale, losses = search_awq_scale(x.T @ x, x.shape[0], weights, [int4_groups], mean, alphas, w_mean,
+                                                 identity=False)
+    scaled = {alpha: loss for alpha, loss in brute.items() if alpha is not None}
+    assert list(losses) == list(scaled)  # ModelOpt's grid: the alphas only
+    torch.testing.assert_close(torch.tensor(list(losses.values()), dtype=torch.float64),
+                               torch.tensor(list(scaled.values()), dtype=torch.float64), rtol=1e-4, atol=0)
+    assert best_alpha == min(scaled, key=scaled.get)
+    torch.testing.assert_close(scale.double(), reference_scale(mean, best_alpha, w_mean), rtol=1e-5, atol=0)
+    with_identity = search_awq_scale(x.T @ x, x.shape[0], weights, [int4_groups], mean, alphas, w_mean)
+    assert with_identity[0] is None
+
+
+def test_identity_option_is_checked_at_the_door():
+    from lowbit.algorithms.registry import check_options
+
+    assert check_options("awq_lite", {})["identity"] is True
+    assert check_options("awq_full", {"identity": False})["identity"] is False
+    with pytest.raises((TypeError, ValueError), match="identity"):
+        check_options("awq_lite", {"identity": 1})
