@@ -100,8 +100,8 @@ def search_awq_scale(
         scale = scale.to(gram.device)
         error = torch.zeros((), dtype=torch.float64, device=gram.device)
         for weight, quantize in zip(weights, fake_quant, strict=True):
-            delta = quantize(weight.float() * scale) / scale - weight.float()
-            error = error + ((delta.to(loss_dtype) @ gram_in).float() * delta).sum().double()
+            delta = quantize(weight.float() * scale).div_(scale).sub_(weight)  # in place on the fresh output
+            error = error + (delta.to(loss_dtype) @ gram_in).float().mul_(delta).sum().double()
         errors.append(error)
     losses = dict(zip(candidates, (torch.stack(errors) / count).tolist(), strict=True))
     best = min(losses, key=losses.__getitem__)
