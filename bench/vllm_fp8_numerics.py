@@ -21,7 +21,7 @@ Reported (mean |d log p| over the 128 held-out tokens of ``export_vllm.py``, nat
    codes; vLLM's codes dequantized before a float GEMM; compressed-tensors' own forward (codes from a true
    division x / s, dequantized operands, a float GEMM) and its codes with the GEMM on codes.
 2. The chaos floor: lowbit's model against itself with the embeddings multiplied by (1 + 1e-7 * N(0, 1)), and
-   the float model against itself under the same perturbation.
+   the vLLM-arithmetic reference and the float model each against itself under the same perturbation.
 3. Per layer and linear: the fraction of activation E4M3 codes (vLLM's rule applied to both inputs) that differ
    between vLLM's input to that linear (captured with a forward pre-hook through ``LLM.apply_model``) and
    lowbit's / the vLLM-arithmetic reference's.
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (lp, _) in models.items()]
     floor = perturbed_distance(model, ids, lowbit_lp)
     float_floor = perturbed_distance(float_model, ids, lowbit_logprobs(float_model, ids))
+    arithmetic = reference_model(float_model, tensors, vllm_codes, True)
+    arithmetic_floor = perturbed_distance(arithmetic, ids, models["vLLM arithmetic (vLLM codes, GEMM on codes)"][0])
     vllm_reference = models["vLLM arithmetic (vLLM codes, GEMM on codes)"][1]
     flips = {"vllm_vs_lowbit": code_flips(vllm_inputs, lowbit_inputs),
              "vllm_vs_vllm_arithmetic": code_flips(vllm_inputs, vllm_reference)}
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['model']:60s} {row['vs_vllm']:9.4f} {row['vs_lowbit']:9.4f}")
     print(f"chaos floor: lowbit vs lowbit with embeddings x (1 + {PERTURBATION:g} N(0,1)), seeds 0..2:",
           " ".join(f"{value:.4f}" for value in floor))
+    print("the same for the vLLM-arithmetic reference:", " ".join(f"{value:.4f}" for value in arithmetic_floor))
     print("the same for the float model:", " ".join(f"{value:.1e}" for value in float_floor))
     print(f"{'layer':>5s} {'linear':10s} {'codes differing: vLLM vs lowbit':>32s} {'vLLM vs vLLM arithmetic':>24s}")
     for key in sorted(flips["vllm_vs_lowbit"]):
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = {kind: {f"{layer}.{site}": value for (layer, site), value in table.items()}
                 for kind, table in flips.items()}
         Path(args.json).write_text(json.dumps({**context, "rows": rows, "chaos_floor": floor,
+                                              "vllm_arithmetic_floor": arithmetic_floor,
                                               "float_model_floor": float_floor, "code_flips": flat},
                                               indent=1))
     return 0
