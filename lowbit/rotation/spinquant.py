@@ -172,9 +172,10 @@ def learn_rotations(model: nn.Module, calls: list[tuple[tuple, dict]], seed: int
     loss of each step before its update. The model's parameters are not changed."""
     hidden = model.model.embed_tokens.weight.shape[1]
     head_dim = getattr(model.model.layers[0].self_attn, "head_dim", hidden // model.config.num_attention_heads)
-    rotations = [hadamard_matrix(hidden, seed)]
+    device = model.model.embed_tokens.weight.device
+    rotations = [hadamard_matrix(hidden, seed).to(device)]
     if heads:
-        rotations += [hadamard_matrix(head_dim, seed + 1) for _ in model.model.layers]
+        rotations += [hadamard_matrix(head_dim, seed + 1).to(device) for _ in model.model.layers]
     all_quantizers = [q for _, q in iter_quantizers(model)]
     with torch.no_grad(), quantization_off(all_quantizers):
         references = [_log_probs(model(*args, **kwargs)) for args, kwargs in calls]

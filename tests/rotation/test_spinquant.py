@@ -194,3 +194,19 @@ def test_cli_algorithm_json_selects_spinquant():
                              '{"method": "gptq", "rotate": {"method": "spinquant", "steps": 50}}')
     parsed = lowbit.parse_config(config)
     assert parsed.algorithm == "gptq" and parsed.algorithm_options["rotate"] == {"method": "spinquant", "steps": 50}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spinquant_runs_on_cuda_and_keeps_the_float_logits():
+    model = tiny_llama().cuda()
+    data = [{key: value.cuda() for key, value in batch.items()} for batch in batches()]
+    with torch.no_grad():
+        reference = model(**data[0]).logits
+    quantized = lowbit.quantize(copy.deepcopy(model), {**lowbit.get_preset("NVFP4_DEFAULT_CFG"), "algorithm": None})
+    losses = spinquant(quantized, forward_loop(data), steps=5)
+    assert losses[-1] < losses[0]
+    lowbit.disable_quantizer(quantized, "*")
+    with torch.no_grad():
+        logits = quantized(**data[0]).logits
+    assert (logits - reference).norm() / reference.norm() < 1e-4
