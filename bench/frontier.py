@@ -1,5 +1,5 @@
-"""The accuracy frontier at 4 bits and below: RTN, GPTQ, AWQ and lowbit's newer methods (HQQ, QuaRot rotations,
-NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
+"""The accuracy frontier at 4 bits and below: RTN, GPTQ, AWQ and lowbit's newer methods (HQQ, QuaRot and SpinQuant
+rotations, NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
                              [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--methods "RTN;GPTQ"]
