@@ -10,7 +10,8 @@ are loaded as they are, and every quantized linear becomes a ``CompressedLinear`
   dynamic activations a dynamic per-token quantizer, ``pre_quant_scale`` the input quantizer's;
 - layouts with no CompressedLinear storage (128x128-block FP8, W4A8's two weight stages) are loaded as a
   lowbit quantized Linear holding the dequantized weight (``code * weight_scale``; W4A8 then rounded to the
-  FP8 stage) with the export's input quantizer, and said so in a warning.
+  FP8 stage as ``round(y / weight_scale_2) * weight_scale_2``, the exporting model's own arithmetic:
+  ``lowbit.formats.steps``) with the export's input quantizer, and said so in a warning.
 
 A quantized KV cache (k/v scales, FP8 or NVFP4) becomes the attention modules' k/v quantizers (``kv_cache``).
 Fused MoE experts, exported per expert, are stacked back into compressed experts (``load_experts``).
@@ -34,7 +35,7 @@ from lowbit.compress.packing import pack_uint4
 from lowbit.export.compressed_tensors import NVFP4_RANGE, unpack_int32
 from lowbit.export.kv_cache import pop_kv_scales, restore_kv_cache
 from lowbit.export.load_experts import expert_layer_names, load_experts, module_key
-from lowbit.export.modelopt_hf import unpack_int4_rows
+from lowbit.export.modelopt_hf import nibbles_from_rows, unpack_int4_rows
 from lowbit.modules.registry import convert_module
 from lowbit.quantizer import TensorQuantizer
 
@@ -80,8 +81,7 @@ def _modelopt_weight(algo: str, t: dict[str, torch.Tensor], shape: tuple[int, in
         return PackedWeight(WeightFormat("int", 8, per_channel=True), shape, t["weight"],
                             _reciprocal(scale).reshape(n, 1)), None
     if algo == "W4A16_AWQ":
-        codes = unpack_int4_rows(t["weight"])
-        return PackedWeight(WeightFormat("int", 4, block_size=group_size), shape, _int_codes_storage(codes, 4),
+        return PackedWeight(WeightFormat("int", 4, block_size=group_size), shape, nibbles_from_rows(t["weight"]),
                             _reciprocal(scale)), None
     if algo in ("NVFP4", "W4A16_NVFP4"):
         return PackedWeight(WeightFormat("nvfp4", (2, 1), block_size=16), shape, t["weight"], scale,
@@ -91,7 +91,7 @@ def _modelopt_weight(algo: str, t: dict[str, torch.Tensor], shape: tuple[int, in
     if algo == "W4A8_AWQ":
         blocks = formats.to_blocks(unpack_int4_rows(t["weight"]).float(), group_size)
         int4 = (blocks * scale.float().unsqueeze(-1)).reshape(shape)
-        return None, formats.fake_quant_fp(int4, t["weight_scale_2"].float() * formats.E4M3.max_value, formats.E4M3)
+        return None, formats.fake_quant_by_step(int4, t["weight_scale_2"].float(), formats.E4M3)
     if algo == "FP8_PB_WO":
         return None, _dense_blocks(t["weight"], scale)
     raise ValueError(f"quant_algo {algo!r}: load_quantized reads lowbit's exports only")
