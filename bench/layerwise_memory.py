@@ -82,6 +82,7 @@ def child(args: argparse.Namespace) -> None:
     batches = [{"input_ids": batch} for batch in ids.split(args.batch_size)]
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the memory fraction needs an index
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.gpu_bytes / total, device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -18,9 +18,10 @@ Reported (mean |d log p| over the 128 held-out tokens of ``export_vllm.py``, nat
 1. vLLM against lowbit's fake-quantized model, lowbit's ``load_quantized`` of the export, and three
    re-implementations built from the export's codes and divisors (``ReferenceFp8Linear`` swapped in for each
    quantized Linear of the float model): vLLM's arithmetic above; lowbit's activation codes with the GEMM on
-   codes; vLLM's codes dequantized before a float GEMM.
+   codes; vLLM's codes dequantized before a float GEMM; compressed-tensors' own forward (codes from a true
+   division x / s, dequantized operands, a float GEMM) and its codes with the GEMM on codes.
 2. The chaos floor: lowbit's model against itself with the embeddings multiplied by (1 + 1e-7 * N(0, 1)), and
-   the float model against itself under the same perturbation.
+   the vLLM-arithmetic reference and the float model each against itself under the same perturbation.
 3. Per layer and linear: the fraction of activation E4M3 codes (vLLM's rule applied to both inputs) that differ
    between vLLM's input to that linear (captured with a forward pre-hook through ``LLM.apply_model``) and
    lowbit's / the vLLM-arithmetic reference's.
@@ -61,6 +62,13 @@ def vllm_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 codes, float32 divisor (rows, 1)) of x (rows, K) by vLLM's dynamic per-token rule (docstring)."""
     divisor = (x.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
     return (x.float() * divisor.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), divisor
+
+
+def division_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 codes, float32 divisor) of x by compressed-tensors' own forward (``forward_helpers._quantize``):
+    codes = e4m3(clamp(x / (amax / 448), -448, 448)), a true division where vLLM multiplies by the reciprocal."""
+    divisor = (x.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / divisor).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), divisor
 
 
 def lowbit_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +125,13 @@ def linear_inputs(model: nn.Module, ids: list[int]) -> tuple[torch.Tensor, dict]
             hook.remove()
 
 
-def vllm_run(directory: Path, ids: list[int]) -> tuple[torch.Tensor, dict]:
-    """(vLLM's float32 prompt log-probabilities of ids[1:], {(layer, site): vLLM's input to that linear})."""
+def vllm_run(directory: Path, ids: list[int], dtype: str = "float32") -> tuple[torch.Tensor, dict]:
+    """(vLLM's prompt log-probabilities of ids[1:] with the engine in ``dtype``, {(layer, site): vLLM's input to
+    that linear, as float32})."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(directory), dtype="float32", max_model_len=512, seed=0, enforce_eager=True,
+    llm = LLM(model=str(directory), dtype=dtype, max_model_len=512, seed=0, enforce_eager=True,
               gpu_memory_utilization=MEMORY_FRACTION)
     captured = {}
 
@@ -184,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     lowbit_lp, lowbit_inputs = linear_inputs(model, ids)
     references = {"vLLM arithmetic (vLLM codes, GEMM on codes)": (vllm_codes, True),
                   "lowbit codes, GEMM on codes": (lowbit_codes, True),
-                  "vLLM codes, dequantize then float GEMM": (vllm_codes, False)}
+                  "vLLM codes, dequantize then float GEMM": (vllm_codes, False),
+                  "compressed-tensors' forward (x / s, dequantize, float GEMM)": (division_codes, False),
+                  "x / s codes, GEMM on codes": (division_codes, True)}
     models = {"lowbit fake quant (in-memory)": (lowbit_lp, lowbit_inputs),
               "lowbit load_quantized(export)": (reloaded, None)}
     for name, (rule, on_codes) in references.items():
@@ -193,14 +204,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, (lp, _) in models.items()]
     floor = perturbed_distance(model, ids, lowbit_lp)
     float_floor = perturbed_distance(float_model, ids, lowbit_logprobs(float_model, ids))
+    arithmetic = reference_model(float_model, tensors, vllm_codes, True)
+    arithmetic_floor = perturbed_distance(arithmetic, ids, models["vLLM arithmetic (vLLM codes, GEMM on codes)"][0])
     vllm_reference = models["vLLM arithmetic (vLLM codes, GEMM on codes)"][1]
     flips = {"vllm_vs_lowbit": code_flips(vllm_inputs, lowbit_inputs),
              "vllm_vs_vllm_arithmetic": code_flips(vllm_inputs, vllm_reference)}
-    print(f"{'model':48s} {'vs vLLM':>9s} {'vs lowbit':>9s}")
+    print(f"{'model':60s} {'vs vLLM':>9s} {'vs lowbit':>9s}")
     for row in rows:
-        print(f"{row['model']:48s} {row['vs_vllm']:9.4f} {row['vs_lowbit']:9.4f}")
+        print(f"{row['model']:60s} {row['vs_vllm']:9.4f} {row['vs_lowbit']:9.4f}")
     print(f"chaos floor: lowbit vs lowbit with embeddings x (1 + {PERTURBATION:g} N(0,1)), seeds 0..2:",
           " ".join(f"{value:.4f}" for value in floor))
+    print("the same for the vLLM-arithmetic reference:", " ".join(f"{value:.4f}" for value in arithmetic_floor))
     print("the same for the float model:", " ".join(f"{value:.1e}" for value in float_floor))
     print(f"{'layer':>5s} {'linear':10s} {'codes differing: vLLM vs lowbit':>32s} {'vLLM vs vLLM arithmetic':>24s}")
     for key in sorted(flips["vllm_vs_lowbit"]):
@@ -212,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = {kind: {f"{layer}.{site}": value for (layer, site), value in table.items()}
                 for kind, table in flips.items()}
         Path(args.json).write_text(json.dumps({**context, "rows": rows, "chaos_floor": floor,
+                                              "vllm_arithmetic_floor": arithmetic_floor,
                                               "float_model_floor": float_floor, "code_flips": flat},
                                               indent=1))
     return 0

@@ -47,11 +47,20 @@ def int4_group_size(fmt: WeightFormat, shape: tuple[int, int]) -> int | None:
 def int4_operands(packed: PackedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(kernel codes uint8 (N, K / 2), scale_and_zero (K / g, N, 2) in ``dtype``, g) for a weight that
     ``int4_group_size`` accepts. The kernel codes are a new tensor as large as ``packed.codes``."""
+    group = int4_group_size(packed.format, packed.shape)
+    kernel_codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_nibbles(packed), INNER_K_TILES)
+    return kernel_codes, int4_scale_and_zero(packed, dtype, group), group
+
+
+def int4_nibbles(packed: PackedWeight) -> torch.Tensor:
+    """int32 (N, K): the stored nibbles ``c`` in 0..15 of a 4-bit ``int`` / ``int_asym`` weight."""
+    return (packed.element_values() + packed.format.code_offset).to(torch.int32)
+
+
+def int4_scale_and_zero(packed: PackedWeight, dtype: torch.dtype, group: int) -> torch.Tensor:
+    """(K / g, N, 2) ``(S, Z)`` of the module docstring in ``dtype``, one pair per kernel group of ``group``."""
     fmt = packed.format
     n, k = packed.shape
-    group = int4_group_size(fmt, packed.shape)
-    codes = (packed.element_values() + fmt.code_offset).to(torch.int32)  # the stored nibbles, 0..15
-    kernel_codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
     scale = packed.scale.float().expand(n, -1)  # (N, K / b) or (N, 1)
     if fmt.kind == "int":
         step, zero = scale.reciprocal(), torch.zeros_like(scale)
@@ -60,7 +69,7 @@ def int4_operands(packed: PackedWeight, dtype: torch.dtype) -> tuple[torch.Tenso
         zero = (INT4_ZERO_CODE - packed.zero_point.float().expand(n, -1)) * scale
     repeats = k // group // step.shape[1]
     pairs = torch.stack((step, zero), dim=-1).repeat_interleave(repeats, dim=1)  # (N, K / g, 2)
-    return kernel_codes, pairs.transpose(0, 1).contiguous().to(dtype), group
+    return pairs.transpose(0, 1).contiguous().to(dtype)
 
 
 def int4_linear(x: torch.Tensor, kernel_codes: torch.Tensor, scale_and_zero: torch.Tensor,

@@ -2,6 +2,8 @@
 
 | device | weight                                        | rows M                   | kernel                           |
 |--------|-----------------------------------------------|--------------------------|----------------------------------|
+| CUDA   | INT4 sym / asym, groups of a multiple of 32,  | <= 4                     | ``_weight_int4pack_mm``          |
+|        | N % 8 == 0, bf16 (``kernels.cuda_int4``)      | otherwise                | the Triton rows below            |
 | CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | 1, long K (prefers_gemv) | Triton GEMV on CUDA cores        |
 |        | K % 128 == 0; bf16 / fp16 activations         | other rows < 128         | Triton W4A16 on tensor cores     |
 |        |                                               | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS   |
@@ -21,8 +23,9 @@ scale-and-zero table, INT8 multipliers, Triton arguments), so a call is one op p
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
 ``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused Triton kernels multiply the
 same weight values (exactly: codes times scales) but round only their float32 sums, so they match a float64
-product to the output's rounding; torch's CPU kernels take scales rounded once to the activation dtype
-(``kernels.cpu``). The Triton kernels run as custom ops (``kernels.ops``), imported on first CUDA use.
+product to the output's rounding; torch's INT4 / INT8 kernels take scales rounded once to the activation dtype
+(``kernels.cpu``, ``kernels.cuda_int4``). The Triton kernels run as custom ops (``kernels.ops``), imported on first
+CUDA use.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu, cpu_fp, ops
+from lowbit.kernels import cpu, cpu_fp, cuda_int4, ops
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -95,6 +98,13 @@ def _cuda_w4(x: torch.Tensor, codes, scale, zero_point, global_scale, kind, grou
     return ops.w4_linear(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_offset)
 
 
+def _cuda_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, *w4_operands, bias=None):
+    if x.shape[0] > cuda_int4.MAX_ROWS:
+        return _cuda_w4(x, *w4_operands, bias=bias)
+    out = cuda_int4.int4_linear(x, kernel_codes, scale_and_zero, group_size)
+    return out if bias is None else out + bias
+
+
 def _cpu_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, bias=None):
     out = cpu.int4_linear(x, kernel_codes, scale_and_zero, group_size)
     return out if bias is None else out + bias
@@ -142,6 +152,8 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
     device = torch.device(device)
     n = packed.shape[0]
     if device.type == "cuda" and dtype in ACTIVATION_DTYPES and triton_arguments(packed) and has_triton():
+        if dtype == torch.bfloat16 and cuda_int4.inner_k_tiles(packed):
+            return PreparedLinear(_cuda_int4, (*cuda_int4.operands(packed), *_w4_operands(packed)), device, dtype, n)
         return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n)
     if device.type == "cpu" and dtype in CPU_DTYPES:
         if cpu.int4_group_size(packed.format, packed.shape):

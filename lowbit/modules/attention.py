@@ -17,6 +17,7 @@ import weakref
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from lowbit.modules.registry import QUANT_MODULE_REGISTRY, QuantModuleMixin, register
 
@@ -38,11 +39,16 @@ class QuantAttentionMixin(QuantModuleMixin):
         # every attention module of a model shares its config: the later ones find it switched already
         reference, inner = _INNER_IMPLEMENTATION.get(id(config), (None, "sdpa"))
         self.inner_attn_implementation = inner if reference is not None and reference() is config else "sdpa"
+        # looked up here, not per call: torch.compile cannot trace the lookup's import of transformers (torch 2.11)
+        self.inner_attention = _look_up_inner_attention(self)
 
 
 def _inner_attention(module: nn.Module):
-    from transformers import AttentionInterface
+    """The attention function the module's model would call itself (its ``inner_attn_implementation``)."""
+    return vars(module).get("inner_attention") or _look_up_inner_attention(module)
 
+
+def _look_up_inner_attention(module: nn.Module):
     name = getattr(module, "inner_attn_implementation", "sdpa")
     original = getattr(type(module), "original_class", type(module))
     model_file = sys.modules[original.__module__]
@@ -78,8 +84,6 @@ def register_hf_attention(module: nn.Module) -> bool:
         return True
     if not is_hf_attention(module):
         return False
-    from transformers import AttentionInterface
-
     AttentionInterface.register(IMPLEMENTATION_NAME, quantized_attention)
     quantized_cls = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {"__module__": __name__})
     register(original_cls=cls, quantized_cls=quantized_cls)

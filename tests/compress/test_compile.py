@@ -35,6 +35,23 @@ def test_compressed_model_compiles_without_graph_breaks(preset):
         assert torch.equal(compiled(x), model(x))
 
 
+def test_compressed_hf_llama_compiles_through_lowbit_attention():
+    """A quantized HF model routes attention through lowbit's ``"lowbit"`` implementation; under fullgraph its
+    per-call path must not import (torch 2.11's dynamo breaks on importing transformers' lazy module)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    model = compress(lowbit.quantize(model, copy.deepcopy(lowbit.INT4_BLOCKWISE_WEIGHT_ONLY_CFG), lambda m: m(ids)))
+    assert model.config._attn_implementation == "lowbit"
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(ids).logits, model(ids).logits)
+
+
 def test_custom_op_fake_implementations_give_the_output_shape():
     with FakeTensorMode():
         x = torch.empty(5, 256, dtype=torch.bfloat16)
