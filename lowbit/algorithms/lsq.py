@@ -6,7 +6,8 @@ Every weight ``W`` ``(out, in)`` with an enabled static integer weight quantizer
 the start's fake-quantized value and ``d0`` the start grid's step (``amax0 / qmax`` symmetric; asymmetric
 ``(amax0 - amin0) / qmax`` with integer zero point ``z0 = clamp(round(-amin0 / d0), 0, qmax)``, as the format):
 
-1. Latent weight ``v``, by ``latent``:
+1. Latent weight ``v``, by ``latent`` (default ``"codes"``: on the bundled model's W4 g128 it lowered the KL from
+   a GPTQ start where ``"float"`` did not, ``bench/results/frontier_lsq_2026-12-07.md``):
    - ``"float"`` (LSQ): ``v = v0 + d0 u`` with ``v0 = w`` where the start's code is round-to-nearest's, else the
      start's value ``w_hat0`` (a code AutoRound or GPTQ moved stays at its cell's centre, where a small change
      of the step keeps it); the codes re-round as the step moves;
@@ -53,7 +54,7 @@ from lowbit.structure.weights import QuantizableWeight
 
 logger = logging.getLogger("lowbit")
 
-LSQ_OPTIONS = {"iterations": 200, "lr": 0.001, "weight_lr": 0.0, "batches_per_step": 1, "latent": "float",
+LSQ_OPTIONS = {"iterations": 200, "lr": 0.001, "weight_lr": 0.0, "batches_per_step": 1, "latent": "codes",
                "start": "autoround", "start_options": {}}
 LATENTS = ("float", "codes")
 TEACHER_DTYPE = torch.float16
@@ -124,7 +125,7 @@ class LearnedStep:
 
     @classmethod
     def start_at(cls, grid: IntGrid, w: Tensor, w_hat0: Tensor, start: tuple[Tensor | None, Tensor],
-                 group_size: int, latent: str = "float") -> LearnedStep:
+                 group_size: int, latent: str = "codes") -> LearnedStep:
         """From float weight ``w`` and the start's ``w_hat0`` ``(out, in)`` on the start range ``(amin0 or None,
         amax0)`` ``(out, n, 1)`` (step 1), in ``w``'s dtype."""
         groups = w.detach().reshape(w.shape[0], -1, group_size)
@@ -147,20 +148,24 @@ class LearnedStep:
             return None, step * qmax
         return -self.zero_point * step, (self.grid.qmax - self.zero_point) * step
 
+    def step(self) -> Tensor:
+        """``d = d0 exp(l)`` ``(out, n, 1)`` (step 2)."""
+        return self.start_step * self.log_step.exp()
+
     def range(self) -> tuple[Tensor | None, Tensor]:
         """``(amin or None, amax)`` ``(out, n, 1)`` of the current step (step 2)."""
-        return self._range(self.start_step * self.log_step.exp())
+        return self._range(self.step())
 
     def quantized(self) -> Tensor:
         """``w_hat`` ``(out, in)`` (step 3), differentiable in ``log_step`` and ``offset``."""
-        step = self.start_step * self.log_step.exp()
+        step = self.step()
         amin, amax = self._range(step)
         v = step * (self.latent + self.offset) if self.codes else self.latent + self.start_step * self.offset
         return fake_quant_ste(self.grid, v, torch.zeros(()), amin, amax).reshape(self.latent.shape[0], -1)
 
 
 def lsq(model: nn.Module, teacher: Teacher, iterations: int = 200, lr: float = 0.001, weight_lr: float = 0.0,
-        batches_per_step: int = 1, latent: str = "float") -> tuple[float, float]:
+        batches_per_step: int = 1, latent: str = "codes") -> tuple[float, float]:
     """Steps 1-6 of the module docstring on ``model`` (after its start algorithm), against ``teacher``;
     writes the kept result back. Returns the calibration KL ``(start, kept)``."""
     weights = tunable_weights(model)

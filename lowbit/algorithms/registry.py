@@ -28,7 +28,7 @@ autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaul
 svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
 lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 lsq               iterations=200, lr=0.001, weight_lr=0.0 (> 0: the latent weights too),  lsq
-                  batches_per_step=1, latent="float" ("codes": the start's codes kept),
+                  batches_per_step=1, latent="codes" (the start's codes kept; "float": LSQ's),
                   start="autoround" (any other algorithm),
                   start_options={} (the start's options): learned steps, end to end
                   against the float model's next-token distribution (KL)
