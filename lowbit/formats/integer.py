@@ -69,8 +69,8 @@ def quantize_int(
     amax32 = as_float32_like(amax, x32, "amax")
     is_tiny = amax32 <= TINY_AMAX
     scale = divide(qmax, torch.where(is_tiny, 1.0, amax32))
-    codes = torch.clamp(torch.round(x32 * scale), qmin, qmax)
-    codes = torch.where(is_tiny, 0.0, codes)
+    # in place on the one new tensor: each fresh (N, K) temporary costs page faults where large blocks are mapped
+    codes = (x32 * scale).round_().clamp_(qmin, qmax).masked_fill_(is_tiny, 0.0)
     return codes, torch.where(is_tiny, 1.0, scale)
 
 
@@ -90,7 +90,7 @@ def fake_quant_int(
 ) -> torch.Tensor:
     """``dequantize_int(*quantize_int(x, amax, ...))`` in ``x``'s dtype."""
     codes, scale = quantize_int(x, amax, num_bits, unsigned, narrow_range)
-    return dequantize_int(codes, scale, x.dtype)
+    return codes.div_(scale).to(x.dtype)  # dequantize_int in place: codes is this call's own temporary
 
 
 def quantize_int_asym(
