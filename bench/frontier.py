@@ -161,6 +161,24 @@ def autoround_cases() -> list[Case]:
     )]
 
 
+def lsq_cases() -> list[Case]:
+    """LSQ (``lowbit.algorithms.lsq``) at W4 / W3 g128: the steps tuned end to end against the float model's
+    next-token distribution (KL), from round-to-nearest (LSQ proper, latent float weights) and, with the start's
+    codes kept, from QuaRot + GPTQ + scale estimation and from QuaRot + AutoRound (float targets, 1 batch a step);
+    100 Adam steps of 1 calibration batch (8 windows), lr 0.001 on the log-steps."""
+    autoround = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1}
+    steps = {"iterations": 100}
+    return [lowbit_case(format, name, {"method": "lsq", **steps, **algorithm}) for format in (W4, W3)
+            for name, algorithm in (
+        ("LSQ from RTN", {"start": "max"}),
+        ("LSQ from RTN, weights too", {"start": "max", "weight_lr": 0.001}),
+        ("QuaRot + GPTQ + scale estimation + LSQ", {"start": "gptq", "start_options": {
+            "scale_estimation": True, "percdamp": 0.1}, "latent": "codes", **ROTATE}),
+        ("QuaRot + AutoRound + LSQ", {"start": "autoround", "start_options": autoround, "latent": "codes",
+                                      **ROTATE}),
+    )]
+
+
 def cases() -> list[Case]:
     found = []
     for format in INTEGER:
@@ -180,7 +198,7 @@ def cases() -> list[Case]:
     found.append(modelopt_case(W4, "ModelOpt awq_lite", "INT4_AWQ_CFG"))
     found.append(_nncf(W4, "NNCF INT4_SYM data-free", "INT4_SYM"))
     found.append(_nncf(W4, "NNCF INT4_SYM AWQ + scale estimation", "INT4_SYM", awq=True, scale_estimation=True))
-    found += new_method_cases() + autoround_cases()
+    found += new_method_cases() + autoround_cases() + lsq_cases()
     for format in (NVFP4, MXFP4):
         found += [
             lowbit_case(format, "RTN", "max"),

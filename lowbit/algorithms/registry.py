@@ -28,6 +28,11 @@ autoround         iterations=200, lr=0.005, minmax_lr=0.005 (auto-round's defaul
                   start="rtn" ("gptq": from GPTQ + scale estimation's codes and grid)
 svdquant          rank=32, alpha=0.5 (smoothing strength)                                  svdquant
 lora_correction   rank=8, percdamp=0.01                                                    lora_correction
+lsq               iterations=200, lr=0.001, weight_lr=0.0 (> 0: the latent weights too),  lsq
+                  batches_per_step=1, latent="codes" (the start's codes kept; "float": LSQ's),
+                  start="autoround" (any other algorithm),
+                  start_options={} (the start's options): learned steps, end to end
+                  against the float model's next-token distribution (KL)
 ================  =======================================================================  ================
 
 ``block_scale_search`` (module of that name): ``search="mse"`` or ``"4over6"`` (NVFP4 only); NVFP4 / MX weight
@@ -95,6 +100,7 @@ from lowbit.algorithms.lora_correction import (
     check_lora_correction_options,
     lora_correction_layer,
 )
+from lowbit.algorithms.lsq import LSQ_OPTIONS, check_lsq_options, lsq, record_teacher
 from lowbit.algorithms.scale_estimation import (
     OBJECTIVES,
     check_steps,
@@ -131,6 +137,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "svdquant": {**SVDQUANT_OPTIONS, **LAYERWISE_OPTIONS},
     "lora_correction": {**LORA_CORRECTION_OPTIONS, **LAYERWISE_OPTIONS},
     "block_scale_search": dict(BLOCK_SCALE_SEARCH_OPTIONS),
+    "lsq": dict(LSQ_OPTIONS),
 }
 DATA_FREE = ("max", "hqq", "block_scale_search")  # run without calibration data (weight-only configs)
 
@@ -256,12 +263,22 @@ def layer_pass(name: str, options: dict | None = None) -> tuple[LayerPass, str]:
     return LAYER_PASSES[name](**options), layer_inputs
 
 
+def _lsq(model: nn.Module, forward_loop: ForwardLoop, start: str, start_options: dict,
+         **options) -> list[LayerReport] | None:
+    """LSQ (``lowbit.algorithms.lsq``): the float model recorded, the start algorithm run, the steps tuned."""
+    teacher = record_teacher(model, tunable_weights(model), forward_loop)
+    report = run_algorithm(start, model, forward_loop, start_options)
+    lsq(model, teacher, **options)
+    return report
+
+
 ALGORITHMS: dict[str, Callable[..., list[LayerReport] | None]] = {
     "max": max_calibrate,
     "smoothquant": smoothquant,
     **{name: partial(_layerwise, name) for name in LAYER_PASSES},
     "hqq": hqq,
     "block_scale_search": block_scale_search,
+    "lsq": _lsq,
 }
 BUILT_IN = frozenset(ALGORITHMS)
 
@@ -330,6 +347,11 @@ def check_options(name: str, options: dict) -> dict:
         check_block_scale_search_options(options)
     if name == "autoround":
         check_autoround_options(options)
+    if name == "lsq":
+        check_lsq_options(options)
+        if options["start"] == "lsq" or options["start"] not in ALGORITHMS:
+            raise ValueError(f"lsq: start={options['start']!r}; allowed: {sorted(set(ALGORITHMS) - {'lsq'})}")
+        check_options(options["start"], dict(options["start_options"]))
     if name == "svdquant":
         check_svdquant_options(options)
     if name == "lora_correction":
@@ -380,6 +402,11 @@ def _validate(name: str, model: nn.Module, forward_loop: ForwardLoop | None, opt
         return
     if forward_loop is None:
         raise ValueError(f"algorithm {name!r} needs calibration data: forward_loop is None")
+    if name == "lsq":
+        tunable_weights(model)
+        start_options = check_options(options["start"], dict(options["start_options"]))
+        _validate(options["start"], model, forward_loop, start_options)
+        return
     estimation = _scale_estimation_options(name, options)
     for stack_name, layers in require_block_stacks(model, f"algorithm {name!r}"):
         for index, layer in enumerate(layers):

@@ -25,7 +25,7 @@ def quantized(model, preset, batches, block=16):
 
 def test_registry_names():
     assert sorted(ALGORITHMS) == ["autoround", "awq_clip", "awq_full", "awq_lite", "block_scale_search", "gptq", "hqq",
-                                  "lora_correction", "max", "scale_estimation", "smoothquant", "svdquant"]
+                                  "lora_correction", "lsq", "max", "scale_estimation", "smoothquant", "svdquant"]
 
 
 def test_smoothquant_scales_follow_the_formula(model, batches):
