@@ -36,11 +36,11 @@ AMAX_MANTISSA = 49 / 32
 def bf16_valued_llama():
     """``tiny_llama()`` (outlier input columns x8) with every parameter rounded to bf16, kept in float32, and the
     largest |w| of each group of ``BLOCK`` inputs moved up to the next value ``AMAX_MANTISSA * 2**k`` (a bf16 value;
-    so every per-tensor, per-channel and per-group amax has that mantissa). With bf16
-    weights and a short amax, ``w * 448 / amax`` is often exactly an E4M3 midpoint that float32 cannot hit through
-    an inexact ``448 / amax`` or ``amax / 448``; the two roundings then pick different neighbours. Of the 128 bf16
-    mantissas, 49/32 splits the two rules most often (60 of the bf16 values below it, measured exhaustively); real
-    bf16 checkpoints have such rows (the bundled model: 1,233 codes), random float32 ones practically never."""
+    so every per-tensor, per-channel and per-group amax has that mantissa). With bf16 weights and such an amax,
+    ``w * bound / amax`` is often exactly a midpoint of the grid, and neither ``bound / amax`` nor ``amax / bound``
+    is exact in float32, so ``w * scale`` and ``w / step`` can land on opposite sides of it. Of the 128 bf16
+    mantissas, 49/32 splits the two rules most often for E4M3 (60 of the bf16 values below it; exhaustive table in
+    bench/results/code_rule_ties_2026-12-07.md, where this test's before / after counts are too)."""
     model = tiny_llama()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
