@@ -110,6 +110,7 @@ class TensorQuantizer(nn.Module):
         self._calib = False
         self._calibrator = None
         self._reused: tuple | None = None  # (input key, output) inside reusing_outputs, else None
+        self.chain_stage: int | None = None  # its index inside a SequentialQuantizer (set there), else None
         for name in STATE_BUFFERS:
             self.register_buffer(name, None)
 
@@ -250,6 +251,8 @@ class TensorQuantizer(nn.Module):
         (and ``amin`` when asymmetric or signed-scale) broadcast against it: the elementwise rule alone, no
         reshaping, no pre_quant_scale. GPTQ / AWQ call it on single columns; calibrators get it as ``quant_fn``."""
         cfg = self.config
+        if self.chain_stage is not None and self._plain_grid():
+            return self._chained_fake_quant_view(view, amax)
         if cfg.codebook is not None:
             return formats.fake_quant_codebook(view, amax, cfg.codebook)
         if cfg.is_float:
@@ -259,6 +262,25 @@ class TensorQuantizer(nn.Module):
         if cfg.signed_scale:
             return formats.fake_quant_int_signed_scale(view, amin, amax, cfg.num_bits)
         return formats.fake_quant_int(view, amax, cfg.num_bits, cfg.unsigned, cfg.narrow_range)
+
+    def _plain_grid(self) -> bool:
+        """A signed INT (full range) or FP grid scaled by amax alone: what a chain stage in divisor form handles
+        (other stages keep their own rounding)."""
+        cfg = self.config
+        return (cfg.codebook is None and cfg.block_scale_bits is None
+                and not (cfg.asymmetric or cfg.signed_scale or cfg.unsigned or cfg.narrow_range))
+
+    def _chained_fake_quant_view(self, view: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        """A SequentialQuantizer's stage in the checkpoint's divisor form (``formats.steps``): the first stage's
+        codes times its step, a later stage's ``round(x / step) * step``; ``step = amax / maxbound``."""
+        cfg = self.config
+        fmt = formats.float_format(cfg.num_bits) if cfg.is_float else cfg.num_bits
+        maxbound = formats.grid_maxbound(fmt)
+        step = formats.divisor_step(amax, maxbound)
+        if self.chain_stage > 0:
+            return formats.fake_quant_by_step(view, step, fmt).to(view.dtype)
+        codes = (formats.quantize_fp(view, amax, fmt) if cfg.is_float else formats.quantize_int(view, amax, fmt))[0]
+        return formats.dequantize_by_step(codes, step, maxbound).to(view.dtype)
 
     def fake_quant(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         """``x * pre_quant_scale`` quantize-dequantized with ``amax`` (or the quantizer's own / a dynamic one)."""
@@ -461,10 +483,16 @@ def _clip_aware_ste(x: torch.Tensor, quantized: torch.Tensor, low: torch.Tensor,
 
 
 class SequentialQuantizer(nn.Sequential):
-    """Several TensorQuantizers applied in order (ModelOpt's W4A8: INT4 blocks, then FP8 per tensor)."""
+    """Several TensorQuantizers applied in order (ModelOpt's W4A8: INT4 blocks, then FP8 per tensor).
+
+    Its stages compute in the divisor form a checkpoint stores (``formats.steps``: the first stage's codes times
+    ``amax / maxbound``, each later stage ``round(x / step) * step``), so an export's loader, which has only those
+    steps, rebuilds the same weight bit for bit (an ulp's difference at an exact midpoint moves a whole code)."""
 
     def __init__(self, *quantizers: TensorQuantizer):
         super().__init__(*quantizers)
+        for index, quantizer in enumerate(quantizers):  # the stages compute in a checkpoint's divisor form
+            quantizer.chain_stage = index
 
     def _each(self, method: str) -> Callable[[], None]:
         def call(*args, **kwargs) -> None:

@@ -76,7 +76,7 @@ class QuantizedLinear:
         ``amax / maxbound``, or for a signed-scale integer grid the signed step ``1 / scale`` of its packed
         storage (``formats.quantize_int_signed_scale``: negative where the group's larger end is positive)."""
         if not self.config.signed_scale:
-            return self.weight_amax().float() / maxbound
+            return formats.divisor_step(self.weight_amax(), maxbound)
         return 1.0 / self.packed().scale.float()
 
     def block_dims(self) -> tuple[int, int] | None:

@@ -10,7 +10,8 @@ are loaded as they are, and every quantized linear becomes a ``CompressedLinear`
   dynamic activations a dynamic per-token quantizer, ``pre_quant_scale`` the input quantizer's;
 - layouts with no CompressedLinear storage (128x128-block FP8, W4A8's two weight stages) are loaded as a
   lowbit quantized Linear holding the dequantized weight (``code * weight_scale``; W4A8 then rounded to the
-  FP8 stage) with the export's input quantizer, and said so in a warning.
+  FP8 stage as ``round(y / weight_scale_2) * weight_scale_2``, the exporting model's own arithmetic:
+  ``lowbit.formats.steps``) with the export's input quantizer, and said so in a warning.
 
 A quantized KV cache (k/v scales, FP8 or NVFP4) becomes the attention modules' k/v quantizers (``kv_cache``).
 Fused MoE experts, exported per expert, are stacked back into compressed experts (``load_experts``).
@@ -91,7 +92,7 @@ def _modelopt_weight(algo: str, t: dict[str, torch.Tensor], shape: tuple[int, in
     if algo == "W4A8_AWQ":
         blocks = formats.to_blocks(unpack_int4_rows(t["weight"]).float(), group_size)
         int4 = (blocks * scale.float().unsqueeze(-1)).reshape(shape)
-        return None, formats.fake_quant_fp(int4, t["weight_scale_2"].float() * formats.E4M3.max_value, formats.E4M3)
+        return None, formats.fake_quant_by_step(int4, t["weight_scale_2"].float(), formats.E4M3)
     if algo == "FP8_PB_WO":
         return None, _dense_blocks(t["weight"], scale)
     raise ValueError(f"quant_algo {algo!r}: load_quantized reads lowbit's exports only")

@@ -153,7 +153,7 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(amax: torch.Tensor, config: QuantizerAttributeConfig, shape: tuple[int, ...]) -> torch.Tensor:
-    return (amax.float() / maxbound(config)).reshape(shape).contiguous()
+    return formats.divisor_step(amax, maxbound(config)).reshape(shape).contiguous()
 
 
 def _weight_scale(layer: QuantizedLinear, shape: tuple[int, ...]) -> torch.Tensor:

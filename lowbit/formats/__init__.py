@@ -19,6 +19,8 @@ One line of math per format (amax <= 2**-24 always means scale 1, so nothing is 
   elements = round_to_format(x / 2**e); scale = uint8 e + 127 (0xFF NaN); x_hat = elements * 2**e.
 - Codebooks (codebook.py; NF4 in nf4.py): code = nearest of a table of levels in [-1, 1] to x / amax (a tie takes
   the lower level); x_hat = level * amax. ``register_codebook(name, levels)`` adds one.
+- Chains (steps.py, W4A8's stages): first stage x_hat = codes * step, later ones round(x / step) * step, with a
+  checkpoint's divisor step = amax / maxbound.
 - Blocks (blocks.py): to_blocks(x, b, axis) -> (..., L // b, b) with axis moved last; from_blocks inverts.
 """
 
@@ -61,6 +63,7 @@ from .minifloat import (
 from .mx import dequantize_mx, e8m0_to_float, fake_quant_mx, float_to_e8m0, quantize_mx
 from .nf4 import NF4_VALUES, dequantize_nf4, fake_quant_nf4, quantize_nf4
 from .nvfp4 import dequantize_nvfp4, fake_quant_nvfp4, quantize_nvfp4
+from .steps import dequantize_by_step, divisor_step, fake_quant_by_step, grid_maxbound
 
 __all__ = [
     "CODEBOOKS",
@@ -73,14 +76,17 @@ __all__ = [
     "codebook_levels",
     "decode_e2m1",
     "dequantize_codebook",
+    "dequantize_by_step",
     "dequantize_fp",
     "dequantize_int",
     "dequantize_int_asym",
     "dequantize_mx",
     "dequantize_nf4",
     "dequantize_nvfp4",
+    "divisor_step",
     "e8m0_to_float",
     "encode_e2m1",
+    "fake_quant_by_step",
     "fake_quant_codebook",
     "fake_quant_fp",
     "fake_quant_int",
@@ -92,6 +98,7 @@ __all__ = [
     "float_format",
     "float_to_e8m0",
     "from_blocks",
+    "grid_maxbound",
     "int_range",
     "quantize_codebook",
     "quantize_fp",

@@ -1,5 +1,5 @@
 """torch's CUDA INT4 weight-only kernel (``torch.ops.aten._weight_int4pack_mm``, "tinygemm"), fed from lowbit's
-packed storage once, for the few-row calls of eager decoding.
+packed storage once, for calls of at most ``MAX_ROWS`` rows (decoding).
 
 Same arithmetic as the CPU kernel (``kernels.cpu``'s docstring): ``W[n, k] = (c[n, k] - 8) * S[k // g, n] +
 Z[k // g, n]`` with ``S``, ``Z`` rounded once to bfloat16 and ``g`` in 32, 64, 128, 256. Its code layout comes from
@@ -7,10 +7,12 @@ Z[k // g, n]`` with ``S``, ``Z`` rounded once to bfloat16 and ``g`` in 32, 64, 1
 column in the high nibble, unlike lowbit's low-nibble-first storage); it needs bfloat16 activations, N a multiple
 of 8 and K a multiple of 16 x ``inner_k_tiles``.
 
-Why beside the Triton kernels: an eager call of a Triton kernel costs 50-100 us of host time in Triton's Python
-launcher (bench/results/e2e_cuda_2026-12-07.md: 105 us per INT4 layer call against nn.Linear's 20 us on the
-H100), and batch-1 eager decoding is bound by host time, so there the aten op wins; under ``torch.compile`` CUDA
-graphs remove launch costs and the Triton kernels (``kernels.ops``) run instead.
+Why beside the Triton kernels (``kernels.ops``), which take every other row count: at 1-4 rows tinygemm is the
+faster kernel on the H100 (bench/results/kernels_h100.md, CUDA-graph replays, INT4 g128 over bf16 cuBLAS: M=1
+2.05-2.54x against Triton's 1.54-2.30x on all four Llama shapes, M=4 1.80-1.94x against 1.48-2.17x, ahead on three of
+four; at 16 rows and more it falls to 0.04-0.94x), and in eager mode a Triton launch costs 50-100 us of host time in
+Triton's Python launcher, where batch-1 decoding is host-bound (bench/results/e2e_cuda_2026-12-07b.md: 105 us per INT4
+layer call, 0.47x bf16 tok/s; through this op 34 us, 1.01x).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lowbit.kernels import cpu
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
 
-MAX_ROWS = 8  # eager calls of at most this many rows (decode steps; prefill goes to the Triton kernels)
+MAX_ROWS = 4  # the kernel's calls (decode steps); more rows go to the Triton kernels
 ROW_MULTIPLE = 8
 INNER_K_TILES = (8, 4, 2)  # largest first: the kernel's widest K tile that divides K
 

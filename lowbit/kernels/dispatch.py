@@ -2,7 +2,7 @@
 
 | device | weight                                        | rows M                   | kernel                           |
 |--------|-----------------------------------------------|--------------------------|----------------------------------|
-| CUDA   | INT4 sym / asym, groups of a multiple of 32,  | <= 8, eager              | ``_weight_int4pack_mm``          |
+| CUDA   | INT4 sym / asym, groups of a multiple of 32,  | <= 4                     | ``_weight_int4pack_mm``          |
 |        | N % 8 == 0, bf16 (``kernels.cuda_int4``)      | otherwise                | the Triton rows below            |
 | CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | 1, long K (prefers_gemv) | Triton GEMV on CUDA cores        |
 |        | K % 128 == 0; bf16 / fp16 activations         | other rows < 128         | Triton W4A16 on tensor cores     |
@@ -99,7 +99,7 @@ def _cuda_w4(x: torch.Tensor, codes, scale, zero_point, global_scale, kind, grou
 
 
 def _cuda_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, *w4_operands, bias=None):
-    if x.shape[0] > cuda_int4.MAX_ROWS or torch.compiler.is_compiling():
+    if x.shape[0] > cuda_int4.MAX_ROWS:
         return _cuda_w4(x, *w4_operands, bias=bias)
     out = cuda_int4.int4_linear(x, kernel_codes, scale_and_zero, group_size)
     return out if bias is None else out + bias

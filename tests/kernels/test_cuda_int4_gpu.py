@@ -1,5 +1,5 @@
-"""torch's CUDA INT4 kernel fed from lowbit's packed storage (``lowbit.kernels.cuda_int4``), the eager few-row path
-of ``prepare_linear`` on CUDA. Reference and tolerances as tests/kernels/test_cpu.py's bfloat16 case: float64
+"""torch's CUDA INT4 kernel fed from lowbit's packed storage (``lowbit.kernels.cuda_int4``), the few-row path of
+``prepare_linear`` on CUDA. Reference and tolerances as tests/kernels/test_cpu.py's bfloat16 case: float64
 ``x @ W'.T + bias`` with ``W' = (c - 8) * S' + Z'`` from the kernel's own rounded scales, elementwise within
 ``3 u (|x| @ |W'|.T + |bias|)`` (u = 2**-8), and W' within one bf16 rounding of lowbit's exact weight."""
 
@@ -21,9 +21,9 @@ FORMATS = [WeightFormat("int", 4, block_size=32), WeightFormat("int", 4, block_s
            WeightFormat("int_asym", 4, block_size=128)]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
-def test_eager_rows_match_float64_within_bf16_bounds(fmt, rows):
+def test_few_rows_match_float64_within_bf16_bounds(fmt, rows):
     n, k = 96, 1024
     packed_cpu = quantize_weight(_weight((n, k), seed=zlib.crc32(str(fmt).encode())), fmt)
     packed = packed_cpu.with_tensors({name: tensor.cuda() for name, tensor in packed_cpu.tensors().items()})
@@ -51,7 +51,7 @@ def test_more_rows_go_to_the_triton_kernels():
     fmt = WeightFormat("int", 4, block_size=128)
     packed = quantize_weight(_weight((96, 1024), seed=5).cuda(), fmt)
     prepared = prepare_linear(packed, torch.device("cuda"), torch.bfloat16)
-    x = torch.randn(9, 1024, device="cuda").to(torch.bfloat16)
+    x = torch.randn(5, 1024, device="cuda").to(torch.bfloat16)
     reference = x.double() @ packed.dequantize(torch.float64).T
     out = prepared(x, None).double()
     assert ((out - reference).norm() / reference.norm()).item() < 2.0**-7
