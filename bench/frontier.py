@@ -1,5 +1,5 @@
-"""The accuracy frontier at 4 bits and below: RTN, GPTQ, AWQ and lowbit's newer methods (HQQ, QuaRot rotations,
-NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
+"""The accuracy frontier at 4 bits and below: RTN, GPTQ, AWQ and lowbit's newer methods (HQQ, QuaRot and SpinQuant
+rotations, NVFP4 / MXFP4 block scale search, and their combinations) next to ModelOpt and NNCF, on one bundled model.
 
     python bench/frontier.py [--model default|gpt2] [--eval-tokens 2048] [--calib-samples 8]
                              [--libraries lowbit,modelopt,nncf] [--formats "W4A16 g128"] [--methods "RTN;GPTQ"]
@@ -57,6 +57,8 @@ FORMATS = {W4: ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", 4, 128), W3: ("INT3_BLOCKWISE_
 INTEGER = (W4, W3, W2)
 TARGETS = ((W4, W4, 0.40), (W3, W3, 0.45), (NVFP4, W4, 1.2))  # (format, RTN baseline's format, ratio)
 ROTATE = {"rotate": True}
+SPINQUANT_STEPS = 40  # Cayley SGD steps in the SpinQuant rows (the library's default is 100): ~10-minute runs
+SPINQUANT = {"rotate": {"method": "spinquant", "steps": SPINQUANT_STEPS}}
 GPTQ_SE = {"method": "gptq", "scale_estimation": True}
 DEFAULT_CALIB_SAMPLES = 8
 
@@ -193,8 +195,20 @@ def cases() -> list[Case]:
             modelopt_case(format, "ModelOpt max", FORMATS[format][0]),
         ]
     found.append(modelopt_case(NVFP4, "ModelOpt awq_lite", "NVFP4_AWQ_LITE_CFG"))
-    found += micro_gptq_cases()
+    found += micro_gptq_cases() + spinquant_cases()
     return found
+
+
+def spinquant_cases() -> list[Case]:
+    """SpinQuant's learned R1 / R2 (``lowbit.rotation.spinquant``: ``SPINQUANT_STEPS`` Cayley SGD steps on the
+    calibration KL, lr 1.5, one calibration batch a step) before RTN and before GPTQ, at W4A16 g128 and W4A4 NVFP4;
+    beside them QuaRot without its online down_proj Hadamard (SpinQuant's start: the same R1 / R2, no step) and
+    QuaRot (with it) + GPTQ."""
+    return [lowbit_case(format, name, algorithm) for format in (W4, NVFP4) for name, algorithm in (
+        ("QuaRot, no online Hadamard (RTN)", {"method": "max", "rotate": {"down_proj": False}}),
+        ("SpinQuant", {"method": "max", **SPINQUANT}),
+        ("QuaRot + GPTQ", {"method": "gptq", **ROTATE}),
+        ("SpinQuant + GPTQ", {"method": "gptq", **SPINQUANT}))]
 
 
 def micro_gptq_cases() -> list[Case]:

@@ -15,8 +15,8 @@ Accepted shapes (validated here, once, into a ``QuantizeConfig``):
 lowbit differs from ModelOpt in one place, on purpose: a quantizer that no rule names stays disabled.
 ``algorithm`` is a method name or ``{"method": name, **options}``; ``None`` skips calibration. Every
 method takes ``calibrate_all_experts`` (bool, default False): fused MoE experts see every calibration token,
-and ``rotate`` (False, True or a dict of ``lowbit.rotation.quarot.ROTATION_OPTIONS``): QuaRot's rotations are
-fused into the model's weights before it calibrates.
+and ``rotate`` (False, True, "quarot", "spinquant" or a dict; ``lowbit.rotation.options``): QuaRot's or
+SpinQuant's rotations are fused into the model's weights before it calibrates.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 from lowbit.algorithms.registry import ALGORITHMS, check_options
 from lowbit.attributes import QuantizerAttributeConfig, check_type
-from lowbit.rotation.quarot import check_rotation_options
+from lowbit.rotation.options import check_rotation_options
 
 Pattern = str | Callable[[str], bool]
 ALGORITHM_METHODS = ALGORITHMS.keys()  # a live view: register_algorithm adds to it

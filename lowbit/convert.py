@@ -25,7 +25,7 @@ from lowbit.modules import convert_module, is_quantized, revert_module
 from lowbit.modules.experts import routing_all_tokens, warn_starved_experts
 from lowbit.modules.registry import quantized_class_for
 from lowbit.quantizer import BlockView, SequentialQuantizer, TensorQuantizer
-from lowbit.rotation.quarot import check_rotation_options, rotate
+from lowbit.rotation.options import apply_rotation, check_rotation_options
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.coverage import coverage_summary, warn_uncovered, weight_coverage
 from lowbit.structure.weights import weights_by_slot
@@ -167,7 +167,8 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
 
     Every method takes ``calibrate_all_experts`` (default False): fused MoE experts then see every calibration
     token for their statistics, outputs unchanged (``lowbit.modules.experts``); and ``rotate`` (default False):
-    QuaRot's rotations fused into the weights first (``lowbit.rotation.quarot``; float outputs unchanged).
+    QuaRot's rotations, or SpinQuant's learned ones (``"spinquant"``), fused into the weights first
+    (``lowbit.rotation.options``; float outputs unchanged).
     Experts that saw no token are named in a warning at the end. Layer-wise algorithms log each decoder
     layer's output MSE before and after on the ``lowbit`` logger.
     """
@@ -180,7 +181,7 @@ def calibrate(model: nn.Module, algorithm: str | dict | None = "max", forward_lo
     check_calibrate_all_experts(all_experts)
     rotation = check_rotation_options(options.pop("rotate", False))
     if rotation is not None:
-        rotate(model, **rotation)
+        apply_rotation(model, rotation, forward_loop)
     with routing_all_tokens(model, all_experts):
         _run_calibration(model, algorithm, forward_loop, options)
     warn_starved_experts(model)

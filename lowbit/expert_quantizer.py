@@ -222,6 +222,15 @@ class ExpertQuantizerView(TensorQuantizer):
         return self.parent.config
 
     @property
+    def chain_stage(self) -> int | None:
+        """Its index in a SequentialQuantizer of views (set there), else the parent's."""
+        return self.__dict__.get("_chain_stage", self.parent.chain_stage)
+
+    @chain_stage.setter
+    def chain_stage(self, index: int | None) -> None:
+        self.__dict__["_chain_stage"] = index
+
+    @property
     def _enabled(self) -> bool:
         return self.parent._enabled
 

@@ -178,7 +178,9 @@ class TensorQuantizer(nn.Module):
     def compute_amax(self, x: torch.Tensor) -> torch.Tensor:
         """max |x| at this quantizer's granularity: what max calibration gives for ``x`` alone."""
         view = self._amax_view(x.shape)
-        return view.to_view(self._scaled(x)).detach().abs().float().amax(dim=view.reduce_dims, keepdim=True)
+        data = view.to_view(self._scaled(x)).detach()
+        high, low = data.amax(dim=view.reduce_dims, keepdim=True), data.amin(dim=view.reduce_dims, keepdim=True)
+        return torch.maximum(high, -low).float()  # max |x| without an |x| copy of the tensor
 
     def set_amax(self, amax: torch.Tensor, amin: torch.Tensor | None = None) -> None:
         """Store ``amax`` (and ``amin``) as the calibrated state, float32, detached (a Parameter when

@@ -94,15 +94,16 @@ def search_awq_scale(
     count = tokens * sum(w.shape[0] for w in weights)
     candidates = {None: torch.ones_like(activation_mean, dtype=torch.float32)}
     candidates.update({alpha: awq_scale(activation_mean, alpha, weight_mean) for alpha in alphas})
-    losses = {}
     gram_in = gram.to(loss_dtype)
-    for alpha, scale in candidates.items():
+    errors = []  # float64 sums on the device: one synchronisation for all candidates, not one per weight
+    for scale in candidates.values():
         scale = scale.to(gram.device)
-        error = 0.0
+        error = torch.zeros((), dtype=torch.float64, device=gram.device)
         for weight, quantize in zip(weights, fake_quant, strict=True):
-            delta = quantize(weight.float() * scale) / scale - weight.float()
-            error += float(((delta.to(loss_dtype) @ gram_in).float() * delta).sum())
-        losses[alpha] = error / count
+            delta = quantize(weight.float() * scale).div_(scale).sub_(weight)  # in place on the fresh output
+            error = error + (delta.to(loss_dtype) @ gram_in).float().mul_(delta).sum().double()
+        errors.append(error)
+    losses = dict(zip(candidates, (torch.stack(errors) / count).tolist(), strict=True))
     best = min(losses, key=losses.__getitem__)
     return best, candidates[best], losses
 

@@ -35,7 +35,7 @@ from lowbit.compress.packing import pack_uint4
 from lowbit.export.compressed_tensors import NVFP4_RANGE, unpack_int32
 from lowbit.export.kv_cache import pop_kv_scales, restore_kv_cache
 from lowbit.export.load_experts import expert_layer_names, load_experts, module_key
-from lowbit.export.modelopt_hf import unpack_int4_rows
+from lowbit.export.modelopt_hf import nibbles_from_rows, unpack_int4_rows
 from lowbit.modules.registry import convert_module
 from lowbit.quantizer import TensorQuantizer
 
@@ -81,8 +81,7 @@ def _modelopt_weight(algo: str, t: dict[str, torch.Tensor], shape: tuple[int, in
         return PackedWeight(WeightFormat("int", 8, per_channel=True), shape, t["weight"],
                             _reciprocal(scale).reshape(n, 1)), None
     if algo == "W4A16_AWQ":
-        codes = unpack_int4_rows(t["weight"])
-        return PackedWeight(WeightFormat("int", 4, block_size=group_size), shape, _int_codes_storage(codes, 4),
+        return PackedWeight(WeightFormat("int", 4, block_size=group_size), shape, nibbles_from_rows(t["weight"]),
                             _reciprocal(scale)), None
     if algo in ("NVFP4", "W4A16_NVFP4"):
         return PackedWeight(WeightFormat("nvfp4", (2, 1), block_size=16), shape, t["weight"], scale,

@@ -36,6 +36,7 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.attributes import QuantizerAttributeConfig
+from lowbit.compress.packing import pack_uint4, unpack_uint4
 from lowbit.export.layers import QuantizedLinear, export_state_dict, kv_cache_quantizers, quantized_linears
 from lowbit.export.model_files import save_model_files
 from lowbit.files import atomic_directory
@@ -152,6 +153,24 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(signed > 7, signed - 16, signed).to(torch.int8)
 
 
+def rows_from_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """lowbit's INT4 storage -> ModelOpt's, byte for byte equal to ``pack_int4_rows`` of the codes.
+
+    lowbit's: uint8 (N, K/2), offset-binary nibbles ``c + 8`` paired along K, low first (``compress.pack_uint4``);
+    ModelOpt's: uint8 (N/2, K), two's complement nibbles paired along N. ``c + 8`` and ``c``'s two's complement
+    nibble differ in the top bit alone (``x ^ 8``), so the conversion stays in bytes."""
+    codes = unpack_uint4(nibbles) ^ 8
+    if codes.shape[0] % 2:
+        raise ValueError(f"INT4 rows are packed in pairs: out_features {codes.shape[0]} must be even")
+    return codes[0::2] | (codes[1::2] << 4)
+
+
+def nibbles_from_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``rows_from_nibbles``: ModelOpt's uint8 (N/2, K) -> lowbit's uint8 (N, K/2)."""
+    rows = torch.stack(((packed & 15) ^ 8, (packed >> 4) ^ 8), dim=1).flatten(0, 1)
+    return pack_uint4(rows)
+
+
 def _scale(amax: torch.Tensor, config: QuantizerAttributeConfig, shape: tuple[int, ...]) -> torch.Tensor:
     return formats.divisor_step(amax, maxbound(config)).reshape(shape).contiguous()
 
@@ -166,7 +185,7 @@ def layer_tensors(layer: QuantizedLinear, algo: str) -> dict[str, torch.Tensor]:
     packed = None if algo == "FP8_PB_WO" else layer.packed()
     tensors: dict[str, torch.Tensor] = {}
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        tensors["weight"] = pack_int4_rows(packed.element_values())
+        tensors["weight"] = rows_from_nibbles(packed.codes)
         tensors["weight_scale"] = _weight_scale(layer, (n, k // packed.format.block_size))
         if algo == "W4A8_AWQ":
             tensors["weight_scale_2"] = _scale(layer.weight_amax(1), layer.stages[1].config, ())

@@ -70,7 +70,8 @@ def quantize_int(
     amax32 = as_float32_like(amax, x32, "amax")
     is_tiny = amax32 <= TINY_AMAX
     scale, step = scale_and_step(amax32, qmax)
-    codes = torch.where(is_tiny, 0.0, torch.clamp(torch.round(x32 / step), qmin, qmax))
+    # in place on the one new tensor: each fresh (N, K) temporary costs page faults where large blocks are mapped
+    codes = (x32 / step).round_().clamp_(qmin, qmax).masked_fill_(is_tiny, 0.0)
     return codes, scale
 
 
@@ -90,7 +91,7 @@ def fake_quant_int(
 ) -> torch.Tensor:
     """``dequantize_int(*quantize_int(x, amax, ...))`` in ``x``'s dtype."""
     codes, scale = quantize_int(x, amax, num_bits, unsigned, narrow_range)
-    return dequantize_int(codes, scale, x.dtype)
+    return codes.div_(scale).to(x.dtype)  # dequantize_int in place: codes is this call's own temporary
 
 
 def quantize_int_asym(

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from lowbit.presets import FP8, NVFP4_BLOCK, get_preset
+from lowbit.search.auto import native_bf16_matmuls
 
 KV_QUANTIZERS = "*[kv]_bmm_quantizer"
+AWQ_SCALE_SEARCHES = ("awq_lite", "awq_full")
 LOWBIT_EXPORT = "lowbit"  # lowbit's own packed checkpoint (lowbit.hf.save_quantized(packed=True))
 
 
@@ -111,3 +115,17 @@ def check_export(qformat: str, kv_qformat: str, export_format: str) -> None:
     if kv_exports is not None and export_format not in kv_exports:
         raise ValueError(f"--export-format {export_format!r} cannot hold a {kv_qformat} KV cache "
                          f"(--kv-cache-qformat {kv_qformat}); allowed for it are {', '.join(kv_exports)}")
+
+
+def with_search_precision(config: dict, device: str) -> dict:
+    """``config`` with an AWQ scale search comparing its candidates in bfloat16 where ``device`` multiplies bfloat16
+    matrices natively (``native_bf16_matmuls``; ``loss_dtype``, ``lowbit.algorithms.awq.search_awq_scale``), as
+    ModelOpt's awq_lite computes its loss in a bf16 model's dtype and lowbit's auto_quantize searches do. The
+    search's ``(D G) * D`` products, ~70 % of its CPU time in float32 on the ptq bench model, run ~4x faster;
+    each loss moves by ~0.1 %, so only candidates closer than that can swap (measured: none on the bundled and
+    the bench model, bench/results/ptq_vs_modelopt_cpu_2026-12-07b.md). Any other algorithm: ``config`` as is."""
+    algorithm = config.get("algorithm")
+    if not (isinstance(algorithm, dict) and algorithm.get("method") in AWQ_SCALE_SEARCHES
+            and native_bf16_matmuls(torch.device(device))):
+        return config
+    return {**config, "algorithm": {**algorithm, "loss_dtype": "bfloat16"}}

@@ -10,11 +10,13 @@ logits). So the check compares what the export stores, by name:
   ``dequantized_weight()``): relative Frobenius difference within ``WEIGHT_RTOL``;
 - every enabled activation / KV quantizer's static ``amax`` and ``pre_quant_scale``: within ``AMAX_RTOL``.
 
-The logits difference with everything on is recorded beside them (and must be finite).
+The logits difference with everything on (first row, last position: ``relative_difference``) is recorded beside them
+(and must be finite).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -42,10 +44,15 @@ def reload_export(path: Path, export_format: str, device: str, dtype: torch.dtyp
 
 
 def relative_difference(model: nn.Module, other: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """``||logits(other) - logits(model)|| / ||logits(model)||`` (Frobenius) on the batch's first row;
-    inf when ``other``'s logits are not finite."""
+    """``||logits(other) - logits(model)|| / ||logits(model)||`` (Frobenius) on the batch's first row, at its last
+    position where the model's forward takes ``logits_to_keep`` (transformers' causal LMs): every weight still takes
+    part (attention carries every position into the last; the LM head's whole matrix makes its logits), and the
+    LM head's (tokens, vocab) product, the larger part of a small model's forward, is made once instead of per
+    token. Inf when ``other``'s logits are not finite."""
     device = next(model.parameters()).device
     inputs = {name: tensor[:1].to(device) for name, tensor in batch.items()}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1
     with torch.no_grad():
         expected = model(**inputs).logits.float()
         actual = other(**inputs).logits.float().to(device)

@@ -39,7 +39,7 @@ from lowbit.hf import load_causal_lm, save_quantized
 from lowbit.ptq.estimate import estimate
 from lowbit.ptq.memory import PeakMemory, return_large_frees
 from lowbit.ptq.plan import Plan, plan
-from lowbit.ptq.qformats import KV_QUANTIZERS, LOWBIT_EXPORT, ptq_config
+from lowbit.ptq.qformats import KV_QUANTIZERS, LOWBIT_EXPORT, ptq_config, with_search_precision
 from lowbit.ptq.reload import check_reload, relative_difference, reload_export
 from lowbit.ptq.runners import check_layerwise_runner, run_auto_quantize
 from lowbit.ptq.settings import BUILTIN, PtqSettings, meta_model
@@ -112,7 +112,7 @@ def _quantize(model: nn.Module, tokenizer, settings: PtqSettings, config: dict,
 
 def run_ptq(settings: PtqSettings, argv: list[str]) -> dict:
     """The whole run (module docstring); returns the report it wrote."""
-    config = ptq_config(settings.qformat, settings.kv_qformat)
+    config = with_search_precision(ptq_config(settings.qformat, settings.kv_qformat), settings.device)
     skeleton = meta_model(settings)  # imports the model's code: outside the measured span
     the_plan = plan(skeleton, config)
     the_plan.estimates = estimate(the_plan, skeleton, settings)

@@ -107,6 +107,14 @@ def _rotate_heads(attention: nn.Module, rotation: RandomHadamard, head_dim: int)
     _set(o_proj.weight, rotation.right(weight.reshape(weight.shape[0], -1, head_dim)).reshape(weight.shape))
 
 
+def fold_norms(model: nn.Module) -> None:
+    """Step 1: every RMSNorm's scale folded into its readers (the final norm's into lm_head)."""
+    for layer in model.model.layers:
+        for norm_name, readers in READERS.items():
+            _fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(r) for r in readers])
+    _fold_norm(model.model.norm, [model.lm_head])
+
+
 class OnlineRotation:
     """A forward pre-hook rotating a module's first input: ``x <- x R`` (QuaRot's online Hadamard)."""
 
@@ -128,10 +136,7 @@ def rotate(model: nn.Module, seed: int = 0, attention: bool = True, down_proj: b
     layers = list(decoder.layers)
     hidden = decoder.embed_tokens.weight.shape[1]
     residual = RandomHadamard(hidden, seed)
-    for layer in layers:
-        for norm_name, readers in READERS.items():
-            _fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(r) for r in readers])
-    _fold_norm(decoder.norm, [model.lm_head])
+    fold_norms(model)
     _set(decoder.embed_tokens.weight, residual.right(decoder.embed_tokens.weight.detach().double()))
     _rotate_reader(model.lm_head, residual)
     for layer in layers:

@@ -214,13 +214,18 @@ def resolve_score_dtype(score_dtype: torch.dtype | str | None, model: nn.Module)
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.dtype != torch.float32:
         return None
-    if parameter.device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if parameter.device.type == "cpu":
-        native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                         "_is_amx_tile_supported")]
-        return torch.bfloat16 if any(native) else None
-    return None
+    return torch.bfloat16 if native_bf16_matmuls(parameter.device) else None
+
+
+def native_bf16_matmuls(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively: a CUDA GPU that supports them, a CPU with
+    AVX512-BF16 or AMX (~4x float32's speed there)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))
+    return False
 
 
 def _group_state(group: list[str], costs: dict[str, ModuleCost], scores: dict[str, float]) -> GroupState:
