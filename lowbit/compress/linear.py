@@ -217,12 +217,12 @@ def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, bia
 
 
 def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: PackedWeight, codes, divisor,
-                  activation_scale, dtype, bias=None) -> torch.Tensor:
+                  activation_step, dtype, bias=None) -> torch.Tensor:
     """FP8 W8A8 on the CPU: ``cpu_fp.fp8_w8a8_rows`` for few rows, else fake-quantized x times the dequantized
     weight (the unprepared path)."""
     if rows.shape[0] > cpu_fp.GEMV_MAX_ROWS:
         return F.linear(quantizer(rows), cpu_fp.dequantized(packed, cpu_fp.fp8_operands(packed), dtype), bias)
-    out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_scale).to(dtype)
+    out = cpu_fp.fp8_w8a8_rows(rows, codes, divisor, activation_step).to(dtype)
     return out if bias is None else out + bias
 
 

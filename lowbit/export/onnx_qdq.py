@@ -13,14 +13,14 @@ MatMulIntegerToFloat, TensorRT's int8 / FP8 GEMMs); the scales are steps, ``s_x 
     w   = DequantizeLinear(codes, step, zero_point, axis, block_size)
     y   = Gemm / Conv(x_q, w, bias)
 
-lowbit (ModelOpt's convention) multiplies by ``scale = bound / amax`` before rounding and divides by it after;
-``x / s_x`` and ``codes * step`` differ from that by float32 rounding (a dequantized value one ulp off, rarely a
-code), which static activation quantization then carries on.
+lowbit forms codes the same way, ``x / s_x`` (``formats.scale_and_step``), but dequantizes by dividing by
+``scale = bound / amax`` (ModelOpt's convention); ``codes * step`` differs from that by float32 rounding (a
+dequantized value one ulp off), which static activation quantization then carries on (rarely a code).
 
-``numerics="lowbit"``: the graph computes lowbit's fake quantization bit for bit, the scale in a Mul / Div
-around unit-step Q/DQ (runtimes run it, but no longer fuse its Q/DQ into integer GEMMs):
+``numerics="lowbit"``: the graph computes lowbit's fake quantization bit for bit, the step and scale in a Div /
+Div around unit-step Q/DQ (runtimes run it, but no longer fuse its Q/DQ into integer GEMMs):
 
-    x_q = Div(DequantizeLinear(QuantizeLinear(Mul(x * pre_quant_scale, scale_x), 1, 0), 1, 0), scale_x)
+    x_q = Div(DequantizeLinear(QuantizeLinear(Div(x * pre_quant_scale, s_x), 1, 0), 1, 0), scale_x)
     w   = Div(DequantizeLinear(codes, 1), scale_w)           (symmetric INT / FP8 weights, scale_w per block)
     w   = DequantizeLinear(codes, step, zero_point, axis, block_size)       (asymmetric INT: lowbit's own form)
 
@@ -189,6 +189,7 @@ class QDQLayer(nn.Module):
         self.input_fp8 = False
         self.register_buffer("input_step", None)
         self.register_buffer("input_scale", None)
+        self.register_buffer("input_divisor", None)
         if quantizer is None or not quantizer.is_enabled:
             return
         config = quantizer.config
@@ -201,18 +202,17 @@ class QDQLayer(nn.Module):
                 f"calibrated static per-tensor input in {sorted(INPUT_BOUNDS)}")
         self.input_fp8 = config.format_name == "e4m3"
         amax = quantizer.amax.detach().float().reshape(())
+        scale, step = formats.scale_and_step(amax, INPUT_BOUNDS[config.format_name])  # lowbit's fake quant's
         if numerics == "onnx":
-            self.input_step = amax / INPUT_BOUNDS[config.format_name]
+            self.input_step = step
             return
-        self.input_step = _unit(amax)
-        self.input_scale = (formats.quantize_fp(amax, amax, formats.E4M3) if self.input_fp8 else
-                            formats.quantize_int(amax, amax, 8))[1]  # the scale lowbit's fake quant uses
+        self.input_step, self.input_divisor, self.input_scale = _unit(amax), step, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
-        if self.input_scale is not None:  # lowbit's float32 math: x * scale, round, / scale, back to x's dtype
-            scaled = x.float() * self.input_scale
+        if self.input_scale is not None:  # lowbit's float32 math: x / step, round, / scale, back to x's dtype
+            scaled = x.float() / self.input_divisor
             x = (torch.ops.lowbit.onnx_quantize_dequantize(scaled, self.input_step, self.input_fp8)
                  / self.input_scale).to(x.dtype)
         elif self.input_step is not None:
@@ -307,8 +307,8 @@ def export_onnx(model: nn.Module, sample_input, path: str | Path, *, overwrite: 
     """Write ``model`` (quantized by lowbit) as one ONNX file with Q/DQ nodes (module docstring).
 
     ``numerics``: "onnx" (scales as Q/DQ steps, the form runtimes fuse into integer kernels; off from lowbit
-    by float32 rounding) or "lowbit" (the graph computes lowbit's fake quantization exactly: scales in Mul / Div
-    around unit-step Q/DQ).
+    by float32 rounding) or "lowbit" (the graph computes lowbit's fake quantization exactly: steps and scales in
+    Div nodes around unit-step Q/DQ).
 
     ``sample_input``: a tensor, a tuple of positional tensors or a dict of keyword tensors, traced once;
     ``dynamic_shapes`` is torch.onnx.export's (e.g. ``{"input_ids": {0: "batch", 1: "sequence"}}``), else

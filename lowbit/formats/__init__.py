@@ -2,15 +2,17 @@
 
 One line of math per format (amax <= 2**-24 always means scale 1, so nothing is NaN):
 
-- INT symmetric (integer.py, ModelOpt): scale = qmax / amax; codes = clamp(round_half_even(x * scale),
-  qmin, qmax); x_hat = codes / scale (codes 0 where amax <= 2**-24).
+- INT symmetric (integer.py, ModelOpt): step = amax / qmax, scale = qmax / amax; codes =
+  clamp(round_half_even(x / step), qmin, qmax); x_hat = codes / scale (codes 0 where amax <= 2**-24). Codes
+  divide by the step exports store, as checkpoint writers and readers do (scale_and_step).
 - INT asymmetric (integer.py): scale = (max(xmax, 0) - min(xmin, 0)) / (2**b - 1);
   zp = clamp(round(-min(xmin, 0) / scale)); codes = clamp(round(x / scale) + zp, 0, 2**b - 1);
   x_hat = (codes - zp) * scale.
 - INT symmetric, signed scale (integer.py, NNCF / llama.cpp Q4_0): the larger-magnitude end e of [xmin, xmax]
   maps onto qmin: scale = qmin / e (negative when e > 0); codes as symmetric; x_hat = codes / scale.
 - FP8 E4M3 (max 448) / E5M2 (max 57344) / FP4 E2M1 (max 6) (minifloat.py): round_to_format = nearest,
-  ties to even, saturating (+-inf -> +-max), NaN kept; scale = max / amax; x_hat = round(x * scale) / scale.
+  ties to even, saturating (+-inf -> +-max), NaN kept; step = amax / max, scale = max / amax;
+  x_hat = round(x / step) / scale.
 - NVFP4 (nvfp4.py, ModelOpt): blocks of 16; g = global_amax / 2688; s = e4m3(block_amax / (6 g));
   codes = e2m1(x / (s g)); x_hat = e2m1 value * s * g.
 - MX (mx.py, OCP v1.0): blocks of 32; e = clamp(floor(log2(block_amax)) - emax_elem, -127, 127);
@@ -22,6 +24,7 @@ One line of math per format (amax <= 2**-24 always means scale 1, so nothing is 
 - Blocks (blocks.py): to_blocks(x, b, axis) -> (..., L // b, b) with axis moved last; from_blocks inverts.
 """
 
+from ._common import scale_and_step
 from .blocks import block_amax, from_blocks, to_blocks
 from .codebook import (
     CODEBOOKS,
@@ -107,6 +110,7 @@ __all__ = [
     "quantize_nvfp4",
     "register_codebook",
     "round_to_format",
+    "scale_and_step",
     "signed_scale_extreme",
     "signed_scale_range",
     "to_blocks",

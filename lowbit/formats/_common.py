@@ -58,6 +58,22 @@ def divide(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -
     return torch.div(numerator, denominator)
 
 
+def scale_and_step(amax: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, step)`` of a symmetric grid whose largest code ``bound`` maps onto float32 ``amax`` (any shape):
+
+        step  = amax / bound     codes are formed as round(x / step)
+        scale = bound / amax     lowbit's dequantization divides by it: x_hat = codes / scale
+
+    both correctly rounded (``divide``), 1 where ``amax <= 2**-24``. ``step`` is the divisor exported checkpoints
+    store (``weight_scale``, ``input_scale``), and ``x / step`` is how their writers and readers form codes
+    (ModelOpt's exporter, compressed-tensors, ONNX QuantizeLinear): ``x * scale`` differs from it by one float32
+    rounding, which on bf16 data often decides a rounding midpoint the other way.
+    """
+    is_tiny = amax <= TINY_AMAX
+    safe = torch.where(is_tiny, 1.0, amax)
+    return torch.where(is_tiny, 1.0, divide(bound, safe)), torch.where(is_tiny, 1.0, divide(safe, bound))
+
+
 def _pow2_normal(exponent: torch.Tensor) -> torch.Tensor:
     """2**e as float32 from its bit pattern, for int32 ``e`` in [-126, 127]."""
     return ((exponent + 127) << 23).view(torch.float32)

@@ -1,9 +1,9 @@
 """Integer formats: symmetric (ModelOpt's multiplicative scale) and asymmetric (scale + zero point).
 
-Symmetric, per ModelOpt ``fake_tensor_quant``::
+Symmetric, per ModelOpt ``fake_tensor_quant``, codes formed as its exporter and the checkpoint readers do::
 
-    scale = qmax / amax                 (amax <= 2**-24: codes 0, scale 1)
-    codes = clamp(round_half_even(x * scale), qmin, qmax)
+    step  = amax / qmax, scale = qmax / amax    (amax <= 2**-24: codes 0, scale 1)
+    codes = clamp(round_half_even(x / step), qmin, qmax)
     x_hat = codes / scale
 
 Asymmetric (affine, the range widened to contain 0 so 0 is exact)::
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TINY_AMAX, as_float32, as_float32_like, divide
+from ._common import TINY_AMAX, as_float32, as_float32_like, divide, scale_and_step
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -60,7 +60,8 @@ def quantize_int(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer quantization: returns (codes, scale), both float32.
 
-    ``codes = clamp(round_half_even(x * scale), qmin, qmax)`` with ``scale = qmax / amax``; unsigned
+    ``codes = clamp(round_half_even(x / step), qmin, qmax)`` with ``step = amax / qmax`` (the divisor exports
+    store, ``scale_and_step``) and ``scale = qmax / amax`` (``dequantize_int`` divides by it); unsigned
     formats clamp negative inputs to 0. Where ``amax <= 2**-24`` the codes are 0 and the scale is 1
     (ModelOpt's behaviour), so nothing is NaN. ``scale`` has the broadcast shape of ``amax``.
     """
@@ -68,10 +69,10 @@ def quantize_int(
     x32 = as_float32(x, "x")
     amax32 = as_float32_like(amax, x32, "amax")
     is_tiny = amax32 <= TINY_AMAX
-    scale = divide(qmax, torch.where(is_tiny, 1.0, amax32))
+    scale, step = scale_and_step(amax32, qmax)
     # in place on the one new tensor: each fresh (N, K) temporary costs page faults where large blocks are mapped
-    codes = (x32 * scale).round_().clamp_(qmin, qmax).masked_fill_(is_tiny, 0.0)
-    return codes, torch.where(is_tiny, 1.0, scale)
+    codes = (x32 / step).round_().clamp_(qmin, qmax).masked_fill_(is_tiny, 0.0)
+    return codes, scale
 
 
 def dequantize_int(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import TINY_AMAX, as_float32, as_float32_like, check_integer, divide, pow2
+from ._common import as_float32, as_float32_like, check_integer, pow2, scale_and_step
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,15 @@ def quantize_fp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled rounding to ``fmt``: returns (values, scale), both float32.
 
-    ``scale = fmt.max_value / amax`` (1 where ``amax <= 2**-24``, so nothing is NaN) and
-    ``values = round_to_format(x * scale, fmt)``: values on ``fmt``'s grid, same shape as ``x``.
-    ``amax`` broadcasts against ``x`` (scalar, per-channel keepdim, per-block on ``to_blocks(x)``);
-    ``scale`` has ``amax``'s shape.
+    ``values = round_to_format(x / step, fmt)`` with ``step = amax / fmt.max_value``, the divisor exports store
+    (``scale_and_step``), and ``scale = fmt.max_value / amax`` (``dequantize_fp`` divides by it); both 1 where
+    ``amax <= 2**-24``, so nothing is NaN. ``values`` are on ``fmt``'s grid, same shape as ``x``. ``amax``
+    broadcasts against ``x`` (scalar, per-channel keepdim, per-block on ``to_blocks(x)``); ``scale`` has
+    ``amax``'s shape.
     """
     x32 = as_float32(x, "x")
-    amax32 = as_float32_like(amax, x32, "amax")
-    scale = torch.where(amax32 <= TINY_AMAX, 1.0, divide(fmt.max_value, amax32))
-    return _round_float32(x32 * scale, fmt), scale
+    scale, step = scale_and_step(as_float32_like(amax, x32, "amax"), fmt.max_value)
+    return _round_float32(x32 / step, fmt), scale
 
 
 def dequantize_fp(
@@ -138,7 +138,7 @@ def dequantize_fp(
 
 
 def fake_quant_fp(x: torch.Tensor, amax: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
-    """``dequantize_fp(*quantize_fp(x, amax, fmt))``: ``round_to_format(x * scale) / scale``, in ``x``'s dtype."""
+    """``dequantize_fp(*quantize_fp(x, amax, fmt))``: ``round_to_format(x / step) / scale``, in ``x``'s dtype."""
     return dequantize_fp(*quantize_fp(x, amax, fmt), dtype=x.dtype)
 
 

@@ -10,7 +10,7 @@ bundled model's q_proj: 209 of 65,536), and the two float32 routes put it on eit
 
 So a chain computes, from the stored numbers only (what a loader of the checkpoint can compute too):
 
-- first stage: ``codes`` as the stage's own quantization gives them (``x * scale``, the codes its export packs),
+- first stage: ``codes`` as the stage's own quantization gives them (``x / step``, the codes its export packs),
   ``y = codes * step_1`` (float32, one rounding);
 - each later stage: ``y' = round(y / step_k) * step_k`` (float32 division, the stage's rounding: INT
   ``clamp(round_half_even)``, FP nearest-even saturating).

@@ -152,40 +152,40 @@ def _fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> to
 
 
 def fp8_w8a8_operands(packed: PackedWeight, activation_amax: torch.Tensor | None) -> tuple:
-    """(codes, divisor, activation scale) for ``fp8_w8a8_rows``: with a static per-tensor ``activation_amax`` its
-    scale ``formats.quantize_fp`` forms, ``448 / amax``, computed once and folded into the divisor; None: dynamic
-    per-row scales, formed per call."""
+    """(codes, divisor, activation step) for ``fp8_w8a8_rows``: with a static per-tensor ``activation_amax`` the
+    step and scale of ``formats.quantize_fp`` (``amax / 448`` forms the codes, ``448 / amax`` divides them),
+    computed once, the scale folded into the divisor; None: dynamic per-row scales, formed per call."""
     codes, divisor = fp8_operands(packed)
     if activation_amax is None:
         return codes, divisor, None
-    _, scale = formats.quantize_fp(torch.zeros(()), activation_amax.float().reshape(()), formats.E4M3)
-    return codes, (divisor * scale).contiguous(), scale
+    scale, step = formats.scale_and_step(activation_amax.float().reshape(()), formats.E4M3.max_value)
+    return codes, (divisor * scale).contiguous(), step
 
 
 def fp8_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
-                  activation_scale: torch.Tensor | None) -> torch.Tensor:
-    """FP8 W8A8, x (M, K) -> float32 (M, N): x's E4M3 values (``formats.quantize_fp``'s rounding of ``x *
-    x_scale``; ``x_scale`` the static one, or per row from each row's max |x|) through ``fp8_rows``:
+                  activation_step: torch.Tensor | None) -> torch.Tensor:
+    """FP8 W8A8, x (M, K) -> float32 (M, N): x's E4M3 values (``formats.quantize_fp``'s rounding of ``x /
+    x_step``; ``x_step`` the static one, or per row from each row's max |x|) through ``fp8_rows``:
 
         out[m, n] = (sum_k codes_x[m, k] * codes_w[n, k]) / (w_scale[n] * x_scale[m])
 
     Products of two E4M3 values are exact in float32; the sums round in float32 (as ``torch._scaled_mm``)."""
-    if activation_scale is not None:
+    if activation_step is not None:
         if torch.compiler.is_compiling():
-            return fp8_rows(formats.round_to_format(x.float() * activation_scale, formats.E4M3), codes, divisor)
-        return _static_w8a8_rows(x, codes, divisor, activation_scale)
+            return fp8_rows(formats.round_to_format(x.float() / activation_step, formats.E4M3), codes, divisor)
+        return _static_w8a8_rows(x, codes, divisor, activation_step)
     values, scale = formats.quantize_fp(x, x.detach().abs().amax(dim=-1, keepdim=True), formats.E4M3)
     return fp8_rows(values, codes, divisor) / scale
 
 
 def _static_w8a8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor,
-                      activation_scale: torch.Tensor) -> torch.Tensor:
-    """``fp8_w8a8_rows`` with a static scale in one C call: the kernel rounds ``x * scale`` to E4M3 itself (the rule
+                      activation_step: torch.Tensor) -> torch.Tensor:
+    """``fp8_w8a8_rows`` with a static step in one C call: the kernel rounds ``x / step`` to E4M3 itself (the rule
     of ``formats.minifloat``; tests compare it with torch's float8 cast)."""
     rows = x.float().contiguous()
     m, k = rows.shape
     out = torch.empty(m, codes.shape[0], dtype=torch.float32)
-    if _library().lowbit_fp8_w8a8_gemv(rows.data_ptr(), activation_scale.item(), codes.data_ptr(),
+    if _library().lowbit_fp8_w8a8_gemv(rows.data_ptr(), activation_step.item(), codes.data_ptr(),
                                        _E4M3_TABLE.data_ptr(), divisor.data_ptr(), divisor.numel() > 1, m,
                                        codes.shape[0], k, out.data_ptr()):
         raise MemoryError(f"lowbit_fp8_w8a8_gemv: no memory for {m} x {k} activation values")

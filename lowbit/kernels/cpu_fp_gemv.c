@@ -76,7 +76,7 @@ void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, c
     }
 }
 
-/* FP8 W8A8 from float32 activations: x's E4M3 values e4m3(x * x_scale) (round to nearest even, saturating at
+/* FP8 W8A8 from float32 activations: x's E4M3 values e4m3(x / x_step) (round to nearest even, saturating at
  * +-448: lowbit.formats.minifloat's rule, the step of the value's binade, at least the subnormals' 2**-9), then
  * lowbit_fp8_gemv. NaN stays NaN. */
 static inline float e4m3_round(float value) {
@@ -91,11 +91,11 @@ static inline float e4m3_round(float value) {
     return copysignf(rintf(magnitude / step) * step, value);
 }
 
-int lowbit_fp8_w8a8_gemv(const float *x, float x_scale, const uint8_t *codes, const float *table,
+int lowbit_fp8_w8a8_gemv(const float *x, float x_step, const uint8_t *codes, const float *table,
                          const float *divisor, int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
     float *values = malloc((size_t)(M * K) * sizeof(float));
     if (values == NULL) return 1;
-    for (int64_t i = 0; i < M * K; i++) values[i] = e4m3_round(x[i] * x_scale);
+    for (int64_t i = 0; i < M * K; i++) values[i] = e4m3_round(x[i] / x_step);
     lowbit_fp8_gemv(values, codes, table, divisor, divisor_per_row, M, N, K, out);
     free(values);
     return 0;

@@ -2,8 +2,8 @@
 
 Per row m of x (M, K), as ``lowbit.formats.quantize_fp(x, amax, E4M3)``:
 
-    scale = 448 / amax (float32, correctly rounded; 1 where amax <= 2**-24)
-    codes = e4m3(clamp(float32(x) * scale, -448, 448))          (round to nearest even)
+    step = amax / 448, scale = 448 / amax (float32, correctly rounded; 1 where amax <= 2**-24)
+    codes = e4m3(clamp(float32(x) / step, -448, 448))           (correctly rounded quotient, then nearest even)
 
 with ``amax`` the row's max |x| (dynamic, per row) or one static calibrated value for the tensor. The
 kernel writes ``codes`` into an (M_padded, K) buffer (rows past M zero, for cuBLAS's multiple-of-16 rows)
@@ -36,11 +36,13 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, inverse_scale_ptr, amax_ptr, M, K, s
     else:
         amax = tl.load(amax_ptr).to(tl.float32)
     tiny = amax <= 5.9604644775390625e-08  # 2**-24
-    scale = tl.where(tiny, 1.0, tl.math.div_rn(448.0, tl.where(tiny, 1.0, amax)))
+    safe_amax = tl.where(tiny, 1.0, amax)
+    scale = tl.where(tiny, 1.0, tl.math.div_rn(448.0, safe_amax))
+    step = tl.where(tiny, 1.0, tl.math.div_rn(safe_amax, 448.0))
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=live & mask, other=0.0).to(tl.float32)
-        codes = tl.clamp(x * scale, -448.0, 448.0).to(tl.float8e4nv)
+        codes = tl.clamp(tl.math.div_rn(x, step), -448.0, 448.0).to(tl.float8e4nv)
         tl.store(codes_ptr + row * K + k0 + offs, codes, mask=mask)
     inverse = tl.math.div_rn(1.0, scale)
     if ROW_SCALES:

@@ -100,9 +100,12 @@ def _reference_fp8_linear(calls: list):
         calls.append(activation_amax)
         x64 = x.double()
         amax = x64.abs().amax(dim=-1, keepdim=True) if activation_amax is None else activation_amax.double()
-        amax32 = amax.float()  # scale = 448 / amax, correctly rounded float32 (tensor / tensor)
-        scale = torch.where(amax32 <= 2**-24, 1.0, torch.full_like(amax32, 448.0) / amax32).double()
-        codes = (x64 * scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double()
+        amax32 = amax.float()  # step = amax / 448 and scale = 448 / amax, correctly rounded float32
+        tiny = amax32 <= 2**-24
+        step = torch.where(tiny, 1.0, amax32 / 448.0).double()
+        scale = torch.where(tiny, 1.0, torch.full_like(amax32, 448.0) / amax32).double()
+        # codes = e4m3(fl32(x / step)): the float64 quotient of float32 operands rounds to float32 correctly
+        codes = (x64.float().double() / step).float().clamp(-448, 448).to(torch.float8_e4m3fn).double()
         w64 = weight.codes.double() * weight.inverse_scale_row.double().reshape(-1, 1)
         out = (codes / scale) @ w64.T
         return (out if bias is None else out + bias.double()).to(out_dtype)

@@ -41,10 +41,12 @@ def forward_loop(model):
         model(row.unsqueeze(0).to(device))
 
 
-def modelopt_quantized(base, name: str):
+def modelopt_quantized(base, name: str, algorithm: str | None = None):
+    """ModelOpt's quantization of ``base`` with its preset ``name`` (its calibration ``algorithm`` when given)."""
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
-    model = mtq.quantize(copy.deepcopy(base), getattr(mtq, name), forward_loop)
+    config = getattr(mtq, name) if algorithm is None else {**getattr(mtq, name), "algorithm": algorithm}
+    model = mtq.quantize(copy.deepcopy(base), config, forward_loop)
     with torch.no_grad():
         requantize_resmooth_fused_llm_layers(model)
     return model

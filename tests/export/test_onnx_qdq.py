@@ -79,7 +79,7 @@ def test_export_copy_computes_the_fake_quantized_model(model_cls, shape, cfg_nam
         reference, result = model(x), exported(x)
     if numerics == "lowbit":  # the same float32 operations as lowbit's fake quantization
         assert torch.equal(result, reference)
-    else:  # x / step and codes * step for lowbit's x * scale and codes / scale: measured <= 2.6e-7
+    else:  # codes * step for lowbit's codes / scale: measured <= 2.6e-7
         assert (result.double() - reference.double()).norm() <= 1e-5 * reference.double().norm()
     assert bool(int4) == cfg_name.startswith("int4")
     assert any(isinstance(m, nn.Linear) and hasattr(m, "weight_quantizer") for m in model.modules())  # untouched
@@ -120,7 +120,7 @@ def test_narrow_range_input_is_refused():
 
 @pytest.mark.parametrize("cfg_name", ["int8_w8a8", "fp8"])
 def test_lowbit_numerics_are_exact_for_bfloat16_models(cfg_name):
-    """lowbit quantizes a bfloat16 input in float32 (x * scale, round, / scale) and casts back; so does the graph."""
+    """lowbit quantizes a bfloat16 input in float32 (x / step, round, / scale) and casts back; so does the graph."""
     x = sample((8, 64), 1)
     model = quantized(MLP, cfg_name, x).to(torch.bfloat16)
     with torch.no_grad():

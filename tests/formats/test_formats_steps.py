@@ -60,7 +60,7 @@ def test_divisor_step_is_the_ieee_quotient():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_w4a8_chain_on_bf16_weights_is_the_checkpoint_arithmetic(seed):
-    """codes = round(w * fl(7 / a0)) (what the export packs); y = fl(code * fl(a0 / 7)) (the reload's INT4
+    """codes = round(fl(w / fl(a0 / 7))) (what the export packs); y = fl(code * fl(a0 / 7)) (the reload's INT4
     value); out = fl(e4m3(fl(y / fl(a1 / 448))) * fl(a1 / 448)). Before the fix the chain divided by the
     multiplicative scale instead (code / fl(7 / a0), y * fl(448 / a1)): at the exact midpoints this test finds,
     ~1/3 of them rounded to the other E4M3 neighbour (70 of 209 elements of the bundled model's q_proj)."""
@@ -82,7 +82,7 @@ def test_w4a8_chain_on_bf16_weights_is_the_checkpoint_arithmetic(seed):
     w = weight.double().reshape(128, 256 // block, block)
     a0 = chain[0].amax.double().reshape(128, 256 // block, 1)
     a1 = chain[1].amax.double()
-    codes = int_round(f32(w * f32(7.0 / a0)), -8, 7)
+    codes = int_round(f32(w / f32(a0 / 7.0)), -8, 7)
     y = f32(codes * f32(a0 / 7.0)).reshape(128, 256)
     step2 = f32(a1 / 448.0)
     quotient = f32(y / step2)

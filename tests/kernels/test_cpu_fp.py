@@ -98,13 +98,18 @@ def test_products_within_float32_summation_bound(fmt, m, dtype):
 @pytest.mark.parametrize("static", [True, False])
 def test_fp8_w8a8_rows_multiply_activation_codes(static):
     """W8A8: x's E4M3 codes (static per-tensor amax, or each row's) times the weight codes, divided by both scales;
-    reference from the activation codes written here: round(x * 448 / amax) to E4M3 by torch's float8 cast."""
+    reference from the activation codes written here: fl32(x / fl32(amax / 448)) (float64 quotient of float32
+    operands, rounded once to float32) to E4M3 by torch's float8 cast. x is bf16 and the static amax 6.125 (mantissa
+    49/32, neither 448 / amax nor amax / 448 exact), so midpoints occur that x * (448 / amax) rounds apart."""
     n, k, m = 64, 512, 5
     packed = quantize_weight(_weight((n, k), seed=4), FP8_PER_CHANNEL)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
-    amax = torch.tensor([[4.0]]) if static else x.float().abs().amax(dim=-1, keepdim=True)
+    amax = torch.tensor([[6.125]]) if static else x.float().abs().amax(dim=-1, keepdim=True)
     x_scale = 448.0 / amax
-    x_codes = (x.float() * x_scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    x_step = (amax.double() / 448.0).float().double()
+    x_codes = (x.double() / x_step).float().clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    if static:  # the fixture holds midpoints the two float32 rules round apart
+        assert not torch.equal((x.float() * x_scale).clamp(-448, 448).to(torch.float8_e4m3fn).double(), x_codes)
     reference = (x_codes @ packed.codes.double().T) / packed.scale.double().T / x_scale.double()
     out = cpu_fp.fp8_w8a8_rows(x, *cpu_fp.fp8_w8a8_operands(packed, amax if static else None))
     bound = (k + 3) * U * ((x_codes.abs() @ packed.codes.double().abs().T) / packed.scale.double().T
