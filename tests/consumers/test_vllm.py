@@ -8,10 +8,13 @@ mean absolute of it.
 Strict expected failure, measured (bench/results/vllm_fp8_dtypes_2026-12-07b.md, after
 vllm_fp8_numerics_2026-12-07.md): FP8 with dynamic per-token activations misses 0.05 (compressed-tensors in
 float32 0.054; ModelOpt 0.070, 0.067 against lowbit run in bfloat16 as vLLM runs it, which takes only bfloat16
-and float16 for ModelOpt), though closer to lowbit than to the float model. vLLM runs the two exports
-bit-identically in the same dtype. vLLM's CPU FP8 linear (``QuantFP8.forward_native`` +
+and float16 for ModelOpt), though closer to lowbit than to the float model. Since lowbit forms codes as
+``x / step`` (step = amax / 448, the scale the export stores; bench/results/code_rule_ties_2026-12-07.md), its
+FP8 exports equal ModelOpt's bit for bit and these two cases measure 0.058 (compressed-tensors) and 0.083 (ModelOpt),
+the latter what ModelOpt's own export gives. The arithmetic analysis below predates that change. vLLM runs the two
+exports bit-identically in the same dtype. vLLM's CPU FP8 linear (``QuantFP8.forward_native`` +
 ``ChannelWiseTorchFP8ScaledMMLinearKernel``) uses lowbit's codes and scales and differs by float32 rounding
-only: activation codes ``x * (1 / (amax / 448))`` against lowbit's ``x * (448 / amax)`` (1 code in 33,024 at
+only: activation codes ``x * (1 / (amax / 448))`` against lowbit's then ``x * (448 / amax)`` (1 code in 33,024 at
 layer 0), and the GEMM on codes before the scales where fake quantization (ModelOpt's) multiplies dequantized
 operands. Making lowbit's activation rounding vLLM's gives 0.056; only vLLM's whole float32 linear (GEMM on codes)
 gets under 0.05 (0.024), in float32 only (0.078 in bfloat16, where vLLM's attention and fused residual + RMSNorm
