@@ -55,6 +55,7 @@ from torch.func import functional_call
 
 from lowbit import formats
 from lowbit.algorithms.layerwise import LayerInputs, quantizers_disabled
+from lowbit.algorithms.option_rules import STEP_RULES, check_option_rules
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.structure.groups import row_weights
 from lowbit.structure.weights import QuantizableWeight
@@ -266,10 +267,5 @@ def check_autoround_options(options: dict) -> None:
     start is one of ``STARTS``."""
     if options["start"] not in STARTS:
         raise ValueError(f"autoround: start={options['start']!r}; allowed: {list(STARTS)}")
-    checks = {"iterations": options["iterations"] >= 1, "lr": options["lr"] > 0, "minmax_lr": options["minmax_lr"] >= 0,
-              "batches_per_step": options["batches_per_step"] >= 0}
-    allowed = {"iterations": "an int >= 1", "lr": "> 0", "minmax_lr": ">= 0 (0: no clipping factors)",
-               "batches_per_step": "an int >= 0 (0: every batch each step)"}
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(f"autoround: {key}={options[key]!r} must be {allowed[key]}")
+    check_option_rules("autoround", options, {**STEP_RULES, "minmax_lr": (lambda value: value >= 0,
+                                                                          ">= 0 (0: no clipping factors)")})

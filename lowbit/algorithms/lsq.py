@@ -47,6 +47,7 @@ from torch.func import functional_call
 
 from lowbit.algorithms.autoround import fake_quant_ste, grid_step, step_batches, tunable_weights
 from lowbit.algorithms.layerwise import quantizers_disabled
+from lowbit.algorithms.option_rules import STEP_RULES, check_option_rules
 from lowbit.algorithms.scale_estimation import IntGrid, estimation_group_size, quantizer_range, store_range
 from lowbit.calibration import ForwardLoop
 from lowbit.eval.divergence import token_kl
@@ -239,10 +240,5 @@ def check_lsq_options(options: dict) -> None:
     latent is one of ``LATENTS`` (the start and its options are checked by the registry)."""
     if options["latent"] not in LATENTS:
         raise ValueError(f"lsq: latent={options['latent']!r}; allowed: {list(LATENTS)}")
-    checks = {"iterations": options["iterations"] >= 1, "lr": options["lr"] > 0, "weight_lr": options["weight_lr"] >= 0,
-              "batches_per_step": options["batches_per_step"] >= 0}
-    allowed = {"iterations": "an int >= 1", "lr": "> 0", "weight_lr": ">= 0 (0: the steps only)",
-               "batches_per_step": "an int >= 0 (0: every batch each step)"}
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(f"lsq: {key}={options[key]!r} must be {allowed[key]}")
+    check_option_rules("lsq", options, {**STEP_RULES, "weight_lr": (lambda value: value >= 0,
+                                                                    ">= 0 (0: the steps only)")})
