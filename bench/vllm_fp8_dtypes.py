@@ -35,12 +35,18 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model's hooks then run in this process
 
 import torch
-from export_vllm import CALIB_SAMPLES, SEQ_LEN, lowbit_logprobs, prompt_ids
+from export_vllm import lowbit_logprobs
 from safetensors.torch import load_file
-from vllm_fp8_numerics import code_flips, linear_inputs, mean_abs, reference_model, vllm_codes, vllm_run
+from vllm_fp8_numerics import (
+    code_flips,
+    fp8_per_token_model,
+    linear_inputs,
+    mean_abs,
+    reference_model,
+    vllm_codes,
+    vllm_run,
+)
 
-import lowbit
-from lowbit.data import calibration_batches, default_calibration_text, make_forward_loop
 from lowbit.export import export
 
 FORMATS = {"compressed-tensors": "compressed-tensors", "modelopt": "hf"}
@@ -67,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import vllm
 
-    torch.manual_seed(0)
-    float_model, tokenizer = lowbit.assets.load_default_model()
-    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=CALIB_SAMPLES, seq_len=SEQ_LEN)
-    model = lowbit.quantize(copy.deepcopy(float_model), lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"),
-                            make_forward_loop(batches, progress=False))
-    ids = prompt_ids(tokenizer)
+    float_model, tokenizer, model, ids = fp8_per_token_model()
     runs, run_inputs = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         directories = {name: export(model, Path(workdir) / name, target, tokenizer=tokenizer)

@@ -173,18 +173,23 @@ def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().mean().item()
 
 
+def fp8_per_token_model():
+    """(bundled float model, tokenizer, its FP8_PER_CHANNEL_PER_TOKEN quantization, the held-out prompt ids), seed 0."""
+    torch.manual_seed(0)
+    float_model, tokenizer = lowbit.assets.load_default_model()
+    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=CALIB_SAMPLES, seq_len=SEQ_LEN)
+    model = lowbit.quantize(copy.deepcopy(float_model), lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"),
+                            make_forward_loop(batches, progress=False))
+    return float_model, tokenizer, model, prompt_ids(tokenizer)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     import vllm
 
-    torch.manual_seed(0)
-    float_model, tokenizer = lowbit.assets.load_default_model()
-    batches = calibration_batches(tokenizer, default_calibration_text(), num_samples=CALIB_SAMPLES, seq_len=SEQ_LEN)
-    model = lowbit.quantize(copy.deepcopy(float_model), lowbit.get_preset("FP8_PER_CHANNEL_PER_TOKEN_CFG"),
-                            make_forward_loop(batches, progress=False))
-    ids = prompt_ids(tokenizer)
+    float_model, tokenizer, model, ids = fp8_per_token_model()
     with tempfile.TemporaryDirectory() as workdir:
         directory = export(model, Path(workdir) / "fp8", "compressed-tensors", tokenizer=tokenizer)
         tensors = load_file(directory / "model.safetensors")
