@@ -8,7 +8,7 @@ Tensor names are the original checkpoint's; each quantized linear ``L`` writes, 
 | FP8_PER_CHANNEL_PER_TOKEN | float8_e4m3fn (N, K)                   | (N,) = amax_n / 448                  |
 | W8A8_SQ_PER_CHANNEL       | int8 (N, K)                            | (N,) = amax_n / 127                  |
 | W8A16                     | int8 (N, K)                            | (N,) = amax_n / 127                  |
-| W4A16_AWQ, W4A8_AWQ       | uint8 (N/2, K), see ``pack_int4_rows`` | (N, K/g) = block amax / 7            |
+| W4A16_AWQ, W4A8_AWQ       | uint8 (N/2, K), see ``unpack_int4_rows`` | (N, K/g) = block amax / 7            |
 | NVFP4, W4A16_NVFP4        | uint8 (N, K/2) E2M1, low nibble first  | float8_e4m3fn (N, K/16)              |
 | FP8_PB_WO                 | float8_e4m3fn (N, K)                   | (N/128, K/128) = block amax / 448    |
 | MXFP8                     | float8_e4m3fn (N, K)                   | uint8 E8M0 (N, K/32)                 |
@@ -135,18 +135,9 @@ def quant_algo(layer: QuantizedLinear) -> str:
     return algo
 
 
-def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
-    """Signed INT4 codes (N, K) in -8..7 -> uint8 (N/2, K): byte (i, k) = (c[2i, k] & 15) | (c[2i+1, k] << 4).
-
-    ModelOpt's W4A16_AWQ / W4A8_AWQ layout: nibbles paired along the output dim, two's complement."""
-    if codes.shape[0] % 2:
-        raise ValueError(f"INT4 rows are packed in pairs: out_features {codes.shape[0]} must be even")
-    nibbles = codes.to(torch.int16) & 0xF
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).to(torch.uint8)
-
-
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int4_rows``: uint8 (N/2, K) -> int8 codes (N, K) in -8..7."""
+    """ModelOpt's W4A16_AWQ / W4A8_AWQ layout, uint8 (N/2, K) with byte (i, k) = (c[2i, k] & 15) | (c[2i+1, k] << 4)
+    (nibbles paired along the output dim, two's complement) -> int8 codes (N, K) in -8..7."""
     low = (packed & 0xF).to(torch.int16)
     high = (packed >> 4).to(torch.int16)
     signed = torch.stack((low, high), dim=1).flatten(0, 1)
@@ -154,7 +145,7 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 def rows_from_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    """lowbit's INT4 storage -> ModelOpt's, byte for byte equal to ``pack_int4_rows`` of the codes.
+    """lowbit's INT4 storage -> ModelOpt's (the layout of ``unpack_int4_rows``), in bytes.
 
     lowbit's: uint8 (N, K/2), offset-binary nibbles ``c + 8`` paired along K, low first (``compress.pack_uint4``);
     ModelOpt's: uint8 (N/2, K), two's complement nibbles paired along N. ``c + 8`` and ``c``'s two's complement
