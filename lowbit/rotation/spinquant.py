@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from lowbit.algorithms.layerwise import capture_layer_inputs
 from lowbit.calibration import ForwardLoop, iter_quantizers
+from lowbit.eval.divergence import token_kl
 from lowbit.quantizer import quantization_off
 from lowbit.rotation.hadamard import RandomHadamard
 from lowbit.rotation.quarot import READERS, WRITERS, check_rotatable, fold_norms
@@ -157,8 +158,8 @@ def _log_probs(output) -> Tensor:
 
 
 def _kl(reference: Tensor, log_probs: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over tokens (those ``mask`` keeps) of ``sum_v p (log p - log q)``."""
-    per_token = (reference.exp() * (reference - log_probs)).sum(-1)
+    """Mean over tokens (those ``mask`` keeps) of ``KL(p || q)`` (``lowbit.eval.divergence.token_kl``)."""
+    per_token = token_kl(reference, log_probs)
     if mask is None:
         return per_token.mean()
     mask = mask.to(per_token.dtype)
