@@ -24,14 +24,18 @@ the start's fake-quantized value and ``d0`` the start grid's step (``amax0 / qma
    With ``latent="codes"``, ``d w_hat / d d`` is the code ``clamp(round(k0 + u))`` and ``d w_hat / d u = d``
    inside the range. LSQ's gradient scale ``1 / sqrt(N qmax)`` is for SGD: Adam divides each parameter's
    update by its own gradient's running RMS, so a constant factor per tensor drops out; it is not applied.
-4. Loss: mean per-token ``KL(p || q)`` (``lowbit.eval.divergence.token_kl``) over every token of the step's
-   calibration batches; ``p`` the float model's next-token distribution (every quantizer off), recorded once
-   before the start algorithm runs and kept as float16 log-probabilities (``windows x seq x vocab x 2``
-   bytes); ``q`` the model's with every ``w_hat`` and its other quantizers off (as AutoRound's blocks).
+4. Loss: mean per-token ``T^2 KL(p_T || q_T)`` (``lowbit.eval.divergence.token_kl``) over every token of the
+   step's calibration batches; ``p`` the float model's next-token distribution (every quantizer off), recorded
+   once before the start algorithm runs and kept as float16 log-probabilities (``windows x seq x vocab x 2``
+   bytes); ``q`` the model's with every ``w_hat`` and its other quantizers off (as AutoRound's blocks). At the
+   distillation ``temperature`` ``T`` (Hinton et al. 2015; default 1: the plain KL) both are softened,
+   ``p_T = softmax(log p / T)`` and ``q_T = softmax(z / T)`` for logits ``z``; the factor ``T^2`` keeps the
+   gradient's size as ``T`` changes. ``T > 1`` weighs the less likely tokens more: the calibration text is the
+   model's training text, where ``p`` is sharper than on unseen text.
 5. Adam on ``l`` (rate ``lr``) and ``u`` (rate ``weight_lr``), both decaying linearly to 0 over ``iterations``
    steps; step ``t`` takes ``batches_per_step`` calibration batches, cycling (``autoround.step_batches``).
-6. Kept: the tuned result if its KL over every calibration batch is below the start's, else the start
-   (never worse than the start on the calibration data). Written back as the weight ``w_hat`` and the
+6. Kept: the tuned result if its loss (step 4, at ``T``) over every calibration batch is below the start's,
+   else the start (never worse than the start on the calibration data). Written back as the weight ``w_hat`` and the
    quantizer's static ``(amin, amax)``: the format re-rounds ``w_hat`` to the same codes, so compress and export
    need nothing new.
 """
@@ -56,7 +60,7 @@ from lowbit.structure.weights import QuantizableWeight
 logger = logging.getLogger("lowbit")
 
 LSQ_OPTIONS = {"iterations": 200, "lr": 0.001, "weight_lr": 0.0, "batches_per_step": 1, "latent": "codes",
-               "start": "autoround", "start_options": {}}
+               "temperature": 1.0, "start": "autoround", "start_options": {}}
 LATENTS = ("float", "codes")
 TEACHER_DTYPE = torch.float16
 
@@ -103,11 +107,16 @@ def record_teacher(model: nn.Module, weights: dict[str, QuantizableWeight], forw
     return Teacher(calls, log_probs, float_weights)
 
 
-def teacher_kl(reference_log_probs: Tensor, logits: Tensor) -> Tensor:
-    """Mean over tokens of ``KL(p || softmax(logits))``: ``reference_log_probs`` ``log p`` and ``logits``
-    ``(..., vocab)``; step 4 of the module docstring (float32 at least)."""
-    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return token_kl(reference_log_probs, log_probs).mean()
+def teacher_kl(reference_log_probs: Tensor, logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over tokens of ``T^2 KL(softmax(log p / T) || softmax(logits / T))``: ``reference_log_probs``
+    ``log p`` and ``logits`` ``(..., vocab)``, ``T`` = ``temperature``; step 4 of the module docstring (float32 at
+    least). ``log p / T`` is re-normalised: ``log p`` differs from the float logits by a constant per token."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    if temperature == 1.0:
+        return token_kl(reference_log_probs, log_probs).mean()
+    reference = torch.log_softmax(reference_log_probs.to(dtype) / temperature, dim=-1)
+    return temperature**2 * token_kl(reference, log_probs).mean()
 
 
 @dataclass
@@ -166,9 +175,10 @@ class LearnedStep:
 
 
 def lsq(model: nn.Module, teacher: Teacher, iterations: int = 200, lr: float = 0.001, weight_lr: float = 0.0,
-        batches_per_step: int = 1, latent: str = "codes") -> tuple[float, float]:
+        batches_per_step: int = 1, latent: str = "codes", temperature: float = 1.0) -> tuple[float, float]:
     """Steps 1-6 of the module docstring on ``model`` (after its start algorithm), against ``teacher``;
-    writes the kept result back. Returns the calibration KL ``(start, kept)``."""
+    writes the kept result back. Returns the calibration loss of step 4 (the plain KL at ``temperature`` 1)
+    ``(start, kept)``."""
     weights = tunable_weights(model)
     steps = {}
     for name, weight in weights.items():
@@ -187,8 +197,8 @@ def lsq(model: nn.Module, teacher: Teacher, iterations: int = 200, lr: float = 0
         quantized, total = parameters(), 0.0
         for index in batches:
             args, kwargs = teacher.calls[index]
-            total = total + teacher_kl(teacher.log_probs[index], logits_of(functional_call(model, quantized, args,
-                                                                                            kwargs)))
+            logits = logits_of(functional_call(model, quantized, args, kwargs))
+            total = total + teacher_kl(teacher.log_probs[index], logits, temperature)
         return total / len(batches)
 
     every_batch = list(range(len(teacher.calls)))
@@ -198,7 +208,7 @@ def lsq(model: nn.Module, teacher: Teacher, iterations: int = 200, lr: float = 0
         _descend(steps, loss_on, iterations, lr, weight_lr, batches_per_step, len(every_batch))
         with torch.no_grad():
             tuned_kl = float(loss_on(every_batch))
-    logger.info("lsq: calibration KL %.6g at the start, %.6g tuned (%s)", start_kl, tuned_kl,
+    logger.info("lsq: calibration KL (T = %g) %.6g at the start, %.6g tuned (%s)", temperature, start_kl, tuned_kl,
                 "kept" if tuned_kl < start_kl else "start kept")
     if tuned_kl < start_kl:
         _write_back(weights, steps)
@@ -236,9 +246,10 @@ def _write_back(weights: dict[str, QuantizableWeight], steps: dict[str, LearnedS
 
 
 def check_lsq_options(options: dict) -> None:
-    """ValueError naming the option unless iterations >= 1, lr > 0, weight_lr >= 0, batches_per_step >= 0 and
-    latent is one of ``LATENTS`` (the start and its options are checked by the registry)."""
+    """ValueError naming the option unless iterations >= 1, lr > 0, weight_lr >= 0, batches_per_step >= 0,
+    temperature > 0 and latent is one of ``LATENTS`` (the start and its options are checked by the registry)."""
     if options["latent"] not in LATENTS:
         raise ValueError(f"lsq: latent={options['latent']!r}; allowed: {list(LATENTS)}")
     check_option_rules("lsq", options, {**STEP_RULES, "weight_lr": (lambda value: value >= 0,
-                                                                    ">= 0 (0: the steps only)")})
+                                                                    ">= 0 (0: the steps only)"),
+                                        "temperature": (lambda value: value > 0, "> 0 (1: the plain KL)")})

@@ -30,6 +30,7 @@ svdquant          rank=32, alpha=0.5 (smoothing strength)                       
 lora_correction   rank=8, percdamp=0.01                                                    lora_correction
 lsq               iterations=200, lr=0.001, weight_lr=0.0 (> 0: the latent weights too),  lsq
                   batches_per_step=1, latent="codes" (the start's codes kept; "float": LSQ's),
+                  temperature=1.0 (T > 1: distillation KL of the T-softened distributions),
                   start="autoround" (any other algorithm),
                   start_options={} (the start's options): learned steps, end to end
                   against the float model's next-token distribution (KL)

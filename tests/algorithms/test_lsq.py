@@ -124,6 +124,29 @@ def test_teacher_kl_matches_float64_formula():
     assert float(teacher_kl(torch.from_numpy(log_p).float(), teacher_logits.float())) <= 1e-6  # KL(p || p) = 0
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_teacher_kl_at_a_temperature_matches_float64_formula(temperature):
+    """``T^2 KL(softmax(log p / T) || softmax(z / T))`` against float64 NumPy from the teacher's logits (the
+    function gets only its float32 log-probabilities, as LSQ records them), with outliers in the logits."""
+    generator = torch.Generator().manual_seed(5)
+    teacher_logits = 3 * torch.randn(3, 4, 50, generator=generator, dtype=torch.float64)
+    teacher_logits[..., 11] += 14  # confident tokens: the softening matters
+    teacher_logits[0, 1, 3] -= 25
+    student = teacher_logits + 0.7 * torch.randn(3, 4, 50, generator=generator, dtype=torch.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    log_p_t = log_softmax(teacher_logits.numpy() / temperature)
+    log_q_t = log_softmax(student.numpy() / temperature)
+    expected = temperature**2 * (np.exp(log_p_t) * (log_p_t - log_q_t)).sum(-1).mean()
+    recorded = torch.log_softmax(teacher_logits, dim=-1).float()
+    got = teacher_kl(recorded, student.float(), temperature)
+    assert abs(float(got) - expected) <= 1e-5 * expected  # float32 inputs and sums
+    assert float(teacher_kl(recorded, teacher_logits.float(), temperature)) <= 1e-6  # KL(p || p) = 0
+
+
 def quantized_tiny(model, batches, asymmetric, algorithm):
     config = lowbit.get_preset("INT3_BLOCKWISE_WEIGHT_ONLY_CFG" if asymmetric else "INT4_BLOCKWISE_WEIGHT_ONLY_CFG")
     config["quant_cfg"]["*weight_quantizer"]["block_sizes"] = {-1: 32, "type": "static"}
@@ -180,6 +203,7 @@ def test_lsq_from_config_runs_its_start_then_the_steps(model, batches, caplog):
     ({"lr": 0.0}, "lr=0.0"),
     ({"weight_lr": -1.0}, "weight_lr=-1.0"),
     ({"latent": "weights"}, "latent='weights'"),
+    ({"temperature": 0.0}, "temperature=0.0"),
     ({"start": "lsq"}, "start='lsq'"),
     ({"start": "gptq", "start_options": {"steps": 3}}, "unknown options"),
 ])
