@@ -61,6 +61,8 @@ SPINQUANT_STEPS = 40  # Cayley SGD steps in the SpinQuant rows (the library's de
 SPINQUANT = {"rotate": {"method": "spinquant", "steps": SPINQUANT_STEPS}}
 GPTQ_SE = {"method": "gptq", "scale_estimation": True}
 DEFAULT_CALIB_SAMPLES = 8
+AUTOROUND_400 = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1, "iterations": 400, "lr": 0.0025,
+                 "minmax_lr": 0.0025}
 
 
 def format_config(format: str) -> dict:
@@ -141,7 +143,8 @@ def autoround_cases() -> list[Case]:
     """AutoRound's options at W4 / W3 g128 (``bench/results/frontier_w4w3_2026-12-07.md``): on the quantized
     blocks' inputs, fitted to the float model's block outputs (``layer_inputs="quantized_float_targets"``), and
     one calibration batch of 8 windows a step (``batches_per_step=1``: with ``--calib-samples 32`` each step costs
-    what a step on 8 windows does), and started from GPTQ + scale estimation's codes and grid (``start="gptq"``)."""
+    what a step on 8 windows does), and started from GPTQ + scale estimation's codes and grid (``start="gptq"``);
+    ``AUTOROUND_400``: 400 steps at auto-round's rate rule lr = 1 / steps (its 'best' recipe: 1000 steps, 0.001)."""
     autoround = {"method": "autoround"}
     return [lowbit_case(format, name, algorithm, then) for format in (W4, W3) for name, algorithm, then in (
         ("AutoRound, quantized inputs", {**autoround, "layer_inputs": "quantized"}, ()),
@@ -153,6 +156,8 @@ def autoround_cases() -> list[Case]:
         ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
         ("QuaRot + AutoRound, float targets, 1 batch a step", {
             **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, **ROTATE}, ()),
+        ("QuaRot + AutoRound, float targets, 1 batch a step, 400 steps lr 0.0025", {
+            **autoround, **AUTOROUND_400, **ROTATE}, ()),
         ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",
                                                                    "layer_inputs": "quantized_float_targets"}, ()),
@@ -165,7 +170,8 @@ def lsq_cases() -> list[Case]:
     """LSQ (``lowbit.algorithms.lsq``) at W4 / W3 g128: the steps tuned end to end against the float model's
     next-token distribution (KL), from round-to-nearest (LSQ proper, latent float weights) and, with the start's
     codes kept, from QuaRot + GPTQ + scale estimation and from QuaRot + AutoRound (float targets, 1 batch a step);
-    100 Adam steps of 1 calibration batch (8 windows), lr 0.001 on the log-steps."""
+    100 Adam steps of 1 calibration batch (8 windows), lr 0.001 on the log-steps; the last two rows at distillation
+    temperature 2, from AutoRound's 200 and 400 steps (``bench/results/frontier_w4_2026-12-07c.md``)."""
     autoround = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1}
     steps = {"iterations": 100}
     return [lowbit_case(format, name, {"method": "lsq", **steps, **algorithm}) for format in (W4, W3)
@@ -176,6 +182,10 @@ def lsq_cases() -> list[Case]:
             "scale_estimation": True, "percdamp": 0.1}, "latent": "codes", **ROTATE}),
         ("QuaRot + AutoRound + LSQ", {"start": "autoround", "start_options": autoround, "latent": "codes",
                                       **ROTATE}),
+        ("QuaRot + AutoRound + LSQ, T = 2", {"start": "autoround", "start_options": autoround, "latent": "codes",
+                                             "temperature": 2.0, **ROTATE}),
+        ("QuaRot + AutoRound 400 steps + LSQ, T = 2", {"start": "autoround", "start_options": AUTOROUND_400,
+                                                       "latent": "codes", "temperature": 2.0, **ROTATE}),
     )]
 
 
