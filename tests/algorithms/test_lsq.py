@@ -189,11 +189,11 @@ def test_lsq_keeps_the_start_when_tuning_is_worse(model, batches):
 
 def test_lsq_from_config_runs_its_start_then_the_steps(model, batches, caplog):
     algorithm = {"method": "lsq", "start": "autoround", "start_options": {"iterations": 5}, "iterations": 5,
-                 "latent": "codes"}
+                 "latent": "codes", "temperature": 2.0}
     with caplog.at_level("INFO", logger="lowbit"):
         quantized = quantized_tiny(model, batches, False, algorithm)
     assert any("autoround" in r.getMessage() for r in caplog.records)
-    assert any(r.getMessage().startswith("lsq: calibration KL") for r in caplog.records)
+    assert any(r.getMessage().startswith("lsq: calibration KL (T = 2)") for r in caplog.records)
     for name, weight in tunable_weights(quantized).items():
         assert torch.equal(weight.weight_quantizer(weight.weight), weight.weight), name
 
