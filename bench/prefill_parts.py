@@ -26,15 +26,18 @@ Pieces (``piece`` column):
 Timing: ``gpu us`` is GPU time: the piece captured once in a CUDA graph, the replay timed with CUDA events, the L2
 cache flushed (a 256 MB write) before every replay, median of ``--reps``; pieces that cannot be captured are timed
 eagerly (marked ``*``). ``eager us`` (module and bf16 rows): ``--calls`` back-to-back eager calls between two
-events, no flush, per call: it includes host launch time where that exceeds the GPU time. ``x bf16``: bf16's
-gpu us over the piece's, same shape and M, same run. ``err``: ``||y - y64|| / ||y64||`` against a float64 product
-of the same operands (the dequantized weight; for FP8 the activation codes times the weight codes, scales
-applied); ``= module``: output bit-identical to the module's. The per-layer table sums each path over a decoder
-layer's 7 Linears (2 q/o, 2 k/v, 2 gate/up, 1 down).
+events, no flush, per call: it includes host launch time where that exceeds the GPU time; ``host us``: the host's
+wall time per call of the same loop before its synchronisation (the launch queue does not fill in 20 calls).
+``x bf16``: bf16's gpu us over the piece's, same shape and M, same run. ``err``: ``||y - y64|| / ||y64||``
+against a float64 product of the same operands (the dequantized weight; for FP8 the activation codes times the
+weight codes, scales applied); ``= module``: output bit-identical to the module's. The per-layer table sums each
+path over a decoder layer's 7 Linears (2 q/o, 2 k/v, 2 gate/up, 1 down).
 
 Model: a random ``LlamaForCausalLM`` of the same widths and ``--layers`` layers, one eager forward over M=2048
-tokens (``use_cache=False``, ``logits_to_keep=1``) per format: wall time (CUDA events, median of 5), the GPU busy
+tokens (``use_cache=False``, ``logits_to_keep=1``) per format (``fp8 tensor fast accum``: FP8_DEFAULT_CFG with
+``CompressedLinear.fp8_fast_accumulation``): wall time (CUDA events, median of 5), the GPU busy
 time (sum of the kernels' durations in one profiled forward: wall minus busy is time the GPU waited for the host),
+the host's time to issue the forward (``host ms``, before synchronising: close to wall = host-bound),
 the kernels that took the most GPU time, and the number of host-device synchronisations
 (``torch.cuda.set_sync_debug_mode``).
 """
@@ -60,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowbit  # noqa: E402
 from lowbit.compress import compress  # noqa: E402
+from lowbit.compress.linear import CompressedLinear  # noqa: E402
 from lowbit.kernels import Fp8Weight, dispatch, fp8_linear  # noqa: E402
 
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}  # (N, K)
@@ -67,6 +71,7 @@ PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
 SMOKE_DIVISOR = 16  # --smoke divides every width by this (K stays a multiple of 128)
 W4_PRESETS = {"int4": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "nvfp4": "W4A16_NVFP4_CFG"}
 FP8_PRESETS = {"fp8 tensor": "FP8_DEFAULT_CFG", "fp8 row": "FP8_PER_CHANNEL_PER_TOKEN_CFG"}
+FAST = " fast accum"  # a model row with CompressedLinear.fp8_fast_accumulation set
 SLICES = [(8, 1), (16, 1), (16, 2), (32, 2)]  # (MB of bf16 weight per slice, streams)
 FUSED_CONFIGS = {
     "n128 m128 w8 s3": dict(BLOCK_N=128, BLOCK_M=128, num_warps=8, num_stages=3),
@@ -124,18 +129,21 @@ class Timer:
         del graph
         return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3, captured
 
-    def eager_us(self, fn: Callable[[], torch.Tensor]) -> float:
-        """Per call of ``self.calls`` back-to-back eager calls, no flush (host time included where it dominates)."""
+    def eager_us(self, fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
+        """(GPU-clock us, host us) per call of ``self.calls`` back-to-back eager calls, no flush: the first
+        includes host time where it dominates, the second is the host's wall time before synchronising."""
         if not self.cuda:
-            return self._wall_us(fn)
+            return self._wall_us(fn), self._wall_us(fn)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started = time.perf_counter()
         start.record()
         for _ in range(self.calls):
             fn()
         end.record()
+        host = (time.perf_counter() - started) * 1e6 / self.calls
         torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / self.calls
+        return start.elapsed_time(end) * 1e3 / self.calls, host
 
     def _wall_us(self, fn) -> float:
         started = time.perf_counter()
@@ -157,7 +165,7 @@ class Pieces:
             with torch.inference_mode():
                 out = fn()
                 us, captured = self.timer.gpu_us(fn)
-                eager_us = self.timer.eager_us(fn) if eager else None
+                eager_us, host_us = self.timer.eager_us(fn) if eager else (None, None)
         except Exception as error:  # the table says "-", the log says why
             print(f"  {piece} failed at {self.shape} M={self.m}: {error!r:.300}", flush=True)
             self.failed.append(piece)
@@ -165,7 +173,7 @@ class Pieces:
         err = None if reference is None else ((out.double() - reference).norm() / reference.norm()).item()
         same = None if module_out is None else torch.equal(out, module_out)
         self.rows.append(dict(shape=self.shape, M=self.m, piece=piece, us=us, captured=captured, eager_us=eager_us,
-                              err=err, same=same))
+                              host_us=host_us, err=err, same=same))
         return out
 
 
@@ -265,7 +273,7 @@ def bench_shape(args, pieces: Pieces, n: int, k: int, generator: torch.Generator
 
 
 def print_row(row: dict, bf16_us: float) -> None:
-    eager = "" if row["eager_us"] is None else f"  eager {row['eager_us']:.1f} us/call"
+    eager = "" if row["eager_us"] is None else f"  eager {row['eager_us']:.1f} host {row['host_us']:.1f} us/call"
     err = "" if row["err"] is None else f"  err {row['err']:.1e}"
     same = "" if row["same"] is None else f"  same bits as module: {row['same']}"
     print(f"{row['shape']:>8} M={row['M']:<5} {row['piece']:<34} {row['us']:9.1f} us"
@@ -283,9 +291,11 @@ def layer_sums(done: list[Pieces]) -> list[dict]:
         if set(shapes) != set(SHAPES):
             continue
         total = sum(PER_LAYER[s] * shapes[s]["us"] for s in SHAPES)
-        eager = None if any(shapes[s]["eager_us"] is None for s in SHAPES) else \
-            sum(PER_LAYER[s] * shapes[s]["eager_us"] for s in SHAPES)
-        sums.append(dict(piece=piece, us=total, eager_us=eager))
+        eager = host = None
+        if all(shapes[s]["eager_us"] is not None for s in SHAPES):
+            eager = sum(PER_LAYER[s] * shapes[s]["eager_us"] for s in SHAPES)
+            host = sum(PER_LAYER[s] * shapes[s]["host_us"] for s in SHAPES)
+        sums.append(dict(piece=piece, us=total, eager_us=eager, host_us=host))
     return sums
 
 
@@ -312,6 +322,11 @@ def bench_model(args, formats: dict[str, str | None]) -> list[dict]:
             with torch.no_grad():
                 model = compress(lowbit.quantize(model, copy.deepcopy(getattr(lowbit, preset)),
                                                  lambda m: m(prompt[:, :64])))
+        if fmt.endswith(FAST):
+            for module in model.modules():
+                if isinstance(module, CompressedLinear):
+                    module.fp8_fast_accumulation = True
+                    module.prepare(torch.bfloat16)
         try:
             results.append({"format": fmt, **prefill_profile(model, prompt, args)})
         except Exception as error:
@@ -334,16 +349,18 @@ def prefill_profile(model: nn.Module, prompt: torch.Tensor, args) -> dict:
         started = time.perf_counter()
         forward()
         return {"wall ms": round((time.perf_counter() - started) * 1e3, 2)}
-    walls = []
+    walls, hosts = [], []
     for _ in range(5):
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started = time.perf_counter()
         start.record()
         forward()
         end.record()
+        hosts.append((time.perf_counter() - started) * 1e3)
         torch.cuda.synchronize()
         walls.append(start.elapsed_time(end))
-    result = {"wall ms": round(statistics.median(walls), 2)}
+    result = {"wall ms": round(statistics.median(walls), 2), "host ms": round(statistics.median(hosts), 2)}
     try:
         result.update(busy_and_syncs(forward))
     except Exception as error:  # the wall time stands; the log says why the rest is missing
@@ -383,32 +400,35 @@ def markdown(args, tables: dict[int, list[Pieces]], model_rows: list[dict]) -> s
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- command: `python {' '.join(sys.argv)}`",
              "- protocol: bench/prefill_parts.py's docstring (gpu us: CUDA-graph replay after an L2 flush, median of "
-             f"{args.reps}; eager us: {args.calls} back-to-back eager calls, no flush; * = not captured, eager)", ""]
+             f"{args.reps}; eager / host us: {args.calls} back-to-back eager calls, no flush; * = not captured)", ""]
     for m, done in tables.items():
-        lines += [f"## M = {m}", "", "| shape | piece | gpu us | x bf16 | eager us | err | = module |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## M = {m}", "", "| shape | piece | gpu us | x bf16 | eager us | host us | err | = module |",
+                  "|---|---|---|---|---|---|---|---|"]
         for pieces in done:
             base = pieces.rows[0]["us"] if pieces.rows else float("nan")
             for row in pieces.rows:
                 same = "" if row["same"] is None else ("yes" if row["same"] else "no")
                 lines.append(f"| {row['shape']} | {row['piece']} | {row['us']:.1f}{'' if row['captured'] else '*'} | "
                              f"{base / row['us']:.2f} | {_number(row['eager_us'], '.1f')} | "
+                             f"{_number(row['host_us'], '.1f')} | "
                              f"{_number(row['err'], '.1e')} | {same} |")
         sums = layer_sums(done)
         if sums:
             base = next(s for s in sums if s["piece"] == "bf16")
             lines += ["", f"Per decoder layer (7 Linears), M = {m}:", "",
-                      "| piece | gpu us | x bf16 | eager us | x bf16 eager |", "|---|---|---|---|---|"]
+                      "| piece | gpu us | x bf16 | eager us | x bf16 eager | host us |", "|---|---|---|---|---|---|"]
             for s in sums:
                 eager_ratio = "" if s["eager_us"] is None else f"{base['eager_us'] / s['eager_us']:.2f}"
                 lines.append(f"| {s['piece']} | {s['us']:.1f} | {base['us'] / s['us']:.2f} | "
-                             f"{_number(s['eager_us'], '.1f')} | {eager_ratio} |")
+                             f"{_number(s['eager_us'], '.1f')} | {eager_ratio} | {_number(s['host_us'], '.1f')} |")
         lines.append("")
     if model_rows:
         lines += [f"## Model: random Llama 4096/14336, {args.layers} layers, eager prefill of 2048 tokens", "",
-                  "| format | wall ms | x bf16 | GPU busy ms | syncs | top kernels |", "|---|---|---|---|---|---|"]
+                  "| format | wall ms | x bf16 | host ms | GPU busy ms | syncs | top kernels |",
+                  "|---|---|---|---|---|---|---|"]
         base = model_rows[0]["wall ms"]
-        lines += [f"| {r['format']} | {r['wall ms']} | {base / r['wall ms']:.2f} | {r.get('GPU busy ms', '-')} | "
+        lines += [f"| {r['format']} | {r['wall ms']} | {base / r['wall ms']:.2f} | {r.get('host ms', '-')} | "
+                  f"{r.get('GPU busy ms', '-')} | "
                   f"{r.get('syncs', '-')} | {r.get('top kernels', '-')} |" for r in model_rows]
     return "\n".join(lines) + "\n"
 
@@ -438,7 +458,7 @@ def main() -> None:
     for index, m in enumerate(args.rows):
         tables[m] = bench_shapes(args, m, timer, generator)
         if index == 0 and args.layers:
-            formats = {"bf16": None, **{k: W4_PRESETS[k] for k in W4_PRESETS}, **FP8_PRESETS}
+            formats = {"bf16": None, **W4_PRESETS, **FP8_PRESETS, "fp8 tensor" + FAST: FP8_PRESETS["fp8 tensor"]}
             model_rows = bench_model(args, formats)
     failed = [f"{p.shape} M={p.m} {name}" for done in tables.values() for p in done for name in p.failed]
     text = markdown(args, tables, model_rows)
