@@ -13,10 +13,11 @@ Pieces (``piece`` column):
 - ``bf16``: ``F.linear`` on the bf16 weight. ``module``: the ``CompressedLinear`` call as ``compress`` prepared it.
 - INT4 g128 (``INT4_BLOCKWISE_WEIGHT_ONLY_CFG``) and NVFP4 weight-only (``W4A16_NVFP4_CFG``), whose module runs
   ``w4_dequantize`` then cuBLAS at these rows: ``dequantize`` (the kernel alone), ``GEMM on dequantized`` (cuBLAS on
-  the ready bf16 weight), candidates: ``sliced <MB> x<streams>`` (``lowbit.kernels.w4_sliced``: N slices of that
-  many MB of bf16 weight dequantized into reused buffers, the GEMM writing the output's column slice; 2 streams
-  overlap a slice's dequantization with the previous slice's GEMM), ``fused <config>`` (the Triton W4A16
-  tensor-core kernel ``w4_matmul`` with large-M tiles).
+  the ready bf16 weight), ``fused <config>`` (candidate: the Triton W4A16 tensor-core kernel ``w4_matmul`` with
+  large-M tiles). The first run (bench/results/prefill_parts_cuda_2026-12-07.md, commit 3e6e30b) also timed
+  ``sliced <MB> x<streams>``: N slices of bf16 weight dequantized into reused L2-sized buffers, the GEMM writing the
+  output's column slice, on one or two streams (``lowbit/kernels/w4_sliced.py`` there): slower on every shape,
+  removed since.
 - FP8 W8A8, per tensor (``FP8_DEFAULT_CFG``: static activation amax, per-tensor weight scale) and per row
   (``FP8_PER_CHANNEL_PER_TOKEN_CFG``: dynamic per-token activation scales, per-channel weight): ``act quant``
   (the Triton kernel ``fp8_quant.quantize_fp8`` alone), ``scaled_mm`` (``torch._scaled_mm`` on ready codes),
@@ -72,7 +73,6 @@ SMOKE_DIVISOR = 16  # --smoke divides every width by this (K stays a multiple of
 W4_PRESETS = {"int4": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "nvfp4": "W4A16_NVFP4_CFG"}
 FP8_PRESETS = {"fp8 tensor": "FP8_DEFAULT_CFG", "fp8 row": "FP8_PER_CHANNEL_PER_TOKEN_CFG"}
 FAST = " fast accum"  # a model row with CompressedLinear.fp8_fast_accumulation set
-SLICES = [(8, 1), (16, 1), (16, 2), (32, 2)]  # (MB of bf16 weight per slice, streams)
 FUSED_CONFIGS = {
     "n128 m128 w8 s3": dict(BLOCK_N=128, BLOCK_M=128, num_warps=8, num_stages=3),
     "n256 m128 w8 s3": dict(BLOCK_N=256, BLOCK_M=128, num_warps=8, num_stages=3),
@@ -177,10 +177,8 @@ class Pieces:
         return out
 
 
-def w4_pieces(pieces: Pieces, name: str, layer: nn.Module, x: torch.Tensor, x64: torch.Tensor,
-              divisor: int = 1) -> None:
-    """The W4A16 module, its two halves and the candidates (module docstring); ``divisor``: --smoke's width
-    divisor (the slices shrink with its square, so that the small weights still split into several)."""
+def w4_pieces(pieces: Pieces, name: str, layer: nn.Module, x: torch.Tensor, x64: torch.Tensor) -> None:
+    """The W4A16 module, its two halves and the fused candidates (module docstring)."""
     packed = layer.packed
     arguments = dispatch.triton_arguments(packed)
     kernels = dispatch.triton_w4()
@@ -190,17 +188,6 @@ def w4_pieces(pieces: Pieces, name: str, layer: nn.Module, x: torch.Tensor, x64:
         packed.codes, packed.scale, dtype=x.dtype, **arguments))
     if dequantized is not None:
         pieces.record(f"{name} GEMM on dequantized", lambda: F.linear(x, dequantized), reference, module_out)
-    from lowbit.kernels.w4_sliced import sliced_linear
-
-    operands = (packed.codes, packed.scale, arguments.get("zero_point"), arguments.get("global_scale"), None,
-                arguments["kind"], arguments["group_size"], arguments.get("zero_offset", 0))
-    n, k = packed.shape
-    for megabytes, streams in SLICES:
-        if streams == 2 and not x.is_cuda:
-            continue
-        rows = max(1, (megabytes << 20) // (2 * k) // divisor**2)
-        pieces.record(f"{name} sliced {megabytes}MB x{streams}", lambda r=rows, s=streams: sliced_linear(
-            x, *operands, slice_rows=r, streams=s), reference, module_out)
     for label, config in FUSED_CONFIGS.items():
         config = {**config, "SPLIT_K": 1, "UNROLL": 1, "X_PERMUTED": True,
                   "SCALE_AFTER_DOT": arguments["kind"] != "nvfp4" and arguments["group_size"] % 128 == 0}
@@ -264,7 +251,7 @@ def bench_shape(args, pieces: Pieces, n: int, k: int, generator: torch.Generator
             continue
         layer = compressed_linear(weight, preset, x)
         if name in W4_PRESETS:
-            w4_pieces(pieces, name, layer, x, x64, SMOKE_DIVISOR if args.smoke else 1)
+            w4_pieces(pieces, name, layer, x, x64)
         else:
             fp8_pieces(pieces, name, layer, x)
     for row in pieces.rows:

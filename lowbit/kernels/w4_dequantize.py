@@ -78,19 +78,14 @@ def w4_dequantize(
     global_scale: torch.Tensor | None = None,
     zero_offset: int = 0,
     config: dict | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantized weights (N, K) in ``dtype``, equal to lowbit.formats' dequantization bit for bit.
-    ``config``: keys ``DEQUANTIZE_CONFIG_KEYS`` (rows per program, warps). ``out``: a contiguous (N, K) tensor of
-    ``dtype`` to write into (a reused buffer) instead of a new one."""
+    ``config``: keys ``DEQUANTIZE_CONFIG_KEYS`` (rows per program, warps)."""
     check_config(config or {}, DEQUANTIZE_CONFIG_KEYS)
     n, k = codes.shape[0], codes.shape[1] * 2
     launch = {"BLOCK_N": 32, "K_BLOCKS": 1, "num_warps": 4, **(config or {})}
     check_split(k, 1, launch["K_BLOCKS"], "K_BLOCKS")
-    if out is None:
-        out = torch.empty((n, k), device=codes.device, dtype=dtype)
-    elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({n}, {k}) {dtype} tensor, got {out.dtype} {tuple(out.shape)}")
+    out = torch.empty((n, k), device=codes.device, dtype=dtype)
     _w4_dequantize_kernel[(triton.cdiv(n, launch["BLOCK_N"]), k // BLOCK_K // launch["K_BLOCKS"])](
         codes.view(torch.int32), scale, zero_point if zero_point is not None else scale,
         global_scale if global_scale is not None else scale, out, n, k,
