@@ -10,10 +10,10 @@ Per ``PreparedLinear`` (``EagerGraphs``, attached by ``prepare_linear`` / ``Comp
 count M: the first eager call of M rows warms the call up on a side stream (``WARMUP_CALLS`` times: Triton
 compilation, cuBLAS handles, the kernels' scratch buffers), then captures ``function(static_in, *operands,
 bias=bias)`` into a ``torch.cuda.CUDAGraph``. Every call then runs ``static_in.copy_(rows)``, ``replay()`` and
-returns ``static_out.clone()`` (a new tensor: callers keep outputs across calls). All graphs allocate from one
-shared memory pool (``torch.cuda.graph_pool_handle``): each keeps only its ``static_out`` alive there, its
-intermediates are dead once a replay ends, so graphs replayed one after the other on a stream may reuse each other's
-intermediate memory.
+returns ``static_out.clone()`` (a new tensor: callers keep outputs across calls). All graphs of a device allocate
+from one shared memory pool (``torch.cuda.graph_pool_handle``, ``_pool``): each keeps only its ``static_out`` alive
+there, its intermediates are dead once a replay ends, so graphs replayed one after the other on a stream may reuse
+each other's intermediate memory.
 
 When a call takes a graph (``takes_graph``): ``ENABLED``; not under ``torch.compile`` tracing; M <= ``MAX_ROWS``;
 x on CUDA, on the current device, contiguous after the reshape to (M, K), 16-byte aligned; no autograd (grad mode
@@ -23,7 +23,8 @@ Every other call runs ``function`` directly, unchanged.
 
 Invariants: a replay runs the very kernels the ungraphed call launches on an input of the same shape, dtype,
 contiguity and alignment (the gate's conditions: torch and Triton choose kernels by these), so its output equals
-the ungraphed call's bit for bit. What a graph fixes at capture: the operands' and the bias' addresses (the
+the ungraphed call's bit for bit (where that call is deterministic: the Triton kernels' split-K sums of more than
+two parts add in arrival order, graphed or not). What a graph fixes at capture: the operands' and the bias' addresses (the
 ``PreparedLinear`` holds its operands; a graph keeps its bias' storage and recaptures when the bias passed has
 another address), the kernel choices, and global math settings (e.g. ``torch.backends.cuda.matmul``). Graphs belong
 to their ``PreparedLinear``: ``CompressedLinear.prepare`` (also run after a move to another device) drops them. In
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -74,12 +76,12 @@ class _CapturedCall:
 
     def __init__(self, function: Callable[..., torch.Tensor], operands: tuple, rows: torch.Tensor,
                  bias: torch.Tensor | None):
-        device = rows.device
+        device = rows.get_device()
         # normal (not inference) tensors: the static input is written in place by calls in and out of inference mode
         with torch.inference_mode(False), torch.no_grad():
             self.static_in = torch.empty_like(rows, memory_format=torch.contiguous_format).copy_(rows)
             self.bias = None if bias is None else bias.detach()  # keeps the address the graph reads alive
-            stream = _capture_stream(rows.get_device())
+            stream = _capture_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(WARMUP_CALLS):
@@ -87,12 +89,14 @@ class _CapturedCall:
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph, pool=_pool(), stream=stream):
+                # thread_local, as torch.compile's CUDA-graph trees: other threads' CUDA calls do not void it
+                with torch.cuda.graph(self.graph, pool=_pool(device), stream=stream, capture_error_mode="thread_local"):
                     self.static_out = function(self.static_in, *operands, bias=bias)
             except RuntimeError as error:
-                raise RuntimeError(f"lowbit: capturing {getattr(function, '__name__', function)} for "
-                                   f"{tuple(rows.shape)} rows into a CUDA graph failed; LOWBIT_EAGER_GRAPHS=0 runs "
-                                   f"eager calls ungraphed") from error
+                name = getattr(function, "__name__", function)
+                raise RuntimeError(f"lowbit: capturing {name} for {tuple(rows.shape)} rows into a CUDA graph failed; "
+                                   f"LOWBIT_EAGER_GRAPHS=0 runs eager calls ungraphed") from error
+        _LIVE_GRAPHS[device].add(self.graph)
 
     def serves(self, bias: torch.Tensor | None) -> bool:
         if bias is None or self.bias is None:
@@ -135,9 +139,14 @@ def for_device(device: torch.device) -> EagerGraphs | None:
     return EagerGraphs() if device.type == "cuda" else None
 
 
-@functools.cache
-def _pool():
-    """The one memory pool of every graph here."""
+_LIVE_GRAPHS: dict[int, weakref.WeakSet] = {}  # per device: the graphs captured here and still alive
+
+
+def _pool(device_index: int):
+    """The shared memory pool: a live graph's (so a pool in use: torch's allocator refuses to share a pool whose
+    graphs are all gone but whose memory is not yet returned), or a new one when no graph is alive."""
+    for graph in _LIVE_GRAPHS.setdefault(device_index, weakref.WeakSet()):
+        return graph.pool()
     return torch.cuda.graph_pool_handle()
 
 

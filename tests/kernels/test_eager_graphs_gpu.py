@@ -29,7 +29,8 @@ CASES = {
     "nvfp4_wo_bias": ("W4A16_NVFP4_CFG", torch.bfloat16, True, "_cuda_w4"),
     "fp8_w8a8_bias": ("FP8_DEFAULT_CFG", torch.bfloat16, True, "_fp8_rows"),
 }
-IN_FEATURES, OUT_FEATURES = 1024, 384  # one row: SPLIT_K 2 in the fused Triton kernel (its shared workspace)
+IN_FEATURES, OUT_FEATURES = 1024, 384  # 1-4 rows: SPLIT_K 2 in the fused kernel (shared workspace; two parts add
+# in either order to the same bits, where more would make even ungraphed calls differ in their last bits)
 
 
 def _activations(rows: int, dtype: torch.dtype, seed: int, k: int = IN_FEATURES) -> torch.Tensor:
