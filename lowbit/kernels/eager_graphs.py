@@ -11,7 +11,7 @@ count M: the first eager call of M rows warms the call up on a side stream (``WA
 compilation, cuBLAS handles, the kernels' scratch buffers), then captures ``function(static_in, *operands,
 bias=bias)`` into a ``torch.cuda.CUDAGraph``. Every call then runs ``static_in.copy_(rows)``, ``replay()`` and
 returns ``static_out.clone()`` (a new tensor: callers keep outputs across calls). All graphs of a device allocate
-from one shared memory pool (``torch.cuda.graph_pool_handle``, ``_pool``): each keeps only its ``static_out`` alive
+from one shared memory pool (``torch.cuda.graph_pool_handle``, ``_live_call``): each keeps only its ``static_out`` alive
 there, its intermediates are dead once a replay ends, so graphs replayed one after the other on a stream may reuse
 each other's intermediate memory.
 
@@ -24,13 +24,13 @@ Every other call runs ``function`` directly, unchanged.
 Invariants: a replay runs the very kernels the ungraphed call launches on an input of the same shape, dtype,
 contiguity and alignment (the gate's conditions: torch and Triton choose kernels by these), so its output equals
 the ungraphed call's bit for bit (where that call is deterministic: the Triton kernels' split-K sums of more than
-two parts add in arrival order, graphed or not). What a graph fixes at capture: the operands' and the bias' addresses (the
-``PreparedLinear`` holds its operands; a graph keeps its bias' storage and recaptures when the bias passed has
-another address), the kernel choices, and global math settings (e.g. ``torch.backends.cuda.matmul``). Graphs belong
-to their ``PreparedLinear``: ``CompressedLinear.prepare`` (also run after a move to another device) drops them. In
-place changes of the operands' values show in replays as in ungraphed calls. Replays run on the caller's current
-stream; calls of graphed layers from two streams at once are not supported (they share the pool, and a layer its
-static input).
+two parts add in arrival order, graphed or not). What a graph fixes at capture: the operands' and the bias'
+addresses (the ``PreparedLinear`` holds its operands; a graph keeps its bias' storage and recaptures when the bias
+passed has another address), the kernel choices, and global math settings (e.g. ``torch.backends.cuda.matmul``).
+Graphs belong to their ``PreparedLinear``: ``CompressedLinear.prepare`` (also run after a move to another device)
+drops them. In place changes of the operands' values show in replays as in ungraphed calls. Replays run on the
+caller's current stream; calls of graphed layers from two streams at once are not supported (they share the pool,
+and a layer its static input).
 
 Turning it off: ``LOWBIT_EAGER_GRAPHS=0`` in the environment (read at import) or ``eager_graphs.ENABLED = False``.
 
@@ -88,15 +88,17 @@ class _CapturedCall:
                     function(self.static_in, *operands, bias=bias)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
+            sharer = _live_call(device)  # held through the capture: its pool stays in use
+            pool = sharer.graph.pool() if sharer is not None else torch.cuda.graph_pool_handle()
             try:
                 # thread_local, as torch.compile's CUDA-graph trees: other threads' CUDA calls do not void it
-                with torch.cuda.graph(self.graph, pool=_pool(device), stream=stream, capture_error_mode="thread_local"):
+                with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     self.static_out = function(self.static_in, *operands, bias=bias)
             except RuntimeError as error:
                 name = getattr(function, "__name__", function)
                 raise RuntimeError(f"lowbit: capturing {name} for {tuple(rows.shape)} rows into a CUDA graph failed; "
                                    f"LOWBIT_EAGER_GRAPHS=0 runs eager calls ungraphed") from error
-        _LIVE_GRAPHS[device].add(self.graph)
+        _LIVE_CALLS.setdefault(device, weakref.WeakSet()).add(self)
 
     def serves(self, bias: torch.Tensor | None) -> bool:
         if bias is None or self.bias is None:
@@ -139,15 +141,13 @@ def for_device(device: torch.device) -> EagerGraphs | None:
     return EagerGraphs() if device.type == "cuda" else None
 
 
-_LIVE_GRAPHS: dict[int, weakref.WeakSet] = {}  # per device: the graphs captured here and still alive
+_LIVE_CALLS: dict[int, weakref.WeakSet] = {}  # per device: the captured calls still alive
 
 
-def _pool(device_index: int):
-    """The shared memory pool: a live graph's (so a pool in use: torch's allocator refuses to share a pool whose
-    graphs are all gone but whose memory is not yet returned), or a new one when no graph is alive."""
-    for graph in _LIVE_GRAPHS.setdefault(device_index, weakref.WeakSet()):
-        return graph.pool()
-    return torch.cuda.graph_pool_handle()
+def _live_call(device_index: int) -> _CapturedCall | None:
+    """A live captured call of the device, whose graph's pool the next capture shares (torch's allocator refuses
+    to share a pool whose graphs are all gone while its memory is not yet returned: a new pool is taken then)."""
+    return next(iter(_LIVE_CALLS.get(device_index, ())), None)
 
 
 @functools.cache
