@@ -7,6 +7,7 @@ call (a stale static input, or an output aliasing the static buffer, fails the c
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -176,3 +177,20 @@ def test_one_row_gemv_shape_replays_bit_for_bit(monkeypatch):
                 expected = prepared(x, None)
             assert torch.equal(prepared(x, None), expected)
     assert prepared.graphs.captured() == [1]
+
+
+def test_graphs_go_with_their_prepared_call_and_later_captures_work(monkeypatch):
+    """Re-preparing drops a layer's graphs; once every graph is gone (the shared pool unused), new captures take a
+    new pool and still replay the ungraphed output."""
+    preset, dtype, bias, _ = CASES["int8_wo"]
+    layer = _layer(preset, dtype, bias)
+    x = _activations(1, dtype, seed=20)
+    with torch.inference_mode():
+        first = layer(x)
+        layer.prepare(dtype)
+        assert layer._prepared.graphs.captured() == []
+        del layer
+        gc.collect()
+        other = _layer(preset, dtype, bias)
+        assert torch.equal(other(x), first) and other._prepared.graphs.captured() == [1]
+        assert torch.equal(other(x), _ungraphed(other, x, monkeypatch))
