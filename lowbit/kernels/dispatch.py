@@ -19,6 +19,8 @@
 ``PreparedLinear``: the kernel with its operands already derived (the CPU INT4 kernel's own code layout and
 scale-and-zero table, INT8 multipliers, Triton arguments), so a call is one op plus two reshapes.
 ``weight_only_linear`` decides on every call (the path of modules not prepared, and of gradients).
+On CUDA, eager calls of at most ``eager_graphs.MAX_ROWS`` rows of a prepared Triton, FP8 or dequantize-first layer
+replay a CUDA graph of the call (``kernels.eager_graphs``: same kernels, one launch; not for torch's INT4 op).
 
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
 ``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused Triton kernels multiply the
@@ -33,13 +35,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu, cpu_fp, cuda_int4, ops
+from lowbit.kernels import cpu, cpu_fp, cuda_int4, eager_graphs, ops
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -129,19 +131,25 @@ def _cpu_fp(x: torch.Tensor, rows_function, operands, packed, bias=None):
 @dataclass(frozen=True)
 class PreparedLinear:
     """``x (..., K) -> (..., N)``: ``function(rows (M, K), *operands, bias=bias)`` for activations of
-    ``dtype`` on ``device`` (``serves``); the operands were derived once by ``prepare_linear``."""
+    ``dtype`` on ``device`` (``serves``); the operands were derived once by ``prepare_linear``. ``graphs``: where
+    set, the calls ``eager_graphs.takes_graph`` accepts replay a CUDA graph of the call (same output bits)."""
 
     function: Callable[..., torch.Tensor]
     operands: tuple
     device: torch.device
     dtype: torch.dtype
     out_features: int
+    graphs: eager_graphs.EagerGraphs | None = field(default=None, compare=False, repr=False)
 
     def serves(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.device == self.device
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = self.function(x.reshape(-1, x.shape[-1]), *self.operands, bias=bias)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.graphs is not None and eager_graphs.takes_graph(rows, bias):
+            out = self.graphs.run(self.function, self.operands, rows, bias)
+        else:
+            out = self.function(rows, *self.operands, bias=bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -152,9 +160,9 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
     device = torch.device(device)
     n = packed.shape[0]
     if device.type == "cuda" and dtype in ACTIVATION_DTYPES and triton_arguments(packed) and has_triton():
-        if dtype == torch.bfloat16 and cuda_int4.inner_k_tiles(packed):
+        if dtype == torch.bfloat16 and cuda_int4.inner_k_tiles(packed):  # one aten op at <= 4 rows: no graphs
             return PreparedLinear(_cuda_int4, (*cuda_int4.operands(packed), *_w4_operands(packed)), device, dtype, n)
-        return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n)
+        return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n, eager_graphs.EagerGraphs())
     if device.type == "cpu" and dtype in CPU_DTYPES:
         if cpu.int4_group_size(packed.format, packed.shape):
             return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
@@ -163,7 +171,7 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
         kernel = cpu_fp.weight_only_kernel(packed)
         if kernel is not None:
             return PreparedLinear(_cpu_fp, (*kernel, packed), device, dtype, n)
-    return PreparedLinear(_dequantize_first, (packed,), device, dtype, n)
+    return PreparedLinear(_dequantize_first, (packed,), device, dtype, n, eager_graphs.for_device(device))
 
 
 def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
