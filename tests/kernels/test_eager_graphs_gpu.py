@@ -26,7 +26,7 @@ CASES = {
     "int4_g128_fp16": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", torch.float16, False, "_cuda_w4"),
     "nvfp4_wo": ("W4A16_NVFP4_CFG", torch.bfloat16, False, "_cuda_w4"),
     "fp8_w8a8": ("FP8_DEFAULT_CFG", torch.bfloat16, False, "_fp8_rows"),
-    "int8_wo": ("INT8_WEIGHT_ONLY_CFG", torch.bfloat16, False, "_dequantize_first"),
+    "int8_wo": ("INT8_WEIGHT_ONLY_CFG", torch.bfloat16, False, "_cuda_int8"),
     "nvfp4_wo_bias": ("W4A16_NVFP4_CFG", torch.bfloat16, True, "_cuda_w4"),
     "fp8_w8a8_bias": ("FP8_DEFAULT_CFG", torch.bfloat16, True, "_fp8_rows"),
 }
