@@ -12,7 +12,8 @@ kernel built at run time where a compiler exists) for up to ``GEMV_MAX_ROWS`` ro
 Thin forward: ``prepare(dtype)`` (called by ``compress``, and on the first call after a move to another
 device) decides the kernel once for the device and activation dtype (``lowbit.kernels.prepare_linear``) and
 derives its operands, for weight-only layers (input and output quantizers disabled, no LoRA) and for FP8
-W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op. The derived
+W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op (on CUDA, eager
+calls of a few rows replay a CUDA graph of it: ``lowbit.kernels.eager_graphs``). The derived
 operands are not buffers: the state dict holds the canonical packed tensors only.
 The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
@@ -39,6 +40,7 @@ from lowbit import formats
 from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
 from lowbit.kernels import Fp8Weight, PreparedLinear, cpu_fp, int8_matmul, prepare_linear, weight_only_linear
 from lowbit.kernels.dispatch import has_triton
+from lowbit.kernels.eager_graphs import for_device
 from lowbit.kernels.ops import fp8_linear
 from lowbit.quantizer import TensorQuantizer
 
@@ -251,7 +253,8 @@ def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.
         operands = (quantizer, packed, *cpu_fp.fp8_w8a8_operands(packed, amax), dtype)
         return PreparedLinear(_cpu_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
     operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype, fast_accumulation)
-    return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
+    return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0],
+                          for_device(packed.codes.device))
 
 
 def _is_enabled(quantizer: nn.Module) -> bool:
