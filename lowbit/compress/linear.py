@@ -155,7 +155,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self._prepared
-        if prepared is not None and prepared.serves(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))
+        if prepared is not None and prepared.serves(x) and not needs_grad:  # kernels that autograd cannot follow
             return prepared(x, self.bias)
         if self._should_prepare(x):
             self.prepare(x.dtype)
@@ -188,7 +189,7 @@ class CompressedLinear(nn.Module):
         quantized in one Triton kernel, then ``_scaled_mm``), INT8 ``formats.quantize_int`` + ``int8_matmul``.
         """
         kind = _w8a8_kind(self.input_quantizer, self.weight_format, x)
-        if kind is None or (torch.is_grad_enabled() and x.requires_grad):
+        if kind is None or (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))):
             return None
         quantizer = self.input_quantizer
         rows = x.reshape(-1, self.in_features)
