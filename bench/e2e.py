@@ -25,7 +25,9 @@ rounds, ratio bf16 time / format's).
 ``host us/call``: a compressed layer of the format at 256 x 256 called 2000 times on one activation row, each
 call timed alone with no synchronisation (on CUDA the launch returns at once; the kernel's own time is far
 under the host's at that shape), median call (robust to the calls a loaded machine preempts); the bf16 row
-is ``nn.Linear`` of the same shape. Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over
+is ``nn.Linear`` of the same shape. It is what a user's eager call costs: on CUDA the layer's first call captures
+its CUDA graph (``lowbit.kernels.eager_graphs``), one of the 20 untimed warm-up calls; ``ungraphed us/call`` (CUDA)
+times the same layer with the graphs switched off. Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over
 the generate calls of that format, reset between models.
 """
 
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lowbit  # noqa: E402
 from lowbit.compress import compress  # noqa: E402
 from lowbit.eval import format_table  # noqa: E402
+from lowbit.kernels import eager_graphs  # noqa: E402
 
 PRESETS = {
     "bf16": None,
@@ -108,15 +111,15 @@ def torchao_config(fmt: str):
 
 
 def random_llama(args, device: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, vocab_size=VOCAB,
                          max_position_embeddings=max(4096, args.prefill + args.prompt + args.new_tokens))
     torch.manual_seed(SEED)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):  # built in bf16 (no float32 copy: a 32-layer 4096/14336 model is 14 GB in bf16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 
@@ -183,15 +186,29 @@ def prefill_seconds(model: nn.Module, tokens: torch.Tensor, device: str) -> floa
     return time.perf_counter() - started
 
 
-def host_microseconds(fmt: str, device: str) -> float | None:
-    """Wall time per call of one layer of ``fmt`` at HOST_SHAPE, M = 1, unsynchronised (module docstring)."""
+def host_microseconds(fmt: str, device: str) -> tuple[float | None, float | None]:
+    """Wall time per call of one layer of ``fmt`` at HOST_SHAPE, M = 1, unsynchronised (module docstring): as a
+    user's eager call runs, and with lowbit's eager CUDA graphs off (None off CUDA and for bf16)."""
     generator = torch.Generator().manual_seed(SEED)
     layer = nn.Sequential(nn.Linear(HOST_SHAPE, HOST_SHAPE, bias=False)).to(device, torch.bfloat16)
     x = torch.randn(1, 1, HOST_SHAPE, generator=generator).to(device, torch.bfloat16)
     if PRESETS.get(fmt):
         layer = compress(lowbit.quantize(layer, quant_config(fmt), lambda m: m(x)))
     elif fmt != "bf16":
-        return None
+        return None, None
+    graphed = median_call_seconds(layer, x, device)
+    if device != "cuda" or fmt == "bf16":
+        return graphed * 1e6, None
+    eager_graphs.ENABLED = False
+    try:
+        ungraphed = median_call_seconds(layer, x, device)
+    finally:
+        eager_graphs.ENABLED = True
+    return graphed * 1e6, ungraphed * 1e6
+
+
+def median_call_seconds(layer: nn.Module, x: torch.Tensor, device: str) -> float:
+    """The median of HOST_CALLS timed calls after 20 untimed ones (the first of which captures any graph)."""
     calls = []
     with torch.inference_mode():
         for _ in range(20):
@@ -202,7 +219,7 @@ def host_microseconds(fmt: str, device: str) -> float | None:
             layer(x)
             calls.append(time.perf_counter() - started)
         synchronize(device)
-    return statistics.median(calls) * 1e6
+    return statistics.median(calls)
 
 
 def run_model(model_name: str, args) -> list[dict]:
@@ -265,8 +282,10 @@ def run_model(model_name: str, args) -> list[dict]:
             row["share of ceiling gain"] = round((ratio - 1) / (ceiling - 1), 2) if ceiling > 1 else ""
         if peaks:
             row["peak GiB"] = round(peaks[fmt], 2)
-        host = host_microseconds(fmt, args.device)
+        host, ungraphed = host_microseconds(fmt, args.device)
         row["host us/call"] = "" if host is None else round(host, 1)
+        if args.device == "cuda":
+            row["ungraphed us/call"] = "" if ungraphed is None else round(ungraphed, 1)
         rows.append(row)
         print(row, flush=True)
     del models

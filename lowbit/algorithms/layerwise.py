@@ -51,7 +51,6 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lowbit.algorithms.activation_ranges import InputRanges
 from lowbit.calibration import (
@@ -61,6 +60,7 @@ from lowbit.calibration import (
     static_activation_quantizers,
 )
 from lowbit.modules.registry import is_quantized
+from lowbit.progress import progress
 from lowbit.quantizer import TensorQuantizer, collecting_statistics, reusing_outputs
 from lowbit.structure.blocks import require_block_stacks
 from lowbit.structure.groups import row_weights
@@ -279,13 +279,14 @@ def _run_stack(stack_name: str, layers: nn.ModuleList, inputs: LayerInputs, tran
                description: str, watch: LayerWatch | None, layer_inputs: str, full_pass: bool) -> list[LayerReport]:
     report = []
     float_inputs = inputs if layer_inputs == QUANTIZED_FLOAT_TARGETS else None
-    progress = tqdm(layers, desc=description, unit="layer")
-    for index, layer in enumerate(progress):
+    bar = progress(layers, desc=description, unit="layer")
+    for index, layer in enumerate(bar):
         entry, outputs = calibrate_block(layer, inputs, LayerPass(transform, description, watch), layer_inputs,
                                          full_pass, LayerReport(index, f"{stack_name}.{index}", None, 0.0),
                                          float_inputs=float_inputs)
         report.append(entry)
-        progress.set_postfix(mse_max=f"{entry.mse_max:.3g}", mse_after=f"{entry.mse_after:.3g}")
+        if not math.isnan(entry.mse_after):  # measured (without_layer_errors skips the passes that only measure)
+            bar.set_postfix(mse_max=f"{entry.mse_max:.3g}", mse_after=f"{entry.mse_after:.3g}")
         if float_inputs is not None:
             float_inputs = float_inputs.replaced(inputs.targets)
         inputs = inputs.replaced(outputs)

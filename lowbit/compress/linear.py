@@ -12,7 +12,8 @@ kernel built at run time where a compiler exists) for up to ``GEMV_MAX_ROWS`` ro
 Thin forward: ``prepare(dtype)`` (called by ``compress``, and on the first call after a move to another
 device) decides the kernel once for the device and activation dtype (``lowbit.kernels.prepare_linear``) and
 derives its operands, for weight-only layers (input and output quantizers disabled, no LoRA) and for FP8
-W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op. The derived
+W8A8 on CUDA and CPU; a call then checks the input's dtype, device and gradient and runs that one op (on CUDA, eager
+calls of a few rows replay a CUDA graph of it: ``lowbit.kernels.eager_graphs``). The derived
 operands are not buffers: the state dict holds the canonical packed tensors only.
 The packed weight is frozen (buffers); gradients flow to the input,
 the bias and optional LoRA adapters (``add_lora``), recomputing the dequantized weight in backward
@@ -20,6 +21,11 @@ instead of keeping it (QLoRA style).
 
 Buffers: ``weight_codes``, ``weight_scale`` and, by format, ``weight_zero_point`` and
 ``weight_global_scale`` (see ``lowbit.compress.packed``).
+
+``fp8_fast_accumulation`` (default False; set it, then ``prepare``): FP8 W8A8 on CUDA runs ``_scaled_mm`` with
+``use_fast_accum=True``: Hopper's FP8 tensor-core sums are not promoted to float32 every few K steps, faster at
+prefill sizes and less accurate over long K (bench/results/kernels_h100_notes.md: 8192 x 28672, M=2048, error vs
+a float64 product of the same codes 2.8e-3 instead of 1.7e-3).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from lowbit import formats
 from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
 from lowbit.kernels import Fp8Weight, PreparedLinear, cpu_fp, int8_matmul, prepare_linear, weight_only_linear
 from lowbit.kernels.dispatch import has_triton
+from lowbit.kernels.eager_graphs import for_device
 from lowbit.kernels.ops import fp8_linear
 from lowbit.quantizer import TensorQuantizer
 
@@ -85,6 +92,7 @@ class CompressedLinear(nn.Module):
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
         self.lora_scale = 0.0
+        self.fp8_fast_accumulation = False
         self._prepared: PreparedLinear | None = None
         self._prepared_on: torch.device | None = None  # the buffers' device when prepare last ran
 
@@ -117,7 +125,7 @@ class CompressedLinear(nn.Module):
         if not _is_enabled(self.input_quantizer):
             self._prepared = prepare_linear(packed, packed.codes.device, dtype)
         elif _w8a8_kind(self.input_quantizer, self.weight_format, packed.codes, cpu_kernel=True) == "fp8":
-            self._prepared = _prepare_fp8(self.input_quantizer, packed, dtype)
+            self._prepared = _prepare_fp8(self.input_quantizer, packed, dtype, self.fp8_fast_accumulation)
 
     @property
     def packed(self) -> PackedWeight:
@@ -147,7 +155,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self._prepared
-        if prepared is not None and prepared.serves(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))
+        if prepared is not None and prepared.serves(x) and not needs_grad:  # kernels that autograd cannot follow
             return prepared(x, self.bias)
         if self._should_prepare(x):
             self.prepare(x.dtype)
@@ -180,7 +189,7 @@ class CompressedLinear(nn.Module):
         quantized in one Triton kernel, then ``_scaled_mm``), INT8 ``formats.quantize_int`` + ``int8_matmul``.
         """
         kind = _w8a8_kind(self.input_quantizer, self.weight_format, x)
-        if kind is None or (torch.is_grad_enabled() and x.requires_grad):
+        if kind is None or (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))):
             return None
         quantizer = self.input_quantizer
         rows = x.reshape(-1, self.in_features)
@@ -201,7 +210,7 @@ class CompressedLinear(nn.Module):
         else:
             weight = Fp8Weight.from_codes(packed.codes, packed.scale)
             activation_amax = None if amax is None else amax.float().reshape(1)
-            out = fp8_linear(rows, weight, self.bias, activation_amax, x.dtype)
+            out = fp8_linear(rows, weight, self.bias, activation_amax, x.dtype, self.fp8_fast_accumulation)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -212,8 +221,9 @@ class CompressedLinear(nn.Module):
                 f"weight={fmt.kind} {fmt.num_bits} {granularity}")
 
 
-def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, bias=None) -> torch.Tensor:
-    return fp8_linear(rows, weight, bias, activation_amax, dtype)
+def _fp8_rows(rows: torch.Tensor, weight: Fp8Weight, activation_amax, dtype, fast_accumulation: bool,
+              bias=None) -> torch.Tensor:
+    return fp8_linear(rows, weight, bias, activation_amax, dtype, fast_accumulation)
 
 
 def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: PackedWeight, codes, divisor,
@@ -226,10 +236,11 @@ def _cpu_fp8_rows(rows: torch.Tensor, quantizer: TensorQuantizer, packed: Packed
     return out if bias is None else out + bias
 
 
-def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.dtype) -> PreparedLinear | None:
+def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.dtype,
+                 fast_accumulation: bool = False) -> PreparedLinear | None:
     """FP8 W8A8 with the activation amax fixed at preparation: static per tensor (calibrated), or dynamic per
     row; None for the other activation configs (pre_quant_scale, dynamic per tensor), which stay per call.
-    CUDA: ``fp8_linear``; CPU: ``_cpu_fp8_rows``."""
+    CUDA: ``fp8_linear`` (``fast_accumulation``: ``_scaled_mm``'s ``use_fast_accum``); CPU: ``_cpu_fp8_rows``."""
     config = quantizer.config
     if quantizer.pre_quant_scale is not None:
         return None
@@ -242,8 +253,9 @@ def _prepare_fp8(quantizer: TensorQuantizer, packed: PackedWeight, dtype: torch.
     if packed.codes.device.type == "cpu" and cpu_fp.available():
         operands = (quantizer, packed, *cpu_fp.fp8_w8a8_operands(packed, amax), dtype)
         return PreparedLinear(_cpu_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
-    operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype)
-    return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0])
+    operands = (Fp8Weight.from_codes(packed.codes, packed.scale), amax, dtype, fast_accumulation)
+    return PreparedLinear(_fp8_rows, operands, packed.codes.device, dtype, packed.shape[0],
+                          for_device(packed.codes.device))
 
 
 def _is_enabled(quantizer: nn.Module) -> bool:

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.data.texts import read_texts
+from lowbit.progress import progress as progress_bar
 
 
 def token_stream(tokenizer, texts: str | os.PathLike | list[str]) -> torch.Tensor:
@@ -76,7 +76,7 @@ def make_forward_loop(
     def forward_loop(model: nn.Module) -> None:
         target = torch.device(device) if device is not None else module_device(model)
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            for batch in progress_bar(batches, desc="calibration", disable=not progress, leave=False):
                 model(**{name: tensor.to(target) for name, tensor in batch.items()})
 
     return forward_loop

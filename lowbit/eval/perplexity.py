@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.data.calibration import module_device, token_stream
+from lowbit.progress import progress as progress_bar
 
 WINDOWS_PER_FORWARD = 8
 
@@ -74,7 +74,7 @@ def scored_windows(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride:
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(windows), desc=desc, disable=not progress, leave=False) as bar:
+        with progress_bar(total=len(windows), desc=desc, disable=not progress, leave=False) as bar:
             for group in _group_equal_lengths(windows, WINDOWS_PER_FORWARD):
                 inputs = torch.stack([tokens[begin:end] for begin, end, _ in group]).to(device)
                 with torch.no_grad():  # never across a yield: grad mode is the caller's thread state

@@ -209,7 +209,9 @@ def _layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tor
 def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """The model exported to ``export_dir`` by ``export_hf_checkpoint`` or ``export_compressed_tensors``,
     rebuilt with CompressedLinear layers (see the module docstring), in eval mode on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from lowbit.hf import uninitialized_causal_lm
 
     directory = Path(export_dir)
     config_path = directory / "config.json"
@@ -222,7 +224,7 @@ def load_quantized(export_dir: str | Path, dtype: torch.dtype = torch.float32, d
                          "'modelopt' and 'compressed-tensors' exports")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = uninitialized_causal_lm(config, dtype)
     tensors = load_file(str(directory / "model.safetensors"))
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     expert_layers = [layer for experts in expert_layer_names(model).values() for names in experts for layer in names]

@@ -7,6 +7,8 @@
 | CUDA   | INT<=4 sym / asym (groups >= 16), NVFP4 (16); | 1, long K (prefers_gemv) | Triton GEMV on CUDA cores        |
 |        | K % 128 == 0; bf16 / fp16 activations         | other rows < 128         | Triton W4A16 on tensor cores     |
 |        |                                               | >= DEQUANTIZE_FIRST_ROWS | Triton dequantize, then cuBLAS   |
+| CUDA   | INT8 sym, per channel / per tensor;           | any                      | codes cast to x's dtype, cuBLAS, |
+|        | bf16 / fp16 activations                       |                          | then times the row multipliers   |
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
 | CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
@@ -19,13 +21,18 @@
 ``PreparedLinear``: the kernel with its operands already derived (the CPU INT4 kernel's own code layout and
 scale-and-zero table, INT8 multipliers, Triton arguments), so a call is one op plus two reshapes.
 ``weight_only_linear`` decides on every call (the path of modules not prepared, and of gradients).
+On CUDA, eager calls of at most ``eager_graphs.MAX_ROWS`` rows of a prepared Triton, FP8, INT8 or dequantize-first layer
+replay a CUDA graph of the call (``kernels.eager_graphs``: same kernels, one launch; not for torch's INT4 op).
 
 The fallback and the dequantize-first path multiply exactly the fake-quant weights with the same
 ``F.linear``, so their outputs equal the fake-quant model's bit for bit; the fused Triton kernels multiply the
 same weight values (exactly: codes times scales) but round only their float32 sums, so they match a float64
-product to the output's rounding; torch's INT4 / INT8 kernels take scales rounded once to the activation dtype
-(``kernels.cpu``, ``kernels.cuda_int4``). The Triton kernels run as custom ops (``kernels.ops``), imported on first
-CUDA use.
+product to the output's rounding; torch's INT4 / INT8 kernels and the CUDA INT8 path take scales rounded once to
+the activation dtype (``kernels.cpu``, ``kernels.cuda_int4``); the CUDA INT8 path also rounds ``x @ codes.T`` to
+that dtype before the multipliers (two roundings of 2^-9 relative in bf16 where dequantize-first has one per
+weight and one of the sum). Why not dequantize-first for INT8 on CUDA: its float32 decode moves ~29 bytes a weight
+(bf16 eager decode 0.24x on the H100, bench/results/e2e_cuda_2026-12-07b.md); the cast moves 3, cuBLAS 2 more.
+The Triton kernels run as custom ops (``kernels.ops``), imported on first CUDA use.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu, cpu_fp, cuda_int4, ops
+from lowbit.kernels import cpu, cpu_fp, cuda_int4, eager_graphs, ops
 
 if TYPE_CHECKING:
     from lowbit.compress.packed import PackedWeight
@@ -115,6 +122,11 @@ def _cpu_int8(x: torch.Tensor, codes, scales, bias=None):
     return out if bias is None else out + bias
 
 
+def _cuda_int8(x: torch.Tensor, codes, scales, bias=None):
+    out = F.linear(x, codes.to(x.dtype)) * scales  # |codes| <= 127: exact in bf16 / fp16
+    return out if bias is None else out + bias
+
+
 def _dequantize_first(x: torch.Tensor, packed: PackedWeight, bias=None):
     return F.linear(x, packed.dequantize(x.dtype), bias)
 
@@ -129,19 +141,25 @@ def _cpu_fp(x: torch.Tensor, rows_function, operands, packed, bias=None):
 @dataclass(frozen=True)
 class PreparedLinear:
     """``x (..., K) -> (..., N)``: ``function(rows (M, K), *operands, bias=bias)`` for activations of
-    ``dtype`` on ``device`` (``serves``); the operands were derived once by ``prepare_linear``."""
+    ``dtype`` on ``device`` (``serves``); the operands were derived once by ``prepare_linear``. ``graphs``: where
+    set, the calls ``eager_graphs.takes_graph`` accepts replay a CUDA graph of the call (same output bits)."""
 
     function: Callable[..., torch.Tensor]
     operands: tuple
     device: torch.device
     dtype: torch.dtype
     out_features: int
+    graphs: eager_graphs.EagerGraphs | None = field(default=None, compare=False, repr=False)
 
     def serves(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.device == self.device
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = self.function(x.reshape(-1, x.shape[-1]), *self.operands, bias=bias)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.graphs is not None and eager_graphs.takes_graph(rows, bias):
+            out = self.graphs.run(self.function, self.operands, rows, bias)
+        else:
+            out = self.function(rows, *self.operands, bias=bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -152,9 +170,12 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
     device = torch.device(device)
     n = packed.shape[0]
     if device.type == "cuda" and dtype in ACTIVATION_DTYPES and triton_arguments(packed) and has_triton():
-        if dtype == torch.bfloat16 and cuda_int4.inner_k_tiles(packed):
+        if dtype == torch.bfloat16 and cuda_int4.inner_k_tiles(packed):  # one aten op at <= 4 rows: no graphs
             return PreparedLinear(_cuda_int4, (*cuda_int4.operands(packed), *_w4_operands(packed)), device, dtype, n)
-        return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n)
+        return PreparedLinear(_cuda_w4, _w4_operands(packed), device, dtype, n, eager_graphs.EagerGraphs())
+    if device.type == "cuda" and dtype in ACTIVATION_DTYPES and cpu.int8_accepts(packed.format):
+        operands = (packed.codes, cpu.int8_scales(packed, dtype))
+        return PreparedLinear(_cuda_int8, operands, device, dtype, n, eager_graphs.EagerGraphs())
     if device.type == "cpu" and dtype in CPU_DTYPES:
         if cpu.int4_group_size(packed.format, packed.shape):
             return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
@@ -163,7 +184,7 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
         kernel = cpu_fp.weight_only_kernel(packed)
         if kernel is not None:
             return PreparedLinear(_cpu_fp, (*kernel, packed), device, dtype, n)
-    return PreparedLinear(_dequantize_first, (packed,), device, dtype, n)
+    return PreparedLinear(_dequantize_first, (packed,), device, dtype, n, eager_graphs.for_device(device))
 
 
 def weight_only_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, inverse_scale_ptr, amax_ptr, M, K, s
                           DYNAMIC: tl.constexpr, ROW_SCALES: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    live = row < M
+    live = tl.full((BLOCK_K,), row, tl.int32) < M  # a vector: the interpreter rejects a scalar mask operand
     x_row = x_ptr + row * stride_xm
     if DYNAMIC:
         amax = tl.zeros((BLOCK_K,), tl.float32)

@@ -5,8 +5,9 @@ launch-configuration caches and inline PTX.
 - ``lowbit::w4_linear(x (M, K), codes, scale, zero_point?, global_scale?, bias?, kind, group_size, zero_offset)``
   -> (M, N) in x's dtype: ``x @ dequantize(W).T + bias`` by ``dispatch``'s row rule (GEMV, fused tensor-core
   kernel, or dequantize then cuBLAS); arguments as ``triton_w4.w4_matmul``.
-- ``lowbit::fp8_linear(x (M, K), codes, inverse_scale, inverse_scale_row, bias?, activation_amax?, out_dtype)``
-  -> (M, N): ``scaled.fp8_linear`` (E4M3 activation codes from one Triton kernel, then ``_scaled_mm``).
+- ``lowbit::fp8_linear(x (M, K), codes, inverse_scale, inverse_scale_row, bias?, activation_amax?, out_dtype,
+  fast_accumulation)`` -> (M, N): ``scaled.fp8_linear`` (E4M3 activation codes from one Triton kernel, then
+  ``_scaled_mm``).
 
 The ops import triton on first call only; on the CPU nothing here runs (torch's CPU kernels are aten ops).
 """
@@ -60,21 +61,22 @@ def _(x, codes, scale, zero_point, global_scale, bias, kind, group_size, zero_of
 @torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
 def _fp8_linear_op(x: torch.Tensor, codes: torch.Tensor, inverse_scale: torch.Tensor,
                    inverse_scale_row: torch.Tensor, bias: torch.Tensor | None, activation_amax: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, fast_accumulation: bool = False) -> torch.Tensor:
     return scaled.fp8_linear(x, scaled.Fp8Weight(codes, inverse_scale, inverse_scale_row), bias, activation_amax,
-                             out_dtype)
+                             out_dtype, fast_accumulation)
 
 
 @_fp8_linear_op.register_fake
-def _(x, codes, inverse_scale, inverse_scale_row, bias, activation_amax, out_dtype):
+def _(x, codes, inverse_scale, inverse_scale_row, bias, activation_amax, out_dtype, fast_accumulation=False):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: scaled.Fp8Weight, bias: torch.Tensor | None,
-               activation_amax: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+               activation_amax: torch.Tensor | None, out_dtype: torch.dtype,
+               fast_accumulation: bool = False) -> torch.Tensor:
     """``scaled.fp8_linear`` (same arguments): through the ``lowbit::fp8_linear`` op under ``torch.compile``,
     directly in eager mode (as ``w4_linear``)."""
     if not torch.compiler.is_compiling():
-        return scaled.fp8_linear(x, weight, bias, activation_amax, out_dtype)
+        return scaled.fp8_linear(x, weight, bias, activation_amax, out_dtype, fast_accumulation)
     return torch.ops.lowbit.fp8_linear(x, weight.codes, weight.inverse_scale, weight.inverse_scale_row, bias,
-                                       activation_amax, out_dtype)
+                                       activation_amax, out_dtype, fast_accumulation)

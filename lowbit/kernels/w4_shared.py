@@ -174,13 +174,17 @@ def split_k_for(tiles: int, k_blocks: int, programs: int, step_multiple: int = 1
 
 
 _BUFFERS: dict = {}
+_REPLACED: list = []  # outgrown scratch buffers, never freed: CUDA graphs captured with one still use its address
 
 
 def scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed buffer of at least ``numel`` elements, cached per device (the kernels leave it zeroed)."""
+    """A zeroed buffer of at least ``numel`` elements, cached per device (the kernels leave it zeroed). A buffer
+    outgrown by a larger call is kept alive, not freed (``lowbit.kernels.eager_graphs`` replays kernels reading it)."""
     key = (device, name)
     buffer = _BUFFERS.get(key)
     if buffer is None or buffer.numel() < numel:
+        if buffer is not None:
+            _REPLACED.append(buffer)
         buffer = torch.zeros(max(numel, 1024), device=device, dtype=dtype)
         _BUFFERS[key] = buffer
     return buffer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from lowbit.export import export_formats
+from lowbit.progress import progress_bars
 from lowbit.ptq.memory import frozen_heap
 from lowbit.ptq.qformats import KV_QFORMATS, LOWBIT_EXPORT, QFORMATS
 from lowbit.ptq.run import run_ptq
@@ -87,6 +88,7 @@ def add_ptq_parser(commands, positive_int) -> None:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    with frozen_heap():
-        run_ptq(settings_from_args(args), argv)
+    settings = settings_from_args(args)
+    with frozen_heap(), progress_bars(settings.progress):
+        run_ptq(settings, argv)
     return 0

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lowbit import distributed
 from lowbit.algorithms.layerwise import (
@@ -59,6 +58,7 @@ from lowbit.config import QuantizeConfig, parse_config
 from lowbit.convert import quantize
 from lowbit.files import atomic_directory, check_writable
 from lowbit.modules import is_quantized
+from lowbit.progress import progress
 from lowbit.ptq.memory import return_large_frees
 from lowbit.quantizer import collecting_statistics
 from lowbit.scale.activations import ActivationStore, HostBudget, StoredCalls, split_call
@@ -187,7 +187,7 @@ class _Sweep:
             writer: PartWriter | None) -> list[LayerReport]:
         report, calls = [], self.first
         description = "max" if step is None else step.description
-        for index, layer in enumerate(tqdm(self.layers, desc=f"{description} (layer-wise)", unit="block")):
+        for index, layer in enumerate(progress(self.layers, desc=f"{description} (layer-wise)", unit="block")):
             prefix = f"{self.stack_name}.{index}"
             materialise(self.network, layer, prefix, self.shards, self.device)
             calibrate_weights(layer)
@@ -248,7 +248,7 @@ def _capture(network: nn.Module, first_layer: nn.Module, calib_data: list[dict[s
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            for batch in tqdm(calib_data, desc="first block inputs", unit="batch", leave=False):
+            for batch in progress(calib_data, desc="first block inputs", unit="batch", leave=False):
                 try:
                     network(**{name: value.to(store.device) for name, value in batch.items()})
                 except StopForward:

@@ -96,7 +96,7 @@ def test_int8_w8a8_uses_integer_matmul_and_matches_float64():
 def _reference_fp8_linear(calls: list):
     """Stands in for lowbit.kernels.fp8_linear (CUDA only): E4M3 activation codes by the formula, float64 product."""
 
-    def fp8_linear(x, weight, bias, activation_amax, out_dtype):
+    def fp8_linear(x, weight, bias, activation_amax, out_dtype, fast_accumulation=False):
         calls.append(activation_amax)
         x64 = x.double()
         amax = x64.abs().amax(dim=-1, keepdim=True) if activation_amax is None else activation_amax.double()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,6 +72,26 @@ def test_inputs_needing_gradients_take_the_autograd_path():
     out.sum().backward()
     expected = layer.dequantized_weight(torch.bfloat16).double().sum(0).expand_as(x)
     torch.testing.assert_close(x.grad.double(), expected, rtol=2**-8, atol=1e-6)
+
+
+def test_a_bias_needing_gradients_takes_the_autograd_path():
+    """A trained bias with a frozen input (adapters on a compressed model) must not go through the prepared kernel,
+    which may add the bias inside a custom kernel (CUDA Triton, FP8 ``_scaled_mm``) where autograd cannot follow:
+    the prepared call is replaced by one that fails, and d sum(out) / d bias = the row count per output."""
+    model, x = _compressed()
+    layer = model[0]
+    layer(x)
+
+    def refuse(*arguments, **options):
+        raise AssertionError("the prepared kernel ran for a bias that needs gradients")
+
+    layer._prepared = dataclasses.replace(layer._prepared, function=refuse)
+    layer.bias.requires_grad_(True)
+    layer(x).sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full_like(layer.bias, x.shape[0] * x.shape[1]))
+    layer.bias.requires_grad_(False)
+    with pytest.raises(AssertionError, match="prepared kernel ran"):
+        layer(x)
 
 
 def test_a_disabled_input_quantizer_with_a_pre_quant_scale_still_scales_the_input():
