@@ -2,7 +2,8 @@
 RTN and W4A16 g128 RTN, on bench/frontier.py's workload. No weight method at a W4A4 format can end below its
 "float weights" row, so it bounds what GPTQ and its kin can reach against the frontier's W4A4 target.
 
-    python bench/w4a4_floor.py [--calib-samples 8] [--eval-tokens 2048] [--threads 1] [--out bench/results]
+    python bench/w4a4_floor.py [--model default|gpt2] [--calib-samples 8] [--eval-tokens 2048] [--threads 1]
+        [--out bench/results]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def float_weights_case(format: str) -> Case:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", choices=["default", "gpt2"])
     parser.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False)
+    workload = Workload.default(args.calib_samples, args.eval_tokens, progress=False, model=args.model)
     baseline = measure_baseline(workload)
     cases = [lowbit_case(W4, "RTN", "max")]
     for format in (NVFP4, MXFP4):
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     context = run_context(["python", "bench/w4a4_floor.py", *(sys.argv[1:] if argv is None else argv)])
     text = "\n".join([
-        f"# W4A4 floor: activations quantized, weights float, {context['date'][:10]}",
+        f"# W4A4 floor: activations quantized, weights float, model `{args.model}`, {context['date'][:10]}",
         "",
         f"- command: `{context['command']}` on {context['machine']}, load average at the end "
         f"{context['load_average']}; python {context['python']}, torch {context['torch']}",
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"w4a4_floor_{context['date'][:10]}.md"
+    stem = "w4a4_floor" if args.model == "default" else f"w4a4_floor_{args.model}"
+    path = args.out / f"{stem}_{context['date'][:10]}.md"
     path.write_text(text, encoding="utf-8")
     print(text)
     print(f"written to {path}")
