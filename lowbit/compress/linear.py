@@ -41,6 +41,7 @@ from lowbit.compress.packed import PackedWeight, WeightFormat, storage_spec
 from lowbit.kernels import Fp8Weight, PreparedLinear, cpu_fp, int8_matmul, prepare_linear, weight_only_linear
 from lowbit.kernels.dispatch import has_triton
 from lowbit.kernels.eager_graphs import for_device
+from lowbit.kernels.grad_mode import needs_autograd
 from lowbit.kernels.ops import fp8_linear
 from lowbit.quantizer import TensorQuantizer
 
@@ -155,8 +156,7 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self._prepared
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))
-        if prepared is not None and prepared.serves(x) and not needs_grad:  # kernels that autograd cannot follow
+        if prepared is not None and prepared.serves(x) and not needs_autograd(x, self.bias):
             return prepared(x, self.bias)
         if self._should_prepare(x):
             self.prepare(x.dtype)
@@ -165,7 +165,7 @@ class CompressedLinear(nn.Module):
         if out is None:
             x_quantized = self.input_quantizer(x)
             packed = self.packed
-            if torch.is_grad_enabled() and (x_quantized.requires_grad or _requires_grad(self.bias)):
+            if needs_autograd(x_quantized, self.bias):
                 out = _PackedLinearFunction.apply(x_quantized, self.bias, packed)
             else:
                 out = weight_only_linear(x_quantized, packed, self.bias)
@@ -189,7 +189,7 @@ class CompressedLinear(nn.Module):
         quantized in one Triton kernel, then ``_scaled_mm``), INT8 ``formats.quantize_int`` + ``int8_matmul``.
         """
         kind = _w8a8_kind(self.input_quantizer, self.weight_format, x)
-        if kind is None or (torch.is_grad_enabled() and (x.requires_grad or _requires_grad(self.bias))):
+        if kind is None or needs_autograd(x, self.bias):
             return None
         quantizer = self.input_quantizer
         rows = x.reshape(-1, self.in_features)
@@ -270,10 +270,6 @@ def _disabled_quantizer() -> TensorQuantizer:
     quantizer = TensorQuantizer()
     quantizer.disable()
     return quantizer
-
-
-def _requires_grad(tensor: torch.Tensor | None) -> bool:
-    return tensor is not None and tensor.requires_grad
 
 
 def _w8a8_kind(quantizer: nn.Module, weight_format: WeightFormat, x: torch.Tensor,

@@ -47,11 +47,12 @@ from collections.abc import Callable
 
 import torch
 
+from lowbit.kernels.grad_mode import needs_autograd
+
 ENABLED = os.environ.get("LOWBIT_EAGER_GRAPHS", "1") != "0"
 MAX_ROWS = 4  # decode steps of up to 4 sequences; more rows are prefill, where launches are a small share
 WARMUP_CALLS = 3  # as torch's CUDA-graph docs do before a capture
 ALIGNMENT = 16  # bytes: Triton specialises pointers on it, cuBLAS chooses kernels by it
-
 
 
 def takes_graph(rows: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -66,7 +67,7 @@ def graph_allowed(rows: torch.Tensor, bias: torch.Tensor | None) -> bool:
     contiguous and ``ALIGNMENT``-aligned rows."""
     if not ENABLED or rows.shape[0] > MAX_ROWS:
         return False
-    if torch.is_grad_enabled() and (rows.requires_grad or (bias is not None and bias.requires_grad)):
+    if needs_autograd(rows, bias):
         return False
     return rows.is_contiguous() and rows.data_ptr() % ALIGNMENT == 0
 
