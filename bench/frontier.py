@@ -61,8 +61,8 @@ SPINQUANT_STEPS = 40  # Cayley SGD steps in the SpinQuant rows (the library's de
 SPINQUANT = {"rotate": {"method": "spinquant", "steps": SPINQUANT_STEPS}}
 GPTQ_SE = {"method": "gptq", "scale_estimation": True}
 DEFAULT_CALIB_SAMPLES = 8
-AUTOROUND_400 = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1, "iterations": 400, "lr": 0.0025,
-                 "minmax_lr": 0.0025}
+FLOAT_TARGETS_ONE_BATCH = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1}  # AutoRound's options
+AUTOROUND_400 = {**FLOAT_TARGETS_ONE_BATCH, "iterations": 400, "lr": 0.0025, "minmax_lr": 0.0025}
 
 
 def format_config(format: str) -> dict:
@@ -149,20 +149,19 @@ def autoround_cases() -> list[Case]:
     return [lowbit_case(format, name, algorithm, then) for format in (W4, W3) for name, algorithm, then in (
         ("AutoRound, quantized inputs", {**autoround, "layer_inputs": "quantized"}, ()),
         ("AutoRound, quantized inputs, float targets", {**autoround, "layer_inputs": "quantized_float_targets"}, ()),
-        ("AutoRound, float targets, 1 batch a step", {**autoround, "layer_inputs": "quantized_float_targets",
-                                                      "batches_per_step": 1}, ()),
+        ("AutoRound, float targets, 1 batch a step", {**autoround, **FLOAT_TARGETS_ONE_BATCH}, ()),
         ("AutoRound, float targets, 1 batch a step, 400 steps", {
-            **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, "iterations": 400}, ()),
+            **autoround, **FLOAT_TARGETS_ONE_BATCH, "iterations": 400}, ()),
         ("AutoRound, 1 batch a step", {**autoround, "batches_per_step": 1}, ()),
         ("QuaRot + AutoRound, float targets, 1 batch a step", {
-            **autoround, "layer_inputs": "quantized_float_targets", "batches_per_step": 1, **ROTATE}, ()),
+            **autoround, **FLOAT_TARGETS_ONE_BATCH, **ROTATE}, ()),
         ("QuaRot + AutoRound, float targets, 1 batch a step, 400 steps lr 0.0025", {
             **autoround, **AUTOROUND_400, **ROTATE}, ()),
         ("AutoRound from GPTQ + scale estimation", {**autoround, "start": "gptq"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets", {**autoround, "start": "gptq",
                                                                    "layer_inputs": "quantized_float_targets"}, ()),
         ("AutoRound from GPTQ + scale estimation, float targets, 1 batch a step", {
-            **autoround, "start": "gptq", "layer_inputs": "quantized_float_targets", "batches_per_step": 1}, ()),
+            **autoround, "start": "gptq", **FLOAT_TARGETS_ONE_BATCH}, ()),
     )]
 
 
@@ -172,7 +171,6 @@ def lsq_cases() -> list[Case]:
     codes kept, from QuaRot + GPTQ + scale estimation and from QuaRot + AutoRound (float targets, 1 batch a step);
     100 Adam steps of 1 calibration batch (8 windows), lr 0.001 on the log-steps; the last two rows at distillation
     temperature 2, from AutoRound's 200 and 400 steps (``bench/results/frontier_w4_2026-12-07c.md``)."""
-    autoround = {"layer_inputs": "quantized_float_targets", "batches_per_step": 1}
     steps = {"iterations": 100}
     return [lowbit_case(format, name, {"method": "lsq", **steps, **algorithm}) for format in (W4, W3)
             for name, algorithm in (
@@ -180,10 +178,10 @@ def lsq_cases() -> list[Case]:
         ("LSQ from RTN, weights too", {"start": "max", "weight_lr": 0.001}),
         ("QuaRot + GPTQ + scale estimation + LSQ", {"start": "gptq", "start_options": {
             "scale_estimation": True, "percdamp": 0.1}, "latent": "codes", **ROTATE}),
-        ("QuaRot + AutoRound + LSQ", {"start": "autoround", "start_options": autoround, "latent": "codes",
-                                      **ROTATE}),
-        ("QuaRot + AutoRound + LSQ, T = 2", {"start": "autoround", "start_options": autoround, "latent": "codes",
-                                             "temperature": 2.0, **ROTATE}),
+        ("QuaRot + AutoRound + LSQ", {"start": "autoround", "start_options": FLOAT_TARGETS_ONE_BATCH,
+                                      "latent": "codes", **ROTATE}),
+        ("QuaRot + AutoRound + LSQ, T = 2", {"start": "autoround", "start_options": FLOAT_TARGETS_ONE_BATCH,
+                                             "latent": "codes", "temperature": 2.0, **ROTATE}),
         ("QuaRot + AutoRound 400 steps + LSQ, T = 2", {"start": "autoround", "start_options": AUTOROUND_400,
                                                        "latent": "codes", "temperature": 2.0, **ROTATE}),
     )]
