@@ -1,4 +1,5 @@
-"""FP8 E4M3 and NVFP4 weights on the CPU: a small C kernel that decodes the codes in registers (``cpu_fp_gemv.c``).
+"""FP8 E4M3, INT8 and NVFP4 weights on the CPU: a small C kernel that decodes the codes in registers
+(``cpu_fp_gemv.c``).
 
 torch has no CPU kernel that reads E4M3 or E2M1 weights (its CPU ``_scaled_mm`` emulates: 15-30x slower than the
 bf16 matmul here; its INT4 / INT8 kernels take uniform integer grids, not these), and a dequantization per call
@@ -8,9 +9,13 @@ the bf16 weight in one pass, bit for bit ``PackedWeight.dequantize``'s, for torc
 
     fp8:   out[m, n] = (sum_k x[m, k] * e4m3(codes[n, k])) / divisor[n]       (divisor: the weight's scale,
                                                                                 times the activation scale for W8A8)
+    int8:  out[m, n] = (sum_k x[m, k] * codes[n, k]) / divisor[n]              (divisor: the weight's scale)
     nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(c[n, k]) * fl32(block_scale[n, k / 16] * global_scale))
                                                                                (block_scale: E4M3)
 
+INT8 has torch's ``_weight_int8pack_mm`` (``kernels.cpu``), which streams the codes at ~22-26 GB/s on the 2-core
+CI machine where this kernel reaches ~29 (``bench/cpu_decode.py``); it also divides by the float32 scale where
+torch's kernel multiplies by ``1 / scale`` rounded to the activation dtype.
 E4M3 and E2M1 values are exact in float32, so the weights are the format's own values (NVFP4: the float32
 products ``PackedWeight.dequantize`` forms before its cast to the activation dtype; FP8: the codes, the scale
 divided out once per output); products and sums round in float32, as torch's bf16 matmul accumulates.
@@ -76,6 +81,7 @@ def _library() -> ctypes.CDLL | None:
                       "CPU call", stacklevel=3)
         return None
     library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
+    library.lowbit_int8_gemv.argtypes = [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
     library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 5 + [ctypes.c_float] + [_INT] * 3 + [_POINTER]
     library.lowbit_fp8_w8a8_gemv.argtypes = [_POINTER, ctypes.c_float] + [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
     library.lowbit_fp8_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 3 + [_POINTER]
@@ -151,6 +157,30 @@ def _fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> to
     return out
 
 
+def int8_operands(packed: PackedWeight) -> tuple:
+    """(codes int8 (N, K), divisor float32 (N,) or (1,)) for ``int8_rows``: the stored codes (no copy) and the
+    weight's scale (``w = codes / scale``)."""
+    return packed.codes, packed.scale.float().reshape(-1).contiguous()
+
+
+def int8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> float32 (M, N) by the int8 formula of the module docstring (M <= ``GEMV_MAX_ROWS``); the
+    ``lowbit::cpu_int8_rows`` custom op under ``torch.compile``, as ``fp8_rows``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.cpu_int8_rows(x, codes, divisor)
+    return _int8_rows(x, codes, divisor)
+
+
+@torch.library.custom_op("lowbit::cpu_int8_rows", mutates_args=(), device_types="cpu")
+def _int8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    rows = x.float().contiguous()
+    m, k = rows.shape
+    out = torch.empty(m, codes.shape[0], dtype=torch.float32)
+    _library().lowbit_int8_gemv(rows.data_ptr(), codes.data_ptr(), divisor.data_ptr(), divisor.numel() > 1, m,
+                                codes.shape[0], k, out.data_ptr())
+    return out
+
+
 def fp8_w8a8_operands(packed: PackedWeight, activation_amax: torch.Tensor | None) -> tuple:
     """(codes, divisor, activation step) for ``fp8_w8a8_rows``: with a static per-tensor ``activation_amax`` the
     step and scale of ``formats.quantize_fp`` (``amax / 448`` forms the codes, ``448 / amax`` divides them),
@@ -213,6 +243,11 @@ def _nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
 
 
 @_fp8_rows.register_fake
+def _(x, codes, divisor):
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+@_int8_rows.register_fake
 def _(x, codes, divisor):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 

@@ -1,9 +1,10 @@
-/* Few-row matmuls over FP8 E4M3 and NVFP4 weights on the CPU, decoding the codes in registers.
+/* Few-row matmuls over FP8 E4M3, INT8 and NVFP4 weights on the CPU, decoding the codes in registers.
  *
  * Compiled and loaded at run time by lowbit/kernels/cpu_fp.py (cc -O3 -march=native -fopenmp); plain C with an
  * AVX-512 path. Rows of x (M, K) float32, weight (N, K), out (M, N) float32, parallel over N (OpenMP):
  *
  *   fp8:   out[m, n] = (sum_k x[m, k] * e4m3(codes[n, k])) / divisor[n or 0]
+ *   int8:  out[m, n] = (sum_k x[m, k] * int8(codes[n, k])) / divisor[n or 0]
  *   nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(nibble(n, k)) * fl32(e4m3(block_scale[n, k / 16]) * global))
  *
  * The E4M3 / E2M1 values are exact in float32; the products and sums round in float32. NVFP4's weight is the
@@ -20,7 +21,10 @@
 #define LOWBIT_AVX512 1
 #endif
 
-#define ROW_TILE 8 /* rows of x sharing one decoded weight vector */
+#define ROW_TILE 4 /* rows of x sharing one decoded weight vector (lowbit_cpu_fp.GEMV_MAX_ROWS) */
+/* Independent accumulators per row: one FMA chain would wait its latency (4 cycles) per 16 weights and cap a core
+ * at ~12 GB/s of one-byte codes, under the memory's rate; four chains let the loads run ahead. */
+#define CHAINS 4
 /* Smaller weights run on the calling thread: a fork and join costs more than they take (and on a shared machine a
  * descheduled worker stalls the join). */
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
@@ -47,33 +51,83 @@ static inline __m512 nvfp4_block(const uint8_t *bytes8, __m512 values, float s) 
 }
 #endif
 
-void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
-                     int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
+#ifdef LOWBIT_AVX512
+/* 16 weights of one-byte codes as float32: E4M3 values (fp8) or signed integers (int8), exact. */
+static inline __m512 byte_codes(const uint8_t *codes, int int8) {
+    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+    return _mm512_mul_ps(e4m3_times_2_pow_minus_8(codes), _mm512_set1_ps(256.0f));
+}
+#endif
+
+/* sums[r] = sum_k xm[r * K + k] * value(row[k]) for r < rows, value the code's E4M3 value (``table``) or, with
+ * ``int8``, the code as a signed integer. Always inlined with constant ``rows`` and ``int8`` (``byte_codes_gemv``'s
+ * switch): the accumulators then live in registers, not on the stack. */
+static inline __attribute__((always_inline)) void byte_codes_dot(const float *xm, const uint8_t *row,
+                                                                  const float *table, int64_t K, float *sums,
+                                                                  const int rows, const int int8) {
+    int64_t k = 0;
+#ifdef LOWBIT_AVX512
+    __m512 acc[ROW_TILE][CHAINS];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+    for (; k + 16 * CHAINS <= K; k += 16 * CHAINS)
+        for (int c = 0; c < CHAINS; c++) {
+            __m512 w = byte_codes(row + k + 16 * c, int8);
+            for (int r = 0; r < rows; r++)
+                acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + k + 16 * c), w, acc[r][c]);
+        }
+    for (; k + 16 <= K; k += 16) {
+        __m512 w = byte_codes(row + k, int8);
+        for (int r = 0; r < rows; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + k), w, acc[r][0]);
+    }
+    for (int r = 0; r < rows; r++) {
+        __m512 total = acc[r][0];
+        for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
+        sums[r] = _mm512_reduce_add_ps(total);
+    }
+#else
+    for (int r = 0; r < rows; r++) sums[r] = 0.0f;
+#endif
+    for (; k < K; k++) {
+        float w = int8 ? (float)(int8_t)row[k] : table[row[k]];
+        for (int r = 0; r < rows; r++) sums[r] += xm[r * K + k] * w;
+    }
+}
+
+#define BYTE_CODES_DOT(ROWS)                                                   \
+    (int8 ? byte_codes_dot(xm, row, table, K, sums, ROWS, 1)                  \
+          : byte_codes_dot(xm, row, table, K, sums, ROWS, 0))
+
+/* out[m, n] = (sum_k x[m, k] * value(codes[n, k])) / divisor[n or 0] (``byte_codes_dot``'s values). */
+static void byte_codes_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
+                            int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out, int int8) {
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * K;
         float d = divisor[divisor_per_row ? n : 0];
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             int64_t rows = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
-            float sums[ROW_TILE] = {0};
-            int64_t k = 0;
-#ifdef LOWBIT_AVX512
-            __m512 acc[ROW_TILE];
-            for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-            for (; k + 16 <= K; k += 16) {
-                __m512 w = _mm512_mul_ps(e4m3_times_2_pow_minus_8(row + k), _mm512_set1_ps(256.0f));
-                for (int64_t r = 0; r < rows; r++)
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k), w, acc[r]);
-            }
-            for (int64_t r = 0; r < rows; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
-#endif
-            for (; k < K; k++) {
-                float w = table[row[k]];
-                for (int64_t r = 0; r < rows; r++) sums[r] += x[(m0 + r) * K + k] * w;
+            const float *xm = x + m0 * K;
+            float sums[ROW_TILE];
+            switch (rows) {
+                case 1: BYTE_CODES_DOT(1); break;
+                case 2: BYTE_CODES_DOT(2); break;
+                case 3: BYTE_CODES_DOT(3); break;
+                default: BYTE_CODES_DOT(4); break;
             }
             for (int64_t r = 0; r < rows; r++) out[(m0 + r) * N + n] = sums[r] / d;
         }
     }
+}
+
+void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
+                     int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
+    byte_codes_gemv(x, codes, table, divisor, divisor_per_row, M, N, K, out, 0);
+}
+
+void lowbit_int8_gemv(const float *x, const int8_t *codes, const float *divisor, int64_t divisor_per_row,
+                      int64_t M, int64_t N, int64_t K, float *out) {
+    byte_codes_gemv(x, (const uint8_t *)codes, NULL, divisor, divisor_per_row, M, N, K, out, 1);
 }
 
 /* FP8 W8A8 from float32 activations: x's E4M3 values e4m3(x / x_step) (round to nearest even, saturating at
@@ -113,14 +167,26 @@ void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table,
             float sums[ROW_TILE] = {0};
 #ifdef LOWBIT_AVX512
             __m512 values = _mm512_loadu_ps(table);
-            __m512 acc[ROW_TILE];
-            for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < blocks; b++) {
+            __m512 acc[ROW_TILE][CHAINS];
+            for (int64_t r = 0; r < rows; r++)
+                for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+            int64_t b = 0;
+            for (; b + CHAINS <= blocks; b += CHAINS)
+                for (int c = 0; c < CHAINS; c++) {
+                    __m512 w = nvfp4_block(row + 8 * (b + c), values, e4m3_table[row_scale[b + c]] * global_scale);
+                    for (int64_t r = 0; r < rows; r++)
+                        acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * (b + c)), w, acc[r][c]);
+                }
+            for (; b < blocks; b++) {
                 __m512 w = nvfp4_block(row + 8 * b, values, e4m3_table[row_scale[b]] * global_scale);
                 for (int64_t r = 0; r < rows; r++)
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * b), w, acc[r]);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * b), w, acc[r][0]);
             }
-            for (int64_t r = 0; r < rows; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+            for (int64_t r = 0; r < rows; r++) {
+                __m512 total = acc[r][0];
+                for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
+                sums[r] = _mm512_reduce_add_ps(total);
+            }
 #else
             for (int64_t k = 0; k < K; k++) {
                 uint8_t byte = row[k / 2];

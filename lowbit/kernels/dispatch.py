@@ -11,7 +11,8 @@
 |        | bf16 / fp16 activations                       |                          | then times the row multipliers   |
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
-| CPU    | INT8 sym, per channel / per tensor            | any                      | ``_weight_int8pack_mm``          |
+| CPU    | INT8 sym, per channel / per tensor            | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel              |
+|        |                                               | more rows, or no C       | ``_weight_int8pack_mm``          |
 | CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel (codes       |
 |        | a C compiler at run time (``kernels.cpu_fp``) |                          | decoded in registers)            |
 |        |                                               | more rows                | ``cpu_fp.dequantized``, F.linear |
@@ -30,7 +31,9 @@ same weight values (exactly: codes times scales) but round only their float32 su
 product to the output's rounding; torch's INT4 / INT8 kernels and the CUDA INT8 path take scales rounded once to
 the activation dtype (``kernels.cpu``, ``kernels.cuda_int4``); the CUDA INT8 path also rounds ``x @ codes.T`` to
 that dtype before the multipliers (two roundings of 2^-9 relative in bf16 where dequantize-first has one per
-weight and one of the sum). Why not dequantize-first for INT8 on CUDA: its float32 decode moves ~29 bytes a weight
+weight and one of the sum); the CPU C kernel (FP8, INT8, NVFP4 at few rows) forms exact products of the codes'
+values, sums in float32, divides by the float32 scale and rounds once to the activation dtype. Why not
+dequantize-first for INT8 on CUDA: its float32 decode moves ~29 bytes a weight
 (bf16 eager decode 0.24x on the H100, bench/results/e2e_cuda_2026-12-07b.md); the cast moves 3, cuBLAS 2 more.
 The Triton kernels run as custom ops (``kernels.ops``), imported on first CUDA use.
 """
@@ -117,8 +120,11 @@ def _cpu_int4(x: torch.Tensor, kernel_codes, scale_and_zero, group_size, bias=No
     return out if bias is None else out + bias
 
 
-def _cpu_int8(x: torch.Tensor, codes, scales, bias=None):
-    out = cpu.int8_linear(x, codes, scales)
+def _cpu_int8(x: torch.Tensor, codes, scales, divisor, bias=None):
+    if divisor is not None and x.shape[0] <= cpu_fp.GEMV_MAX_ROWS:
+        out = cpu_fp.int8_rows(x, codes, divisor).to(x.dtype)
+    else:
+        out = cpu.int8_linear(x, codes, scales)
     return out if bias is None else out + bias
 
 
@@ -180,7 +186,9 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
         if cpu.int4_group_size(packed.format, packed.shape):
             return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
         if cpu.int8_accepts(packed.format):
-            return PreparedLinear(_cpu_int8, (packed.codes, cpu.int8_scales(packed, dtype)), device, dtype, n)
+            divisor = cpu_fp.int8_operands(packed)[1] if packed.codes.is_contiguous() and cpu_fp.available() else None
+            return PreparedLinear(_cpu_int8, (packed.codes, cpu.int8_scales(packed, dtype), divisor), device, dtype,
+                                  n)
         kernel = cpu_fp.weight_only_kernel(packed)
         if kernel is not None:
             return PreparedLinear(_cpu_fp, (*kernel, packed), device, dtype, n)

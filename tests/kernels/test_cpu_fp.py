@@ -1,8 +1,9 @@
-"""lowbit's C kernels for FP8 E4M3 and NVFP4 weights on the CPU (``lowbit.kernels.cpu_fp``).
+"""lowbit's C kernels for FP8 E4M3, INT8 and NVFP4 weights on the CPU (``lowbit.kernels.cpu_fp``).
 
-References, written here in float64 from the stored codes: the E4M3 value of every byte (torch's own float8 cast,
-exact in float64), the E2M1 value of every nibble (the OCP table below), ``w = e4m3 / scale`` and
-``w = fl32(e2m1 * fl32(block_scale * global_scale))`` (NVFP4's float32 products, as the format forms them).
+References, written here in float64 from the stored codes (INT8: ``w = codes / scale``): the E4M3 value of every
+byte (torch's own float8 cast, exact in float64), the E2M1 value of every nibble (the OCP table below),
+``w = e4m3 / scale`` and ``w = fl32(e2m1 * fl32(block_scale * global_scale))`` (NVFP4's float32 products, as
+the format forms them).
 
 - Decoding: x = rows of the identity reads the weight back. Every E4M3 code but NaN and every E2M1 nibble must
   come out bit-identical to ``PackedWeight.dequantize(torch.float32)`` (one nonzero product, the sum exact).
@@ -151,3 +152,55 @@ def test_w8a8_activation_rounding_matches_torch_float8_cast():
         {"codes": identity, "scale": torch.ones(1, 1)})
     out = cpu_fp.fp8_w8a8_rows(x, *cpu_fp.fp8_w8a8_operands(packed, torch.tensor(448.0)))
     assert torch.equal(out, x.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+INT8_PER_TENSOR = WeightFormat("int", 8)
+INT8_PER_CHANNEL = WeightFormat("int", 8, per_channel=True)
+
+
+def _int8_rows(packed, x: torch.Tensor) -> torch.Tensor:
+    return cpu_fp.int8_rows(x, *cpu_fp.int8_operands(packed))
+
+
+@pytest.mark.parametrize("fmt", [INT8_PER_TENSOR, INT8_PER_CHANNEL])
+def test_every_int8_code_decodes_exactly(fmt):
+    n, k = 48, 272  # 4 chunks of 64, one of 16 (the single-chain tail)
+    codes = (torch.arange(n * k, dtype=torch.int64).remainder(256) - 128).to(torch.int8).reshape(n, k)
+    scale = torch.rand(n if fmt.per_channel else 1, 1, generator=torch.Generator().manual_seed(3)) * 50 + 0.1
+    packed = quantize_weight(torch.zeros(n, k), fmt).with_tensors({"codes": codes, "scale": scale})
+    weight_t = torch.cat([_int8_rows(packed, torch.eye(k)[i:i + 4]) for i in range(0, k, 4)])
+    # one nonzero product, exact; then float32 division, correctly rounded: the float64 quotient rounded once
+    assert torch.equal(weight_t.T.double(), (codes.double() / scale.double()).float().double())
+
+
+@pytest.mark.parametrize("fmt", [INT8_PER_TENSOR, INT8_PER_CHANNEL])
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("k", [1024, 1040, 1030])  # chains only; one 16-wide tail; a scalar tail
+def test_int8_products_within_float32_summation_bound(fmt, m, k):
+    n = 80
+    packed = quantize_weight(_weight((n, k), seed=m + k), fmt)
+    generator = torch.Generator().manual_seed(20 + m)
+    x = (torch.randn(m, k, generator=generator) * torch.where(torch.rand(m, k, generator=generator) < 0.01, 30, 1))
+    x = x.to(torch.bfloat16)
+    out = _int8_rows(packed, x)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    weight = _reference_weight(packed)  # codes / scale in float64
+    reference = x.double() @ weight.T
+    bound = (k + 2) * U * (x.double().abs() @ weight.abs().T)
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_prepared_int8_takes_the_c_kernel_up_to_gemv_rows(rows):
+    from lowbit.kernels import cpu, prepare_linear
+
+    n, k = 64, 512
+    packed = quantize_weight(_weight((n, k), seed=9), INT8_PER_CHANNEL)
+    prepared = prepare_linear(packed, torch.device("cpu"), torch.bfloat16)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(99)).to(torch.bfloat16)
+    if rows <= cpu_fp.GEMV_MAX_ROWS:
+        expected = _int8_rows(packed, x).to(torch.bfloat16) + bias
+    else:
+        expected = cpu.int8_linear(x, packed.codes, cpu.int8_scales(packed, torch.bfloat16)) + bias
+    assert torch.equal(prepared(x, bias), expected)
