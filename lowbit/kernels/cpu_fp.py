@@ -82,6 +82,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
     library.lowbit_int8_gemv.argtypes = [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
+    library.lowbit_has_avx512.argtypes = []
     library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 5 + [ctypes.c_float] + [_INT] * 3 + [_POINTER]
     library.lowbit_fp8_w8a8_gemv.argtypes = [_POINTER, ctypes.c_float] + [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
     library.lowbit_fp8_dequantize_bf16.argtypes = [_POINTER] * 3 + [_INT] * 3 + [_POINTER]
@@ -155,6 +156,12 @@ def _fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> to
     _library().lowbit_fp8_gemv(rows.data_ptr(), codes.data_ptr(), _E4M3_TABLE.data_ptr(), divisor.data_ptr(),
                                divisor.numel() > 1, m, codes.shape[0], k, out.data_ptr())
     return out
+
+
+def int8_available() -> bool:
+    """The kernel library loaded with its AVX-512 path (without it torch's ``_weight_int8pack_mm`` is faster than the
+    scalar loop, and INT8 stays there)."""
+    return available() and bool(_library().lowbit_has_avx512())
 
 
 def int8_operands(packed: PackedWeight) -> tuple:

@@ -120,6 +120,15 @@ static void byte_codes_gemv(const float *x, const uint8_t *codes, const float *t
     }
 }
 
+/* 1 where the vector path was compiled in (INT8 takes this kernel only then: torch's own beats the scalar loop). */
+int lowbit_has_avx512(void) {
+#ifdef LOWBIT_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
                      int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
     byte_codes_gemv(x, codes, table, divisor, divisor_per_row, M, N, K, out, 0);

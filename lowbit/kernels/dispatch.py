@@ -12,7 +12,7 @@
 | CPU    | INT4 sym / asym, groups of a multiple of 32,  | any                      | ``_weight_int4pack_mm_for_cpu``  |
 |        | N % 16 == 0 (``kernels.cpu``)                 |                          |                                  |
 | CPU    | INT8 sym, per channel / per tensor            | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel              |
-|        |                                               | more rows, or no C       | ``_weight_int8pack_mm``          |
+|        |                                               | more; no C / AVX-512     | ``_weight_int8pack_mm``          |
 | CPU    | FP8 E4M3 per channel / tensor, NVFP4 (16);    | <= GEMV_MAX_ROWS (4)     | ``cpu_fp`` C kernel (codes       |
 |        | a C compiler at run time (``kernels.cpu_fp``) |                          | decoded in registers)            |
 |        |                                               | more rows                | ``cpu_fp.dequantized``, F.linear |
@@ -186,7 +186,8 @@ def prepare_linear(packed: PackedWeight, device: torch.device, dtype: torch.dtyp
         if cpu.int4_group_size(packed.format, packed.shape):
             return PreparedLinear(_cpu_int4, cpu.int4_operands(packed, dtype), device, dtype, n)
         if cpu.int8_accepts(packed.format):
-            divisor = cpu_fp.int8_operands(packed)[1] if packed.codes.is_contiguous() and cpu_fp.available() else None
+            c_kernel = packed.codes.is_contiguous() and cpu_fp.int8_available()
+            divisor = cpu_fp.int8_operands(packed)[1] if c_kernel else None
             return PreparedLinear(_cpu_int8, (packed.codes, cpu.int8_scales(packed, dtype), divisor), device, dtype,
                                   n)
         kernel = cpu_fp.weight_only_kernel(packed)

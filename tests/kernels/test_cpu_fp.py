@@ -199,7 +199,7 @@ def test_prepared_int8_takes_the_c_kernel_up_to_gemv_rows(rows):
     prepared = prepare_linear(packed, torch.device("cpu"), torch.bfloat16)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(99)).to(torch.bfloat16)
-    if rows <= cpu_fp.GEMV_MAX_ROWS:
+    if rows <= cpu_fp.GEMV_MAX_ROWS and cpu_fp.int8_available():
         expected = _int8_rows(packed, x).to(torch.bfloat16) + bias
     else:
         expected = cpu.int8_linear(x, packed.codes, cpu.int8_scales(packed, torch.bfloat16)) + bias
