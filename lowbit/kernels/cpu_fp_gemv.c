@@ -164,45 +164,60 @@ int lowbit_fp8_w8a8_gemv(const float *x, float x_step, const uint8_t *codes, con
     return 0;
 }
 
+/* sums[r] = sum_k xm[r * K + k] * fl32(e2m1(nibble k of row) * fl32(e4m3(row_scale[k / 16]) * global)), r < rows;
+ * inlined with constant ``rows`` (as ``byte_codes_dot``). */
+static inline __attribute__((always_inline)) void nvfp4_dot(const float *xm, const uint8_t *row,
+                                                             const uint8_t *row_scale, const float *table,
+                                                             const float *e4m3_table, float global_scale,
+                                                             int64_t K, float *sums, const int rows) {
+    int64_t blocks = K / 16;
+#ifdef LOWBIT_AVX512
+    __m512 values = _mm512_loadu_ps(table);
+    __m512 acc[ROW_TILE][CHAINS];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + CHAINS <= blocks; b += CHAINS)
+        for (int c = 0; c < CHAINS; c++) {
+            __m512 w = nvfp4_block(row + 8 * (b + c), values, e4m3_table[row_scale[b + c]] * global_scale);
+            for (int r = 0; r < rows; r++)
+                acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + 16 * (b + c)), w, acc[r][c]);
+        }
+    for (; b < blocks; b++) {
+        __m512 w = nvfp4_block(row + 8 * b, values, e4m3_table[row_scale[b]] * global_scale);
+        for (int r = 0; r < rows; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + 16 * b), w, acc[r][0]);
+    }
+    for (int r = 0; r < rows; r++) {
+        __m512 total = acc[r][0];
+        for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
+        sums[r] = _mm512_reduce_add_ps(total);
+    }
+#else
+    for (int r = 0; r < rows; r++) sums[r] = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        uint8_t byte = row[k / 2];
+        float w = table[(k & 1) ? byte >> 4 : byte & 0x0F] * (e4m3_table[row_scale[k / 16]] * global_scale);
+        for (int r = 0; r < rows; r++) sums[r] += xm[r * K + k] * w;
+    }
+#endif
+}
+
 void lowbit_nvfp4_gemv(const float *x, const uint8_t *codes, const float *table, const uint8_t *block_scale,
                        const float *e4m3_table, float global_scale, int64_t M, int64_t N, int64_t K, float *out) {
-    int64_t blocks = K / 16;
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * (K / 2);
-        const uint8_t *row_scale = block_scale + n * blocks;
+        const uint8_t *row_scale = block_scale + n * (K / 16);
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             int64_t rows = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
-            float sums[ROW_TILE] = {0};
-#ifdef LOWBIT_AVX512
-            __m512 values = _mm512_loadu_ps(table);
-            __m512 acc[ROW_TILE][CHAINS];
-            for (int64_t r = 0; r < rows; r++)
-                for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
-            int64_t b = 0;
-            for (; b + CHAINS <= blocks; b += CHAINS)
-                for (int c = 0; c < CHAINS; c++) {
-                    __m512 w = nvfp4_block(row + 8 * (b + c), values, e4m3_table[row_scale[b + c]] * global_scale);
-                    for (int64_t r = 0; r < rows; r++)
-                        acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * (b + c)), w, acc[r][c]);
-                }
-            for (; b < blocks; b++) {
-                __m512 w = nvfp4_block(row + 8 * b, values, e4m3_table[row_scale[b]] * global_scale);
-                for (int64_t r = 0; r < rows; r++)
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + 16 * b), w, acc[r][0]);
+            const float *xm = x + m0 * K;
+            float sums[ROW_TILE];
+            switch (rows) {
+                case 1: nvfp4_dot(xm, row, row_scale, table, e4m3_table, global_scale, K, sums, 1); break;
+                case 2: nvfp4_dot(xm, row, row_scale, table, e4m3_table, global_scale, K, sums, 2); break;
+                case 3: nvfp4_dot(xm, row, row_scale, table, e4m3_table, global_scale, K, sums, 3); break;
+                default: nvfp4_dot(xm, row, row_scale, table, e4m3_table, global_scale, K, sums, 4); break;
             }
-            for (int64_t r = 0; r < rows; r++) {
-                __m512 total = acc[r][0];
-                for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
-                sums[r] = _mm512_reduce_add_ps(total);
-            }
-#else
-            for (int64_t k = 0; k < K; k++) {
-                uint8_t byte = row[k / 2];
-                float w = table[(k & 1) ? byte >> 4 : byte & 0x0F] * (e4m3_table[row_scale[k / 16]] * global_scale);
-                for (int64_t r = 0; r < rows; r++) sums[r] += x[(m0 + r) * K + k] * w;
-            }
-#endif
             for (int64_t r = 0; r < rows; r++) out[(m0 + r) * N + n] = sums[r];
         }
     }
