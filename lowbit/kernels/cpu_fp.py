@@ -13,8 +13,8 @@ the bf16 weight in one pass, bit for bit ``PackedWeight.dequantize``'s, for torc
     nvfp4: out[m, n] = sum_k x[m, k] * fl32(e2m1(c[n, k]) * fl32(block_scale[n, k / 16] * global_scale))
                                                                                (block_scale: E4M3)
 
-INT8 has torch's ``_weight_int8pack_mm`` (``kernels.cpu``), which streams the codes at ~22-26 GB/s on the 2-core
-CI machine where this kernel reaches ~29 (``bench/cpu_decode.py``); it also divides by the float32 scale where
+INT8 has torch's ``_weight_int8pack_mm`` (``kernels.cpu``), which streams the codes at 20-28 GB/s on the 2-core
+CI machine where this kernel reaches 34-36 (``bench/cpu_decode.py``); it also divides by the float32 scale where
 torch's kernel multiplies by ``1 / scale`` rounded to the activation dtype.
 E4M3 and E2M1 values are exact in float32, so the weights are the format's own values (NVFP4: the float32
 products ``PackedWeight.dequantize`` forms before its cast to the activation dtype; FP8: the codes, the scale
