@@ -80,8 +80,7 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"lowbit: could not build {SOURCE.name} ({error}): FP8 / NVFP4 layers dequantize on every "
                       "CPU call", stacklevel=3)
         return None
-    library.lowbit_fp8_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER]
-    library.lowbit_int8_gemv.argtypes = [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
+    library.lowbit_byte_codes_gemv.argtypes = [_POINTER] * 4 + [_INT] * 4 + [_POINTER, ctypes.c_int]
     library.lowbit_has_avx512.argtypes = []
     library.lowbit_nvfp4_gemv.argtypes = [_POINTER] * 5 + [ctypes.c_float] + [_INT] * 3 + [_POINTER]
     library.lowbit_fp8_w8a8_gemv.argtypes = [_POINTER, ctypes.c_float] + [_POINTER] * 3 + [_INT] * 4 + [_POINTER]
@@ -140,22 +139,28 @@ def nvfp4_operands(packed: PackedWeight) -> tuple:
     return packed.codes, packed.scale.view(torch.uint8), packed.global_scale.float().reshape(())
 
 
-def fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    """x (M, K) -> float32 (M, N) by the fp8 formula of the module docstring (M <= ``GEMV_MAX_ROWS``); through
-    the ``lowbit::cpu_fp8_rows`` custom op under ``torch.compile``, directly in eager mode (no dispatch cost)."""
+def byte_code_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor, int8: bool) -> torch.Tensor:
+    """x (M, K) -> float32 (M, N) by the fp8 formula of the module docstring, or with ``int8`` the int8 one (M <=
+    ``GEMV_MAX_ROWS``); through the ``lowbit::cpu_byte_code_rows`` custom op under ``torch.compile``, directly in
+    eager mode (no dispatch cost)."""
     if torch.compiler.is_compiling():
-        return torch.ops.lowbit.cpu_fp8_rows(x, codes, divisor)
-    return _fp8_rows(x, codes, divisor)
+        return torch.ops.lowbit.cpu_byte_code_rows(x, codes, divisor, int8)
+    return _byte_code_rows(x, codes, divisor, int8)
 
 
-@torch.library.custom_op("lowbit::cpu_fp8_rows", mutates_args=(), device_types="cpu")
-def _fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("lowbit::cpu_byte_code_rows", mutates_args=(), device_types="cpu")
+def _byte_code_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor, int8: bool) -> torch.Tensor:
     rows = x.float().contiguous()
     m, k = rows.shape
     out = torch.empty(m, codes.shape[0], dtype=torch.float32)
-    _library().lowbit_fp8_gemv(rows.data_ptr(), codes.data_ptr(), _E4M3_TABLE.data_ptr(), divisor.data_ptr(),
-                               divisor.numel() > 1, m, codes.shape[0], k, out.data_ptr())
+    _library().lowbit_byte_codes_gemv(rows.data_ptr(), codes.data_ptr(), _E4M3_TABLE.data_ptr(), divisor.data_ptr(),
+                                      divisor.numel() > 1, m, codes.shape[0], k, out.data_ptr(), int8)
     return out
+
+
+def fp8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """``byte_code_rows`` of E4M3 codes (uint8 view)."""
+    return byte_code_rows(x, codes, divisor, False)
 
 
 def int8_available() -> bool:
@@ -171,21 +176,8 @@ def int8_operands(packed: PackedWeight) -> tuple:
 
 
 def int8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    """x (M, K) -> float32 (M, N) by the int8 formula of the module docstring (M <= ``GEMV_MAX_ROWS``); the
-    ``lowbit::cpu_int8_rows`` custom op under ``torch.compile``, as ``fp8_rows``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lowbit.cpu_int8_rows(x, codes, divisor)
-    return _int8_rows(x, codes, divisor)
-
-
-@torch.library.custom_op("lowbit::cpu_int8_rows", mutates_args=(), device_types="cpu")
-def _int8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    rows = x.float().contiguous()
-    m, k = rows.shape
-    out = torch.empty(m, codes.shape[0], dtype=torch.float32)
-    _library().lowbit_int8_gemv(rows.data_ptr(), codes.data_ptr(), divisor.data_ptr(), divisor.numel() > 1, m,
-                                codes.shape[0], k, out.data_ptr())
-    return out
+    """``byte_code_rows`` of signed INT8 codes."""
+    return byte_code_rows(x, codes, divisor, True)
 
 
 def fp8_w8a8_operands(packed: PackedWeight, activation_amax: torch.Tensor | None) -> tuple:
@@ -249,13 +241,8 @@ def _nvfp4_rows(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
     return out
 
 
-@_fp8_rows.register_fake
-def _(x, codes, divisor):
-    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
-
-
-@_int8_rows.register_fake
-def _(x, codes, divisor):
+@_byte_code_rows.register_fake
+def _(x, codes, divisor, int8):
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 

@@ -52,6 +52,21 @@ static inline __m512 nvfp4_block(const uint8_t *bytes8, __m512 values, float s) 
 #endif
 
 #ifdef LOWBIT_AVX512
+static inline __attribute__((always_inline)) void zero_chains(__m512 acc[ROW_TILE][CHAINS], const int rows) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+}
+
+/* sums[r] = the sum of row r's chains' lanes. */
+static inline __attribute__((always_inline)) void reduce_chains(__m512 acc[ROW_TILE][CHAINS], const int rows,
+                                                                 float *sums) {
+    for (int r = 0; r < rows; r++) {
+        __m512 total = acc[r][0];
+        for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
+        sums[r] = _mm512_reduce_add_ps(total);
+    }
+}
+
 /* 16 weights of one-byte codes as float32: E4M3 values (fp8) or signed integers (int8), exact. */
 static inline __m512 byte_codes(const uint8_t *codes, int int8) {
     if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
@@ -68,8 +83,7 @@ static inline __attribute__((always_inline)) void byte_codes_dot(const float *xm
     int64_t k = 0;
 #ifdef LOWBIT_AVX512
     __m512 acc[ROW_TILE][CHAINS];
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+    zero_chains(acc, rows);
     for (; k + 16 * CHAINS <= K; k += 16 * CHAINS)
         for (int c = 0; c < CHAINS; c++) {
             __m512 w = byte_codes(row + k + 16 * c, int8);
@@ -80,11 +94,7 @@ static inline __attribute__((always_inline)) void byte_codes_dot(const float *xm
         __m512 w = byte_codes(row + k, int8);
         for (int r = 0; r < rows; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + k), w, acc[r][0]);
     }
-    for (int r = 0; r < rows; r++) {
-        __m512 total = acc[r][0];
-        for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
-        sums[r] = _mm512_reduce_add_ps(total);
-    }
+    reduce_chains(acc, rows, sums);
 #else
     for (int r = 0; r < rows; r++) sums[r] = 0.0f;
 #endif
@@ -98,8 +108,9 @@ static inline __attribute__((always_inline)) void byte_codes_dot(const float *xm
     (int8 ? byte_codes_dot(xm, row, table, K, sums, ROWS, 1)                  \
           : byte_codes_dot(xm, row, table, K, sums, ROWS, 0))
 
-/* out[m, n] = (sum_k x[m, k] * value(codes[n, k])) / divisor[n or 0] (``byte_codes_dot``'s values). */
-static void byte_codes_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
+/* out[m, n] = (sum_k x[m, k] * value(codes[n, k])) / divisor[n or 0] (``byte_codes_dot``'s values: E4M3 from
+ * ``table``, or with ``int8`` the signed integer codes). */
+void lowbit_byte_codes_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
                             int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out, int int8) {
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (int64_t n = 0; n < N; n++) {
@@ -129,19 +140,9 @@ int lowbit_has_avx512(void) {
 #endif
 }
 
-void lowbit_fp8_gemv(const float *x, const uint8_t *codes, const float *table, const float *divisor,
-                     int64_t divisor_per_row, int64_t M, int64_t N, int64_t K, float *out) {
-    byte_codes_gemv(x, codes, table, divisor, divisor_per_row, M, N, K, out, 0);
-}
-
-void lowbit_int8_gemv(const float *x, const int8_t *codes, const float *divisor, int64_t divisor_per_row,
-                      int64_t M, int64_t N, int64_t K, float *out) {
-    byte_codes_gemv(x, (const uint8_t *)codes, NULL, divisor, divisor_per_row, M, N, K, out, 1);
-}
-
 /* FP8 W8A8 from float32 activations: x's E4M3 values e4m3(x / x_step) (round to nearest even, saturating at
  * +-448: lowbit.formats.minifloat's rule, the step of the value's binade, at least the subnormals' 2**-9), then
- * lowbit_fp8_gemv. NaN stays NaN. */
+ * lowbit_byte_codes_gemv. NaN stays NaN. */
 static inline float e4m3_round(float value) {
     float magnitude = fabsf(value) > 448.0f ? 448.0f : fabsf(value);
     uint32_t bits;
@@ -159,7 +160,7 @@ int lowbit_fp8_w8a8_gemv(const float *x, float x_step, const uint8_t *codes, con
     float *values = malloc((size_t)(M * K) * sizeof(float));
     if (values == NULL) return 1;
     for (int64_t i = 0; i < M * K; i++) values[i] = e4m3_round(x[i] / x_step);
-    lowbit_fp8_gemv(values, codes, table, divisor, divisor_per_row, M, N, K, out);
+    lowbit_byte_codes_gemv(values, codes, table, divisor, divisor_per_row, M, N, K, out, 0);
     free(values);
     return 0;
 }
@@ -174,8 +175,7 @@ static inline __attribute__((always_inline)) void nvfp4_dot(const float *xm, con
 #ifdef LOWBIT_AVX512
     __m512 values = _mm512_loadu_ps(table);
     __m512 acc[ROW_TILE][CHAINS];
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < CHAINS; c++) acc[r][c] = _mm512_setzero_ps();
+    zero_chains(acc, rows);
     int64_t b = 0;
     for (; b + CHAINS <= blocks; b += CHAINS)
         for (int c = 0; c < CHAINS; c++) {
@@ -187,11 +187,7 @@ static inline __attribute__((always_inline)) void nvfp4_dot(const float *xm, con
         __m512 w = nvfp4_block(row + 8 * b, values, e4m3_table[row_scale[b]] * global_scale);
         for (int r = 0; r < rows; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xm + r * K + 16 * b), w, acc[r][0]);
     }
-    for (int r = 0; r < rows; r++) {
-        __m512 total = acc[r][0];
-        for (int c = 1; c < CHAINS; c++) total = _mm512_add_ps(total, acc[r][c]);
-        sums[r] = _mm512_reduce_add_ps(total);
-    }
+    reduce_chains(acc, rows, sums);
 #else
     for (int r = 0; r < rows; r++) sums[r] = 0.0f;
     for (int64_t k = 0; k < K; k++) {
