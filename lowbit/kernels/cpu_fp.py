@@ -127,10 +127,15 @@ def nvfp4_accepts(packed: PackedWeight) -> bool:
     return packed.format.kind == "nvfp4" and packed.format.block_size == NVFP4_BLOCK
 
 
+def _divisor(packed: PackedWeight) -> torch.Tensor:
+    """float32 (N,) or (1,): the weight's scale, one per output row or per tensor (``w = codes / scale``)."""
+    return packed.scale.float().reshape(-1).contiguous()
+
+
 def fp8_operands(packed: PackedWeight) -> tuple:
     """(codes uint8 (N, K), divisor float32 (N,) or (1,)) for ``fp8_rows``: the codes viewed as bytes (no copy)
     and the weight's scale."""
-    return packed.codes.view(torch.uint8), packed.scale.float().reshape(-1).contiguous()
+    return packed.codes.view(torch.uint8), _divisor(packed)
 
 
 def nvfp4_operands(packed: PackedWeight) -> tuple:
@@ -171,7 +176,7 @@ def int8_available() -> bool:
 def int8_operands(packed: PackedWeight) -> tuple:
     """(codes int8 (N, K), divisor float32 (N,) or (1,)) for ``int8_rows``: the stored codes (no copy) and the
     weight's scale (``w = codes / scale``)."""
-    return packed.codes, packed.scale.float().reshape(-1).contiguous()
+    return packed.codes, _divisor(packed)
 
 
 def int8_rows(x: torch.Tensor, codes: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
